@@ -1,0 +1,128 @@
+"""Command line: ``python -m pipeline {extract,sweep,export,main}``, flags named as the params.
+
+Each subcommand is a thin wrapper over the stage's function. When ``mlflow run`` launched the
+command (``MLFLOW_RUN_ID`` is set), the stage records into that run. Bad input ends with one
+line ``error: ...`` on stderr and exit status 2; Ctrl-C or SIGTERM with status 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pipeline.errors import UserError
+from pipeline.quiet import quiet_tensorflow
+
+
+def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    """A flag spelled as the MLproject parameter (``--n_trials``) and in dashes (``--n-trials``)."""
+    spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+    parser.add_argument(*spellings, dest=name, **kwargs)
+
+
+def _optional_int(text: str) -> int | None:
+    """An int, or None for an empty string (MLproject passes unset optional params as '')."""
+    if text in ("", "None", "none"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _optional_str(text: str) -> str | None:
+    return text or None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("extract", help="images -> Xception features (HDF5)",
+                       description="Extract Keras Xception features of an image folder or "
+                                   "builtin:digits into an HDF5 file, recorded as an MLflow run.")
+    _flag(p, "images", required=True,
+          help="a folder with one subfolder per class, or builtin:digits")
+    _flag(p, "weights", default="auto",
+          help="imagenet, random, auto (ImageNet if available, else random, with a warning) "
+               "or a Keras weights file (default: auto)")
+    _flag(p, "input_size", default="auto",
+          help="square input side in pixels, >= 71 (default auto: 299 for folders, 71 for digits)")
+    _flag(p, "batch_size", type=int, default=32, help="images per batch (default 32)")
+    _flag(p, "output", default="features.h5", help="HDF5 file to write (default features.h5)")
+
+    p = sub.add_parser("sweep", help="Optuna sweep over classifier heads, every trial an MLflow run",
+                       description="Run or resume the Optuna study a sweep file describes; every "
+                                   "trial is an MLflow run nested under the sweep's parent run.")
+    _flag(p, "features", required=True,
+          help="features HDF5 (train, label) or a runs:/ URI of an extraction's artifact")
+    _flag(p, "sweep", required=True, help="sweep YAML file (see sweeps/)")
+    _flag(p, "n_trials", type=_optional_int, default=None,
+          help="override the file's n_trials (caps a grid)")
+    _flag(p, "storage", type=_optional_str, default=None,
+          help="Optuna storage: sqlite:///f.db, postgresql://..., or a journal file path "
+               "(default: optuna-journal.log beside the MLflow store)")
+    _flag(p, "study", type=_optional_str, default=None,
+          help="study name (default: the sweep's name); an existing study resumes")
+
+    p = sub.add_parser("export", help="tables and figures from a sweep's runs",
+                       description="Export a sweep's trials as CSV, Markdown and LaTeX tables "
+                                   "and PNG figures, and log them on its parent run.")
+    _flag(p, "run_id", type=_optional_str, default=None,
+          help="the sweep's parent run (default: the latest sweep)")
+    _flag(p, "output", default="exports", help="folder to write (default exports)")
+    _flag(p, "formats", default="csv,md,tex", help="comma list of csv, md, tex, png")
+
+    p = sub.add_parser("main", help="extract, sweep and export under one parent run",
+                       description="The whole pipeline: extract (reused when already done), "
+                                   "sweep, export.")
+    _flag(p, "images", default="builtin:digits", help="image folder or builtin:digits")
+    _flag(p, "weights", default="auto", help="imagenet, random, auto or a weights file")
+    _flag(p, "sweep", default="sweeps/default.yaml", help="sweep YAML file")
+    _flag(p, "output", default="outputs", help="folder for features.h5 and export/")
+    _flag(p, "storage", type=_optional_str, default=None, help="Optuna storage (see sweep)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    """Dispatch parsed arguments to the stage functions."""
+    launcher = os.environ.get("MLFLOW_RUN_ID") or None
+    if args.command == "extract":
+        from pipeline.extract import run_extract
+
+        run_extract(args.images, args.weights, args.input_size, args.batch_size, args.output,
+                    run_id=launcher)
+    elif args.command == "sweep":
+        from pipeline.sweep import run_sweep
+
+        outcome = run_sweep(args.features, args.sweep, args.n_trials, args.storage, args.study,
+                            launcher_run_id=launcher)
+        print(f"sweep: study '{outcome.study_name}' {outcome.counts}; parent run "
+              f"{outcome.parent_run_id}", file=sys.stderr)
+    elif args.command == "export":
+        from pipeline.export import export
+
+        export(args.run_id, args.output, args.formats)
+    elif args.command == "main":
+        from pipeline.main import run_main
+
+        outcome = run_main(args.images, args.weights, args.sweep, args.output,
+                           launcher_run_id=launcher, storage=args.storage)
+        print(f"main: done; sweep run {outcome.sweep_run_id}; files in {args.output}",
+              file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: parse, run, and turn a :class:`UserError` into one line and exit 2."""
+    quiet_tensorflow()
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt as exc:
+        print(f"interrupted: {exc or 'Ctrl-C'}; finished trials are kept, rerun to resume",
+              file=sys.stderr)
+        sys.exit(130)

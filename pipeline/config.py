@@ -1,0 +1,296 @@
+"""Sweep files and trial configs: the one place that owns the search space.
+
+A sweep file (YAML, one per study in ``sweeps/``) names the study and its MLflow experiment,
+the sampler, the replicate seeds, the settings held ``fixed`` and the ``space`` searched.
+Both ``fixed`` and ``space`` speak of the fields of :class:`TrialConfig`; a field is either
+fixed or searched, never both, and every field not mentioned keeps its default (the seed
+notebook's settings). ``space`` is one mapping of axes, or for ``sampler: grid`` a list of
+mappings whose grids are joined (as scikit-learn's ``ParameterGrid`` takes a list), so a study
+can hold exactly the heads it compares instead of a cross product of mostly invalid ones.
+
+Everything is validated before any run is created; a problem raises :class:`UserError` with
+one line naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+from pipeline.errors import UserError
+
+Activation = Literal["sigmoid", "softmax"]
+Loss = Literal["binary_crossentropy", "categorical_crossentropy", "sparse_categorical_crossentropy"]
+Init = Literal["glorot_uniform", "zeros", "he_normal", "transfer"]
+Optimizer = Literal["sgd", "momentum", "nesterov", "adam", "rmsprop", "adagrad", "adadelta", "adamw"]
+Sampler = Literal["grid", "tpe", "random"]
+Engine = Literal["keras"]
+ObjectiveMetric = Literal["val_prob_loss", "val_loss", "val_accuracy", "prob_loss", "loss", "accuracy"]
+
+
+class TrialConfig(BaseModel):
+    """Everything that determines one trained head; two equal configs give equal numbers.
+
+    Defaults are the seed notebook's: SGD, dropout 0.5, 5 epochs, batch 128, 20% validation.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    activation: Activation = "sigmoid"
+    units: Literal[1, 2] = 1
+    loss: Loss = "binary_crossentropy"
+    learning_rate: float = Field(1e-3, gt=0)
+    init: Init = "glorot_uniform"
+    seed: int = Field(0, ge=0)
+    optimizer: Optimizer = "sgd"
+    dropout: float = Field(0.5, ge=0, lt=1)
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(128, ge=1)
+    validation_fraction: float = Field(0.2, gt=0, lt=1)
+    standardize: bool = False
+
+    @field_validator("units", mode="before")
+    @classmethod
+    def _units_from_text(cls, value):
+        # MLflow hands params back as strings; "2" must read as the unit count 2.
+        return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
+    def params(self) -> dict[str, Any]:
+        """The config as MLflow/Optuna params, in field order."""
+        return self.model_dump()
+
+
+TRIAL_FIELDS = tuple(TrialConfig.model_fields)
+SEARCHABLE_FIELDS = tuple(f for f in TRIAL_FIELDS if f != "seed")
+
+
+class FloatRange(BaseModel):
+    """A continuous axis for ``tpe``/``random``: ``{low: 1e-4, high: 1e-1}``, log scale by default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    low: float
+    high: float
+    log: bool = True
+
+
+class Objective(BaseModel):
+    """The value Optuna optimises: a logged metric at the last epoch, and its direction."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metric: ObjectiveMetric = "val_prob_loss"
+    direction: Literal["minimize", "maximize"] = "minimize"
+
+
+Axis = tuple[Any, ...] | FloatRange
+
+
+class SweepSpec(BaseModel):
+    """A validated sweep file. Build it with :func:`load_sweep`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    experiment: str = Field(min_length=1)
+    description: str = ""
+    sampler: Sampler = "grid"
+    sampler_seed: int = 0
+    n_trials: int | None = Field(None, ge=1)
+    seeds: tuple[int, ...] = Field((0,), min_length=1)
+    engine: Engine = "keras"
+    objective: Objective = Objective()
+    fixed: dict[str, Any] = Field(default_factory=dict)
+    space: tuple[dict[str, Axis], ...] = Field(min_length=1)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_unique(cls, seeds):
+        if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+            raise ValueError("seeds must be distinct non-negative integers")
+        return seeds
+
+    def axes(self) -> dict[str, Axis]:
+        """Every searched field with all its values (joined over sub-spaces), plus ``seed``.
+
+        These are the Optuna distributions; they are the same for every trial of the study.
+        """
+        axes: dict[str, Axis] = {}
+        for sub in self.space:
+            for name, axis in sub.items():
+                if isinstance(axis, FloatRange):
+                    axes[name] = axis
+                else:
+                    axes[name] = tuple(dict.fromkeys((*axes.get(name, ()), *axis)))
+        for name in axes:  # a sub-grid that leaves an axis out runs it at its fixed value
+            if not isinstance(axes[name], FloatRange) and any(name not in s for s in self.space):
+                axes[name] = tuple(dict.fromkeys((*axes[name], self.base()[name])))
+        axes["seed"] = self.seeds
+        return axes
+
+    def base(self) -> dict[str, Any]:
+        """The values of every trial field before the space applies: defaults, then ``fixed``."""
+        return {**TrialConfig().params(), **self.fixed}
+
+    def grid(self) -> list[dict[str, Any]]:
+        """Every grid point as the params Optuna fixes, sub-grids joined in order, x seeds."""
+        points: list[dict[str, Any]] = []
+        names = [n for n in self.axes() if n != "seed"]
+        for sub in self.space:
+            keys = list(sub)
+            for values in itertools.product(*(sub[k] for k in keys)):
+                point = {n: self.base()[n] for n in names} | dict(zip(keys, values, strict=True))
+                points.extend(point | {"seed": seed} for seed in self.seeds)
+        return list({freeze_params(p): p for p in points}.values())
+
+    def budget(self) -> int:
+        """How many trials the study runs: the grid's size, capped by ``n_trials`` if given."""
+        if self.sampler == "grid":
+            size = len(self.grid())
+            return min(size, self.n_trials) if self.n_trials else size
+        return int(self.n_trials)
+
+    def trial_config(self, params: dict[str, Any]) -> TrialConfig:
+        """The :class:`TrialConfig` of a trial whose searched params are ``params``."""
+        return TrialConfig(**(self.base() | params))
+
+
+def load_sweep(path: str | os.PathLike, n_trials: int | None = None) -> SweepSpec:
+    """Read and validate a sweep file; ``n_trials`` overrides the file's value.
+
+    Raises :class:`UserError` with one line naming the key and what is allowed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"sweep file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if n_trials is not None:
+        raw = {**(raw or {}), "n_trials": n_trials}
+    return parse_sweep(raw, source=str(path))
+
+
+def parse_sweep(raw: Any, source: str = "sweep") -> SweepSpec:
+    """Validate a sweep given as a mapping (the parsed YAML). See :func:`load_sweep`."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: a sweep file must be a mapping of keys, got {type(raw).__name__}")
+    _check_keys(source, "", raw, SweepSpec.model_fields)
+    raw = dict(raw)
+    raw["fixed"] = _check_fixed(source, raw.get("fixed") or {})
+    raw["space"] = _check_space(source, raw.get("space"), raw.get("sampler", "grid"), raw["fixed"])
+    try:
+        spec = SweepSpec(**raw)
+    except ValidationError as exc:
+        raise UserError(f"{source}: {_describe(exc)}") from None
+    if spec.sampler != "grid" and spec.n_trials is None:
+        raise UserError(f"{source}: n_trials: required for sampler '{spec.sampler}'")
+    return spec
+
+
+def _check_fixed(source: str, fixed: Any) -> dict[str, Any]:
+    if not isinstance(fixed, dict):
+        raise UserError(f"{source}: fixed: must be a mapping of trial settings")
+    _check_keys(source, "fixed.", fixed, SEARCHABLE_FIELDS)
+    return {name: _check_value(source, f"fixed.{name}", name, v) for name, v in fixed.items()}
+
+
+def _check_space(source: str, space: Any, sampler: str, fixed: dict) -> tuple[dict, ...]:
+    if space is None:
+        raise UserError(f"{source}: space: required (a mapping of axes such as activation: "
+                        f"[sigmoid, softmax])")
+    subs = space if isinstance(space, list) else [space]
+    if not subs:
+        raise UserError(f"{source}: space: empty")
+    if len(subs) > 1 and sampler != "grid":
+        raise UserError(f"{source}: space: a list of sub-spaces needs sampler: grid")
+    checked = []
+    for i, sub in enumerate(subs):
+        where = f"space[{i}]." if isinstance(space, list) else "space."
+        if not isinstance(sub, dict) or not sub:
+            raise UserError(f"{source}: {where.rstrip('.')}: must be a non-empty mapping of axes")
+        _check_keys(source, where, sub, SEARCHABLE_FIELDS)
+        for name in sub:
+            if name in fixed:
+                raise UserError(f"{source}: {where}{name}: also in fixed; a setting is fixed or "
+                                f"searched, not both")
+        checked.append({n: _check_axis(source, where + n, n, a, sampler) for n, a in sub.items()})
+    return tuple(checked)
+
+
+def _check_axis(source: str, where: str, name: str, axis: Any, sampler: str) -> Axis:
+    if isinstance(axis, dict):
+        if name not in ("learning_rate", "dropout"):
+            raise UserError(f"{source}: {where}: a range is allowed only for learning_rate and "
+                            f"dropout; give a list of values")
+        if sampler == "grid":
+            raise UserError(f"{source}: {where}: sampler grid needs a list of values, not a range")
+        try:
+            rng = FloatRange(**axis)
+        except (ValidationError, TypeError) as exc:
+            raise UserError(f"{source}: {where}: {_describe(exc)}") from None
+        for bound in (rng.low, rng.high):
+            _check_value(source, where, name, bound)
+        if not rng.low < rng.high:
+            raise UserError(f"{source}: {where}: low must be below high")
+        if rng.log and rng.low <= 0:
+            raise UserError(f"{source}: {where}: a log range needs low > 0")
+        return rng
+    if not isinstance(axis, list):
+        axis = [axis]
+    if not axis:
+        raise UserError(f"{source}: {where}: empty list; give at least one value")
+    return tuple(_check_value(source, f"{where}[{i}]", name, v) for i, v in enumerate(axis))
+
+
+def _check_value(source: str, where: str, name: str, value: Any) -> Any:
+    try:
+        checked = TypeAdapter(TrialConfig.model_fields[name].annotation).validate_python(value)
+        TrialConfig(**{name: checked})
+    except ValidationError as exc:
+        raise UserError(f"{source}: {where}: {_describe(exc, name)}") from None
+    if isinstance(checked, float) and not math.isfinite(checked):
+        raise UserError(f"{source}: {where}: must be finite")
+    return checked
+
+
+def _check_keys(source: str, where: str, raw: dict, allowed) -> None:
+    for key in raw:
+        if key not in allowed:
+            raise UserError(f"{source}: {where}{key}: unknown key (allowed: {', '.join(allowed)})")
+
+
+def _describe(exc: Exception, name: str | None = None) -> str:
+    """One line from a pydantic error: where, and what is allowed."""
+    if not isinstance(exc, ValidationError):
+        return str(exc).splitlines()[0]
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"] if p != name)
+    msg = err["msg"]
+    annotation = TrialConfig.model_fields[name].annotation if name else None
+    choices = get_args(annotation) if annotation is not None else ()
+    if choices and all(isinstance(c, (str, int)) for c in choices):
+        msg = f"{err['input']!r} is not allowed (allowed: {', '.join(map(str, choices))})"
+    elif err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif "greater_than" in err["type"] or "less_than" in err["type"]:
+        msg = f"{err['input']!r}: {msg[0].lower()}{msg[1:]}"
+    return f"{loc}: {msg}" if loc else msg
+
+
+def freeze_params(params: dict[str, Any]) -> tuple:
+    """A hashable form of a params mapping, for telling grid points apart."""
+    return tuple(sorted((k, repr(v)) for k, v in params.items()))
+
+
+def slug(text: str) -> str:
+    """A filesystem- and URL-safe form of ``text`` (used for study and file names)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.") or "x"

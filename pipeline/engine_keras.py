@@ -1,0 +1,145 @@
+"""The reference trainer: one plain Keras ``model.fit`` per trial.
+
+Every engine takes a :class:`~pipeline.config.TrialConfig` and a :class:`~pipeline.split.Split`
+and returns a :class:`TrialResult`; the sweep knows engines only through that interface.
+
+Per epoch it records Keras's own ``loss``/``val_loss`` (computed from cached logits) and, from
+the head's actual probabilities in inference mode, ``accuracy``, ``val_accuracy``,
+``prob_loss`` and ``val_prob_loss``. Keras's accuracy is kept as ``keras_accuracy`` and
+``keras_val_accuracy``. Batches come in a seeded order that depends on the seed only, so heads
+of one seed see the same batches; with the seeded layer order in :mod:`pipeline.heads` they
+also draw the same dropout masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline import metrics
+from pipeline.config import TrialConfig
+from pipeline.heads import build_head, head_weights, keras
+from pipeline.labels import encode_labels
+from pipeline.split import Split
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+EPOCH_METRICS = ("loss", "val_loss", "accuracy", "val_accuracy", "prob_loss", "val_prob_loss",
+                 "keras_accuracy", "keras_val_accuracy")
+
+
+@dataclass
+class TrialResult:
+    """What one trained head leaves: per-epoch metrics, per-step training loss, end state."""
+
+    history: dict[str, list[float]]
+    step_loss: list[float]
+    positive_fraction: float
+    collapsed: bool
+    kernel: np.ndarray
+    bias: np.ndarray
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def final(self, name: str) -> float:
+        """The last epoch's value of metric ``name``."""
+        return self.history[name][-1]
+
+
+def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """The row indices of each batch of ``epoch``: a permutation seeded by (seed, epoch)."""
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+class SeededBatches(keras.utils.PyDataset):
+    """Training batches in :func:`batch_order`; the epoch advances at each epoch end."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int):
+        super().__init__(workers=1, use_multiprocessing=False)
+        self.x, self.y, self.batch_size, self.seed = x, y, batch_size, seed
+        self.epoch = 0
+        self._batches = batch_order(len(x), batch_size, seed, 0)
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __getitem__(self, index: int):
+        rows = self._batches[index]
+        return self.x[rows], self.y[rows]
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1
+        self._batches = batch_order(len(self.x), self.batch_size, self.seed, self.epoch)
+
+
+class _Recorder(keras.callbacks.Callback):
+    """Collects the per-epoch metrics and per-step losses of one fit."""
+
+    def __init__(self, split: Split, config: TrialConfig, on_epoch: EpochCallback | None):
+        super().__init__()
+        self.split, self.config, self.on_epoch = split, config, on_epoch
+        self.history: dict[str, list[float]] = {name: [] for name in EPOCH_METRICS}
+        self.step_loss: list[float] = []
+        self._seen = 0
+        self._running = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._seen, self._running = 0, 0.0
+
+    def on_train_batch_end(self, batch, logs=None):
+        # Keras logs the epoch's running mean, weighted by batch size; undo it for the step.
+        size = min(self.config.batch_size, len(self.split.y_train) - self._seen)
+        total = self._running * self._seen
+        self._seen += size
+        self._running = float(logs["loss"])
+        self.step_loss.append((self._running * self._seen - total) / size)
+
+    def on_epoch_end(self, epoch, logs=None):
+        p_train = self.probabilities(self.split.x_train)
+        p_val = self.probabilities(self.split.x_val)
+        values = {
+            "loss": float(logs["loss"]),
+            "val_loss": float(logs["val_loss"]),
+            "accuracy": metrics.accuracy(p_train, self.split.y_train),
+            "val_accuracy": metrics.accuracy(p_val, self.split.y_val),
+            "prob_loss": metrics.prob_loss(p_train, self.split.y_train),
+            "val_prob_loss": metrics.prob_loss(p_val, self.split.y_val),
+            "keras_accuracy": float(logs["accuracy"]),
+            "keras_val_accuracy": float(logs["val_accuracy"]),
+        }
+        for name, value in values.items():
+            self.history[name].append(value)
+        if self.on_epoch is not None:
+            self.on_epoch(epoch, values)
+
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        outputs = self.model(x, training=False)
+        return metrics.positive_probability(keras.ops.convert_to_numpy(outputs))
+
+
+class KerasEngine:
+    """The reference trainer: ``build_head`` then ``model.fit``, one trial at a time."""
+
+    name = "keras"
+
+    def train(self, config: TrialConfig, split: Split,
+              on_epoch: EpochCallback | None = None) -> TrialResult:
+        """Train the head of ``config`` on ``split``; ``on_epoch(epoch, metrics)`` after each epoch.
+
+        Raises whatever Keras raises for a combination it rejects (the sweep turns that into a
+        FAILED trial), and whatever ``on_epoch`` raises (e.g. ``optuna.TrialPruned``).
+        """
+        model = build_head(config, split.x_train.shape[1])
+        y_train = encode_labels(split.y_train, config.units, config.loss)
+        y_val = encode_labels(split.y_val, config.units, config.loss)
+        recorder = _Recorder(split, config, on_epoch)
+        batches = SeededBatches(split.x_train, y_train, config.batch_size, config.seed)
+        model.fit(batches, epochs=config.epochs, validation_data=(split.x_val, y_val),
+                  validation_batch_size=max(config.batch_size, 1024), shuffle=False,
+                  callbacks=[recorder], verbose=0)
+        kernel, bias = head_weights(model)
+        p_val = recorder.probabilities(split.x_val)
+        return TrialResult(history=recorder.history, step_loss=recorder.step_loss,
+                           positive_fraction=split.positive_fraction,
+                           collapsed=metrics.is_collapsed(p_val), kernel=kernel, bias=bias)

@@ -1,0 +1,195 @@
+"""The extract stage: images -> Keras Xception (ImageNet or random weights) -> features HDF5.
+
+Images are decoded, resized and batched by a ``tf.data`` pipeline with prefetching. A file
+that cannot be decoded is skipped, counted and listed, not fatal. The output is written
+atomically in the seed's layout (see :mod:`pipeline.features`), with attributes that say which
+weights were actually used. ``weights=auto`` falls back to random weights when ImageNet's
+cannot be had, and says so on stderr and in the ``backbone.weights`` tag: never silently.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import tracking
+from pipeline.errors import UserError
+from pipeline.features import sha256_file, write_features
+from pipeline.quiet import quiet_tensorflow
+from pipeline.sources import MIN_INPUT_SIZE, ImageSource, open_source
+
+quiet_tensorflow()
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+BACKBONE = "keras.applications.Xception"
+WEIGHT_CHOICES = ("imagenet", "random", "auto")
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """The written features file and what went into it."""
+
+    output: Path
+    n_images: int
+    n_features: int
+    skipped: tuple[str, ...]
+    weights: str
+    class_names: tuple[str, ...]
+    fingerprint: str
+
+
+def input_size_for(value: str | int, source: ImageSource) -> int:
+    """``auto`` -> the source's natural size (299 for folders, 71 for digits); else an int >= 71."""
+    if str(value) == "auto":
+        return source.default_input_size
+    try:
+        size = int(value)
+    except ValueError:
+        raise UserError(f"input_size '{value}': must be 'auto' or an integer >= 71") from None
+    if size < MIN_INPUT_SIZE:
+        raise UserError(f"input_size {size}: Xception needs at least {MIN_INPUT_SIZE}")
+    return size
+
+
+def load_backbone(weights: str, input_size: int) -> tuple[keras.Model, str]:
+    """Xception without its top, global-average pooled, and a description of the weights used.
+
+    ``imagenet`` uses Keras's download and cache; ``random`` is ``weights=None``; ``auto`` is
+    ImageNet when it can be had, otherwise random with a warning; anything else is a path to a
+    Keras weights file for this architecture.
+    """
+    shape = (input_size, input_size, 3)
+    build = lambda w: keras.applications.Xception(  # noqa: E731
+        include_top=False, weights=w, pooling="avg", input_shape=shape)
+    if weights == "random":
+        return build(None), "random"
+    if weights in ("imagenet", "auto"):
+        try:
+            return build("imagenet"), "imagenet"
+        except Exception as exc:
+            reason = " ".join(str(exc).split())[:300]
+            if weights == "imagenet":
+                raise UserError(f"weights imagenet: cannot be loaded ({reason}); use "
+                                f"--weights random or a weights file") from None
+            print(f"warning: ImageNet weights unavailable ({reason}); extracting with RANDOM "
+                  f"weights (tag backbone.weights=random)", file=sys.stderr)
+            return build(None), "random"
+    path = Path(weights)
+    if not path.is_file():
+        raise UserError(f"weights '{weights}': not imagenet, random, auto or an existing file")
+    try:
+        return build(str(path)), f"file:{path.name} sha256:{sha256_file(path)[:16]}"
+    except Exception as exc:
+        raise UserError(f"weights file {path}: cannot be loaded into Xception "
+                        f"({' '.join(str(exc).split())[:200]})") from None
+
+
+def image_dataset(source: ImageSource, input_size: int, batch_size: int) -> tf.data.Dataset:
+    """Batches of (row index, RGB image in 0..255 at ``input_size``); undecodable files dropped."""
+    size = (input_size, input_size)
+    if source.pixels is not None:
+        ds = tf.data.Dataset.from_tensor_slices((np.arange(len(source)), source.pixels))
+        ds = ds.map(lambda i, px: (i, tf.image.resize(px, size)), num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        def load(i, path):
+            image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+            return i, tf.image.resize(tf.cast(image, tf.float32), size)
+
+        ds = tf.data.Dataset.from_tensor_slices((np.arange(len(source)), list(source.paths)))
+        ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.ignore_errors()
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def extract(images: str, weights: str = "auto", input_size: str | int = "auto",
+            batch_size: int = 32, output: str = "features.h5",
+            progress: bool | None = None) -> Extraction:
+    """Extract Xception features of ``images`` into the HDF5 file ``output``.
+
+    Raises :class:`UserError` for an unusable source, size, weights or an input in which no
+    image decodes; in every such case nothing is written at ``output``.
+    """
+    if batch_size < 1:
+        raise UserError(f"batch_size {batch_size}: must be >= 1")
+    source = open_source(images)
+    size = input_size_for(input_size, source)
+    model, used = load_backbone(weights, size)
+    forward = tf.function(lambda x: model(keras.applications.xception.preprocess_input(x),
+                                          training=False))
+    rows, chunks = [], []
+    from tqdm.auto import tqdm
+
+    disable = (not sys.stderr.isatty()) if progress is None else not progress
+    with tqdm(total=len(source), desc="extract", unit="img", disable=disable) as bar:
+        for idx, batch in image_dataset(source, size, batch_size):
+            chunks.append(forward(batch).numpy())
+            rows.append(idx.numpy())
+            bar.update(len(idx))
+    kept = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    skipped = tuple(source.paths[i] for i in sorted(set(range(len(source))) - set(kept.tolist())))
+    if len(kept) == 0:
+        raise UserError(f"images {images}: none of the {len(source)} files could be decoded")
+    labels = source.labels[kept]
+    if len(np.unique(labels)) < 2:
+        raise UserError(f"images {images}: after skipping {len(skipped)} undecodable files only "
+                        f"one class is left")
+    x = np.concatenate(chunks).astype(np.float32)
+    attrs = {"backbone": BACKBONE, "weights": used, "input_size": size,
+             "class_names": list(source.class_names), "source": source.description,
+             "skipped": len(skipped), "versions": tracking.versions()}
+    path = write_features(output, x, labels, attrs)
+    print(f"extract: {len(kept)} images -> {path} ({x.shape[1]} features, weights {used}, "
+          f"{len(skipped)} skipped)", file=sys.stderr)
+    return Extraction(output=path, n_images=len(kept), n_features=x.shape[1], skipped=skipped,
+                      weights=used, class_names=source.class_names,
+                      fingerprint=source.fingerprint())
+
+
+EXTRACT_PARAMS = ("images", "weights", "input_size", "batch_size")
+FEATURES_ARTIFACT_DIR = "features"
+
+
+def run_extract(images: str, weights: str = "auto", input_size: str | int = "auto",
+                batch_size: int = 32, output: str = "features.h5", experiment_id: str | None = None,
+                run_id: str | None = None, parent_run_id: str | None = None,
+                progress: bool | None = None) -> tuple[str, Extraction]:
+    """:func:`extract` recorded as an MLflow run; returns the run id and the extraction.
+
+    Logs into ``run_id`` if given (the run ``mlflow run`` opened), else into a new run of
+    ``experiment_id`` (default: experiment ``features``) nested under ``parent_run_id``. The
+    run gets the parameters, the input's fingerprint, the weights actually used (tag ``backbone.weights``), the features file as
+    artifact ``features/<name>`` (so ``runs:/<id>/features/<name>`` feeds a sweep) and the list
+    of skipped files. It ends FAILED, with nothing at ``output``, if extraction fails.
+    """
+    import mlflow
+
+    from pipeline import naming
+
+    if run_id is None:
+        exp = experiment_id or tracking.experiment_id("features")
+        run_id = tracking.create_run(exp, f"extract-{Path(output).stem}", parent_run_id,
+                                     {naming.STEP: "extract"})
+    else:
+        mlflow.MlflowClient().set_tag(run_id, naming.STEP, "extract")
+    with tracking.terminal_run(run_id):
+        result = extract(images, weights, input_size, batch_size, output, progress)
+        client = mlflow.MlflowClient()
+        tracking.log_new_params(run_id, {"images": images, "weights": weights,
+                                         "input_size": input_size, "batch_size": batch_size,
+                                         "output": output})
+        tracking.log_batch(
+            run_id,
+            metrics=tracking.scalars({"n_images": result.n_images,
+                                      "n_skipped": len(result.skipped),
+                                      "n_features": result.n_features}),
+            tags={naming.WEIGHTS: result.weights, "input.fingerprint": result.fingerprint,
+                  naming.FEATURES_SHA: sha256_file(result.output),
+                  "class_names": ",".join(result.class_names), **tracking.versions()})
+        client.log_artifact(run_id, str(result.output), FEATURES_ARTIFACT_DIR)
+        client.log_text(run_id, "\n".join(result.skipped) + ("\n" if result.skipped else ""),
+                        "skipped_images.txt")
+    return run_id, result

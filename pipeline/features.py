@@ -1,0 +1,150 @@
+"""The features file: HDF5 in the layout of the seed's ``gap_Xception.h5``.
+
+Datasets ``train`` (N x D float32) and ``label`` (N integers in {0, 1}); files this project
+writes add attributes (backbone, weights, input size, class names in label order, source,
+library versions). Other datasets in the file, such as the seed's ``test``, are ignored.
+
+Reading validates everything a sweep relies on and raises :class:`UserError` with one line
+naming the problem; writing is atomic, so a killed writer never leaves a half file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from pipeline.errors import UserError
+
+FEATURES_DATASET = "train"
+LABEL_DATASET = "label"
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """Features ``x`` (N x D float32), labels ``y`` (N int64 in {0, 1}) and the file's attributes."""
+
+    x: np.ndarray
+    y: np.ndarray
+    attrs: dict = field(default_factory=dict)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names in label order, or ``["0", "1"]`` for files that do not record them."""
+        return list(self.attrs.get("class_names", ["0", "1"]))
+
+
+def read_features(path: str | os.PathLike) -> FeatureSet:
+    """Read and validate a features file.
+
+    Raises :class:`UserError` when the file is missing, not HDF5 or truncated, lacks ``train``
+    or ``label``, the two differ in length, the features are not 2-D or hold NaN/Inf, or the
+    labels are not a mix of 0 and 1.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"features file not found: {path}")
+    try:
+        with h5py.File(path, "r") as h5:
+            for name in (FEATURES_DATASET, LABEL_DATASET):
+                if name not in h5:
+                    raise UserError(
+                        f"{path}: no dataset '{name}' (expected 'train' N x D features and "
+                        f"'label' N labels, as in gap_Xception.h5)"
+                    )
+            x = np.asarray(h5[FEATURES_DATASET][()])
+            y_raw = np.asarray(h5[LABEL_DATASET][()])
+            attrs = {key: _decode_attr(value) for key, value in h5.attrs.items()}
+    except UserError:
+        raise
+    except (OSError, KeyError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable HDF5 file ({_first_line(exc)})") from None
+    return FeatureSet(x=_check_features(path, x), y=_check_labels(path, y_raw, len(x)), attrs=attrs)
+
+
+def _check_features(path: Path, x: np.ndarray) -> np.ndarray:
+    if x.ndim != 2:
+        raise UserError(f"{path}: 'train' must be 2-D (N x D), got shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.number):
+        raise UserError(f"{path}: 'train' must be numeric, got dtype {x.dtype}")
+    x = x.astype(np.float32, copy=False)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        rows = np.unique(np.nonzero(bad)[0])
+        raise UserError(f"{path}: 'train' holds NaN or Inf in {len(rows)} rows (first: row {rows[0]})")
+    return x
+
+
+def _check_labels(path: Path, y: np.ndarray, n: int) -> np.ndarray:
+    y = y.reshape(-1) if y.ndim == 2 and 1 in y.shape else y
+    if y.ndim != 1:
+        raise UserError(f"{path}: 'label' must be 1-D, got shape {y.shape}")
+    if len(y) != n:
+        raise UserError(f"{path}: 'train' has {n} rows but 'label' has {len(y)}")
+    if not np.issubdtype(y.dtype, np.number) or not np.isin(y, (0, 1)).all():
+        found = sorted(set(np.unique(y).tolist()) - {0, 1})[:5]
+        raise UserError(f"{path}: labels must be 0 or 1, found {found}")
+    counts = np.bincount(y.astype(np.int64), minlength=2)
+    if counts.min() == 0:
+        raise UserError(f"{path}: only one class present ({int(counts.max())} rows of label "
+                        f"{int(counts.argmax())}); a binary classifier needs both")
+    return y.astype(np.int64)
+
+
+def write_features(path: str | os.PathLike, x: np.ndarray, y: np.ndarray, attrs: dict) -> Path:
+    """Write ``x``, ``y`` and ``attrs`` to ``path`` atomically and return the path.
+
+    The file is written to a temporary name in the same folder and renamed into place, so
+    ``path`` is either the complete old file, the complete new one, or absent. Non-scalar
+    attributes (lists, dicts) are stored as JSON strings.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as h5:
+            h5.create_dataset(FEATURES_DATASET, data=np.asarray(x, dtype=np.float32))
+            h5.create_dataset(LABEL_DATASET, data=np.asarray(y, dtype=np.int64))
+            for key, value in attrs.items():
+                h5.attrs[key] = value if isinstance(value, (str, int, float)) else json.dumps(value)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _decode_attr(value):
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str) and value[:1] in "[{":
+        with contextlib.suppress(json.JSONDecodeError):
+            return json.loads(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,21 @@
+"""Label encoding, which follows the head: the one place that decides what ``y`` a loss sees.
+
+- 1 unit: one column of 0/1 (``binary_crossentropy`` on a sigmoid; what the seed fed its
+  1-unit softmax);
+- 2 units: one-hot, label 0 -> [1, 0] and label 1 -> [0, 1];
+- ``sparse_categorical_crossentropy``: the integer labels, whatever the width.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def encode_labels(y: np.ndarray, units: int, loss: str) -> np.ndarray:
+    """Encode integer labels ``y`` (N,) for a head of ``units`` outputs trained with ``loss``."""
+    y = np.asarray(y, dtype=np.int64)
+    if loss == "sparse_categorical_crossentropy":
+        return y
+    if units == 1:
+        return y.astype(np.float32).reshape(-1, 1)
+    return np.eye(units, dtype=np.float32)[y]

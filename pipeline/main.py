@@ -1,0 +1,110 @@
+"""The main job: extract, then sweep, then export, as steps under one parent run.
+
+A FINISHED extraction with the same parameters and the same input (by content fingerprint) is
+reused instead of rerun, as in MLflow's multistep workflow example: its features file is
+copied from the run's artifact when ``output`` does not already hold it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+
+from pipeline import naming, tracking
+from pipeline.config import load_sweep
+from pipeline.errors import UserError
+from pipeline.features import sha256_file
+from pipeline.sources import open_source
+
+
+@dataclass(frozen=True)
+class MainOutcome:
+    """The runs and files one main job left."""
+
+    main_run_id: str
+    extract_run_id: str
+    reused_extraction: bool
+    sweep_run_id: str
+    export_files: tuple[Path, ...]
+
+
+def find_extraction(experiment_id: str, params: dict, fingerprint: str):
+    """The newest FINISHED extract run with these params and input fingerprint, or None."""
+    clauses = [f"tags.`{naming.STEP}` = 'extract'", "attributes.status = 'FINISHED'",
+               f"tags.`input.fingerprint` = '{fingerprint}'"]
+    clauses += [f"params.`{k}` = '{v}'" for k, v in params.items()]
+    runs = mlflow.search_runs(experiment_ids=[experiment_id], filter_string=" and ".join(clauses),
+                              order_by=["attributes.start_time DESC"], max_results=1,
+                              output_format="list")
+    return runs[0] if runs else None
+
+
+def run_main(images: str = "builtin:digits", weights: str = "auto",
+             sweep: str = "sweeps/default.yaml", output: str = "outputs",
+             launcher_run_id: str | None = None, storage: str | None = None,
+             progress: bool | None = None) -> MainOutcome:
+    """Run the whole pipeline; files go to ``output`` (``features.h5`` and ``export/``).
+
+    The main run is ``launcher_run_id`` (the run ``mlflow run`` opened) or a new run in the
+    sweep's experiment; the extract step is nested under it, and so is the sweep's parent run
+    when both live in the sweep's experiment (otherwise they are linked by tags).
+    """
+    from pipeline.export import export
+    from pipeline.extract import run_extract
+    from pipeline.sweep import run_sweep
+
+    spec = load_sweep(sweep)  # fail on a bad sweep file before any run exists
+    source = open_source(images)
+    out = Path(output)
+    features_path = out / "features.h5"
+    client = mlflow.MlflowClient()
+    if launcher_run_id:
+        main_run = launcher_run_id
+    else:
+        experiment = tracking.experiment_id(spec.experiment)
+        main_run = tracking.create_run(experiment, f"main-{naming.parent_run_name(spec.name)}")
+    experiment = client.get_run(main_run).info.experiment_id
+    tracking.install_sigterm_handler()
+    with tracking.terminal_run(main_run):
+        client.set_tag(main_run, naming.STEP, "main")
+        tracking.log_new_params(main_run, {"images": images, "weights": weights,
+                                           "sweep": sweep, "output": output})
+        params = {"images": images, "weights": weights, "input_size": "auto", "batch_size": 32}
+        previous = find_extraction(experiment, params, source.fingerprint())
+        if previous is not None:
+            extract_run = previous.info.run_id
+            _restore_features(previous, features_path)
+            print(f"extract: reusing FINISHED run {extract_run} ({features_path})", file=sys.stderr)
+        else:
+            extract_run, _ = run_extract(images, weights, "auto", 32, str(features_path),
+                                         experiment_id=experiment,
+                                         parent_run_id=main_run, progress=progress)
+        client.set_tag(main_run, "pipeline.extract_run_id", extract_run)
+        outcome = run_sweep(str(features_path), sweep, storage=storage,
+                            launcher_run_id=main_run, progress=progress)
+        exported = export(outcome.parent_run_id, str(out / "export"), "csv,md,tex,png")
+        tracking.log_batch(main_run, tags={"pipeline.sweep_run_id": outcome.parent_run_id})
+    return MainOutcome(main_run, extract_run, previous is not None, outcome.parent_run_id,
+                       exported.files)
+
+
+def _restore_features(run, path: Path) -> None:
+    """Make ``path`` hold the features file of extract ``run`` (checked by sha256)."""
+    want = run.data.tags.get(naming.FEATURES_SHA)
+    if path.is_file() and sha256_file(path) == want:
+        return
+    name = Path(run.data.params["output"]).name
+    uri = f"runs:/{run.info.run_id}/features/{name}"
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+    except Exception as exc:
+        raise UserError(f"extract run {run.info.run_id}: its features artifact cannot be "
+                        f"fetched ({' '.join(str(exc).split())[:200]})") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.copyfile(local, tmp)
+    tmp.replace(path)

@@ -1,0 +1,47 @@
+"""What a head actually predicts, measured the same way for every head.
+
+Keras reports a loss computed from cached pre-activation logits, which hides the collapse of a
+1-unit softmax (its outputs are all 1.0 while its loss falls). These functions look only at the
+predicted probability of the positive class, so a sigmoid, a 2-unit softmax and a collapsed
+1-unit softmax are compared on equal terms.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+EPSILON = 1e-7  # Keras's backend epsilon: the clip behind the seed's 7.6 = 0.47 x ln(1e7)
+
+
+def positive_probability(outputs: np.ndarray) -> np.ndarray:
+    """P(label 1) from a head's outputs: the only column of a 1-unit head, column 1 of two."""
+    outputs = np.asarray(outputs, dtype=np.float64)
+    return outputs[:, -1] if outputs.ndim == 2 else outputs
+
+
+def prob_loss(p_positive: np.ndarray, y: np.ndarray) -> float:
+    """Binary cross-entropy of the predicted probabilities, clipped to [1e-7, 1 - 1e-7]."""
+    p = np.clip(np.asarray(p_positive, dtype=np.float64), EPSILON, 1 - EPSILON)
+    y = np.asarray(y, dtype=np.float64)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def accuracy(p_positive: np.ndarray, y: np.ndarray) -> float:
+    """Fraction right when the prediction is label 1 iff P(label 1) >= 0.5."""
+    return float(np.mean((np.asarray(p_positive) >= 0.5) == np.asarray(y, dtype=bool)))
+
+
+def is_collapsed(p_positive: np.ndarray) -> bool:
+    """True when the predicted probability is the same for every example."""
+    p = np.asarray(p_positive)
+    return bool(p.size == 0 or p.max() == p.min())
+
+
+def collapse_expectation(y: np.ndarray) -> dict[str, float]:
+    """What a head that always says P(label 1) = 1 must score on labels ``y``.
+
+    Its accuracy is the positive fraction and its clipped cross-entropy is the negative
+    fraction times -ln(1e-7) = 16.1181 (the seed's 7.6 at 47% negatives).
+    """
+    positive = float(np.mean(y))
+    return {"accuracy": positive, "prob_loss": (1 - positive) * -np.log(EPSILON)}

@@ -1,0 +1,75 @@
+"""Run names and tags: the one place that decides how runs read in the MLflow UI.
+
+Trial runs are named for their config (``softmax-1u-bce-lr1e-3-glorot-s0``) so the run list
+reads as the study's design; parent runs are named for the sweep and the date. Tag keys that
+several modules write or read are defined here too.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+
+from pipeline.config import TrialConfig
+
+LOSS_ABBREV = {"binary_crossentropy": "bce", "categorical_crossentropy": "cce",
+               "sparse_categorical_crossentropy": "scce"}
+INIT_ABBREV = {"glorot_uniform": "glorot", "zeros": "zeros", "he_normal": "he",
+               "transfer": "transfer"}
+
+# Tags
+STEP = "pipeline.step"            # extract | sweep | trial | export | main
+SWEEP_NAME = "pipeline.sweep"
+MAIN_RUN = "pipeline.main_run_id"
+ROLE = "parity.role"
+COLLAPSED = "collapsed"
+STUDY = "optuna.study"
+TRIAL_NUMBER = "optuna.trial_number"
+STORAGE = "optuna.storage"
+FEATURES_SHA = "features.sha256"
+WEIGHTS = "backbone.weights"
+ERROR = "error"
+PARENT = "mlflow.parentRunId"
+NOTE = "mlflow.note.content"
+
+
+def format_lr(value: float) -> str:
+    """``0.001`` -> ``1e-3``, ``0.0025`` -> ``2.5e-3``: short, exact enough to tell runs apart."""
+    mantissa, exponent = f"{value:.3e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def trial_run_name(config: TrialConfig) -> str:
+    """A trial's run name: activation, units, loss, learning rate, init, optimizer, seed."""
+    parts = [config.activation, f"{config.units}u", LOSS_ABBREV[config.loss],
+             f"lr{format_lr(config.learning_rate)}", INIT_ABBREV[config.init]]
+    if config.optimizer != "sgd":
+        parts.append(config.optimizer)
+    parts.append(f"s{config.seed}")
+    return "-".join(parts)
+
+
+def parent_run_name(sweep_name: str, when: datetime | None = None) -> str:
+    """A sweep's parent run name: the sweep and the UTC date and time it started."""
+    when = when or datetime.now(timezone.utc)
+    return f"{sweep_name}-{when:%Y%m%d-%H%M}"
+
+
+def role_of(config: TrialConfig) -> str | None:
+    """The part a head plays in the seed's comparisons, or None for any other head.
+
+    ``softmax`` (2-unit softmax), ``sigmoid_transfer`` (1-unit sigmoid from the softmax's
+    initial weights), ``sigmoid_random`` (1-unit sigmoid, ordinary init), ``softmax_1unit``
+    (the collapse).
+    """
+    if config.activation == "softmax":
+        return "softmax" if config.units == 2 else "softmax_1unit"
+    if config.units == 1 and config.loss == "binary_crossentropy":
+        return "sigmoid_transfer" if config.init == "transfer" else "sigmoid_random"
+    return None
+
+
+def safe_filename(text: str) -> str:
+    """``text`` reduced to a single safe path component (no separators, no NUL, no dots first)."""
+    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", text).lstrip(".") or "_"

@@ -1,0 +1,60 @@
+"""The train/validation split and feature standardization, both seeded by the trial.
+
+Files written by a folder walk list their labels sorted by class, so the split must shuffle;
+it is stratified so that every seed sees the same class balance. Standardization statistics
+come from the training split only, so validation numbers are honest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+from pipeline.errors import UserError
+
+
+@dataclass(frozen=True)
+class Split:
+    """Training and validation features and integer labels for one trial."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+
+    @property
+    def positive_fraction(self) -> float:
+        """The fraction of label 1 in the validation split."""
+        return float(np.mean(self.y_val))
+
+
+def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the training and validation rows: shuffled with ``seed``, stratified on ``y``."""
+    idx = np.arange(len(y))
+    try:
+        train, val = train_test_split(idx, test_size=fraction, shuffle=True,
+                                      random_state=seed, stratify=y)
+    except ValueError as exc:
+        raise UserError(f"cannot split {len(y)} rows with validation_fraction {fraction}: "
+                        f"{str(exc).splitlines()[0]}") from None
+    return np.sort(train), np.sort(val)
+
+
+def standardize(x_train: np.ndarray, x_val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scale both splits by the training split's per-feature mean and std (std 0 -> 1)."""
+    mean = x_train.mean(axis=0, dtype=np.float64)
+    std = x_train.std(axis=0, dtype=np.float64)
+    std[std == 0] = 1.0
+    scale = lambda x: ((x - mean) / std).astype(np.float32)  # noqa: E731
+    return scale(x_train), scale(x_val)
+
+
+def make_split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int, standardized: bool) -> Split:
+    """The :class:`Split` a trial with this seed, validation fraction and standardization uses."""
+    train, val = stratified_split(y, fraction, seed)
+    x_train, x_val = x[train], x[val]
+    if standardized:
+        x_train, x_val = standardize(x_train, x_val)
+    return Split(x_train=x_train, y_train=y[train], x_val=x_val, y_val=y[val])

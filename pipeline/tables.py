@@ -1,0 +1,99 @@
+"""Paper tables from trial records: grouped by config, mean ± std over seeds, Markdown and LaTeX.
+
+Pure functions on pandas DataFrames, so tests and other stages can build tables without MLflow.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+SUMMARY_METRICS = ("final_val_accuracy", "positive_fraction", "final_val_prob_loss", "final_val_loss")
+HEADERS = {"final_val_accuracy": "val_accuracy", "final_val_prob_loss": "val_prob_loss",
+           "final_val_loss": "val_loss (Keras)", "final_loss": "loss (Keras)",
+           "final_accuracy": "accuracy", "final_prob_loss": "prob_loss"}
+CONFIG_COLUMNS = ("activation", "units", "loss", "learning_rate", "init", "optimizer", "dropout",
+                  "epochs", "batch_size", "standardize")
+
+
+def summarize(trials: pd.DataFrame, metrics=SUMMARY_METRICS) -> pd.DataFrame:
+    """One row per config (every param but the seed) over finished trials.
+
+    Columns: the config columns that vary, ``n`` (seeds), ``collapsed`` (how many of them),
+    and ``<metric>_mean``/``<metric>_std`` for each metric.
+    """
+    done = trials[trials["status"] == "FINISHED"]
+    keys = [c for c in CONFIG_COLUMNS if c in done and done[c].nunique(dropna=False) > 1]
+    keys = keys or [c for c in ("activation", "units", "loss") if c in done]
+    if done.empty:
+        return pd.DataFrame(columns=[*keys, "n"])
+    grouped = done.groupby(keys, sort=False, dropna=False)
+    out = grouped.size().rename("n").to_frame()
+    out["collapsed"] = grouped["collapsed"].sum().astype(int)
+    for metric in metrics:
+        if metric in done:
+            out[f"{metric}_mean"] = grouped[metric].mean()
+            out[f"{metric}_std"] = grouped[metric].std(ddof=1)
+    return out.reset_index()
+
+
+def _pm(mean: float, std: float, digits: int, tex: bool) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    text = f"{mean:.{digits}f}"
+    if std is not None and not (isinstance(std, float) and math.isnan(std)):
+        text += (r" $\pm$ " if tex else " ± ") + f"{std:.{digits}f}"
+    return text
+
+
+def _cells(summary: pd.DataFrame, metrics, digits: int, tex: bool) -> tuple[list[str], list[list[str]]]:
+    keys = [c for c in summary.columns if c in CONFIG_COLUMNS]
+    header = [*keys, "n", "collapsed",
+              *[HEADERS.get(m, m) for m in metrics if f"{m}_mean" in summary]]
+    rows = []
+    for _, row in summary.iterrows():
+        cells = [_fmt(row[k]) for k in keys] + [str(int(row["n"])), str(int(row["collapsed"]))]
+        cells += [_pm(row[f"{m}_mean"], row[f"{m}_std"], digits, tex)
+                  for m in metrics if f"{m}_mean" in summary]
+        rows.append(cells)
+    return header, rows
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def to_markdown(summary: pd.DataFrame, metrics=SUMMARY_METRICS, digits: int = 4) -> str:
+    """A GitHub-flavoured Markdown table of :func:`summarize`'s output."""
+    header, rows = _cells(summary, metrics, digits, tex=False)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines) + "\n"
+
+
+def latex_escape(text: str) -> str:
+    """``text`` with LaTeX's special characters escaped."""
+    special = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+               "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+               "^": r"\textasciicircum{}"}
+    return "".join(special.get(ch, ch) for ch in text)
+
+
+def to_latex(summary: pd.DataFrame, metrics=SUMMARY_METRICS, digits: int = 4,
+             caption: str = "", label: str = "") -> str:
+    """A booktabs ``table`` of :func:`summarize`'s output (needs ``\\usepackage{booktabs}``)."""
+    header, rows = _cells(summary, metrics, digits, tex=True)
+    lines = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{" + "l" * len(header) + "}",
+             r"\toprule", " & ".join(latex_escape(h) for h in header) + r" \\", r"\midrule"]
+    lines += [" & ".join(c if r"$\pm$" in c else latex_escape(c) for c in cells) + r" \\"
+              for cells in rows]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    if caption:
+        lines.append(r"\caption{" + latex_escape(caption) + "}")
+    if label:
+        lines.append(r"\label{" + label + "}")
+    lines.append(r"\end{table}")
+    return "\n".join(lines) + "\n"
