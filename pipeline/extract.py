@@ -161,9 +161,10 @@ def run_extract(images: str, weights: str = "auto", input_size: str | int = "aut
 
     Logs into ``run_id`` if given (the run ``mlflow run`` opened), else into a new run of
     ``experiment_id`` (default: experiment ``features``) nested under ``parent_run_id``. The
-    run gets the parameters, the input's fingerprint, the weights actually used (tag ``backbone.weights``), the features file as
-    artifact ``features/<name>`` (so ``runs:/<id>/features/<name>`` feeds a sweep) and the list
-    of skipped files. It ends FAILED, with nothing at ``output``, if extraction fails.
+    run gets the parameters, the input's fingerprint, the weights actually used (tag
+    ``backbone.weights``), the features file as artifact ``features/<name>`` (so
+    ``runs:/<id>/features/<name>`` feeds a sweep) and the list of skipped files. It ends FAILED,
+    with nothing at ``output``, if extraction fails.
     """
     import mlflow
 
