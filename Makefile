@@ -1,0 +1,28 @@
+# The two commands a newcomer needs: `make run` (the main job) and `make test` (the suite).
+# Both install into .venv first (once, and again when pyproject.toml changes).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+
+.PHONY: install run test lint ui
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+run: install
+	mlflow run . --env-manager local
+
+lint: install
+	ruff check .
+
+test: lint
+	python -m pytest
+
+ui: install
+	mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db

@@ -1,0 +1,126 @@
+"""Feature extraction on images the tests make: folders, builtin digits, weights, bad input."""
+
+from __future__ import annotations
+
+import keras
+import mlflow
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import naming
+from pipeline.errors import UserError
+from pipeline.extract import extract, load_backbone, run_extract
+from pipeline.features import read_features
+from pipeline.sources import digits_source
+
+
+def make_folder(root, counts=(4, 3), corrupt=1, size=80):
+    """root/cats and root/dogs with small random PNGs, plus ``corrupt`` undecodable .jpg files."""
+    rng = np.random.default_rng(0)
+    for label, (name, n) in enumerate(zip(("cats", "dogs"), counts, strict=True)):
+        folder = root / name
+        folder.mkdir(parents=True)
+        for i in range(n):
+            pixels = rng.integers(0, 255, size=(size, size + 10 * label, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+    for i in range(corrupt):
+        (root / "dogs" / f"broken{i}.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (root / "dogs" / "notes.txt").write_text("ignored: not an image")
+    return root
+
+
+def test_folder_extraction_skips_undecodable_files(tmp_path):
+    images = make_folder(tmp_path / "images")
+    result = extract(str(images), "random", 71, 4, str(tmp_path / "f.h5"), progress=False)
+    assert result.n_images == 7
+    assert [p.rsplit("/", 1)[-1] for p in result.skipped] == ["broken0.jpg"]
+    features = read_features(tmp_path / "f.h5")
+    assert features.x.shape == (7, 2048) and features.x.dtype == np.float32
+    assert features.y.tolist() == [0, 0, 0, 0, 1, 1, 1]
+    assert features.class_names == ["cats", "dogs"]
+    assert features.attrs["weights"] == "random" and features.attrs["input_size"] == 71
+    assert features.attrs["backbone"] == "keras.applications.Xception"
+    assert "version.keras" in features.attrs["versions"]
+
+
+def test_features_match_a_direct_forward_pass(tmp_path):
+    """The tf.data pipeline feeds Xception exactly what a direct call on the same pixels sees."""
+    import tensorflow as tf
+
+    model, _ = load_backbone("random", 71)
+    weights = tmp_path / "x.weights.h5"
+    model.save_weights(weights)
+    source = digits_source()
+    result = extract("builtin:digits", str(weights), "auto", 64, str(tmp_path / "d.h5"),
+                     progress=False)
+    features = read_features(result.output)
+    assert features.class_names == ["3", "8"] and 0.4 < features.y.mean() < 0.6
+    np.testing.assert_array_equal(features.y, source.labels)
+    pixels = tf.image.resize(source.pixels[:40], (71, 71))
+    direct = model.predict(keras.applications.xception.preprocess_input(pixels), verbose=0)
+    np.testing.assert_allclose(features.x[:40], direct, rtol=1e-4, atol=1e-7)
+
+
+def test_weights_file_is_loaded_and_recorded(tmp_path):
+    model, _ = load_backbone("random", 71)
+    path = tmp_path / "xception.weights.h5"
+    model.save_weights(path)
+    loaded, used = load_backbone(str(path), 71)
+    assert used.startswith("file:xception.weights.h5 sha256:")
+    for a, b in zip(model.get_weights()[:3], loaded.get_weights()[:3], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_auto_falls_back_to_random_loudly(tmp_path, tracking, monkeypatch, capsys):
+    import keras.src.applications.xception as xception_module
+
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure: offline")
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras-home"))
+    monkeypatch.setattr(xception_module.file_utils, "get_file", offline)
+    run_id, result = run_extract(str(make_folder(tmp_path / "im", corrupt=0)), "auto", 71, 8,
+                                 str(tmp_path / "f.h5"), progress=False)
+    assert result.weights == "random"
+    assert "RANDOM weights" in capsys.readouterr().err
+    run = mlflow.get_run(run_id)
+    assert run.data.tags[naming.WEIGHTS] == "random"
+    assert run.info.status == "FINISHED"
+    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "features")]
+    assert artifacts == ["features/f.h5"]
+    with pytest.raises(UserError, match="weights imagenet: cannot be loaded"):
+        load_backbone("imagenet", 71)
+
+
+@pytest.mark.parametrize("setup, message", [
+    (lambda root: None, "images folder not found"),
+    (lambda root: root.mkdir(), "needs exactly 2 class subfolders, found 0"),
+    (lambda root: (root / "a").mkdir(parents=True), "found 1"),
+    (lambda root: [(root / c).mkdir(parents=True) for c in "abc"], "found 3"),
+    (lambda root: [(root / c).mkdir(parents=True) for c in "ab"], "class folder 'a' has no images"),
+])
+def test_bad_image_folders(tmp_path, setup, message):
+    root = tmp_path / "images"
+    setup(root)
+    with pytest.raises(UserError, match=message):
+        extract(str(root), "random", 71, 4, str(tmp_path / "f.h5"), progress=False)
+    assert not (tmp_path / "f.h5").exists()
+
+
+def test_nothing_decodable_writes_nothing(tmp_path, tracking):
+    root = tmp_path / "images"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        (root / name / "x.png").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="none of the 2 files could be decoded"):
+        run_extract(str(root), "random", 71, 4, str(tmp_path / "f.h5"), progress=False)
+    assert list(tmp_path.glob("*.h5")) == [] and list(tmp_path.glob(".*tmp")) == []
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "FAILED"
+
+
+@pytest.mark.parametrize("size, message", [("70", "at least 71"), ("big", "must be 'auto'")])
+def test_bad_input_size(tmp_path, size, message):
+    with pytest.raises(UserError, match=message):
+        extract("builtin:digits", "random", size, 4, str(tmp_path / "f.h5"), progress=False)

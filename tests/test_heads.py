@@ -1,0 +1,106 @@
+"""Keras heads: the sigmoid/softmax weight transfer and seeded construction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.config import TrialConfig
+from pipeline.heads import build_head, head_weights, softmax_initial_weights, transfer_weights
+
+D = 16
+
+
+def sigmoid(z):
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_transfer_weights_on_hand_made_kernel():
+    kernel = np.array([[1.0, 3.0], [2.0, -1.0], [0.5, 0.5]])
+    bias = np.array([0.25, -0.75])
+    beta, b = transfer_weights(kernel, bias)
+    assert beta.shape == (3, 1) and b.shape == (1,)
+    np.testing.assert_array_equal(beta[:, 0], [2.0, -3.0, 0.0])
+    np.testing.assert_array_equal(b, [-1.0])
+
+
+def test_sigmoid_of_transfer_equals_softmax_column_one():
+    rng = np.random.default_rng(7)
+    kernel = rng.normal(size=(D, 2))
+    bias = rng.normal(size=2)
+    x = rng.normal(size=(200, D)) * 3
+    beta, b = transfer_weights(kernel, bias)
+    p_sigmoid = sigmoid(x @ beta + b)[:, 0]
+    p_softmax = softmax(x @ kernel + bias)[:, 1]
+    assert np.ptp(p_softmax) > 0.5  # the check spans confident predictions of both classes
+    np.testing.assert_allclose(p_sigmoid, p_softmax, rtol=0, atol=1e-6)
+
+
+def test_transfer_head_starts_at_transferred_softmax_weights():
+    config = TrialConfig(activation="sigmoid", units=1, init="transfer", seed=5, dropout=0.5)
+    kernel, bias = softmax_initial_weights(D, config.dropout, config.seed)
+    assert kernel.shape == (D, 2) and np.abs(kernel).max() > 0
+    beta, b = transfer_weights(kernel, bias)
+    model = build_head(config, D)
+    start_kernel, start_bias = head_weights(model)
+    np.testing.assert_array_equal(start_kernel, beta)
+    np.testing.assert_array_equal(start_bias, b)
+
+
+def test_transfer_head_predicts_what_the_softmax_head_predicts():
+    x = np.random.default_rng(1).normal(size=(64, D)).astype(np.float32)
+    softmax_model = build_head(TrialConfig(activation="softmax", units=2, seed=2,
+                                           loss="categorical_crossentropy"), D)
+    transfer_model = build_head(TrialConfig(activation="sigmoid", units=1, init="transfer", seed=2), D)
+    p_soft = np.asarray(softmax_model(x, training=False))[:, 1]
+    p_sig = np.asarray(transfer_model(x, training=False))[:, 0]
+    np.testing.assert_allclose(p_sig, p_soft, atol=1e-6)
+
+
+def test_softmax_initial_weights_are_what_a_softmax_trial_starts_from():
+    for dropout in (0.5, 0.0):
+        config = TrialConfig(activation="softmax", units=2, loss="categorical_crossentropy",
+                             seed=4, dropout=dropout)
+        kernel, bias = head_weights(build_head(config, D))
+        expected_kernel, expected_bias = softmax_initial_weights(D, dropout, 4)
+        np.testing.assert_array_equal(kernel, expected_kernel)
+        np.testing.assert_array_equal(bias, expected_bias)
+
+
+@pytest.mark.parametrize(("activation", "units"), [("softmax", 1), ("softmax", 2), ("sigmoid", 2)])
+def test_transfer_needs_a_one_unit_sigmoid(activation, units):
+    config = TrialConfig(activation=activation, units=units, init="transfer")
+    with pytest.raises(ValueError, match="init=transfer needs a 1-unit sigmoid"):
+        build_head(config, D)
+
+
+@pytest.mark.parametrize("init", ["glorot_uniform", "he_normal", "transfer"])
+def test_same_seed_same_weights_different_seed_different(init):
+    def start(seed):
+        return head_weights(build_head(TrialConfig(init=init, seed=seed), D))
+
+    k0, b0 = start(0)
+    k0_again, b0_again = start(0)
+    k1, _ = start(1)
+    np.testing.assert_array_equal(k0, k0_again)
+    np.testing.assert_array_equal(b0, b0_again)
+    assert not np.array_equal(k0, k1)
+
+
+def test_head_shape_and_activation():
+    x = np.random.default_rng(0).normal(size=(8, D)).astype(np.float32) * 10
+    one = build_head(TrialConfig(activation="softmax", units=1), D)
+    two = build_head(TrialConfig(activation="softmax", units=2, loss="categorical_crossentropy"), D)
+    out_one = np.asarray(one(x, training=False))
+    out_two = np.asarray(two(x, training=False))
+    assert out_one.shape == (8, 1) and out_two.shape == (8, 2)
+    # a softmax over one unit ignores its input: the same value for every row, 1 up to float32
+    # rounding (TensorFlow gives 1 - 2**-24), above the 1 - 1e-7 clip of the probability loss
+    assert np.unique(out_one).size == 1
+    assert 1 - 1e-7 <= out_one[0, 0] <= 1.0
+    np.testing.assert_allclose(out_two.sum(axis=1), 1.0, atol=1e-6)

@@ -1,0 +1,77 @@
+"""`mlflow run .` end to end on the embedded default data, as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline import naming
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_run_twice(tmp_path_factory):
+    """Two `mlflow run` of main with a tiny sweep against a temporary store."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    sweep = yaml.safe_load((ROOT / "sweeps/default.yaml").read_text())
+    sweep["seeds"] = [0]
+    sweep["fixed"]["epochs"] = 2
+    (tmp / "tiny.yaml").write_text(yaml.safe_dump(sweep))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_RUN_ID", None)
+    command = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local",
+               "-P", f"sweep={tmp / 'tiny.yaml'}", "-P", f"output={tmp / 'out'}",
+               "-P", "weights=random"]
+    results = [subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True,
+                              timeout=600) for _ in range(2)]
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    yield tmp, results
+    mlflow.set_tracking_uri(None)
+
+
+def test_main_leaves_features_runs_and_exports(mlflow_run_twice):
+    tmp, (first, _) = mlflow_run_twice
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (tmp / "out" / "features.h5").is_file()
+    export = tmp / "out" / "export"
+    for name in ("trials.csv", "summary.md", "summary.tex", "loss_curves.png", "loss_gaps.png"):
+        assert (export / name).is_file(), name
+    trials = pd.read_csv(export / "trials.csv")
+    assert len(trials) == 4 and (trials["status"] == "FINISHED").all()
+    collapsed = trials[trials["collapsed"]]
+    assert list(collapsed["run_name"]) == ["softmax-1u-bce-lr1e-3-glorot-s0"]
+    assert (collapsed["final_val_accuracy"] == collapsed["positive_fraction"]).all()
+
+
+def test_runs_nest_under_the_main_run(mlflow_run_twice):
+    _, (first, _) = mlflow_run_twice
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    by_step = {}
+    for run in runs:
+        by_step.setdefault(run.data.tags.get(naming.STEP), []).append(run)
+    assert len(by_step["extract"]) == 1 and len(by_step["sweep"]) == 1
+    assert len(by_step["main"]) == 2 and len(by_step["trial"]) == 4
+    assert all(r.info.status == "FINISHED" for r in runs)
+    sweep = by_step["sweep"][0]
+    assert all(t.data.tags[naming.PARENT] == sweep.info.run_id for t in by_step["trial"])
+    assert by_step["extract"][0].data.tags[naming.WEIGHTS] == "random"
+    main_ids = {r.info.run_id for r in by_step["main"]}
+    assert by_step["extract"][0].data.tags[naming.PARENT] in main_ids
+
+
+def test_second_run_reuses_extraction_and_resumes_the_study(mlflow_run_twice):
+    _, (_, second) = mlflow_run_twice
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "extract: reusing FINISHED run" in second.stderr
+    trials = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                filter_string=f"tags.`{naming.STEP}` = 'trial'")
+    assert len(trials) == 4

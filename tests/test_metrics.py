@@ -1,0 +1,80 @@
+"""Probability-based metrics: clipped cross-entropy, accuracy, collapse."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pipeline.metrics import (
+    EPSILON,
+    accuracy,
+    collapse_expectation,
+    is_collapsed,
+    positive_probability,
+    prob_loss,
+)
+
+
+def test_prob_loss_is_binary_cross_entropy():
+    p = np.array([0.9, 0.2, 0.6, 0.3])
+    y = np.array([1, 0, 0, 1])
+    expected = -(math.log(0.9) + math.log(0.8) + math.log(0.4) + math.log(0.3)) / 4
+    assert prob_loss(p, y) == pytest.approx(expected, abs=1e-12)
+
+
+def test_prob_loss_clips_at_epsilon():
+    y = np.array([0, 1])
+    p = np.array([1.0, 0.0])  # both certain and wrong
+    assert EPSILON == 1e-7
+    assert prob_loss(p, y) == pytest.approx(-math.log(1e-7), rel=1e-6)
+    assert math.isfinite(prob_loss(np.array([0.0, 1.0]), np.array([0, 1])))
+
+
+@pytest.mark.parametrize("positive", [0, 3, 7, 10])
+def test_all_ones_loss_is_negative_fraction_times_ln_1e7(positive):
+    y = np.array([1] * positive + [0] * (10 - positive))
+    expected = (1 - positive / 10) * math.log(1e7)
+    loss = prob_loss(np.ones(10), y)
+    assert loss == pytest.approx(expected, abs=1e-6)
+    assert loss == pytest.approx(collapse_expectation(y)["prob_loss"], abs=1e-6)
+    assert accuracy(np.ones(10), y) == collapse_expectation(y)["accuracy"] == positive / 10
+
+
+def test_collapse_expectation_reproduces_the_seed_number():
+    # the seed notes: 7.6 at 47% negatives
+    y = np.array([1] * 53 + [0] * 47)
+    assert collapse_expectation(y)["prob_loss"] == pytest.approx(0.47 * 16.1181, abs=1e-3)
+    assert round(collapse_expectation(y)["prob_loss"], 1) == 7.6
+
+
+def test_accuracy_threshold_at_one_half():
+    y = np.array([1, 0, 1, 0, 1, 0])
+    p = np.array([0.5, 0.4999, 0.51, 0.5, 0.0, 1.0])
+    # predicted labels: 1, 0, 1, 1, 0, 1 -> right, right, right, wrong, wrong, wrong
+    assert accuracy(p, y) == pytest.approx(3 / 6)
+    assert accuracy(np.array([0.5]), np.array([1])) == 1.0
+    assert accuracy(np.array([np.nextafter(0.5, 0)]), np.array([0])) == 1.0
+
+
+def test_is_collapsed():
+    assert is_collapsed(np.full(20, 0.73))
+    assert is_collapsed(np.ones(5))
+    assert not is_collapsed(np.array([0.73] * 19 + [0.7300001]))
+    assert not is_collapsed(np.linspace(0, 1, 5))
+
+
+def test_positive_probability_two_units_takes_column_one():
+    outputs = np.array([[0.8, 0.2], [0.1, 0.9], [0.5, 0.5]], dtype=np.float32)
+    p = positive_probability(outputs)
+    assert p.shape == (3,)
+    np.testing.assert_allclose(p, [0.2, 0.9, 0.5], rtol=1e-6)
+
+
+def test_positive_probability_one_unit_takes_its_only_column():
+    outputs = np.array([[0.3], [0.7]], dtype=np.float32)
+    p = positive_probability(outputs)
+    assert p.shape == (2,)
+    np.testing.assert_allclose(p, [0.3, 0.7], rtol=1e-6)
+    np.testing.assert_allclose(positive_probability(np.array([0.3, 0.7])), [0.3, 0.7])

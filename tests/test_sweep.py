@@ -1,0 +1,203 @@
+"""The sweep stage end to end in-process: runs, nesting, params, histories, failures, resume."""
+
+from __future__ import annotations
+
+import math
+
+import mlflow
+import numpy as np
+import optuna
+import pytest
+import yaml
+
+from pipeline import naming
+from pipeline.errors import UserError
+from pipeline.export import export, trial_records
+from pipeline.features import write_features
+from pipeline.studies import make_storage
+from pipeline.sweep import run_sweep
+from tests.conftest import make_features
+
+TINY = {
+    "name": "tiny",
+    "experiment": "tiny-exp",
+    "description": "a test study",
+    "sampler": "grid",
+    "seeds": [0, 1],
+    "fixed": {"epochs": 3, "batch_size": 32, "dropout": 0.5, "optimizer": "sgd"},
+    "space": [
+        {"activation": "softmax", "units": 1, "loss": "binary_crossentropy", "learning_rate": 0.05},
+        {"activation": "softmax", "units": 2, "loss": "categorical_crossentropy", "learning_rate": 0.05},
+        {"activation": "sigmoid", "units": 1, "loss": "binary_crossentropy", "learning_rate": 0.1,
+         "init": ["transfer", "glorot_uniform"]},
+        {"activation": "softmax", "units": 1, "loss": "sparse_categorical_crossentropy",
+         "learning_rate": 0.05},
+    ],
+}
+
+
+def write_sweep(tmp_path, spec=TINY, name="tiny.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """One finished tiny sweep in its own store: (outcome, runs under its parent, sweep file).
+
+    Shared by the tests of this module (read-only use, except the resume tests, which leave
+    the study as it was).
+    """
+    tmp_path = tmp_path_factory.mktemp("swept")
+    x, y = make_features()
+    features = write_features(tmp_path / "features.h5", x, y, {})
+    with pytest.MonkeyPatch.context() as mp:
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        mlflow.set_tracking_uri(uri)
+        sweep = write_sweep(tmp_path)
+        outcome = run_sweep(str(features), sweep, progress=False)
+        runs = mlflow.search_runs(experiment_ids=[outcome.experiment_id], output_format="list",
+                                  filter_string=f"tags.`{naming.PARENT}` = '{outcome.parent_run_id}'")
+        yield outcome, runs, sweep, features
+        mlflow.set_tracking_uri(None)
+
+
+def test_every_trial_is_one_nested_run_with_its_record(swept):
+    outcome, runs, _, _ = swept
+    assert outcome.counts == {"complete": 8, "fail": 2, "pruned": 0}
+    assert len(runs) == 10
+    names = {r.info.run_name for r in runs}
+    assert "softmax-1u-bce-lr5e-2-glorot-s0" in names
+    assert "sigmoid-1u-bce-lr1e-1-transfer-s1" in names
+    for run in runs:
+        assert run.info.status in ("FINISHED", "FAILED")
+        for key in ("activation", "units", "loss", "learning_rate", "init", "seed", "optimizer",
+                    "dropout", "epochs", "batch_size", "standardize"):
+            assert key in run.data.params
+        tags = run.data.tags
+        assert tags[naming.STUDY] == "tiny"
+        assert len(tags[naming.FEATURES_SHA]) == 64
+        assert tags[naming.WEIGHTS] == "unknown"
+        for package in ("tensorflow", "keras", "mlflow", "optuna"):
+            assert tags[f"version.{package}"]
+    parent = mlflow.get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.info.run_name.startswith("tiny-")
+    assert parent.data.tags[naming.NOTE].startswith("a test study")
+
+
+def test_metric_histories_have_one_point_per_epoch(swept):
+    _, runs, _, _ = swept
+    client = mlflow.MlflowClient()
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    for run in finished:
+        for metric in ("loss", "val_loss", "accuracy", "val_accuracy", "prob_loss", "val_prob_loss"):
+            history = client.get_metric_history(run.info.run_id, metric)
+            assert sorted(p.step for p in history) == [0, 1, 2]
+            assert all(math.isfinite(p.value) for p in history)
+        assert 0 < run.data.metrics["positive_fraction"] < 1
+
+
+def test_collapse_is_tagged_and_measured(swept):
+    _, runs, _, _ = swept
+    for run in runs:
+        params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
+        if run.info.status != "FINISHED":
+            continue
+        one_unit_softmax = params["activation"] == "softmax" and params["units"] == "1"
+        assert tags[naming.COLLAPSED] == str(one_unit_softmax).lower()
+        if one_unit_softmax:
+            assert metrics["val_accuracy"] == metrics["positive_fraction"]
+            pos = metrics["positive_fraction"]
+            assert metrics["val_prob_loss"] == pytest.approx((1 - pos) * -np.log(1e-7), abs=1e-3)
+            assert metrics["val_loss"] < 2.0  # Keras's loss from logits never sees the 1.0s
+
+
+def test_rejected_combination_is_a_failed_trial_and_the_sweep_goes_on(swept):
+    outcome, runs, _, _ = swept
+    failed = [r for r in runs if r.info.status == "FAILED"]
+    assert {r.data.params["loss"] for r in failed} == {"sparse_categorical_crossentropy"}
+    assert all(r.data.tags[naming.ERROR] for r in failed)
+    study = optuna.load_study(study_name="tiny", storage=make_storage(None))
+    fails = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(fails) == 2 and all(t.user_attrs["fail_reason"] for t in fails)
+    run_ids = [t.user_attrs["mlflow_run_id"] for t in study.trials]
+    assert sorted(run_ids) == sorted(r.info.run_id for r in runs)
+
+
+def test_transfer_follows_softmax(swept):
+    _, runs, _, _ = swept
+    client = mlflow.MlflowClient()
+    by_name = {r.info.run_name: r.info.run_id for r in runs}
+    for seed in (0, 1):
+        soft = client.get_metric_history(by_name[f"softmax-2u-cce-lr5e-2-glorot-s{seed}"], "loss")
+        sig = client.get_metric_history(by_name[f"sigmoid-1u-bce-lr1e-1-transfer-s{seed}"], "loss")
+        rand = client.get_metric_history(by_name[f"sigmoid-1u-bce-lr1e-1-glorot-s{seed}"], "loss")
+        gap = max(abs(a.value - b.value) for a, b in zip(soft, sig, strict=True))
+        other = max(abs(a.value - b.value) for a, b in zip(sig, rand, strict=True))
+        assert gap < 1e-5 < other
+
+
+def test_rerun_resumes_instead_of_restarting(swept):
+    outcome, runs, sweep, features_file = swept
+    again = run_sweep(str(features_file), sweep, progress=False)
+    assert again.parent_run_id == outcome.parent_run_id
+    assert again.counts == outcome.counts
+    after = mlflow.search_runs(experiment_ids=[outcome.experiment_id], output_format="list",
+                               filter_string=f"tags.`{naming.PARENT}` = '{outcome.parent_run_id}'")
+    assert len(after) == len(runs)
+
+
+def test_resume_with_another_space_is_refused(swept, tmp_path):
+    _, _, _, features_file = swept
+    changed = {**TINY, "seeds": [0, 1, 2]}
+    with pytest.raises(UserError, match="different search space"):
+        run_sweep(str(features_file), write_sweep(tmp_path, changed, "changed.yaml"), progress=False)
+
+
+def test_tpe_sweep_runs_exactly_n_trials(tmp_path, tracking, features_file):
+    spec = {"name": "tpe", "experiment": "tpe-exp", "sampler": "tpe", "n_trials": 4,
+            "seeds": [0], "fixed": {"epochs": 1, "units": 1, "loss": "binary_crossentropy"},
+            "space": {"activation": ["sigmoid"], "learning_rate": {"low": 1e-3, "high": 1e-1}}}
+    outcome = run_sweep(str(features_file), write_sweep(tmp_path, spec, "tpe.yaml"), progress=False)
+    assert outcome.counts["complete"] == 4
+    grown = run_sweep(str(features_file), write_sweep(tmp_path, spec, "tpe.yaml"), n_trials=6,
+                      progress=False)
+    assert grown.counts["complete"] == 6
+
+
+def test_bad_features_create_nothing(tmp_path, tracking):
+    bad = tmp_path / "bad.h5"
+    bad.write_text("not hdf5")
+    with pytest.raises(UserError, match="not a readable HDF5"):
+        run_sweep(str(bad), write_sweep(tmp_path), progress=False)
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+    assert not (tmp_path / "optuna-journal.log").exists()
+
+
+def test_missing_runs_uri_is_one_line_error(tmp_path, tracking):
+    with pytest.raises(UserError, match="cannot be fetched"):
+        run_sweep("runs:/0123456789abcdef/features/f.h5", write_sweep(tmp_path), progress=False)
+
+
+def test_export_writes_typed_tables_and_figures(swept, tmp_path):
+    outcome, runs, _, _ = swept
+    result = export(outcome.parent_run_id, str(tmp_path / "out"), "csv,md,tex,png")
+    names = {p.name for p in result.files}
+    assert {"trials.csv", "summary.csv", "summary.md", "summary.tex", "loss_curves.png",
+            "loss_gaps.png", "epochs.csv"} <= names
+    trials = trial_records(outcome.parent_run_id)
+    assert len(trials) == len(runs)
+    assert trials["units"].dtype.kind == "i" and trials["learning_rate"].dtype.kind == "f"
+    assert trials["loss"].isin(["binary_crossentropy", "categorical_crossentropy",
+                                "sparse_categorical_crossentropy"]).all()
+    tex = (tmp_path / "out" / "summary.tex").read_text()
+    assert r"\toprule" in tex and r"\bottomrule" in tex and r"$\pm$" in tex
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "python -m pipeline export --run_id " + outcome.parent_run_id in md
+    assert (tmp_path / "out" / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(outcome.parent_run_id, "export")}
+    assert "export/trials.csv" in artifacts and "export/loss_gaps.png" in artifacts
