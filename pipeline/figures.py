@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 ROLE_STYLE = {
     "softmax": ("2-unit softmax (lr)", "tab:blue", "-"),
@@ -40,6 +41,7 @@ def loss_curves(curves: pd.DataFrame, path: Path, title: str = "") -> Path:
                 ax.plot(part["epoch"] + 1, part[metric], style, color=color, marker="o",
                         markersize=3, label=label)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"{name} loss")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("cross-entropy (Keras loss)")
@@ -67,6 +69,7 @@ def loss_gaps(curves: pd.DataFrame, path: Path, title: str = "") -> Path:
                     color=color, label=label)
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("|validation loss difference|")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)

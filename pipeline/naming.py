@@ -8,7 +8,7 @@ several modules write or read are defined here too.
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from pipeline.config import TrialConfig
 
@@ -52,7 +52,7 @@ def trial_run_name(config: TrialConfig) -> str:
 
 def parent_run_name(sweep_name: str, when: datetime | None = None) -> str:
     """A sweep's parent run name: the sweep and the UTC date and time it started."""
-    when = when or datetime.now(timezone.utc)
+    when = when or datetime.now(UTC)
     return f"{sweep_name}-{when:%Y%m%d-%H%M}"
 
 
