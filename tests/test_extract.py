@@ -11,8 +11,9 @@ from PIL import Image
 from pipeline import naming
 from pipeline.errors import UserError
 from pipeline.extract import extract, load_backbone, run_extract
-from pipeline.features import read_features
+from pipeline.features import read_features, sha256_file
 from pipeline.sources import digits_source
+from pipeline.sweep import resolve_features
 
 
 def make_folder(root, counts=(4, 3), corrupt=1, size=80):
@@ -89,6 +90,8 @@ def test_auto_falls_back_to_random_loudly(tmp_path, tracking, monkeypatch, capsy
     assert run.info.status == "FINISHED"
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "features")]
     assert artifacts == ["features/f.h5"]
+    fetched = resolve_features(f"runs:/{run_id}/features/f.h5")
+    assert sha256_file(fetched) == run.data.tags[naming.FEATURES_SHA] == sha256_file(result.output)
     with pytest.raises(UserError, match="weights imagenet: cannot be loaded"):
         load_backbone("imagenet", 71)
 
