@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.errors import UserError
 
@@ -55,6 +55,14 @@ class TrialConfig(BaseModel):
     batch_size: int = Field(128, ge=1)
     validation_fraction: float = Field(0.2, gt=0, lt=1)
     standardize: bool = False
+
+    @field_validator("units", "learning_rate", "seed", "dropout", "epochs", "batch_size",
+                     "validation_fraction", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value):
+        if isinstance(value, bool):
+            raise ValueError(f"{value!r} is a boolean; give a number")
+        return value
 
     @field_validator("units", mode="before")
     @classmethod
@@ -109,6 +117,13 @@ class SweepSpec(BaseModel):
     objective: Objective = Objective()
     fixed: dict[str, Any] = Field(default_factory=dict)
     space: tuple[dict[str, Axis], ...] = Field(min_length=1)
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seeds_not_booleans(cls, seeds):
+        if isinstance(seeds, list) and any(isinstance(s, bool) for s in seeds):
+            raise ValueError("seeds must be integers, not booleans")
+        return seeds
 
     @field_validator("seeds")
     @classmethod
@@ -253,8 +268,7 @@ def _check_axis(source: str, where: str, name: str, axis: Any, sampler: str) -> 
 
 def _check_value(source: str, where: str, name: str, value: Any) -> Any:
     try:
-        checked = TypeAdapter(TrialConfig.model_fields[name].annotation).validate_python(value)
-        TrialConfig(**{name: checked})
+        checked = getattr(TrialConfig(**{name: value}), name)
     except ValidationError as exc:
         raise UserError(f"{source}: {where}: {_describe(exc, name)}") from None
     if isinstance(checked, float) and not math.isfinite(checked):

@@ -53,24 +53,29 @@ def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarr
 
 
 class SeededBatches(keras.utils.PyDataset):
-    """Training batches in :func:`batch_order`; the epoch advances at each epoch end."""
+    """Training batches in :func:`batch_order`, epoch after epoch.
+
+    The epoch is counted from the batches served, not from ``on_epoch_end``: Keras 3 also
+    calls that once before the first epoch, which would shift every order by one.
+    """
 
     def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int):
         super().__init__(workers=1, use_multiprocessing=False)
         self.x, self.y, self.batch_size, self.seed = x, y, batch_size, seed
-        self.epoch = 0
-        self._batches = batch_order(len(x), batch_size, seed, 0)
+        self._n_batches = -(-len(x) // batch_size)
+        self._served = 0
+        self._order: tuple[int, list[np.ndarray]] = (-1, [])
 
     def __len__(self) -> int:
-        return len(self._batches)
+        return self._n_batches
 
     def __getitem__(self, index: int):
-        rows = self._batches[index]
+        epoch = self._served // self._n_batches
+        self._served += 1
+        if self._order[0] != epoch:
+            self._order = (epoch, batch_order(len(self.x), self.batch_size, self.seed, epoch))
+        rows = self._order[1][index]
         return self.x[rows], self.y[rows]
-
-    def on_epoch_end(self) -> None:
-        self.epoch += 1
-        self._batches = batch_order(len(self.x), self.batch_size, self.seed, self.epoch)
 
 
 class _Recorder(keras.callbacks.Callback):

@@ -54,7 +54,7 @@ def read_features(path: str | os.PathLike) -> FeatureSet:
     try:
         with h5py.File(path, "r") as h5:
             for name in (FEATURES_DATASET, LABEL_DATASET):
-                if name not in h5:
+                if not isinstance(h5.get(name), h5py.Dataset):
                     raise UserError(
                         f"{path}: no dataset '{name}' (expected 'train' N x D features and "
                         f"'label' N labels, as in gap_Xception.h5)"
@@ -109,6 +109,9 @@ def write_features(path: str | os.PathLike, x: np.ndarray, y: np.ndarray, attrs:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a features file is for sharing
     try:
         with h5py.File(tmp, "w") as h5:
             h5.create_dataset(FEATURES_DATASET, data=np.asarray(x, dtype=np.float32))

@@ -80,9 +80,6 @@ def test_non_boolean_standardize_rejected():
     rejected(sweep(space={"standardize": ["maybe"]}), "space.standardize[0]", "boolean")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: booleans are coerced into numeric fields (pydantic lax "
-                   "mode): `units: true` -> 1, `epochs: true` -> 1, `learning_rate: true` -> 1.0 "
-                   "are accepted silently instead of being rejected as wrong types")
 @pytest.mark.parametrize("key", ["units", "epochs", "learning_rate"])
 def test_boolean_in_numeric_field_rejected(key):
     rejected(sweep(fixed={key: True}), f"fixed.{key}")

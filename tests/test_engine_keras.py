@@ -88,6 +88,7 @@ def test_collapsed_head_still_trains_on_the_logits_path(split):
     # ... while Keras's logits-based loss moves and reports something else entirely
     assert len(set(h["val_loss"])) == EPOCHS
     assert len(set(h["loss"])) == EPOCHS
+    assert h["val_loss"][-1] < h["val_loss"][0]  # Keras reports progress the outputs never show
     for keras_loss, prob in zip(h["val_loss"], h["val_prob_loss"], strict=True):
         assert abs(keras_loss - prob) > 1.0
     # and the weights did change
@@ -150,16 +151,25 @@ def test_step_loss_count_default_batch(split):
     assert len(result.step_loss) == EPOCHS * math.ceil(len(split.y_train) / BATCH)
 
 
-def test_first_step_loss_is_the_first_batch_loss_at_the_start_weights(split):
-    cfg = {"activation": "sigmoid", "units": 1, "learning_rate": 0.05, "dropout": 0.0, "seed": 2}
-    result = train(split, **cfg)
-    kernel, bias = head_weights(build_head(config(**cfg), split.x_train.shape[1]))
-    rows = batch_order(len(split.y_train), BATCH, 2, 0)[0]
+FIRST_STEP = {"activation": "sigmoid", "units": 1, "learning_rate": 0.05, "dropout": 0.0, "seed": 2}
+
+
+def first_batch_loss(split, epoch: int) -> float:
+    """BCE, at the head's start weights, of the first batch that batch_order gives ``epoch``."""
+    kernel, bias = head_weights(build_head(config(**FIRST_STEP), split.x_train.shape[1]))
+    rows = batch_order(len(split.y_train), BATCH, FIRST_STEP["seed"], epoch)[0]
     z = split.x_train[rows].astype(np.float64) @ kernel.astype(np.float64) + bias
     p = 1 / (1 + np.exp(-z[:, 0]))
     y = split.y_train[rows]
-    expected = -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
-    assert result.step_loss[0] == pytest.approx(expected, abs=1e-5)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def test_first_epoch_trains_on_batch_order_of_epoch_zero(split):
+    # With no dropout, the first recorded step is the plain BCE of the first batch of
+    # batch_order(..., epoch=0) at the start weights; epoch 1's first batch would differ.
+    result = train(split, **FIRST_STEP)
+    assert abs(first_batch_loss(split, 0) - first_batch_loss(split, 1)) > 1e-3
+    assert result.step_loss[0] == pytest.approx(first_batch_loss(split, 0), abs=1e-5)
 
 
 # --- combinations Keras rejects ------------------------------------------------------------------

@@ -173,9 +173,6 @@ def test_non_numeric_features(tmp_path, xy):
                "'train' must be numeric")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a group named 'train' (or 'label') passes the "
-                   "`name in h5` check, then h5['train'][()] raises TypeError, which "
-                   "read_features does not turn into a UserError")
 def test_train_is_a_group_not_a_dataset(tmp_path, xy):
     _, y = xy
     path = tmp_path / "f.h5"
@@ -238,9 +235,6 @@ def test_rewrite_replaces_target(tmp_path, xy):
     assert folder_listing(tmp_path) == {"f.h5"}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: write_features renames a tempfile.mkstemp file into "
-                   "place, so the features file keeps mkstemp's mode 0600 instead of 0666 & ~umask "
-                   "(0644 under umask 022): other users cannot read it")
 def test_written_file_honours_umask(tmp_path, xy):
     x, y = xy
     old = os.umask(0o022)
