@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -158,10 +157,11 @@ class SweepSpec(BaseModel):
         """Every grid point as the params Optuna fixes, sub-grids joined in order, x seeds."""
         points: list[dict[str, Any]] = []
         names = [n for n in self.axes() if n != "seed"]
+        base = self.base()
         for sub in self.space:
             keys = list(sub)
             for values in itertools.product(*(sub[k] for k in keys)):
-                point = {n: self.base()[n] for n in names} | dict(zip(keys, values, strict=True))
+                point = {n: base[n] for n in names} | dict(zip(keys, values, strict=True))
                 points.extend(point | {"seed": seed} for seed in self.seeds)
         return list({freeze_params(p): p for p in points}.values())
 
@@ -303,8 +303,3 @@ def _describe(exc: Exception, name: str | None = None) -> str:
 def freeze_params(params: dict[str, Any]) -> tuple:
     """A hashable form of a params mapping, for telling grid points apart."""
     return tuple(sorted((k, repr(v)) for k, v in params.items()))
-
-
-def slug(text: str) -> str:
-    """A filesystem- and URL-safe form of ``text`` (used for study and file names)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.") or "x"

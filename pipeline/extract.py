@@ -149,7 +149,6 @@ def extract(images: str, weights: str = "auto", input_size: str | int = "auto",
                       fingerprint=source.fingerprint())
 
 
-EXTRACT_PARAMS = ("images", "weights", "input_size", "batch_size")
 FEATURES_ARTIFACT_DIR = "features"
 
 

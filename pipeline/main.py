@@ -94,11 +94,13 @@ def run_main(images: str = "builtin:digits", weights: str = "auto",
 
 def _restore_features(run, path: Path) -> None:
     """Make ``path`` hold the features file of extract ``run`` (checked by sha256)."""
+    from pipeline.extract import FEATURES_ARTIFACT_DIR
+
     want = run.data.tags.get(naming.FEATURES_SHA)
     if path.is_file() and sha256_file(path) == want:
         return
     name = Path(run.data.params["output"]).name
-    uri = f"runs:/{run.info.run_id}/features/{name}"
+    uri = f"runs:/{run.info.run_id}/{FEATURES_ARTIFACT_DIR}/{name}"
     try:
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
     except Exception as exc:
