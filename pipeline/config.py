@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import UserError
 
 Activation = Literal["sigmoid", "softmax"]
 Loss = Literal["binary_crossentropy", "categorical_crossentropy", "sparse_categorical_crossentropy"]
 Init = Literal["glorot_uniform", "zeros", "he_normal", "transfer"]
+BiasInit = Literal["zeros", "random_normal"]
 Optimizer = Literal["sgd", "momentum", "nesterov", "adam", "rmsprop", "adagrad", "adadelta", "adamw"]
 Sampler = Literal["grid", "tpe", "random"]
 Engine = Literal["keras"]
@@ -38,6 +39,10 @@ class TrialConfig(BaseModel):
     """Everything that determines one trained head; two equal configs give equal numbers.
 
     Defaults are the seed notebook's: SGD, dropout 0.5, 5 epochs, batch 128, 20% validation.
+    The fields after ``standardize`` are the settings that can break the sigmoid/softmax
+    parity (see docs/parity.md): decoupled weight decay, an L2 kernel penalty, label
+    smoothing, a non-zero initial bias, dropout masks or batch order drawn from another seed
+    than the head's, and a transfer that leaves the bias out.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -54,9 +59,17 @@ class TrialConfig(BaseModel):
     batch_size: int = Field(128, ge=1)
     validation_fraction: float = Field(0.2, gt=0, lt=1)
     standardize: bool = False
+    weight_decay: float | None = Field(None, ge=0)
+    l2: float = Field(0.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    bias_init: BiasInit = "zeros"
+    mask_seed: int | None = Field(None, ge=0)
+    order_seed: int | None = Field(None, ge=0)
+    transfer_bias: bool = True
 
     @field_validator("units", "learning_rate", "seed", "dropout", "epochs", "batch_size",
-                     "validation_fraction", mode="before")
+                     "validation_fraction", "weight_decay", "l2", "label_smoothing", "mask_seed",
+                     "order_seed", mode="before")
     @classmethod
     def _not_a_boolean(cls, value):
         if isinstance(value, bool):
@@ -68,6 +81,28 @@ class TrialConfig(BaseModel):
     def _units_from_text(cls, value):
         # MLflow hands params back as strings; "2" must read as the unit count 2.
         return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+
+    @field_validator("weight_decay", "mask_seed", "order_seed", mode="before")
+    @classmethod
+    def _none_from_text(cls, value):
+        # ... and an unset optional as the string "None".
+        return None if value in ("None", "") else value
+
+    @model_validator(mode="after")
+    def _smoothing_needs_dense_labels(self):
+        if self.label_smoothing and self.loss == "sparse_categorical_crossentropy":
+            raise ValueError("label_smoothing: sparse_categorical_crossentropy has no label smoothing")
+        return self
+
+    @property
+    def dropout_seed(self) -> int:
+        """The seed of the dropout masks: ``mask_seed``, else the head's ``seed``."""
+        return self.seed if self.mask_seed is None else self.mask_seed
+
+    @property
+    def batch_seed(self) -> int:
+        """The seed of the batch order: ``order_seed``, else the head's ``seed``."""
+        return self.seed if self.order_seed is None else self.order_seed
 
     def params(self) -> dict[str, Any]:
         """The config as MLflow/Optuna params, in field order."""
@@ -208,7 +243,18 @@ def parse_sweep(raw: Any, source: str = "sweep") -> SweepSpec:
         raise UserError(f"{source}: {_describe(exc)}") from None
     if spec.sampler != "grid" and spec.n_trials is None:
         raise UserError(f"{source}: n_trials: required for sampler '{spec.sampler}'")
+    if spec.sampler == "grid":
+        for point in spec.grid():
+            try:
+                spec.trial_config(point)
+            except ValidationError as exc:
+                raise UserError(f"{source}: space: the point {_short(point)} is not a valid "
+                                f"head: {_describe(exc)}") from None
     return spec
+
+
+def _short(point: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in point.items() if k != "seed")
 
 
 def _check_fixed(source: str, fixed: Any) -> dict[str, Any]:
