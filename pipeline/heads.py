@@ -106,20 +106,35 @@ def transfer_weights(kernel: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, 
     return (kernel[:, 1] - kernel[:, 0]).reshape(-1, 1), np.asarray([bias[1] - bias[0]])
 
 
+def initial_weights(config: TrialConfig, n_features: int) -> tuple[np.ndarray, np.ndarray]:
+    """The kernel (D x units) and bias (units,) the head of ``config`` starts training from.
+
+    The weights :func:`build_head`'s model holds before its first step, drawn by the same
+    seeded Keras initializers; engines that train heads outside Keras start from these. For
+    ``init: transfer`` they are the transfer of the seed's softmax (:func:`transfer_weights`),
+    with bias 0 when ``transfer_bias`` is off; any head but a 1-unit sigmoid raises
+    ``ValueError``, which the sweep records as a FAILED trial.
+    """
+    if config.init != "transfer":
+        _, dense = _build(config, n_features, config.init)
+        kernel, bias = dense.get_weights()
+        return kernel, bias
+    if (config.units, config.activation) != (1, "sigmoid"):
+        raise ValueError(f"init=transfer needs a 1-unit sigmoid head, got {config.units} "
+                         f"unit(s) with {config.activation}")
+    beta, b = transfer_weights(*softmax_initial_weights(config, n_features))
+    return beta, (b if config.transfer_bias else np.zeros_like(b))
+
+
 def build_head(config: TrialConfig, n_features: int) -> keras.Model:
     """The compiled Keras model of ``config`` for inputs of ``n_features``.
 
     ``init: transfer`` starts a 1-unit sigmoid from the 2-unit softmax head that the same seed
-    initialises (so a transfer trial and a softmax trial of one seed are the seed's pair),
-    with its bias b1 - b0 unless ``transfer_bias`` is off (then 0); it raises ``ValueError``
-    for any other head, which the sweep records as a FAILED trial.
+    initialises (so a transfer trial and a softmax trial of one seed are the seed's pair); see
+    :func:`initial_weights`.
     """
     if config.init == "transfer":
-        if (config.units, config.activation) != (1, "sigmoid"):
-            raise ValueError(f"init=transfer needs a 1-unit sigmoid head, got {config.units} "
-                             f"unit(s) with {config.activation}")
-        beta, b = transfer_weights(*softmax_initial_weights(config, n_features))
-        start = (beta, b if config.transfer_bias else np.zeros_like(b))
+        start = initial_weights(config, n_features)
         model, dense = _build(config, n_features, "zeros")
         dense.set_weights(list(start))
     else:

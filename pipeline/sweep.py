@@ -12,6 +12,7 @@ import json
 import math
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline import naming, studies, tracking
-from pipeline.config import SweepSpec, TrialConfig, load_sweep
+from pipeline.config import Pruner, SweepSpec, TrialConfig, load_sweep
 from pipeline.errors import UserError
 from pipeline.features import FeatureSet, read_features, sha256_file
 from pipeline.split import Split, make_split
@@ -67,11 +68,21 @@ class Objective:
 
 
 def make_engine(name: str):
-    """The trainer named in a sweep file."""
+    """The trainer named in a sweep file: ``fused`` (many heads per pass) or ``keras`` (the
+    reference, one ``model.fit`` per trial)."""
+    from pipeline.engine_fused import FusedEngine
     from pipeline.engine_keras import KerasEngine
 
-    engines = {"keras": KerasEngine}
+    engines = {"fused": FusedEngine, "keras": KerasEngine}
     return engines[name]()
+
+
+def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
+    """The Optuna pruner of a sweep file's ``pruner`` section."""
+    if spec.pruner.type == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=spec.pruner.n_startup_trials,
+                                           n_warmup_steps=spec.pruner.n_warmup_steps)
+    return optuna.pruners.NopPruner()
 
 
 def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: str | None = None,
@@ -89,6 +100,7 @@ def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: s
     features_sha = sha256_file(features_path)
     tracking.install_sigterm_handler()
     the_study = studies.open_study(spec, storage, study, features_sha)
+    the_study.pruner = make_pruner(spec)
     experiment = tracking.experiment_id(spec.experiment)
     parent = _open_parent(the_study, spec, experiment, launcher_run_id, storage,
                           features_sha, str(features_path), sweep)
@@ -98,6 +110,8 @@ def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: s
     objective = Objective(spec, data, make_engine(spec.engine))
     with tracking.terminal_run(parent):
         bar = _progress(spec.budget(), the_study, progress)
+        if getattr(objective.engine, "trains_many", False):
+            _run_batches(the_study, objective, experiment, parent, common_tags, bar)
         while (trial := studies.next_trial(the_study)) is not None:
             _run_trial(the_study, trial, objective, experiment, parent, common_tags)
             bar.update(1)
@@ -151,40 +165,187 @@ def _description(spec: SweepSpec) -> str:
 def _run_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective, experiment: str,
                parent: str, common_tags: dict) -> None:
     """Train one trial, record it in MLflow and tell Optuna; a failure fails only this trial."""
-    spec = objective.spec
+    config = _config(study, trial, objective.spec)
+    if config is None:
+        return
+    run_id = _open_run(experiment, parent, _trial_tags(common_tags, trial, config, objective.engine),
+                       config)
+    trial.set_user_attr("mlflow_run_id", run_id)
+    reporter = _Reporter(trial, objective.spec.pruner)
     try:
-        config = spec.trial_config(studies.suggest(trial, spec))
+        outcome = objective.engine.train(config, objective.split(config), reporter)
+    except KeyboardInterrupt:
+        _interrupted(study, trial, run_id)
+        raise
+    except Exception as exc:
+        outcome = exc
+    record = _record(outcome, reporter, objective.spec)
+    _write_run(run_id, record)
+    _tell(study, trial, record)
+
+
+BATCH_TRIALS = 256  # trials asked of Optuna at once for an engine that trains many
+
+
+def _run_batches(study: optuna.Study, objective: Objective, experiment: str, parent: str,
+                 common_tags: dict, bar) -> None:
+    """Run the study's trials in batches, each trained at once by the engine's ``train_many``.
+
+    Every trial is recorded as :func:`_run_trial` records it (its own MLflow run, same params,
+    metrics and tags). The MLflow writes go to one background thread, in order, so they
+    overlap the training; Optuna is told in this thread. A batch is every waiting trial up to
+    :data:`BATCH_TRIALS`; with a pruner, the first batch is its ``n_startup_trials`` alone, so
+    the later ones have completed trials to be compared with. A sampler learns between batches.
+    """
+    spec = objective.spec
+    with ThreadPoolExecutor(1, thread_name_prefix="mlflow-writer") as writer:
+        written = []
+        while (batch := _ask_batch(study, spec, bar)) is not None:
+            opened = [writer.submit(_open_run, experiment, parent,
+                                    _trial_tags(common_tags, trial, config, objective.engine), config)
+                      for trial, config in batch]
+            reporters = [_Reporter(trial, spec.pruner) for trial, _ in batch]
+            try:
+                outcomes = objective.engine.train_many([config for _, config in batch],
+                                                       objective.features.x, objective.features.y,
+                                                       reporters)
+            except KeyboardInterrupt:
+                for (trial, _), run in zip(batch, opened, strict=True):
+                    _interrupted(study, trial, run.result())
+                raise
+            for (trial, _), run, reporter, outcome in zip(batch, opened, reporters, outcomes, strict=True):
+                run_id = run.result()
+                trial.set_user_attr("mlflow_run_id", run_id)
+                record = _record(outcome, reporter, spec)
+                written.append(writer.submit(_write_run, run_id, record))
+                _tell(study, trial, record)
+                bar.update(1)
+        for write in written:
+            write.result()  # raise what the writer met
+
+
+def _ask_batch(study: optuna.Study, spec: SweepSpec, bar) -> list[tuple[optuna.Trial, TrialConfig]] | None:
+    """The next batch of trials and their configs (see :func:`_run_batches`); None when the
+    study has no waiting trial left. Trials whose params make no config are failed here."""
+    size = BATCH_TRIALS
+    if spec.pruner.type != "none":
+        completed = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        size = max(spec.pruner.n_startup_trials - completed, 0) or size
+    batch, asked = [], 0
+    while len(batch) < size and (trial := studies.next_trial(study)) is not None:
+        asked += 1
+        config = _config(study, trial, spec)
+        if config is None:
+            bar.update(1)
+        else:
+            batch.append((trial, config))
+    return batch if asked else None
+
+
+def _config(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec) -> TrialConfig | None:
+    """The trial's config from its params; a trial that has none is failed (no MLflow run)."""
+    try:
+        return spec.trial_config(studies.suggest(trial, spec))
     except Exception as exc:
         trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
         study.tell(trial, state=TrialState.FAIL)
-        return
+        return None
+
+
+def _trial_tags(common_tags: dict, trial: optuna.Trial, config: TrialConfig, engine) -> dict:
+    """A trial run's tags: the sweep's, the trial number, the head's role and its engine."""
     role = naming.role_of(config)
-    tags = {**common_tags, naming.TRIAL_NUMBER: trial.number, "activation": config.activation,
-            **({naming.ROLE: role} if role else {})}
+    engine_name = engine.engine_for(config) if hasattr(engine, "engine_for") else engine.name
+    return {**common_tags, naming.TRIAL_NUMBER: trial.number, "activation": config.activation,
+            naming.ENGINE: engine_name, **({naming.ROLE: role} if role else {})}
+
+
+def _open_run(experiment: str, parent: str, tags: dict, config: TrialConfig) -> str:
+    """A trial's RUNNING MLflow run under ``parent``, with its config as params."""
     run_id = tracking.create_run(experiment, naming.trial_run_name(config), parent, tags)
-    trial.set_user_attr("mlflow_run_id", run_id)
     tracking.log_batch(run_id, params=config.params())
+    return run_id
+
+
+class _Reporter:
+    """A trial's ``on_epoch`` callback: keeps the epochs' metrics; with a pruner, reports its
+    metric to Optuna and raises ``optuna.TrialPruned`` when the pruner says stop."""
+
+    def __init__(self, trial: optuna.Trial, pruner: Pruner):
+        self.trial, self.pruner = trial, pruner
+        self.history: dict[str, list[float]] = {}
+
+    def __call__(self, epoch: int, values: dict[str, float]) -> None:
+        for name, value in values.items():
+            self.history.setdefault(name, []).append(value)
+        if self.pruner.type != "none":
+            value = values[self.pruner.metric]
+            self.trial.report(value, epoch)
+            if self.trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after epoch {epoch}: {self.pruner.metric} {value:.6g}")
+
+
+@dataclass(frozen=True)
+class _Record:
+    """What a trial's outcome leaves: its run's metrics, tags and error (the run ends FAILED
+    with it, else FINISHED), and Optuna's state, value and user attributes."""
+
+    metrics: list
+    tags: dict
+    error: Exception | None
+    state: TrialState
+    value: float | None
+    attrs: dict
+
+
+def _record(outcome, reporter: _Reporter, spec: SweepSpec) -> _Record:
+    """The record of an engine's outcome: a TrialResult, TrialPruned, or the exception it raised."""
+    if isinstance(outcome, optuna.TrialPruned):
+        metrics = [m for name, values in reporter.history.items() for m in tracking.series(name, values)]
+        return _Record(metrics, {naming.PRUNED: "true"}, None, TrialState.PRUNED, None,
+                       {"pruned": str(outcome)})
+    if isinstance(outcome, Exception):
+        return _Record([], {}, outcome, TrialState.FAIL, None, {"fail_reason": _reason(outcome)})
+    value = outcome.final(spec.objective.metric)
+    metrics = [m for name, values in outcome.history.items() for m in tracking.series(name, values)]
+    metrics += tracking.scalars({"positive_fraction": outcome.positive_fraction})
+    tags = {naming.COLLAPSED: str(outcome.collapsed).lower()}
+    if not math.isfinite(value):
+        error = FloatingPointError(f"{spec.objective.metric} is {value}: training diverged")
+        return _Record(metrics, tags, error, TrialState.FAIL, None, {"fail_reason": _reason(error)})
+    return _Record(metrics, tags, None, TrialState.COMPLETE, value, {"collapsed": outcome.collapsed})
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:2000]
+
+
+def _write_run(run_id: str, record: _Record) -> None:
+    """Log a trial's record on its run and end the run: FINISHED, or FAILED with tag ``error``."""
     try:
         with tracking.terminal_run(run_id):
-            result = objective.engine.train(config, objective.split(config))
-            value = result.final(spec.objective.metric)
-            metrics = [m for name, values in result.history.items()
-                       for m in tracking.series(name, values)]
-            metrics += tracking.scalars({"positive_fraction": result.positive_fraction})
-            tracking.log_batch(run_id, metrics=metrics,
-                               tags={naming.COLLAPSED: str(result.collapsed).lower()})
-            if not math.isfinite(value):
-                raise FloatingPointError(f"{spec.objective.metric} is {value}: training diverged")
-    except KeyboardInterrupt:
-        trial.set_user_attr("fail_reason", "interrupted")
-        study.tell(trial, state=TrialState.FAIL)
-        raise
+            tracking.log_batch(run_id, metrics=record.metrics, tags=record.tags)
+            if record.error is not None:
+                raise record.error
     except Exception as exc:
-        trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:2000])
-        study.tell(trial, state=TrialState.FAIL)
-        return
-    trial.set_user_attr("collapsed", result.collapsed)
-    study.tell(trial, value)
+        if exc is not record.error:
+            raise
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, record: _Record) -> None:
+    for name, value in record.attrs.items():
+        trial.set_user_attr(name, value)
+    if record.state == TrialState.COMPLETE:
+        study.tell(trial, record.value)
+    else:
+        study.tell(trial, state=record.state)
+
+
+def _interrupted(study: optuna.Study, trial: optuna.Trial, run_id: str) -> None:
+    """Ctrl-C or SIGTERM during training: the run ends KILLED, the trial FAIL."""
+    mlflow.MlflowClient().set_terminated(run_id, "KILLED")
+    trial.set_user_attr("fail_reason", "interrupted")
+    study.tell(trial, state=TrialState.FAIL)
 
 
 def _summarise(study: optuna.Study, parent: str) -> dict[str, int]:
