@@ -31,6 +31,7 @@ sigmoid) are trained by KerasEngine, which raises the reference's error (:func:`
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -127,6 +128,14 @@ class FusedEngine:
         """The engine that trains ``config``: see :func:`engine_for`."""
         return engine_for(config)
 
+    def prepare(self, config: TrialConfig) -> None:
+        """Start building the graphs that ``config``'s pass will run, on a background thread.
+
+        Building them takes about a second of Python; a sweep calls this as soon as it knows a
+        config, so the building overlaps its bookkeeping (Optuna, MLflow) instead of adding to it.
+        """
+        _graphs(config.optimizer, float(config.dropout), wait=False)
+
     def train(self, config: TrialConfig, split: Split,
               on_epoch: EpochCallback | None = None) -> TrialResult:
         """Train one head, as :meth:`KerasEngine.train` does (and raising what it raises)."""
@@ -149,6 +158,8 @@ class FusedEngine:
         callbacks = list(on_epoch) if on_epoch is not None else [None] * len(configs)
         outcomes: list[Outcome | None] = [None] * len(configs)
         by_split: dict[tuple, dict[tuple, list[int]]] = defaultdict(lambda: defaultdict(list))
+        for config in configs:
+            self.prepare(config)
         for i, config in enumerate(configs):
             if engine_for(config) == "keras":
                 split = make_split(x, y, config.validation_fraction, config.seed, config.standardize)
@@ -209,8 +220,8 @@ def train_pass(configs: Sequence[TrialConfig], rows: Rows,
     x, y = rows.tensors()
     state = _start_state(heads, layout, rows.x.shape[1], first.optimizer)
     spec = _spec(heads, layout)
-    options = {"optimizer": first.optimizer, "rate": float(first.dropout),
-               "has_l2": any(h.l2 for h in heads)}
+    options = {"optimizer": first.optimizer, "rate": float(first.dropout)}
+    _graphs(**options, wait=True)
     mask_seed = layer_seeds(first.dropout_seed)[2]
     y_train, y_val = rows.y[rows.train], rows.y[rows.val]
     n_train = len(rows.train)
@@ -228,7 +239,7 @@ def train_pass(configs: Sequence[TrialConfig], rows: Rows,
                 tf.constant(epoch * len(sizes), tf.int64), tf.constant(mask_seed, tf.int64),
                 state, spec, **options)
             p, val_loss, val_correct = _evaluate(x, y, tf.constant(rows.val, tf.int32), state["kernel"],
-                                                 state["bias"], spec, has_l2=options["has_l2"])
+                                                 state["bias"], spec)
             losses, p = losses.numpy().astype(np.float64), p.numpy()
             correct, val_loss, val_correct = correct.numpy(), val_loss.numpy(), val_correct.numpy()
             epoch_loss = sizes @ losses / n_train
@@ -361,15 +372,14 @@ def _outputs(z: tf.Tensor, spec: dict) -> tuple[tf.Tensor, tf.Tensor]:
     return positive, predicted
 
 
-def _head_loss(z: tf.Tensor, y: tf.Tensor, kernel: tf.Tensor, spec: dict, has_l2: bool) -> tf.Tensor:
-    """Each head's loss over the rows of ``z`` (sum / rows, as Keras), plus its L2 penalty."""
+def _head_loss(z: tf.Tensor, y: tf.Tensor, kernel: tf.Tensor, spec: dict) -> tf.Tensor:
+    """Each head's loss over the rows of ``z`` (sum / rows, as Keras), plus its L2 penalty
+    (exactly 0, value and gradient, for a head without one)."""
     loss = tf.math.divide_no_nan(tf.reduce_sum(_losses(z, y, spec), axis=0),
                                  tf.cast(tf.shape(z)[0], tf.float32))
-    if has_l2:
-        per_column = tf.reduce_sum(tf.square(kernel), axis=0)
-        loss += spec["l2"] * tf.math.unsorted_segment_sum(per_column, spec["col_head"],
-                                                          tf.shape(spec["l2"])[0])
-    return loss
+    per_column = tf.reduce_sum(tf.square(kernel), axis=0)
+    return loss + spec["l2"] * tf.math.unsorted_segment_sum(per_column, spec["col_head"],
+                                                            tf.shape(spec["l2"])[0])
 
 
 def _correct(predicted: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
@@ -416,9 +426,8 @@ def _update(optimizer: str, var: tf.Tensor, grad: tf.Tensor, slots: dict, lr: tf
     raise ValueError(f"unknown optimizer {optimizer!r}")
 
 
-@tf.function(reduce_retracing=True, autograph=False)
-def _train_epoch(x, y, order, batch_size, step0, mask_seed, state, spec, *, optimizer: str,
-                 rate: float, has_l2: bool):
+@tf.function(autograph=False)
+def _train_epoch(x, y, order, batch_size, step0, mask_seed, state, spec, *, optimizer: str, rate: float):
     """One epoch over the rows ``order`` (x's row indices in batch order), from optimizer step
     ``step0``. Returns the new state, each step's loss per head (steps x heads) and each
     head's count of right Keras predictions (training mode, before each update)."""
@@ -436,7 +445,7 @@ def _train_epoch(x, y, order, batch_size, step0, mask_seed, state, spec, *, opti
         with tf.GradientTape() as tape:
             tape.watch([kernel, bias])
             z = tf.matmul(xb, kernel) + bias
-            loss = _head_loss(z, yb, kernel, spec, has_l2)
+            loss = _head_loss(z, yb, kernel, spec)
             total = tf.reduce_sum(loss)  # heads share no weights: each gets its own gradient
         grads = tape.gradient(total, [kernel, bias])
         new = {}
@@ -455,12 +464,50 @@ def _train_epoch(x, y, order, batch_size, step0, mask_seed, state, spec, *, opti
     return state, losses.stack(), correct
 
 
-@tf.function(reduce_retracing=True, autograph=False)
-def _evaluate(x, y, val, kernel, bias, spec, *, has_l2: bool):
+@tf.function(autograph=False)
+def _evaluate(x, y, val, kernel, bias, spec):
     """Inference on every row of ``x``: P(label 1) per row and head, and on the validation rows
     ``val`` Keras's loss and count of right predictions per head."""
     z = tf.matmul(x, kernel) + bias
     positive, predicted = _outputs(z, spec)
     y_val = tf.gather(y, val)
-    loss = _head_loss(tf.gather(z, val), y_val, kernel, spec, has_l2)
+    loss = _head_loss(tf.gather(z, val), y_val, kernel, spec)
     return positive, loss, _correct(tf.gather(predicted, val), y_val)
+
+
+_BUILT: dict[tuple[str, float], threading.Thread] = {}  # graphs built or being built, per process
+
+
+def _graphs(optimizer: str, rate: float, *, wait: bool) -> None:
+    """Build (trace) the graphs of passes with this optimizer and dropout rate, once per process,
+    for inputs of any size; with ``wait``, return when they are built."""
+    key = (optimizer, rate)
+    if key not in _BUILT:
+        _BUILT[key] = threading.Thread(target=_trace, args=key, name="fused-graphs", daemon=True)
+        _BUILT[key].start()
+    if wait:
+        _BUILT[key].join()
+
+
+def _trace(optimizer: str, rate: float) -> None:
+    """Trace both graphs for inputs of any size, then run them once on two rows, which makes
+    TensorFlow optimise and instantiate them (another half second, spent here)."""
+    vector = tf.TensorSpec([None], tf.float32)
+    matrix = tf.TensorSpec([None, None], tf.float32)
+    rows = tf.TensorSpec([None], tf.int32)
+    spec = {"counts": rows, "lr": vector, "decay": vector, "col_head": rows, "l2": vector,
+            "keep": vector, "add": vector, "softmax": tf.TensorSpec([None], tf.bool)}
+    state = {"kernel": matrix, "bias": vector,
+             **{f"{slot}/{name}": spec_ for slot in SLOTS[optimizer]
+                for name, spec_ in (("kernel", matrix), ("bias", vector))}}
+    scalar = tf.TensorSpec([], tf.int64)
+    _train_epoch.get_concrete_function(matrix, rows, rows, tf.TensorSpec([], tf.int32), scalar, scalar,
+                                       state, spec, optimizer=optimizer, rate=rate)
+    _evaluate.get_concrete_function(matrix, rows, rows, matrix, vector, spec)
+    head = TrialConfig(optimizer=optimizer, dropout=rate)
+    layout = _Layout.of([head])
+    two, x = tf.zeros([2], tf.int32), tf.zeros([2, 1])
+    state = {name: tf.zeros([1, 1] if name.endswith("kernel") else [1]) for name in state}
+    _train_epoch(x, two, two, tf.constant(2), tf.constant(0, tf.int64), tf.constant(0, tf.int64), state,
+                 _spec([head], layout), optimizer=optimizer, rate=rate)
+    _evaluate(x, two, two, state["kernel"], state["bias"], _spec([head], layout))

@@ -12,6 +12,7 @@ import json
 import math
 import sys
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,10 +201,16 @@ def _run_batches(study: optuna.Study, objective: Objective, experiment: str, par
     spec = objective.spec
     with ThreadPoolExecutor(1, thread_name_prefix="mlflow-writer") as writer:
         written = []
-        while (batch := _ask_batch(study, spec, bar)) is not None:
-            opened = [writer.submit(_open_run, experiment, parent,
-                                    _trial_tags(common_tags, trial, config, objective.engine), config)
-                      for trial, config in batch]
+        while study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            batch, opened = [], []
+            for trial, config in _ask_batch(study, spec, bar):  # runs open while Optuna answers
+                objective.engine.prepare(config)
+                batch.append((trial, config))
+                opened.append(writer.submit(_open_run, experiment, parent,
+                                            _trial_tags(common_tags, trial, config, objective.engine),
+                                            config))
+            if not batch:
+                continue
             reporters = [_Reporter(trial, spec.pruner) for trial, _ in batch]
             try:
                 outcomes = objective.engine.train_many([config for _, config in batch],
@@ -224,22 +231,21 @@ def _run_batches(study: optuna.Study, objective: Objective, experiment: str, par
             write.result()  # raise what the writer met
 
 
-def _ask_batch(study: optuna.Study, spec: SweepSpec, bar) -> list[tuple[optuna.Trial, TrialConfig]] | None:
-    """The next batch of trials and their configs (see :func:`_run_batches`); None when the
-    study has no waiting trial left. Trials whose params make no config are failed here."""
+def _ask_batch(study: optuna.Study, spec: SweepSpec, bar) -> Iterator[tuple[optuna.Trial, TrialConfig]]:
+    """The next batch of trials and their configs, one by one (see :func:`_run_batches`).
+    Trials whose params make no config are failed here."""
     size = BATCH_TRIALS
     if spec.pruner.type != "none":
         completed = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
         size = max(spec.pruner.n_startup_trials - completed, 0) or size
-    batch, asked = [], 0
-    while len(batch) < size and (trial := studies.next_trial(study)) is not None:
-        asked += 1
+    for _ in range(size):
+        if (trial := studies.next_trial(study)) is None:
+            return
         config = _config(study, trial, spec)
         if config is None:
             bar.update(1)
         else:
-            batch.append((trial, config))
-    return batch if asked else None
+            yield trial, config
 
 
 def _config(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec) -> TrialConfig | None:
