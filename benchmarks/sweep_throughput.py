@@ -50,6 +50,21 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its threads so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def extrapolate(result: dict, total: int = 64) -> float:
+    """Seconds for ``total`` trials from a sample: everything outside the trials once, the first
+    trial (which pays the process's warm-up) once, the mean of the others for the rest."""
+    trials = result["trial_seconds"]
+    outside = result["seconds"] - sum(trials)
+    rest = trials[1:] or trials
+    return outside + trials[0] + sum(rest) / len(rest) * (total - 1)
+
+
 def make_features(path: Path) -> None:
     """Seed-sized features: non-negative like pooled ReLU outputs, the classes slightly apart."""
     import numpy as np
@@ -74,19 +89,26 @@ def use_store(folder: Path) -> None:
 # --- the parts, each in its own process ------------------------------------------------------
 
 def part_sweep(features: Path, folder: Path, engine: str, trials: int | None) -> dict:
+    import mlflow
     import yaml
 
+    from pipeline import naming
     from pipeline.sweep import run_sweep
 
     use_store(folder)
     sweep = folder / "sweep.yaml"
     sweep.write_text(yaml.safe_dump({**yaml.safe_load(SWEEP.read_text()), "engine": engine}))
     baseline = rss_mb()
+    cpu = cpu_seconds()
     start = time.perf_counter()
     outcome = run_sweep(str(features), str(sweep), n_trials=trials, progress=False)
     seconds = time.perf_counter() - start
+    runs = mlflow.search_runs(experiment_ids=[outcome.experiment_id], output_format="list",
+                              filter_string=f"tags.`{naming.PARENT}` = '{outcome.parent_run_id}'",
+                              order_by=["attributes.start_time ASC"])
     return {"trials": sum(outcome.counts.values()), "seconds": seconds, "counts": outcome.counts,
-            "baseline_rss_mb": baseline, "peak_rss_mb": peak_rss_mb()}
+            "cpu_seconds": cpu_seconds() - cpu, "baseline_rss_mb": baseline, "peak_rss_mb": peak_rss_mb(),
+            "trial_seconds": [(r.info.end_time - r.info.start_time) / 1000 for r in runs]}
 
 
 def part_peer(features: Path, folder: Path, trials: int) -> dict:
@@ -103,6 +125,8 @@ def part_peer(features: Path, folder: Path, trials: int) -> dict:
     spec = yaml.safe_load(SWEEP.read_text())
     fixed, space = spec["fixed"], spec["space"]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    trial_seconds = []
+    cpu = cpu_seconds()
     start = time.perf_counter()
     with h5py.File(features) as h5:
         x, y = h5["train"][()], h5["label"][()]
@@ -114,6 +138,7 @@ def part_peer(features: Path, folder: Path, trials: int) -> dict:
             mlflow.log_metrics(logs, step=epoch)
 
     def objective(trial: optuna.Trial) -> float:
+        begin = time.perf_counter()
         params = {name: trial.suggest_categorical(name, values) for name, values in space.items()}
         with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True):
             mlflow.log_params({**fixed, **params})
@@ -127,13 +152,15 @@ def part_peer(features: Path, folder: Path, trials: int) -> dict:
             history = model.fit(x_train, labels(y_train), batch_size=fixed["batch_size"],
                                 epochs=fixed["epochs"], validation_data=(x_val, labels(y_val)),
                                 callbacks=[LogEpoch()], verbose=0)
+            trial_seconds.append(time.perf_counter() - begin)
             return history.history["val_loss"][-1]
 
     study = optuna.create_study(sampler=optuna.samplers.GridSampler(space, seed=0))
     mlflow.set_experiment("peer")
     with mlflow.start_run(run_name="peer-sweep"):
         study.optimize(objective, n_trials=trials)
-    return {"trials": trials, "seconds": time.perf_counter() - start}
+    return {"trials": trials, "seconds": time.perf_counter() - start, "cpu_seconds": cpu_seconds() - cpu,
+            "trial_seconds": trial_seconds}
 
 
 def part_floor(features: Path, folder: Path) -> dict:
@@ -222,22 +249,28 @@ def main() -> None:
         results = {name: run_part(["--part", name, *common]) for name in ("fused", "floor", "keras", "peer")}
         load = max(load[0], os.getloadavg()[0])
 
-    rate = {name: r["trials"] / r["seconds"] for name, r in results.items() if "seconds" in r}
+    seconds = {name: r["seconds"] if r["trials"] == 64 else extrapolate(r)
+               for name, r in results.items() if name != "floor"}
+    cpu = {name: r["cpu_seconds"] * (seconds[name] / r["seconds"]) for name, r in results.items()
+           if name != "floor"}
     fused, floor = results["fused"], results["floor"]
     print(f"seed-sized features: {ROWS} x {DIM} float32 ({size_mb:.0f} MiB), {SWEEP.relative_to(ROOT)}; "
           f"highest 1-min load average seen: {load:.1f} on {os.cpu_count()} CPUs")
-    print(f"{'':>8} {'trials':>6} {'seconds':>8} {'trials/s':>9} {'s/trial':>8}")
+    print(f"{'':>6} {'timed':>6} {'seconds':>8} {'64 trials':>10} {'trials/s':>9} {'CPU s':>7}")
     for name in ("fused", "keras", "peer"):
         r = results[name]
-        note = "" if r["trials"] == 64 else f"   (first {r['trials']} trials; x64 = {64 / rate[name]:.0f} s)"
-        print(f"{name:>8} {r['trials']:>6} {r['seconds']:>8.2f} {rate[name]:>9.3f} "
-              f"{r['seconds'] / r['trials']:>8.3f}{note}")
-    print(f"fused / peer: {rate['fused'] / rate['peer']:.1f}x   fused / keras engine: "
-          f"{rate['fused'] / rate['keras']:.1f}x   keras engine / peer: {rate['keras'] / rate['peer']:.2f}x")
+        note = "" if r["trials"] == 64 else "  (64 extrapolated from the timed trials)"
+        print(f"{name:>6} {r['trials']:>6} {r['seconds']:>8.2f} {seconds[name]:>10.2f} "
+              f"{64 / seconds[name]:>9.3f} {cpu[name]:>7.1f}{note}")
+    print(f"fused / peer: {seconds['peer'] / seconds['fused']:.1f}x   fused / keras engine: "
+          f"{seconds['keras'] / seconds['fused']:.1f}x   keras engine / peer: "
+          f"{seconds['peer'] / seconds['keras']:.2f}x   (CPU time: fused / peer "
+          f"{cpu['peer'] / cpu['fused']:.1f}x)")
     bare = floor["compute_seconds"] + floor["logging_seconds"]
     print(f"floor: bare compute {floor['compute_seconds']:.2f} s + bare MLflow records "
-          f"{floor['logging_seconds']:.2f} s (asynchronous logging: {floor['async_logging_seconds']:.2f} s) "
-          f"= {bare:.2f} s; the fused sweep takes {fused['seconds'] / bare:.2f}x that")
+          f"{floor['logging_seconds']:.2f} s (asynchronous: {floor['async_logging_seconds']:.2f} s) "
+          f"= {bare:.2f} s; the fused sweep takes {fused['seconds'] / bare:.2f}x that "
+          f"({fused['seconds'] - bare:+.2f} s)")
     grown = fused["peak_rss_mb"] - fused["baseline_rss_mb"]
     print(f"fused sweep memory: peak RSS {fused['peak_rss_mb']:.0f} MiB, {grown:.0f} MiB above the "
           f"{fused['baseline_rss_mb']:.0f} MiB of the imported libraries = {grown / size_mb:.2f}x the "

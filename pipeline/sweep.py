@@ -4,6 +4,11 @@
 (or resumes) the study, and runs its queued trials with the chosen engine. Each trial is a
 run nested under the sweep's parent run, with its config as params, per-epoch metrics
 (step = epoch) and tags for the useful filters; the Optuna trial carries the run's id.
+
+The reference engine trains one trial at a time (:func:`_run_trial`); an engine that trains
+many at once (``engine: fused``) gets them in batches (:func:`_run_batches`), each trial still
+recorded the same way. With a ``pruner``, every trial reports a metric per epoch and stops when
+the pruner says so: PRUNED in Optuna, its run FINISHED with the tag ``pruned``.
 """
 
 from __future__ import annotations
