@@ -109,10 +109,12 @@ def transfer_weights(kernel: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, 
 def build_head(config: TrialConfig, n_features: int) -> keras.Model:
     """The compiled Keras model of ``config`` for inputs of ``n_features``.
 
-    ``init: transfer`` starts a 1-unit sigmoid from the 2-unit softmax head that the same seed
-    initialises (so a transfer trial and a softmax trial of one seed are the seed's pair),
-    with its bias b1 - b0 unless ``transfer_bias`` is off (then 0); it raises ``ValueError``
-    for any other head, which the sweep records as a FAILED trial.
+    ``init: glorot_centered`` is glorot with each row's mean over the units taken out (for two
+    units w0 = -w1, the same w1 - w0), the softmax start that keeps an L2 penalty's gradient
+    equal and opposite on w1 and w0. ``init: transfer`` starts a 1-unit sigmoid from the 2-unit
+    softmax head that the same seed initialises (so a transfer trial and a softmax trial of one
+    seed are the seed's pair), with its bias b1 - b0 unless ``transfer_bias`` is off (then 0);
+    it raises ``ValueError`` for any other head, which the sweep records as a FAILED trial.
     """
     if config.init == "transfer":
         if (config.units, config.activation) != (1, "sigmoid"):
@@ -122,6 +124,10 @@ def build_head(config: TrialConfig, n_features: int) -> keras.Model:
         start = (beta, b if config.transfer_bias else np.zeros_like(b))
         model, dense = _build(config, n_features, "zeros")
         dense.set_weights(list(start))
+    elif config.init == "glorot_centered":
+        model, dense = _build(config, n_features, "glorot_uniform")
+        kernel, bias = dense.get_weights()
+        dense.set_weights([kernel - kernel.mean(axis=1, keepdims=True), bias])
     else:
         model, dense = _build(config, n_features, config.init)
     model.compile(optimizer=make_optimizer(config.optimizer, config.learning_rate, config.weight_decay),
