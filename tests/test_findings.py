@@ -120,3 +120,24 @@ def test_sci_formats_gaps_for_text_and_latex():
                           "final_max_gap_softmax_transfer": [1e-7, 2e-7, 0.1, 0.2]})
     header, rows = parity_rows(frame)
     assert rows == [["sgd", "0.01", "2.0e-7", "2.0e-1", "1"], ["adam", "0.001", "1.0e-7", "1.0e-1", "1"]]
+
+
+def test_main_on_a_users_features_file_writes_the_findings(tracking, features_file, tmp_path):
+    from pipeline import cli
+
+    small_collapse = {**COLLAPSE, "seeds": [0], "space": [{"activation": "softmax", "units": 1}]}
+    small_parity = {**PARITY, "space": {"optimizer": "sgd", "ratio": [2]}}
+    paths = []
+    for spec in (small_collapse, small_parity):
+        paths.append(tmp_path / f"{spec['name']}.yaml")
+        paths[-1].write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    cli.main(["main", "--features", str(features_file), "--sweep", ",".join(map(str, paths)),
+              "--output", str(out)])
+    md = (out / "export" / "findings.md").read_text()
+    assert "## The 1-unit softmax collapse" in md and "## The sigmoid/softmax parity" in md
+    assert f"python -m pipeline sweep --features {features_file} --sweep {paths[0]}" in md
+    assert not (out / "features.h5").exists()  # the given file was used, nothing extracted
+    mains = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                               filter_string=f"tags.`{naming.STEP}` = 'main'")
+    assert len(mains) == 1 and mains[0].info.status == "FINISHED"
