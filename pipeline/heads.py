@@ -110,30 +110,30 @@ def initial_weights(config: TrialConfig, n_features: int) -> tuple[np.ndarray, n
     """The kernel (D x units) and bias (units,) the head of ``config`` starts training from.
 
     The weights :func:`build_head`'s model holds before its first step, drawn by the same
-    seeded Keras initializers; engines that train heads outside Keras start from these. For
-    ``init: transfer`` they are the transfer of the seed's softmax (:func:`transfer_weights`),
-    with bias 0 when ``transfer_bias`` is off; any head but a 1-unit sigmoid raises
-    ``ValueError``, which the sweep records as a FAILED trial.
+    seeded Keras initializers; engines that train heads outside Keras start from these.
+    ``init: glorot_centered`` is glorot with each row's mean over the units taken out (for two
+    units w0 = -w1, the same w1 - w0), the softmax start that keeps an L2 penalty's gradient
+    equal and opposite on w1 and w0. ``init: transfer`` is the transfer of the seed's softmax
+    (:func:`transfer_weights`), with bias 0 when ``transfer_bias`` is off; any head but a
+    1-unit sigmoid raises ``ValueError``, which the sweep records as a FAILED trial.
     """
-    if config.init != "transfer":
-        _, dense = _build(config, n_features, config.init)
-        kernel, bias = dense.get_weights()
-        return kernel, bias
-    if (config.units, config.activation) != (1, "sigmoid"):
-        raise ValueError(f"init=transfer needs a 1-unit sigmoid head, got {config.units} "
-                         f"unit(s) with {config.activation}")
-    beta, b = transfer_weights(*softmax_initial_weights(config, n_features))
-    return beta, (b if config.transfer_bias else np.zeros_like(b))
+    if config.init == "transfer":
+        if (config.units, config.activation) != (1, "sigmoid"):
+            raise ValueError(f"init=transfer needs a 1-unit sigmoid head, got {config.units} "
+                             f"unit(s) with {config.activation}")
+        beta, b = transfer_weights(*softmax_initial_weights(config, n_features))
+        return beta, (b if config.transfer_bias else np.zeros_like(b))
+    centered = config.init == "glorot_centered"
+    _, dense = _build(config, n_features, "glorot_uniform" if centered else config.init)
+    kernel, bias = dense.get_weights()
+    return (kernel - kernel.mean(axis=1, keepdims=True) if centered else kernel), bias
 
 
 def build_head(config: TrialConfig, n_features: int) -> keras.Model:
-    """The compiled Keras model of ``config`` for inputs of ``n_features``.
-
-    ``init: transfer`` starts a 1-unit sigmoid from the 2-unit softmax head that the same seed
-    initialises (so a transfer trial and a softmax trial of one seed are the seed's pair); see
-    :func:`initial_weights`.
-    """
-    if config.init == "transfer":
+    """The compiled Keras model of ``config`` for inputs of ``n_features``, holding
+    :func:`initial_weights` (a transfer trial and a softmax trial of one seed are the seed's
+    pair)."""
+    if config.init in ("transfer", "glorot_centered"):
         start = initial_weights(config, n_features)
         model, dense = _build(config, n_features, "zeros")
         dense.set_weights(list(start))

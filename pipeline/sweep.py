@@ -6,9 +6,10 @@ run nested under the sweep's parent run, with its config as params, per-epoch me
 (step = epoch) and tags for the useful filters; the Optuna trial carries the run's id.
 
 The reference engine trains one trial at a time (:func:`_run_trial`); an engine that trains
-many at once (``engine: fused``) gets them in batches (:func:`_run_batches`), each trial still
-recorded the same way. With a ``pruner``, every trial reports a metric per epoch and stops when
-the pruner says so: PRUNED in Optuna, its run FINISHED with the tag ``pruned``.
+many at once (``engine: fused``) gets a ``heads`` sweep's trials in batches
+(:func:`_run_batches`), each trial recorded the same way. With a ``pruner``, every head
+reports a metric per epoch and stops when the pruner says so: PRUNED in Optuna, its run
+FINISHED with the tag ``pruned`` and the epochs it trained.
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from pipeline import naming, studies, tracking
-from pipeline.config import Pruner, SweepSpec, TrialConfig, load_sweep
-from pipeline.errors import UserError
-from pipeline.features import FeatureSet, read_features, sha256_file
-from pipeline.split import Split, make_split
+from pipeline import naming, parity, records, studies, tracking
+from pipeline.config import ParityConfig, Pruner, SweepSpec, TrialConfig, load_sweep
+from pipeline.features import FeatureSet, read_features, resolve_features, sha256_file
+from pipeline.split import Split, make_split, stratified_split
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -45,25 +46,19 @@ class SweepOutcome:
     counts: dict[str, int]
 
 
-def resolve_features(features: str) -> Path:
-    """A local path for ``features``: the path itself, or a ``runs:/`` artifact downloaded."""
-    if features.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
-        try:
-            return Path(mlflow.artifacts.download_artifacts(artifact_uri=features))
-        except Exception as exc:  # MLflow raises several types for a missing run or artifact
-            raise UserError(f"features '{features}': cannot be fetched "
-                            f"({' '.join(str(exc).split())[:200]})") from None
-    return Path(features)
-
-
 class Objective:
-    """Trains trials of one sweep on one features file, loaded once, splits cached by seed."""
+    """Trains trials of one sweep on one features file, loaded once, splits cached by seed.
+
+    A trial of a ``heads`` sweep trains one head; a trial of a ``parity`` sweep trains the
+    seed's three heads (:mod:`pipeline.parity`) as runs nested under the trial's run.
+    """
 
     def __init__(self, spec: SweepSpec, features: FeatureSet, engine):
         self.spec, self.features, self.engine = spec, features, engine
         self._splits: dict[tuple, Split] = {}
+        self._labels: dict[tuple, np.ndarray] = {}
 
-    def split(self, config: TrialConfig) -> Split:
+    def split(self, config: TrialConfig | ParityConfig) -> Split:
         """The train/validation split of ``config`` (shared by all trials of the same seed)."""
         key = (config.seed, config.validation_fraction, config.standardize)
         if key not in self._splits:
@@ -71,6 +66,38 @@ class Objective:
                                            config.validation_fraction, config.seed,
                                            config.standardize)
         return self._splits[key]
+
+    def run_name(self, config: TrialConfig | ParityConfig) -> str:
+        """The MLflow run name of a trial (:mod:`pipeline.naming`)."""
+        if isinstance(config, ParityConfig):
+            return naming.parity_run_name(config)
+        return naming.trial_run_name(config)
+
+    def tags(self, config: TrialConfig | ParityConfig) -> dict[str, str]:
+        """Tags a trial's run gets when it is created."""
+        return {} if isinstance(config, ParityConfig) else records.head_tags(config)
+
+    def train_and_log(self, config: TrialConfig | ParityConfig, run_id: str, experiment: str,
+                      tags: dict[str, str], on_epoch=None) -> float:
+        """Train ``config``, record the results on ``run_id``, return the objective's value.
+
+        ``on_epoch`` gets a head's metrics after each epoch (and may stop it by raising)."""
+        split = self.split(config)
+        metric = self.spec.objective_metric
+        if isinstance(config, ParityConfig):
+            result = parity.train_parity(config, split, self.engine)
+            return parity.log_parity(run_id, experiment, result, split, tags)[metric]
+        result = self.engine.train(config, split, on_epoch)
+        records.log_head(run_id, result, split.y_val, config)
+        return result.final(metric)
+
+    def validation_labels(self, config: TrialConfig) -> np.ndarray:
+        """The validation labels of ``config``'s split, without splitting the features."""
+        key = (config.seed, config.validation_fraction)
+        if key not in self._labels:
+            _, val = stratified_split(self.features.y, config.validation_fraction, config.seed)
+            self._labels[key] = self.features.y[val]
+        return self._labels[key]
 
 
 def make_engine(name: str):
@@ -116,7 +143,7 @@ def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: s
     objective = Objective(spec, data, make_engine(spec.engine))
     with tracking.terminal_run(parent):
         bar = _progress(spec.budget(), the_study, progress)
-        if getattr(objective.engine, "trains_many", False):
+        if spec.kind == "heads" and getattr(objective.engine, "trains_many", False):
             _run_batches(the_study, objective, experiment, parent, common_tags, bar)
         while (trial := studies.next_trial(the_study)) is not None:
             _run_trial(the_study, trial, objective, experiment, parent, common_tags)
@@ -141,6 +168,7 @@ def _open_parent(study: optuna.Study, spec: SweepSpec, experiment: str, launcher
     launcher_experiment = client.get_run(launcher).info.experiment_id if launcher else None
     nest = launcher if launcher_experiment == experiment else None
     tags = {naming.STEP: "sweep", naming.SWEEP_NAME: spec.name, naming.STUDY: study.study_name,
+            naming.KIND: spec.kind, naming.REPORT: spec.report,
             naming.STORAGE: studies.study_url(storage, study.study_name),
             naming.FEATURES_SHA: features_sha, naming.NOTE: _description(spec),
             **tracking.versions()}
@@ -149,9 +177,10 @@ def _open_parent(study: optuna.Study, spec: SweepSpec, experiment: str, launcher
     parent = tracking.create_run(experiment, naming.parent_run_name(spec.name), nest, tags)
     if launcher and not nest:
         client.set_tag(launcher, "pipeline.sweep_run_id", parent)
-    params = {"sweep": spec.name, "sampler": spec.sampler, "sampler_seed": spec.sampler_seed,
+    params = {"sweep": spec.name, "sweep_file": sweep, "kind": spec.kind, "sampler": spec.sampler,
+              "sampler_seed": spec.sampler_seed,
               "n_trials": spec.budget(), "seeds": list(spec.seeds), "engine": spec.engine,
-              "objective": f"{spec.objective.direction} {spec.objective.metric}",
+              "objective": f"{spec.objective.direction} {spec.objective_metric}",
               "features": features_path, "study": study.study_name,
               **{f"fixed.{k}": v for k, v in spec.fixed.items()}}
     tracking.log_batch(parent, params=params)
@@ -161,6 +190,11 @@ def _open_parent(study: optuna.Study, spec: SweepSpec, experiment: str, launcher
 
 
 def _description(spec: SweepSpec) -> str:
+    if spec.kind == "parity":
+        return (f"{spec.description.strip()}\n\n"
+                f"Each nested run is one trial: a parity experiment (the softmax at lr, the "
+                f"transferred and the random sigmoid at ratio x lr, nested under it). Sort by "
+                f"`max_gap_softmax_transfer`; at ratio 2 it is float32 rounding.").strip()
     return (f"{spec.description.strip()}\n\n"
             f"Each nested run is one trial: a head trained with the config in its name and "
             f"params. Compare `val_accuracy` with `positive_fraction` and `val_prob_loss` "
@@ -171,23 +205,34 @@ def _description(spec: SweepSpec) -> str:
 def _run_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective, experiment: str,
                parent: str, common_tags: dict) -> None:
     """Train one trial, record it in MLflow and tell Optuna; a failure fails only this trial."""
-    config = _config(study, trial, objective.spec)
-    if config is None:
-        return
-    run_id = _open_run(experiment, parent, _trial_tags(common_tags, trial, config, objective.engine),
-                       config)
-    trial.set_user_attr("mlflow_run_id", run_id)
-    reporter = _Reporter(trial, objective.spec.pruner)
+    spec = objective.spec
     try:
-        outcome = objective.engine.train(config, objective.split(config), reporter)
+        config = spec.trial_config(studies.suggest(trial, spec))
+    except Exception as exc:
+        trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
+        study.tell(trial, state=TrialState.FAIL)
+        return
+    run_id = _open_run(experiment, parent, _trial_tags(common_tags, trial, objective, config), config,
+                       objective.run_name(config))
+    trial.set_user_attr("mlflow_run_id", run_id)
+    reporter = _Reporter(trial, spec.pruner)
+    try:
+        with tracking.terminal_run(run_id):
+            try:
+                value = objective.train_and_log(config, run_id, experiment, common_tags, reporter)
+            except optuna.TrialPruned:
+                value = _log_pruned(run_id, reporter)
+            if value is not None and not math.isfinite(value):
+                raise FloatingPointError(f"{spec.objective_metric} is {value}: training diverged")
     except KeyboardInterrupt:
-        _interrupted(study, trial, run_id)
+        trial.set_user_attr("fail_reason", "interrupted")
+        study.tell(trial, state=TrialState.FAIL)
         raise
     except Exception as exc:
-        outcome = exc
-    record = _record(outcome, reporter, objective.spec)
-    _write_run(run_id, record)
-    _tell(study, trial, record)
+        trial.set_user_attr("fail_reason", _reason(exc))
+        study.tell(trial, state=TrialState.FAIL)
+        return
+    _tell(study, trial, value)
 
 
 BATCH_TRIALS = 256  # trials asked of Optuna at once for an engine that trains many
@@ -195,50 +240,50 @@ BATCH_TRIALS = 256  # trials asked of Optuna at once for an engine that trains m
 
 def _run_batches(study: optuna.Study, objective: Objective, experiment: str, parent: str,
                  common_tags: dict, bar) -> None:
-    """Run the study's trials in batches, each trained at once by the engine's ``train_many``.
+    """Run a ``heads`` study's trials in batches, each trained at once by ``engine.train_many``.
 
-    Every trial is recorded as :func:`_run_trial` records it (its own MLflow run, same params,
-    metrics and tags). The MLflow writes go to one background thread, in order, so they
-    overlap the training; Optuna is told in this thread. A batch is every waiting trial up to
-    :data:`BATCH_TRIALS`; with a pruner, the first batch is its ``n_startup_trials`` alone, so
-    the later ones have completed trials to be compared with. A sampler learns between batches.
+    Every trial is recorded as :func:`_run_trial` records it: its own MLflow run with the same
+    params, metrics and tags. The MLflow writes go to one background thread, in order, so they
+    overlap Optuna's bookkeeping and the training; Optuna is told here as each record is
+    written. A batch is every waiting trial up to :data:`BATCH_TRIALS`; with a pruner, the
+    first batch is its ``n_startup_trials`` alone, so that later ones have completed trials to
+    be compared with. A sampler learns between batches. Ctrl-C ends the batch's runs KILLED and
+    fails its trials.
     """
     spec = objective.spec
     with ThreadPoolExecutor(1, thread_name_prefix="mlflow-writer") as writer:
-        written = []
         while study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             batch, opened = [], []
             for trial, config in _ask_batch(study, spec, bar):  # runs open while Optuna answers
                 objective.engine.prepare(config)
                 batch.append((trial, config))
                 opened.append(writer.submit(_open_run, experiment, parent,
-                                            _trial_tags(common_tags, trial, config, objective.engine),
-                                            config))
-            if not batch:
-                continue
+                                            _trial_tags(common_tags, trial, objective, config), config,
+                                            objective.run_name(config)))
             reporters = [_Reporter(trial, spec.pruner) for trial, _ in batch]
+            written, told = [], 0
             try:
                 outcomes = objective.engine.train_many([config for _, config in batch],
                                                        objective.features.x, objective.features.y,
                                                        reporters)
+                for (_, config), run, reporter, outcome in zip(batch, opened, reporters, outcomes,
+                                                               strict=True):
+                    written.append(writer.submit(_record_head, run.result(), outcome, reporter,
+                                                 objective.validation_labels(config), config,
+                                                 spec.objective_metric))
+                for (trial, _), run, write in zip(batch, opened, written, strict=True):
+                    trial.set_user_attr("mlflow_run_id", run.result())
+                    _tell_written(study, trial, write)
+                    told += 1
+                    bar.update(1)
             except KeyboardInterrupt:
-                for (trial, _), run in zip(batch, opened, strict=True):
-                    _interrupted(study, trial, run.result())
+                _abandon(study, writer, batch[told:], opened[told:], written[told:])
                 raise
-            for (trial, _), run, reporter, outcome in zip(batch, opened, reporters, outcomes, strict=True):
-                run_id = run.result()
-                trial.set_user_attr("mlflow_run_id", run_id)
-                record = _record(outcome, reporter, spec)
-                written.append(writer.submit(_write_run, run_id, record))
-                _tell(study, trial, record)
-                bar.update(1)
-        for write in written:
-            write.result()  # raise what the writer met
 
 
 def _ask_batch(study: optuna.Study, spec: SweepSpec, bar) -> Iterator[tuple[optuna.Trial, TrialConfig]]:
-    """The next batch of trials and their configs, one by one (see :func:`_run_batches`).
-    Trials whose params make no config are failed here."""
+    """The trials of the next batch with their configs, one by one (see :func:`_run_batches`).
+    A trial whose params make no config is failed here (no MLflow run)."""
     size = BATCH_TRIALS
     if spec.pruner.type != "none":
         completed = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
@@ -246,40 +291,52 @@ def _ask_batch(study: optuna.Study, spec: SweepSpec, bar) -> Iterator[tuple[optu
     for _ in range(size):
         if (trial := studies.next_trial(study)) is None:
             return
-        config = _config(study, trial, spec)
-        if config is None:
+        try:
+            config = spec.trial_config(studies.suggest(trial, spec))
+        except Exception as exc:
+            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
+            study.tell(trial, state=TrialState.FAIL)
             bar.update(1)
-        else:
-            yield trial, config
+            continue
+        yield trial, config
 
 
-def _config(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec) -> TrialConfig | None:
-    """The trial's config from its params; a trial that has none is failed (no MLflow run)."""
-    try:
-        return spec.trial_config(studies.suggest(trial, spec))
-    except Exception as exc:
-        trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
-        study.tell(trial, state=TrialState.FAIL)
-        return None
+def _trial_tags(common_tags: dict, trial: optuna.Trial, objective: Objective, config) -> dict:
+    """A trial run's tags at creation: the sweep's, the trial number, the config's own and the
+    engine that trains it."""
+    engine = objective.engine
+    per_config = hasattr(engine, "engine_for") and isinstance(config, TrialConfig)
+    name = engine.engine_for(config) if per_config else engine.name
+    return {**common_tags, naming.TRIAL_NUMBER: trial.number, naming.ENGINE: name,
+            **objective.tags(config)}
 
 
-def _trial_tags(common_tags: dict, trial: optuna.Trial, config: TrialConfig, engine) -> dict:
-    """A trial run's tags: the sweep's, the trial number, the head's role and its engine."""
-    role = naming.role_of(config)
-    engine_name = engine.engine_for(config) if hasattr(engine, "engine_for") else engine.name
-    return {**common_tags, naming.TRIAL_NUMBER: trial.number, "activation": config.activation,
-            naming.ENGINE: engine_name, **({naming.ROLE: role} if role else {})}
-
-
-def _open_run(experiment: str, parent: str, tags: dict, config: TrialConfig) -> str:
+def _open_run(experiment: str, parent: str, tags: dict, config, run_name: str) -> str:
     """A trial's RUNNING MLflow run under ``parent``, with its config as params."""
-    run_id = tracking.create_run(experiment, naming.trial_run_name(config), parent, tags)
+    run_id = tracking.create_run(experiment, run_name, parent, tags)
     tracking.log_batch(run_id, params=config.params())
     return run_id
 
 
+def _record_head(run_id: str, outcome, reporter: _Reporter, y_val: np.ndarray, config: TrialConfig,
+                 metric: str) -> float | None:
+    """Record a head's outcome (TrialResult, TrialPruned or the exception that ended it) on its
+    run as :func:`_run_trial` does, and end the run. Returns the objective's value, None for a
+    pruned head; a failure is raised after the run ends FAILED with it as tag ``error``."""
+    with tracking.terminal_run(run_id):
+        if isinstance(outcome, optuna.TrialPruned):
+            return _log_pruned(run_id, reporter)
+        if isinstance(outcome, Exception):
+            raise outcome
+        records.log_head(run_id, outcome, y_val, config)
+        value = outcome.final(metric)
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{metric} is {value}: training diverged")
+        return value
+
+
 class _Reporter:
-    """A trial's ``on_epoch`` callback: keeps the epochs' metrics; with a pruner, reports its
+    """A head's ``on_epoch`` callback: keeps the epochs' metrics; with a pruner, reports its
     metric to Optuna and raises ``optuna.TrialPruned`` when the pruner says stop."""
 
     def __init__(self, trial: optuna.Trial, pruner: Pruner):
@@ -293,70 +350,52 @@ class _Reporter:
             value = values[self.pruner.metric]
             self.trial.report(value, epoch)
             if self.trial.should_prune():
-                raise optuna.TrialPruned(f"pruned after epoch {epoch}: {self.pruner.metric} {value:.6g}")
+                self.trial.set_user_attr("pruned", f"after epoch {epoch}: {self.pruner.metric} {value:.6g}")
+                raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
 
-@dataclass(frozen=True)
-class _Record:
-    """What a trial's outcome leaves: its run's metrics, tags and error (the run ends FAILED
-    with it, else FINISHED), and Optuna's state, value and user attributes."""
-
-    metrics: list
-    tags: dict
-    error: Exception | None
-    state: TrialState
-    value: float | None
-    attrs: dict
+def _log_pruned(run_id: str, reporter: _Reporter) -> None:
+    """A pruned head's record: the epochs it trained and the tag ``pruned``."""
+    points = [m for name, values in reporter.history.items() for m in tracking.series(name, values)]
+    tracking.log_batch(run_id, metrics=points, tags={naming.PRUNED: "true"})
 
 
-def _record(outcome, reporter: _Reporter, spec: SweepSpec) -> _Record:
-    """The record of an engine's outcome: a TrialResult, TrialPruned, or the exception it raised."""
-    if isinstance(outcome, optuna.TrialPruned):
-        metrics = [m for name, values in reporter.history.items() for m in tracking.series(name, values)]
-        return _Record(metrics, {naming.PRUNED: "true"}, None, TrialState.PRUNED, None,
-                       {"pruned": str(outcome)})
-    if isinstance(outcome, Exception):
-        return _Record([], {}, outcome, TrialState.FAIL, None, {"fail_reason": _reason(outcome)})
-    value = outcome.final(spec.objective.metric)
-    metrics = [m for name, values in outcome.history.items() for m in tracking.series(name, values)]
-    metrics += tracking.scalars({"positive_fraction": outcome.positive_fraction})
-    tags = {naming.COLLAPSED: str(outcome.collapsed).lower()}
-    if not math.isfinite(value):
-        error = FloatingPointError(f"{spec.objective.metric} is {value}: training diverged")
-        return _Record(metrics, tags, error, TrialState.FAIL, None, {"fail_reason": _reason(error)})
-    return _Record(metrics, tags, None, TrialState.COMPLETE, value, {"collapsed": outcome.collapsed})
+def _tell(study: optuna.Study, trial: optuna.Trial, value: float | None) -> None:
+    """Tell Optuna a trial's value, or that it was pruned (value None)."""
+    if value is None:
+        study.tell(trial, state=TrialState.PRUNED)
+    else:
+        study.tell(trial, value)
 
 
 def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:2000]
 
 
-def _write_run(run_id: str, record: _Record) -> None:
-    """Log a trial's record on its run and end the run: FINISHED, or FAILED with tag ``error``."""
+def _tell_written(study: optuna.Study, trial: optuna.Trial, write) -> None:
+    """Tell Optuna the outcome of a trial once its record is written (a failure fails it)."""
     try:
-        with tracking.terminal_run(run_id):
-            tracking.log_batch(run_id, metrics=record.metrics, tags=record.tags)
-            if record.error is not None:
-                raise record.error
+        value = write.result()
     except Exception as exc:
-        if exc is not record.error:
-            raise
-
-
-def _tell(study: optuna.Study, trial: optuna.Trial, record: _Record) -> None:
-    for name, value in record.attrs.items():
-        trial.set_user_attr(name, value)
-    if record.state == TrialState.COMPLETE:
-        study.tell(trial, record.value)
+        trial.set_user_attr("fail_reason", _reason(exc))
+        study.tell(trial, state=TrialState.FAIL)
     else:
-        study.tell(trial, state=record.state)
+        _tell(study, trial, value)
 
 
-def _interrupted(study: optuna.Study, trial: optuna.Trial, run_id: str) -> None:
-    """Ctrl-C or SIGTERM during training: the run ends KILLED, the trial FAIL."""
-    mlflow.MlflowClient().set_terminated(run_id, "KILLED")
-    trial.set_user_attr("fail_reason", "interrupted")
-    study.tell(trial, state=TrialState.FAIL)
+def _abandon(study: optuna.Study, writer: ThreadPoolExecutor, batch: list, opened: list,
+             written: list) -> None:
+    """Ctrl-C or SIGTERM in a batch: every trial not yet told ends. A record already being
+    written is finished and told; the others' runs end KILLED and their trials FAIL."""
+    for i, ((trial, _), run) in enumerate(zip(batch, opened, strict=True)):
+        run_id = run.result()
+        trial.set_user_attr("mlflow_run_id", run_id)
+        if i < len(written) and not written[i].cancel():
+            _tell_written(study, trial, written[i])
+            continue
+        writer.submit(mlflow.MlflowClient().set_terminated, run_id, "KILLED").result()
+        trial.set_user_attr("fail_reason", "interrupted")
+        study.tell(trial, state=TrialState.FAIL)
 
 
 def _summarise(study: optuna.Study, parent: str) -> dict[str, int]:

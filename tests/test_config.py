@@ -129,7 +129,7 @@ def test_non_finite_learning_rate():
     ("activation", "relu", "sigmoid, softmax"),
     ("loss", "mse", "binary_crossentropy, categorical_crossentropy, sparse_categorical_crossentropy"),
     ("optimizer", "lbfgs", "sgd, momentum, nesterov, adam"),
-    ("init", "ones", "glorot_uniform, zeros, he_normal, transfer"),
+    ("init", "ones", "glorot_uniform, glorot_centered, zeros, he_normal, transfer"),
 ])
 def test_unknown_choice_names_allowed_values(key, bad, allowed):
     rejected(sweep(fixed={key: bad}), f"fixed.{key}", repr(bad), f"allowed: {allowed}")
@@ -344,7 +344,7 @@ def test_trial_config_from_grid_point_has_seed_and_fixed_values():
 def test_grid_point_that_no_head_can_be_is_rejected_before_any_run():
     raw = {"name": "x", "experiment": "e", "fixed": {"label_smoothing": 0.1},
            "space": {"loss": ["binary_crossentropy", "sparse_categorical_crossentropy"]}}
-    with pytest.raises(UserError, match="loss=sparse_categorical_crossentropy is not a valid head: "
+    with pytest.raises(UserError, match="loss=sparse_categorical_crossentropy is not a valid heads config: "
                                         ".*no label smoothing"):
         parse_sweep(raw)
 

@@ -32,7 +32,7 @@ HEADS = [{"activation": a, "units": u, "loss": loss}
          for a in ("sigmoid", "softmax") for u in (1, 2)
          for loss in ("binary_crossentropy", "categorical_crossentropy", "sparse_categorical_crossentropy")
          if not (u == 1 and loss.startswith("sparse"))]
-INITS = ("glorot_uniform", "zeros", "he_normal")
+INITS = ("glorot_uniform", "zeros", "he_normal", "glorot_centered")
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "rmsprop", "adagrad", "adadelta", "adamw")
 SETTINGS = [  # with dropout: the masks must be Keras's too
     {"dropout": 0.5},
@@ -46,6 +46,7 @@ SETTINGS = [  # with dropout: the masks must be Keras's too
     {"dropout": 0.5, "optimizer": "adamw", "activation": "softmax", "units": 1},
     {"dropout": 0.5, "mask_seed": 7, "order_seed": 3, "seed": 1},
     {"dropout": 0.5, "batch_size": 36},  # a partial last batch
+    {"dropout": 0.5, "activation": "softmax", "units": 1, "validation_fraction": 0.25},  # 60 rows
     {"dropout": 0.5, "standardize": True, "validation_fraction": 0.25, "seed": 2},
     {"dropout": 0.5, "l2": 0.001, "weight_decay": 0.01, "optimizer": "rmsprop", "label_smoothing": 0.1},
 ]

@@ -43,6 +43,10 @@ def test_pruner_section_is_validated():
         parse_sweep({**base, "pruner": {"type": "median", "metric": "val_accuracy"}})
     maximize = {**base, "objective": {"metric": "val_accuracy", "direction": "maximize"}}
     assert parse_sweep({**maximize, "pruner": {"type": "median", "metric": "val_accuracy"}})
+    parity = {**base, "kind": "parity", "space": {"ratio": [2.0]}}
+    assert parse_sweep(parity).pruner.type == "none"
+    with pytest.raises(UserError, match="only a heads sweep can be pruned"):
+        parse_sweep({**parity, "pruner": "median"})
 
 
 @pytest.mark.parametrize("engine", ["keras", "fused"])
@@ -71,7 +75,7 @@ def test_a_pruned_trial_is_pruned_in_optuna_and_finished_in_mlflow(engine, tmp_p
         assert history[0].value == pytest.approx(trial.intermediate_values[0])
         assert trial.value == trial.intermediate_values[0]
         assert history[0].value > study.trials[0].intermediate_values[0]
-        assert "pruned after epoch 0" in trial.user_attrs["pruned"]
+        assert trial.user_attrs["pruned"].startswith("after epoch 0: val_loss")
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert all(run.info.status != "RUNNING" for run in runs)
 
