@@ -244,11 +244,14 @@ def _run_batches(study: optuna.Study, objective: Objective, experiment: str, par
 
     Every trial is recorded as :func:`_run_trial` records it: its own MLflow run with the same
     params, metrics and tags. The MLflow writes go to one background thread, in order, so they
-    overlap Optuna's bookkeeping and the training; Optuna is told here as each record is
-    written. A batch is every waiting trial up to :data:`BATCH_TRIALS`; with a pruner, the
-    first batch is its ``n_startup_trials`` alone, so that later ones have completed trials to
-    be compared with. A sampler learns between batches. Ctrl-C ends the batch's runs KILLED and
-    fails its trials.
+    overlap Optuna's bookkeeping and the training: a run is created as its trial is asked and
+    written in one request when the batch is trained (params included: that saves a request
+    per run). Optuna is told here as each record is written.
+
+    A batch is every waiting trial up to :data:`BATCH_TRIALS`; with a pruner, the first batch
+    is its ``n_startup_trials`` alone, so that later ones have completed trials to be compared
+    with. A sampler learns between batches. Ctrl-C ends the batch's runs KILLED and fails its
+    trials.
     """
     spec = objective.spec
     with ThreadPoolExecutor(1, thread_name_prefix="mlflow-writer") as writer:
@@ -257,9 +260,8 @@ def _run_batches(study: optuna.Study, objective: Objective, experiment: str, par
             for trial, config in _ask_batch(study, spec, bar):  # runs open while Optuna answers
                 objective.engine.prepare(config)
                 batch.append((trial, config))
-                opened.append(writer.submit(_open_run, experiment, parent,
-                                            _trial_tags(common_tags, trial, objective, config), config,
-                                            objective.run_name(config)))
+                opened.append(writer.submit(tracking.create_run, experiment, objective.run_name(config),
+                                            parent, _trial_tags(common_tags, trial, objective, config)))
             reporters = [_Reporter(trial, spec.pruner) for trial, _ in batch]
             written, told = [], 0
             try:
@@ -268,8 +270,8 @@ def _run_batches(study: optuna.Study, objective: Objective, experiment: str, par
                                                        reporters)
                 for (_, config), run, reporter, outcome in zip(batch, opened, reporters, outcomes,
                                                                strict=True):
-                    written.append(writer.submit(_record_head, run.result(), outcome, reporter,
-                                                 objective.validation_labels(config), config,
+                    written.append(writer.submit(_record_head, run.result(), config, outcome, reporter,
+                                                 objective.validation_labels(config),
                                                  spec.objective_metric))
                 for (trial, _), run, write in zip(batch, opened, written, strict=True):
                     trial.set_user_attr("mlflow_run_id", run.result())
@@ -318,17 +320,19 @@ def _open_run(experiment: str, parent: str, tags: dict, config, run_name: str) -
     return run_id
 
 
-def _record_head(run_id: str, outcome, reporter: _Reporter, y_val: np.ndarray, config: TrialConfig,
+def _record_head(run_id: str, config: TrialConfig, outcome, reporter: _Reporter, y_val: np.ndarray,
                  metric: str) -> float | None:
-    """Record a head's outcome (TrialResult, TrialPruned or the exception that ended it) on its
-    run as :func:`_run_trial` does, and end the run. Returns the objective's value, None for a
-    pruned head; a failure is raised after the run ends FAILED with it as tag ``error``."""
+    """Record a head's config and outcome (TrialResult, TrialPruned or the exception that ended
+    it) on its run as :func:`_run_trial` does, in one request, and end the run. Returns the
+    objective's value, None for a pruned head; a failure is raised after the run ends FAILED
+    with it as tag ``error``."""
     with tracking.terminal_run(run_id):
         if isinstance(outcome, optuna.TrialPruned):
-            return _log_pruned(run_id, reporter)
+            return _log_pruned(run_id, reporter, config.params())
         if isinstance(outcome, Exception):
+            tracking.log_batch(run_id, params=config.params())
             raise outcome
-        records.log_head(run_id, outcome, y_val, config)
+        records.log_head(run_id, outcome, y_val, config, with_params=True)
         value = outcome.final(metric)
         if not math.isfinite(value):
             raise FloatingPointError(f"{metric} is {value}: training diverged")
@@ -354,10 +358,10 @@ class _Reporter:
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
 
-def _log_pruned(run_id: str, reporter: _Reporter) -> None:
-    """A pruned head's record: the epochs it trained and the tag ``pruned``."""
+def _log_pruned(run_id: str, reporter: _Reporter, params: dict | None = None) -> None:
+    """A pruned head's record: the epochs it trained and the tag ``pruned`` (and ``params``)."""
     points = [m for name, values in reporter.history.items() for m in tracking.series(name, values)]
-    tracking.log_batch(run_id, metrics=points, tags={naming.PRUNED: "true"})
+    tracking.log_batch(run_id, params=params, metrics=points, tags={naming.PRUNED: "true"})
 
 
 def _tell(study: optuna.Study, trial: optuna.Trial, value: float | None) -> None:
@@ -370,6 +374,11 @@ def _tell(study: optuna.Study, trial: optuna.Trial, value: float | None) -> None
 
 def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:2000]
+
+
+def _kill_run(run_id: str, config: TrialConfig) -> None:
+    tracking.log_batch(run_id, params=config.params())
+    mlflow.MlflowClient().set_terminated(run_id, "KILLED")
 
 
 def _tell_written(study: optuna.Study, trial: optuna.Trial, write) -> None:
@@ -387,13 +396,13 @@ def _abandon(study: optuna.Study, writer: ThreadPoolExecutor, batch: list, opene
              written: list) -> None:
     """Ctrl-C or SIGTERM in a batch: every trial not yet told ends. A record already being
     written is finished and told; the others' runs end KILLED and their trials FAIL."""
-    for i, ((trial, _), run) in enumerate(zip(batch, opened, strict=True)):
+    for i, ((trial, config), run) in enumerate(zip(batch, opened, strict=True)):
         run_id = run.result()
         trial.set_user_attr("mlflow_run_id", run_id)
         if i < len(written) and not written[i].cancel():
             _tell_written(study, trial, written[i])
             continue
-        writer.submit(mlflow.MlflowClient().set_terminated, run_id, "KILLED").result()
+        writer.submit(_kill_run, run_id, config).result()
         trial.set_user_attr("fail_reason", "interrupted")
         study.tell(trial, state=TrialState.FAIL)
 
