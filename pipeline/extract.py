@@ -118,8 +118,10 @@ def extract(images: str, weights: str = "auto", input_size: str | int = "auto",
     source = open_source(images)
     size = input_size_for(input_size, source)
     model, used = load_backbone(weights, size)
+    # One graph for every batch size: a last, smaller batch would otherwise trace Xception again.
     forward = tf.function(lambda x: model(keras.applications.xception.preprocess_input(x),
-                                          training=False))
+                                          training=False),
+                          input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
     rows, chunks = [], []
     from tqdm.auto import tqdm
 
