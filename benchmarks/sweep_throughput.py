@@ -15,7 +15,10 @@ before the clock starts; features read, trained, and every record written after)
   ``--peer-trials`` grid points;
 - ``floor``: the bare fused computation (``FusedEngine.train_many`` on arrays in memory) and
   the bare MLflow records of 64 runs (create, one ``log_batch`` of the same params, metrics
-  and tags, end), also with MLflow's asynchronous logging (``synchronous=False``).
+  and tags, end), also with MLflow's asynchronous logging (``synchronous=False``) and without
+  the per-step ``step_loss`` series;
+- ``fused_epochs_only``: a what-if, the fused sweep with trial runs that leave out the
+  ``step_loss`` series (what the series costs end to end).
 
 Sampled runs are extrapolated per trial to 64 (stated in the output). Every run records into
 its own SQLite MLflow store, as ``make run`` does. The fused run also reports its peak RSS
@@ -88,12 +91,17 @@ def use_store(folder: Path) -> None:
 
 # --- the parts, each in its own process ------------------------------------------------------
 
-def part_sweep(features: Path, folder: Path, engine: str, trials: int | None) -> dict:
+def part_sweep(features: Path, folder: Path, engine: str, trials: int | None,
+               step_series: bool = True) -> dict:
     import mlflow
     import yaml
 
-    from pipeline import naming
+    from pipeline import naming, records
     from pipeline.sweep import run_sweep
+
+    if not step_series:  # what-if: trial runs without the per-step loss series
+        head_metrics = records.head_metrics
+        records.head_metrics = lambda *a: [m for m in head_metrics(*a) if m.key != "step_loss"]
 
     use_store(folder)
     sweep = folder / "sweep.yaml"
@@ -246,6 +254,8 @@ def main() -> None:
         part = {"fused": lambda: part_sweep(features, folder / "fused", "fused", None),
                 "keras": lambda: part_sweep(features, folder / "keras", "keras", args.keras_trials),
                 "peer": lambda: part_peer(features, folder / "peer", args.peer_trials),
+                "fused_epochs_only": lambda: part_sweep(features, folder / "fused-epochs", "fused", None,
+                                                        step_series=False),
                 "floor": lambda: part_floor(features, folder / "floor")}[args.part]
         print(json.dumps(part()))
         return
@@ -257,11 +267,13 @@ def main() -> None:
         load = os.getloadavg()
         common = ["--folder", tmp, "--keras-trials", str(args.keras_trials),
                   "--peer-trials", str(args.peer_trials)]
-        results = {name: run_part(["--part", name, *common]) for name in ("fused", "floor", "keras", "peer")}
+        results = {name: run_part(["--part", name, *common])
+                   for name in ("fused", "floor", "keras", "peer", "fused_epochs_only")}
         load = max(load[0], os.getloadavg()[0])
 
     seconds = {name: r["seconds"] if r["trials"] == 64 else extrapolate(r)
                for name, r in results.items() if name != "floor"}
+    what_if = results.pop("fused_epochs_only")
     cpu = {name: r["cpu_seconds"] * (seconds[name] / r["seconds"]) for name, r in results.items()
            if name != "floor"}
     fused, floor = results["fused"], results["floor"]
@@ -285,6 +297,8 @@ def main() -> None:
           f"{floor['logging_seconds']:.2f} s, with MLflow's asynchronous logging "
           f"{floor['async_logging_seconds']:.2f} s, without the step_loss series "
           f"{floor['no_steps_logging_seconds']:.2f} s")
+    print(f"what if trial runs had no step_loss series: the fused sweep takes {what_if['seconds']:.2f} s, "
+          f"{seconds['peer'] / what_if['seconds']:.1f}x the peer")
     grown = fused["peak_rss_mb"] - fused["baseline_rss_mb"]
     print(f"fused sweep memory: peak RSS {fused['peak_rss_mb']:.0f} MiB, {grown:.0f} MiB above the "
           f"{fused['baseline_rss_mb']:.0f} MiB of the imported libraries = {grown / size_mb:.2f}x the "
