@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                "(default: optuna-journal.log beside the MLflow store)")
     _flag(p, "study", type=_optional_str, default=None,
           help="study name (default: the sweep's name); an existing study resumes")
+    _flag(p, "workers", type=int, default=1,
+          help="processes of this machine that run trials side by side (default 1); 0 sets the "
+               "study and its parent run up for workers started elsewhere")
 
     p = sub.add_parser("export", help="tables and figures from a sweep's runs",
                        description="Export a sweep's trials as CSV, Markdown and LaTeX tables "
@@ -88,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> None:
     """Dispatch parsed arguments to the stage functions."""
     launcher = os.environ.get("MLFLOW_RUN_ID") or None
+    from pipeline.tracking import check_reachable
+
+    check_reachable()
     if args.command == "extract":
         from pipeline.extract import run_extract
 
@@ -97,7 +103,7 @@ def run(args: argparse.Namespace) -> None:
         from pipeline.sweep import run_sweep
 
         outcome = run_sweep(args.features, args.sweep, args.n_trials, args.storage, args.study,
-                            launcher_run_id=launcher)
+                            launcher_run_id=launcher, workers=args.workers)
         print(f"sweep: study '{outcome.study_name}' {outcome.counts}; parent run "
               f"{outcome.parent_run_id}", file=sys.stderr)
     elif args.command == "export":

@@ -8,8 +8,10 @@ run nested under the sweep's parent run, with its config as params, per-epoch me
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import multiprocessing
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -17,7 +19,6 @@ from pathlib import Path
 
 import mlflow
 import optuna
-from optuna.trial import TrialState
 
 from pipeline import naming, studies, tracking
 from pipeline.config import SweepSpec, TrialConfig, load_sweep
@@ -74,50 +75,182 @@ def make_engine(name: str):
     return engines[name]()
 
 
+@dataclass(frozen=True)
+class Job:
+    """What a worker needs to run a study's trials; picklable, for worker processes."""
+
+    features: str
+    sweep: str
+    n_trials: int | None
+    storage: str | None
+    study: str
+    experiment: str
+    parent: str
+    tags: dict
+    tracking_uri: str
+
+
 def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: str | None = None,
               study: str | None = None, launcher_run_id: str | None = None,
-              progress: bool | None = None) -> SweepOutcome:
+              progress: bool | None = None, workers: int = 1) -> SweepOutcome:
     """Run (or resume) the study a sweep file describes, on a features file or ``runs:/`` URI.
 
-    ``launcher_run_id`` is the run this sweep was started under (``main``'s, or the one
-    ``mlflow run`` opened): the parent run nests under it when both are in the study's
-    experiment, and the two are linked by tags otherwise. Returns the parent run and counts.
+    ``workers`` processes of this machine take the study's trials side by side (this one and
+    ``workers - 1`` started here); ``0`` only sets the study and its parent run up, for workers
+    to be started elsewhere (its parent run is then SCHEDULED). Any number of such commands on
+    any machines may share one study (same ``storage`` and ``study``); all trial runs nest under
+    the one parent run, which the last worker out ends. ``launcher_run_id`` is the run this
+    sweep was started under (``main``'s, or the one ``mlflow run`` opened): the parent run
+    nests under it when both are in the study's experiment, and the two are linked by tags
+    otherwise. Returns the parent run and the trial counts.
     """
+    if workers < 0:
+        raise UserError(f"workers {workers}: must be >= 0 (0 sets the study up and runs nothing)")
     spec = load_sweep(sweep, n_trials)
     features_path = resolve_features(features)
     data = read_features(features_path)
     features_sha = sha256_file(features_path)
-    tracking.install_sigterm_handler()
-    the_study = studies.open_study(spec, storage, study, features_sha)
+    tracking.install_signal_handlers()
     experiment = tracking.experiment_id(spec.experiment)
-    parent = _open_parent(the_study, spec, experiment, launcher_run_id, storage,
-                          features_sha, str(features_path), sweep)
-    common_tags = {naming.STUDY: the_study.study_name, naming.FEATURES_SHA: features_sha,
-                   naming.WEIGHTS: str(data.attrs.get("weights", "unknown")),
-                   naming.STEP: "trial", naming.SWEEP_NAME: spec.name, **tracking.versions()}
-    objective = Objective(spec, data, make_engine(spec.engine))
-    with tracking.terminal_run(parent):
-        bar = _progress(spec.budget(), the_study, progress)
-        while (trial := studies.next_trial(the_study)) is not None:
-            _run_trial(the_study, trial, objective, experiment, parent, common_tags)
-            bar.update(1)
-        bar.close()
-        counts = _summarise(the_study, parent)
+
+    def make_parent(the_study: optuna.Study) -> str:
+        return _create_parent(the_study, spec, experiment, launcher_run_id, storage,
+                              features_sha, str(features_path), sweep)
+
+    with tracking.deferred_interrupts():
+        the_study = studies.open_study(spec, storage, study, features_sha, make_parent, _end_lost_run)
+        parent = _reopen_parent(the_study, experiment, make_parent)
+    job = Job(str(features_path), sweep, n_trials, storage, the_study.study_name, experiment, parent,
+              {naming.STUDY: the_study.study_name, naming.FEATURES_SHA: features_sha,
+               naming.WEIGHTS: str(data.attrs.get("weights", "unknown")), naming.STEP: "trial",
+               naming.SWEEP_NAME: spec.name, **tracking.versions()},
+              mlflow.get_tracking_uri())
+    status = "FINISHED"
+    try:
+        if workers:
+            with _helpers(job, workers - 1):
+                _work(the_study, Objective(spec, data, make_engine(spec.engine)), job,
+                      _progress(spec.budget(), the_study, progress))
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        with tracking.deferred_interrupts():
+            counts = _summarise(the_study, parent)
+            _close_parent(parent, counts, status)
     return SweepOutcome(parent, experiment, the_study.study_name, counts)
 
 
-def _open_parent(study: optuna.Study, spec: SweepSpec, experiment: str, launcher: str | None,
-                 storage: str | None, features_sha: str, features_path: str, sweep: str) -> str:
-    """The sweep's parent run: reopened when the study is resumed, created otherwise."""
-    client = mlflow.MlflowClient()
-    previous = study.user_attrs.get(studies.PARENT_ATTR)
-    if previous:
+def _work(study: optuna.Study, objective: Objective, job: Job, bar) -> None:
+    """Claim and run the study's trials until none is left; an interrupt fails and re-queues the
+    trial in hand (its MLflow run KILLED) and propagates."""
+    while True:
+        trial = None
         try:
-            if client.get_run(previous).info.experiment_id == experiment:
-                client.update_run(previous, status="RUNNING")
-                return previous
-        except mlflow.exceptions.MlflowException:
-            pass  # the tracking store has changed since: start a new parent
+            with tracking.deferred_interrupts():
+                trial = studies.next_trial(study, _end_lost_run)
+            if trial is None:
+                break
+            with studies.heartbeat(study, trial):
+                _run_trial(study, trial, objective, job)
+        except KeyboardInterrupt:
+            if trial is not None:
+                with tracking.deferred_interrupts():
+                    studies.finish(study, trial, reason="interrupted", retry=True)
+            raise
+        finally:
+            if bar is not None:
+                counts = studies.tally(study)
+                bar.update(counts["complete"] + counts["fail"] + counts["pruned"] - bar.n)
+    if bar is not None:
+        bar.close()
+
+
+@contextlib.contextmanager
+def _helpers(job: Job, n: int):
+    """Start ``n`` worker processes on ``job`` for the block; on the way out wait for them
+    (after passing on an interrupt as SIGTERM) and report any that did not end cleanly."""
+    context = multiprocessing.get_context("spawn")  # no forked TensorFlow or DB connections
+    procs = [context.Process(target=_worker_main, args=(job,), name=f"sweep-worker-{i + 1}")
+             for i in range(n)]
+    for proc in procs:
+        proc.start()
+    try:
+        yield
+    except BaseException:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        raise
+    finally:
+        for proc in procs:
+            proc.join()
+            if proc.exitcode not in (0, 130):
+                print(f"warning: worker process {proc.pid} ended with status {proc.exitcode}; "
+                      f"its trial, if any, was queued again", file=sys.stderr)
+
+
+def _worker_main(job: Job) -> None:
+    """A worker process: load what :func:`run_sweep` set up and run trials (exit 130 when
+    interrupted)."""
+    from pipeline.quiet import quiet_tensorflow
+
+    quiet_tensorflow()
+    mlflow.set_tracking_uri(job.tracking_uri)
+    tracking.install_signal_handlers()
+    try:
+        spec = load_sweep(job.sweep, job.n_trials)
+        data = read_features(job.features)
+        storage = studies.make_storage(job.storage, _end_lost_run)
+        the_study = studies.patiently(optuna.load_study, study_name=job.study, storage=storage,
+                                      sampler=studies.make_sampler(spec))
+        _work(the_study, Objective(spec, data, make_engine(spec.engine)), job, None)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _end_lost_run(trial: optuna.trial.FrozenTrial, reason: str) -> None:
+    """A lost trial's MLflow run ends KILLED (see :func:`studies.make_storage`)."""
+    tracking.end_lost_run(trial.user_attrs.get(studies.RUN_ATTR), reason)
+
+
+def _reopen_parent(study: optuna.Study, experiment: str, make_parent) -> str:
+    """The study's parent run, set RUNNING again; a new one if it is not in this tracking
+    store's ``experiment`` (the store has changed since the study was made)."""
+    client = mlflow.MlflowClient()
+    parent = study.user_attrs.get(studies.PARENT_ATTR)
+    try:
+        run = client.get_run(parent)
+        if run.info.experiment_id == experiment:
+            if run.info.status != "RUNNING":
+                client.update_run(parent, status="RUNNING")
+            return parent
+    except mlflow.exceptions.MlflowException:
+        pass
+    parent = make_parent(study)
+    studies.patiently(study.set_user_attr, studies.PARENT_ATTR, parent)
+    return parent
+
+
+def _close_parent(parent: str, counts: dict[str, int], status: str) -> None:
+    """End the parent run as ``status``, unless other workers still run trials (the last one
+    out ends it). Finished with trials still queued (``workers 0``) it is SCHEDULED."""
+    if counts["running"]:
+        return
+    client = mlflow.MlflowClient()
+    if status == "FINISHED" and counts["waiting"]:
+        client.update_run(parent, status="SCHEDULED")
+    else:
+        client.set_terminated(parent, status)
+
+
+def _create_parent(study: optuna.Study, spec: SweepSpec, experiment: str, launcher: str | None,
+                   storage: str | None, features_sha: str, features_path: str, sweep: str) -> str:
+    """A new parent run for the study: tags, params and the sweep file."""
+    client = mlflow.MlflowClient()
     launcher_experiment = client.get_run(launcher).info.experiment_id if launcher else None
     nest = launcher if launcher_experiment == experiment else None
     tags = {naming.STEP: "sweep", naming.SWEEP_NAME: spec.name, naming.STUDY: study.study_name,
@@ -136,7 +269,6 @@ def _open_parent(study: optuna.Study, spec: SweepSpec, experiment: str, launcher
               **{f"fixed.{k}": v for k, v in spec.fixed.items()}}
     tracking.log_batch(parent, params=params)
     client.log_artifact(parent, sweep, "sweep")
-    study.set_user_attr(studies.PARENT_ATTR, parent)
     return parent
 
 
@@ -148,23 +280,29 @@ def _description(spec: SweepSpec) -> str:
             f"filter `tags.collapsed = 'true'` for heads whose prediction never varies.").strip()
 
 
-def _run_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective, experiment: str,
-               parent: str, common_tags: dict) -> None:
-    """Train one trial, record it in MLflow and tell Optuna; a failure fails only this trial."""
+def _run_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective, job: Job) -> None:
+    """Train one trial, record it in MLflow and tell Optuna; a failure fails only this trial.
+
+    Ctrl-C or SIGTERM ends the trial's run KILLED and propagates (the caller re-queues the
+    trial); a trial taken for lost meanwhile (no heartbeat within the grace period) has its run
+    KILLED too, since its retry carries the result.
+    """
     spec = objective.spec
     try:
         config = spec.trial_config(studies.suggest(trial, spec))
     except Exception as exc:
-        trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
-        study.tell(trial, state=TrialState.FAIL)
+        with tracking.deferred_interrupts():
+            studies.finish(study, trial, reason=f"{type(exc).__name__}: {exc}")
         return
     role = naming.role_of(config)
-    tags = {**common_tags, naming.TRIAL_NUMBER: trial.number, "activation": config.activation,
+    tags = {**job.tags, naming.TRIAL_NUMBER: trial.number, "activation": config.activation,
             **({naming.ROLE: role} if role else {})}
-    run_id = tracking.create_run(experiment, naming.trial_run_name(config), parent, tags)
-    trial.set_user_attr("mlflow_run_id", run_id)
-    tracking.log_batch(run_id, params=config.params())
+    run_id = None
     try:
+        with tracking.deferred_interrupts():
+            run_id = tracking.create_run(job.experiment, naming.trial_run_name(config), job.parent, tags)
+            studies.patiently(trial.set_user_attr, studies.RUN_ATTR, run_id)
+        tracking.log_batch(run_id, params=config.params())
         with tracking.terminal_run(run_id):
             result = objective.engine.train(config, objective.split(config))
             value = result.final(spec.objective.metric)
@@ -176,30 +314,29 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective, e
             if not math.isfinite(value):
                 raise FloatingPointError(f"{spec.objective.metric} is {value}: training diverged")
     except KeyboardInterrupt:
-        trial.set_user_attr("fail_reason", "interrupted")
-        study.tell(trial, state=TrialState.FAIL)
+        with tracking.deferred_interrupts():
+            tracking.end_lost_run(run_id, "interrupted")
         raise
     except Exception as exc:
-        trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:2000])
-        study.tell(trial, state=TrialState.FAIL)
+        with tracking.deferred_interrupts():
+            studies.finish(study, trial, reason=f"{type(exc).__name__}: {' '.join(str(exc).split())}")
         return
-    trial.set_user_attr("collapsed", result.collapsed)
-    study.tell(trial, value)
+    with tracking.deferred_interrupts():
+        studies.patiently(trial.set_user_attr, "collapsed", result.collapsed)
+        if not studies.finish(study, trial, value):
+            tracking.end_lost_run(run_id, "its worker was taken for lost before it reported")
 
 
 def _summarise(study: optuna.Study, parent: str) -> dict[str, int]:
     """Log trial counts and the best trial on the parent run; return the counts."""
-    trials = study.get_trials(deepcopy=False)
-    counts = {state.name.lower(): sum(t.state == state for t in trials)
-              for state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)}
+    counts = studies.tally(study)
     tags = {}
     metrics = {f"trials.{k}": v for k, v in counts.items()}
-    completed = [t for t in trials if t.state == TrialState.COMPLETE]
-    if completed:
-        best = study.best_trial
+    if counts["complete"]:
+        best = studies.patiently(lambda: study.best_trial)
         metrics["best.value"] = best.value
         tags = {"best.trial_number": best.number,
-                "best.run_id": best.user_attrs.get("mlflow_run_id", ""),
+                "best.run_id": best.user_attrs.get(studies.RUN_ATTR, ""),
                 "best.params": json.dumps(best.params, sort_keys=True)}
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp, "best_trial.json")
