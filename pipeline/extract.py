@@ -105,6 +105,15 @@ def image_dataset(source: ImageSource, input_size: int, batch_size: int) -> tf.d
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
+def check_inputs(images: str, input_size: str | int, batch_size: int) -> tuple[ImageSource, int]:
+    """The image source and input size, or :class:`UserError` for an unusable folder, size or
+    batch size (checked before anything is written)."""
+    if batch_size < 1:
+        raise UserError(f"batch_size {batch_size}: must be >= 1")
+    source = open_source(images)
+    return source, input_size_for(input_size, source)
+
+
 def extract(images: str, weights: str = "auto", input_size: str | int = "auto",
             batch_size: int = 32, output: str = "features.h5",
             progress: bool | None = None) -> Extraction:
@@ -113,10 +122,7 @@ def extract(images: str, weights: str = "auto", input_size: str | int = "auto",
     Raises :class:`UserError` for an unusable source, size, weights or an input in which no
     image decodes; in every such case nothing is written at ``output``.
     """
-    if batch_size < 1:
-        raise UserError(f"batch_size {batch_size}: must be >= 1")
-    source = open_source(images)
-    size = input_size_for(input_size, source)
+    source, size = check_inputs(images, input_size, batch_size)
     model, used = load_backbone(weights, size)
     forward = tf.function(lambda x: model(keras.applications.xception.preprocess_input(x),
                                           training=False))
@@ -169,6 +175,7 @@ def run_extract(images: str, weights: str = "auto", input_size: str | int = "aut
 
     from pipeline import naming
 
+    check_inputs(images, input_size, batch_size)  # bad input: no run, no file
     if run_id is None:
         exp = experiment_id or tracking.experiment_id("features")
         run_id = tracking.create_run(exp, f"extract-{Path(output).stem}", parent_run_id,

@@ -37,9 +37,6 @@ from optuna.trial import FrozenTrial, TrialState
 from pipeline.config import FloatRange, SweepSpec, freeze_params
 from pipeline.errors import UserError
 
-# Optuna marks the heartbeat API experimental; this module relies on it knowingly.
-warnings.filterwarnings("ignore", category=ExperimentalWarning)
-
 JOURNAL_NAME = "optuna-journal.log"
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 SPACE_ATTR = "sweep_space"
@@ -94,10 +91,12 @@ def _rdb_storage(url: str, on_lost: OnLost | None) -> optuna.storages.RDBStorage
     interval = _seconds(HEARTBEAT_ENV, 10)
     for attempt in range(5):
         try:
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=interval,
-                grace_period=_seconds(GRACE_ENV, max(60, 2 * interval)),
-                heartbeat_stale_trial_callback=Requeue(on_lost, "its worker stopped sending heartbeats"))
+            with _experimental_ok():
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=interval,
+                    grace_period=_seconds(GRACE_ENV, max(60, 2 * interval)),
+                    heartbeat_stale_trial_callback=Requeue(on_lost,
+                                                           "its worker stopped sending heartbeats"))
         except (IntegrityError, ProgrammingError):
             if attempt == 4:
                 raise
@@ -301,7 +300,8 @@ def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
     """
     clean = copy.deepcopy(trial)
     clean.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in ATTEMPT_ATTRS}
-    patiently(optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES), study, clean)
+    with _experimental_ok():
+        patiently(optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES), study, clean)
 
 
 def _recover_lost(study: optuna.Study, on_lost: OnLost | None) -> None:
@@ -311,7 +311,8 @@ def _recover_lost(study: optuna.Study, on_lost: OnLost | None) -> None:
     trials of processes of this machine that no longer exist.
     """
     if _beats(study):
-        patiently(optuna.storages.fail_stale_trials, study)
+        with _experimental_ok():
+            patiently(optuna.storages.fail_stale_trials, study)
         return
     callback = Requeue(on_lost, "its worker process is gone")
     for trial in patiently(study.get_trials, deepcopy=False, states=(TrialState.RUNNING,)):
@@ -400,6 +401,11 @@ def study_url(storage: str | None, name: str) -> str:
     """How to open the study elsewhere: ``optuna-dashboard <storage>`` and the study name."""
     storage = redact(storage or os.path.abspath(default_storage()))
     return f"{storage}#study={name}"
+
+
+def _experimental_ok():
+    """Silence Optuna's ExperimentalWarning: the heartbeat API is used knowingly."""
+    return warnings.catch_warnings(action="ignore", category=ExperimentalWarning)
 
 
 def _seconds(env: str, default: int) -> int:
