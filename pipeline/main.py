@@ -68,7 +68,7 @@ def run_main(images: str = "builtin:digits", weights: str = "auto",
         experiment = tracking.experiment_id(spec.experiment)
         main_run = tracking.create_run(experiment, f"main-{naming.parent_run_name(spec.name)}")
     experiment = client.get_run(main_run).info.experiment_id
-    tracking.install_signal_handlers()
+    tracking.install_sigterm_handler()
     with tracking.terminal_run(main_run):
         client.set_tag(main_run, naming.STEP, "main")
         tracking.log_new_params(main_run, {"images": images, "weights": weights,

@@ -10,16 +10,18 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 
-from pipeline.config import TrialConfig
+from pipeline.config import ParityConfig, TrialConfig
 
 LOSS_ABBREV = {"binary_crossentropy": "bce", "categorical_crossentropy": "cce",
                "sparse_categorical_crossentropy": "scce"}
-INIT_ABBREV = {"glorot_uniform": "glorot", "zeros": "zeros", "he_normal": "he",
+INIT_ABBREV = {"glorot_uniform": "glorot", "glorot_centered": "centered", "zeros": "zeros", "he_normal": "he",
                "transfer": "transfer"}
 
 # Tags
 STEP = "pipeline.step"            # extract | sweep | trial | export | main
 SWEEP_NAME = "pipeline.sweep"
+KIND = "pipeline.kind"             # heads | parity: what one trial of a sweep is
+REPORT = "pipeline.report"         # summary | collapse | parity | breakers: the table export makes
 MAIN_RUN = "pipeline.main_run_id"
 ROLE = "parity.role"
 COLLAPSED = "collapsed"
@@ -46,6 +48,27 @@ def trial_run_name(config: TrialConfig) -> str:
              f"lr{format_lr(config.learning_rate)}", INIT_ABBREV[config.init]]
     if config.optimizer != "sgd":
         parts.append(config.optimizer)
+    parts.append(f"s{config.seed}")
+    return "-".join(parts)
+
+
+def parity_run_name(config: ParityConfig) -> str:
+    """A parity experiment's run name: optimizer, softmax lr, ratio, what deviates, seed.
+
+    ``parity-adamw-lr1e-3-x2-decay0.5-s0``: settings off their defaults (the parity breakers
+    and their corrections) are spelled out, so each row of the breakers study reads apart.
+    """
+    parts = ["parity", config.optimizer, f"lr{format_lr(config.learning_rate)}", f"x{config.ratio:g}"]
+    defaults = ParityConfig()
+    flags = {"weight_decay": f"wd{config.weight_decay:g}" if config.weight_decay is not None else "",
+             "sigmoid_decay_scale": f"decay{config.sigmoid_decay_scale:g}",
+             "l2": f"l2-{config.l2:g}", "sigmoid_l2_scale": f"l2scale{config.sigmoid_l2_scale:g}",
+             "label_smoothing": f"smooth{config.label_smoothing:g}",
+             "bias_init": f"bias-{config.bias_init}", "share_masks": "own-masks",
+             "share_batch_order": "own-order", "transfer_bias": "no-bias-transfer",
+             "center_softmax": "centered"}
+    parts += [text for name, text in flags.items()
+              if getattr(config, name) != getattr(defaults, name) and text]
     parts.append(f"s{config.seed}")
     return "-".join(parts)
 

@@ -170,7 +170,7 @@ def open_study(spec: SweepSpec, storage: str | None, name: str | None, features_
                             f"(sha256 {str(attrs.get(FEATURES_ATTR))[:12]}...); choose another --study")
     else:
         for key, value in {SPACE_ATTR: space, FEATURES_ATTR: features_sha, "sweep": spec.name,
-                           "objective": spec.objective.metric}.items():
+                           "objective": spec.objective_metric}.items():
             patiently(study.set_user_attr, key, value)
     patiently(_fill_queue, study, spec)
     if created or not ready:

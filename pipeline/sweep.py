@@ -20,10 +20,10 @@ from pathlib import Path
 import mlflow
 import optuna
 
-from pipeline import naming, studies, tracking
-from pipeline.config import SweepSpec, TrialConfig, load_sweep
+from pipeline import naming, parity, records, studies, tracking
+from pipeline.config import ParityConfig, SweepSpec, TrialConfig, load_sweep
 from pipeline.errors import UserError
-from pipeline.features import FeatureSet, read_features, sha256_file
+from pipeline.features import FeatureSet, read_features, resolve_features, sha256_file
 from pipeline.split import Split, make_split
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -39,25 +39,18 @@ class SweepOutcome:
     counts: dict[str, int]
 
 
-def resolve_features(features: str) -> Path:
-    """A local path for ``features``: the path itself, or a ``runs:/`` artifact downloaded."""
-    if features.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
-        try:
-            return Path(mlflow.artifacts.download_artifacts(artifact_uri=features))
-        except Exception as exc:  # MLflow raises several types for a missing run or artifact
-            raise UserError(f"features '{features}': cannot be fetched "
-                            f"({' '.join(str(exc).split())[:200]})") from None
-    return Path(features)
-
-
 class Objective:
-    """Trains trials of one sweep on one features file, loaded once, splits cached by seed."""
+    """Trains trials of one sweep on one features file, loaded once, splits cached by seed.
+
+    A trial of a ``heads`` sweep trains one head; a trial of a ``parity`` sweep trains the
+    seed's three heads (:mod:`pipeline.parity`) as runs nested under the trial's run.
+    """
 
     def __init__(self, spec: SweepSpec, features: FeatureSet, engine):
         self.spec, self.features, self.engine = spec, features, engine
         self._splits: dict[tuple, Split] = {}
 
-    def split(self, config: TrialConfig) -> Split:
+    def split(self, config: TrialConfig | ParityConfig) -> Split:
         """The train/validation split of ``config`` (shared by all trials of the same seed)."""
         key = (config.seed, config.validation_fraction, config.standardize)
         if key not in self._splits:
@@ -65,6 +58,28 @@ class Objective:
                                            config.validation_fraction, config.seed,
                                            config.standardize)
         return self._splits[key]
+
+    def run_name(self, config: TrialConfig | ParityConfig) -> str:
+        """The MLflow run name of a trial (:mod:`pipeline.naming`)."""
+        if isinstance(config, ParityConfig):
+            return naming.parity_run_name(config)
+        return naming.trial_run_name(config)
+
+    def tags(self, config: TrialConfig | ParityConfig) -> dict[str, str]:
+        """Tags a trial's run gets when it is created."""
+        return {} if isinstance(config, ParityConfig) else records.head_tags(config)
+
+    def train_and_log(self, config: TrialConfig | ParityConfig, run_id: str, experiment: str,
+                      tags: dict[str, str]) -> float:
+        """Train ``config``, record the results on ``run_id``, return the objective's value."""
+        split = self.split(config)
+        metric = self.spec.objective_metric
+        if isinstance(config, ParityConfig):
+            result = parity.train_parity(config, split, self.engine)
+            return parity.log_parity(run_id, experiment, result, split, tags)[metric]
+        result = self.engine.train(config, split)
+        records.log_head(run_id, result, split, config)
+        return result.final(metric)
 
 
 def make_engine(name: str):
@@ -110,7 +125,7 @@ def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: s
     features_path = resolve_features(features)
     data = read_features(features_path)
     features_sha = sha256_file(features_path)
-    tracking.install_signal_handlers()
+    tracking.install_sigterm_handler()
     experiment = tracking.experiment_id(spec.experiment)
 
     def make_parent(the_study: optuna.Study) -> str:
@@ -200,7 +215,7 @@ def _worker_main(job: Job) -> None:
 
     quiet_tensorflow()
     mlflow.set_tracking_uri(job.tracking_uri)
-    tracking.install_signal_handlers()
+    tracking.install_sigterm_handler()
     try:
         spec = load_sweep(job.sweep, job.n_trials)
         data = read_features(job.features)
@@ -254,6 +269,7 @@ def _create_parent(study: optuna.Study, spec: SweepSpec, experiment: str, launch
     launcher_experiment = client.get_run(launcher).info.experiment_id if launcher else None
     nest = launcher if launcher_experiment == experiment else None
     tags = {naming.STEP: "sweep", naming.SWEEP_NAME: spec.name, naming.STUDY: study.study_name,
+            naming.KIND: spec.kind, naming.REPORT: spec.report,
             naming.STORAGE: studies.study_url(storage, study.study_name),
             naming.FEATURES_SHA: features_sha, naming.NOTE: _description(spec),
             **tracking.versions()}
@@ -262,9 +278,10 @@ def _create_parent(study: optuna.Study, spec: SweepSpec, experiment: str, launch
     parent = tracking.create_run(experiment, naming.parent_run_name(spec.name), nest, tags)
     if launcher and not nest:
         client.set_tag(launcher, "pipeline.sweep_run_id", parent)
-    params = {"sweep": spec.name, "sampler": spec.sampler, "sampler_seed": spec.sampler_seed,
+    params = {"sweep": spec.name, "sweep_file": sweep, "kind": spec.kind, "sampler": spec.sampler,
+              "sampler_seed": spec.sampler_seed,
               "n_trials": spec.budget(), "seeds": list(spec.seeds), "engine": spec.engine,
-              "objective": f"{spec.objective.direction} {spec.objective.metric}",
+              "objective": f"{spec.objective.direction} {spec.objective_metric}",
               "features": features_path, "study": study.study_name,
               **{f"fixed.{k}": v for k, v in spec.fixed.items()}}
     tracking.log_batch(parent, params=params)
@@ -273,6 +290,11 @@ def _create_parent(study: optuna.Study, spec: SweepSpec, experiment: str, launch
 
 
 def _description(spec: SweepSpec) -> str:
+    if spec.kind == "parity":
+        return (f"{spec.description.strip()}\n\n"
+                f"Each nested run is one trial: a parity experiment (the softmax at lr, the "
+                f"transferred and the random sigmoid at ratio x lr, nested under it). Sort by "
+                f"`max_gap_softmax_transfer`; at ratio 2 it is float32 rounding.").strip()
     return (f"{spec.description.strip()}\n\n"
             f"Each nested run is one trial: a head trained with the config in its name and "
             f"params. Compare `val_accuracy` with `positive_fraction` and `val_prob_loss` "
@@ -294,25 +316,17 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective, j
         with tracking.deferred_interrupts():
             studies.finish(study, trial, reason=f"{type(exc).__name__}: {exc}")
         return
-    role = naming.role_of(config)
-    tags = {**job.tags, naming.TRIAL_NUMBER: trial.number, "activation": config.activation,
-            **({naming.ROLE: role} if role else {})}
+    tags = {**job.tags, naming.TRIAL_NUMBER: trial.number, **objective.tags(config)}
     run_id = None
     try:
         with tracking.deferred_interrupts():
-            run_id = tracking.create_run(job.experiment, naming.trial_run_name(config), job.parent, tags)
+            run_id = tracking.create_run(job.experiment, objective.run_name(config), job.parent, tags)
             studies.patiently(trial.set_user_attr, studies.RUN_ATTR, run_id)
         tracking.log_batch(run_id, params=config.params())
         with tracking.terminal_run(run_id):
-            result = objective.engine.train(config, objective.split(config))
-            value = result.final(spec.objective.metric)
-            metrics = [m for name, values in result.history.items()
-                       for m in tracking.series(name, values)]
-            metrics += tracking.scalars({"positive_fraction": result.positive_fraction})
-            tracking.log_batch(run_id, metrics=metrics,
-                               tags={naming.COLLAPSED: str(result.collapsed).lower()})
+            value = objective.train_and_log(config, run_id, job.experiment, job.tags)
             if not math.isfinite(value):
-                raise FloatingPointError(f"{spec.objective.metric} is {value}: training diverged")
+                raise FloatingPointError(f"{spec.objective_metric} is {value}: training diverged")
     except KeyboardInterrupt:
         with tracking.deferred_interrupts():
             tracking.end_lost_run(run_id, "interrupted")
@@ -322,7 +336,6 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective, j
             studies.finish(study, trial, reason=f"{type(exc).__name__}: {' '.join(str(exc).split())}")
         return
     with tracking.deferred_interrupts():
-        studies.patiently(trial.set_user_attr, "collapsed", result.collapsed)
         if not studies.finish(study, trial, value):
             tracking.end_lost_run(run_id, "its worker was taken for lost before it reported")
 

@@ -32,12 +32,10 @@ class Terminated(KeyboardInterrupt):
 _deferral = {"depth": 0, "pending": None}
 
 
-def install_signal_handlers() -> None:
-    """Turn SIGTERM into :class:`Terminated` and SIGINT into KeyboardInterrupt, deferrable.
-
-    Runs and trials are then closed on the way out; inside :func:`deferred_interrupts` the
-    exception waits until the block ends.
-    """
+def install_sigterm_handler() -> None:
+    """Turn SIGTERM into :class:`Terminated` (and SIGINT into KeyboardInterrupt, as usual), so
+    runs and trials are closed on the way out; inside :func:`deferred_interrupts` both wait
+    until the block ends."""
     def _raise(signum, frame):
         if _deferral["depth"]:
             _deferral["pending"] = signum
