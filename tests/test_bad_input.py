@@ -93,8 +93,8 @@ IMAGES_CASES = [
 ]
 SWEEP_CASES = [
     ("unknown key", {"epochz": 3},
-     "error: s.yaml: epochz: unknown key (allowed: name, experiment, description, sampler, "
-     "sampler_seed, n_trials, seeds, engine, objective, fixed, space)"),
+     "error: s.yaml: epochz: unknown key (allowed: name, experiment, description, kind, report, "
+     "sampler, sampler_seed, n_trials, seeds, engine, objective, fixed, space)"),
     ("wrong type", {"fixed": {"epochs": "ten"}},
      "error: s.yaml: fixed.epochs: Input should be a valid integer, unable to parse string as an "
      "integer"),
@@ -110,8 +110,8 @@ SWEEP_CASES = [
      "error: s.yaml: fixed.optimizer: 'lbfgs' is not allowed (allowed: sgd, momentum, nesterov, "
      "adam, rmsprop, adagrad, adadelta, adamw)"),
     ("unknown init", {"space": {"init": ["ones"]}},
-     "error: s.yaml: space.init[0]: 'ones' is not allowed (allowed: glorot_uniform, zeros, "
-     "he_normal, transfer)"),
+     "error: s.yaml: space.init[0]: 'ones' is not allowed (allowed: glorot_uniform, "
+     "glorot_centered, zeros, he_normal, transfer)"),
 ]
 MISSING_RUN = "runs:/0123456789abcdef0123456789abcdef/features/f.h5"
 
