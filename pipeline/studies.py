@@ -28,6 +28,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -88,13 +89,12 @@ def _rdb_storage(url: str, on_lost: OnLost | None) -> optuna.storages.RDBStorage
     """
     from sqlalchemy.exc import IntegrityError, ProgrammingError
 
-    interval = _seconds(HEARTBEAT_ENV, 10)
     for attempt in range(5):
         try:
             with _experimental_ok():
                 return optuna.storages.RDBStorage(
-                    url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=interval,
-                    grace_period=_seconds(GRACE_ENV, max(60, 2 * interval)),
+                    url, engine_kwargs={"pool_pre_ping": True},
+                    heartbeat_interval=_seconds(HEARTBEAT_ENV, 10), grace_period=grace_seconds(),
                     heartbeat_stale_trial_callback=Requeue(on_lost,
                                                            "its worker stopped sending heartbeats"))
         except (IntegrityError, ProgrammingError):
@@ -308,25 +308,43 @@ def _recover_lost(study: optuna.Study, on_lost: OnLost | None) -> None:
     """Fail and re-queue the RUNNING trials whose worker is gone.
 
     RDB: Optuna's stale-heartbeat check (its callback is :class:`Requeue`). Journal file: the
-    trials of processes of this machine that no longer exist.
+    trials of processes of this machine that no longer exist. Both: a trial claimed by no known
+    worker (one killed between claiming it and signing it, or an older version's) once it has
+    run for the grace period.
     """
     if _beats(study):
         with _experimental_ok():
             patiently(optuna.storages.fail_stale_trials, study)
-        return
-    callback = Requeue(on_lost, "its worker process is gone")
+    grace = grace_seconds()
     for trial in patiently(study.get_trials, deepcopy=False, states=(TrialState.RUNNING,)):
-        if _local_worker_alive(trial) is False:
+        if WORKER_ATTR not in trial.user_attrs:
+            started = trial.datetime_start
+            now = datetime.now(started.tzinfo) if started else None
+            reason = "no worker signed it" if started and (now - started).total_seconds() > grace else None
+        elif not _beats(study) and _local_worker_alive(trial) is False:
+            reason = "its worker process is gone"
+        else:
+            reason = None
+        if reason is not None:
             with contextlib.suppress(UpdateFinishedTrialError):
                 if patiently(study._storage.set_trial_state_values, trial._trial_id, TrialState.FAIL):
-                    callback(study, patiently(study._storage.get_trial, trial._trial_id))
+                    Requeue(on_lost, reason)(study, patiently(study._storage.get_trial, trial._trial_id))
 
 
 def _may_be_lost(study: optuna.Study, trial: FrozenTrial) -> bool:
-    """Whether a RUNNING trial is watched: if its worker were lost, it would be queued again."""
-    if _beats(study):
+    """Whether a RUNNING trial is watched: if its worker were lost, it would be queued again.
+
+    Not so for a trial of a journal file's worker on another machine: its liveness is unknown.
+    """
+    if _beats(study) or WORKER_ATTR not in trial.user_attrs:
         return True
     return _local_worker_alive(trial) is True
+
+
+def grace_seconds() -> int:
+    """Seconds of silence after which a trial's worker is taken for lost: ``$PIPELINE_GRACE_SECONDS``,
+    default 60 (at least twice the heartbeat interval)."""
+    return _seconds(GRACE_ENV, max(60, 2 * _seconds(HEARTBEAT_ENV, 10)))
 
 
 def _local_worker_alive(trial: FrozenTrial) -> bool | None:

@@ -176,10 +176,9 @@ def _work(study: optuna.Study, objective: Objective, job: Job, bar) -> None:
                 with tracking.deferred_interrupts():
                     studies.finish(study, trial, reason="interrupted", retry=True)
             raise
-        finally:
-            if bar is not None:
-                counts = studies.tally(study)
-                bar.update(counts["complete"] + counts["fail"] + counts["pruned"] - bar.n)
+        if bar is not None:  # trials done by every worker
+            counts = studies.tally(study)
+            bar.update(counts["complete"] + counts["fail"] + counts["pruned"] - bar.n)
     if bar is not None:
         bar.close()
 
