@@ -140,12 +140,23 @@ def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: s
                naming.WEIGHTS: str(data.attrs.get("weights", "unknown")), naming.STEP: "trial",
                naming.SWEEP_NAME: spec.name, **tracking.versions()},
               mlflow.get_tracking_uri())
+    with _closing_parent(the_study, parent) as counts, _helpers(job, max(workers - 1, 0)):
+        if workers:
+            _work(the_study, Objective(spec, data, make_engine(spec.engine)), job,
+                  _progress(spec.budget(), the_study, progress))
+    return SweepOutcome(parent, experiment, the_study.study_name, counts)
+
+
+@contextlib.contextmanager
+def _closing_parent(study: optuna.Study, parent: str):
+    """Yield a dict that holds the trial counts once the block is done; on the way out log them
+    on the parent run and end it (FINISHED, KILLED on an interrupt, FAILED on an error) unless
+    other workers still run trials: the last worker out ends it. Finished with trials still
+    queued (``workers 0``) it is SCHEDULED."""
+    counts: dict[str, int] = {}
     status = "FINISHED"
     try:
-        if workers:
-            with _helpers(job, workers - 1):
-                _work(the_study, Objective(spec, data, make_engine(spec.engine)), job,
-                      _progress(spec.budget(), the_study, progress))
+        yield counts
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -154,9 +165,13 @@ def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: s
         raise
     finally:
         with tracking.deferred_interrupts():
-            counts = _summarise(the_study, parent)
-            _close_parent(parent, counts, status)
-    return SweepOutcome(parent, experiment, the_study.study_name, counts)
+            counts.update(_summarise(study, parent))
+            if not counts["running"]:
+                client = mlflow.MlflowClient()
+                if status == "FINISHED" and counts["waiting"]:
+                    client.update_run(parent, status="SCHEDULED")
+                else:
+                    client.set_terminated(parent, status)
 
 
 def _work(study: optuna.Study, objective: Objective, job: Job, bar) -> None:
@@ -221,7 +236,8 @@ def _worker_main(job: Job) -> None:
         storage = studies.make_storage(job.storage, _end_lost_run)
         the_study = studies.patiently(optuna.load_study, study_name=job.study, storage=storage,
                                       sampler=studies.make_sampler(spec))
-        _work(the_study, Objective(spec, data, make_engine(spec.engine)), job, None)
+        with _closing_parent(the_study, job.parent):
+            _work(the_study, Objective(spec, data, make_engine(spec.engine)), job, None)
     except KeyboardInterrupt:
         sys.exit(130)
 
@@ -247,18 +263,6 @@ def _reopen_parent(study: optuna.Study, experiment: str, make_parent) -> str:
     parent = make_parent(study)
     studies.patiently(study.set_user_attr, studies.PARENT_ATTR, parent)
     return parent
-
-
-def _close_parent(parent: str, counts: dict[str, int], status: str) -> None:
-    """End the parent run as ``status``, unless other workers still run trials (the last one
-    out ends it). Finished with trials still queued (``workers 0``) it is SCHEDULED."""
-    if counts["running"]:
-        return
-    client = mlflow.MlflowClient()
-    if status == "FINISHED" and counts["waiting"]:
-        client.update_run(parent, status="SCHEDULED")
-    else:
-        client.set_terminated(parent, status)
 
 
 def _create_parent(study: optuna.Study, spec: SweepSpec, experiment: str, launcher: str | None,

@@ -66,7 +66,7 @@ def _interrupt(signum: int) -> None:
     raise Terminated(f"terminated by signal {signum}")
 
 
-def check_reachable(timeout: float = 5.0) -> None:
+def check_reachable(timeout: float = 3.0) -> None:
     """Fail fast, with one line, when the tracking server does not answer.
 
     MLflow retries an unreachable server for minutes by default; this asks once, within

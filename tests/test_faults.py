@@ -53,14 +53,25 @@ def running_trial_of(storage: str, study_name: str, pid: int):
     return find
 
 
+def finished_trial_of(storage: str, study_name: str, pid: int):
+    """A finished trial of process ``pid``, or None."""
+    def find():
+        """a trial finished by the process"""
+        study = optuna.load_study(study_name=study_name, storage=studies.make_storage(storage))
+        return any(t.state.is_finished() and t.user_attrs.get(studies.WORKER_ATTR, "").endswith(f":{pid}")
+                   for t in study.get_trials())
+    return find
+
+
 def test_sigkill_of_a_worker_mid_trial_is_failed_by_heartbeat_and_retried(
         tmp_path, postgres, mlflow_server):
-    features, sweep, budget = tiny_study(tmp_path, n_seeds=3)
+    features, sweep, budget = tiny_study(tmp_path, n_seeds=2)
     storage = postgres.create_database("optuna_kill")
     args = ("--features", features, "--sweep", sweep, "--storage", storage, "--study", "kill")
     victim = start_sweep(tmp_path, mlflow_server.uri, *args, env=FAST_HEARTBEAT, log="victim")
-    lost = wait_for(running_trial_of(storage, "kill", victim.pid))
     survivor = start_sweep(tmp_path, mlflow_server.uri, *args, env=FAST_HEARTBEAT, log="survivor")
+    wait_for(finished_trial_of(storage, "kill", survivor.pid))  # both are at work
+    lost = wait_for(running_trial_of(storage, "kill", victim.pid))
     assert victim.poll() is None
     victim.kill()
     killed_at = datetime.now()
@@ -84,7 +95,7 @@ def test_sigkill_of_a_worker_mid_trial_is_failed_by_heartbeat_and_retried(
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
 def test_interrupt_fails_the_trial_kills_its_run_and_a_rerun_resumes(tmp_path, signum):
-    features, sweep, budget = tiny_study(tmp_path, n_seeds=2)
+    features, sweep, budget = tiny_study(tmp_path, n_seeds=1)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     journal = str(tmp_path / "optuna-journal.log")
     proc = start_sweep(tmp_path, uri, "--features", features, "--sweep", sweep)
@@ -134,19 +145,19 @@ def test_killed_extraction_leaves_no_file_and_a_rerun_finishes(tmp_path):
 
 
 def test_postgres_restart_mid_sweep_loses_nothing(tmp_path, postgres, mlflow_server):
-    features, sweep, budget = tiny_study(tmp_path, n_seeds=4)
+    features, sweep, budget = tiny_study(tmp_path, n_seeds=3)
     storage = postgres.create_database("optuna_restart")
     proc = start_sweep(tmp_path, mlflow_server.uri, "--features", features, "--sweep", sweep,
                        "--storage", storage, "--study", "restart", "--workers", "2",
                        env={studies.HEARTBEAT_ENV: "1", studies.GRACE_ENV: "30"})
 
     def some_done():
-        """4 finished trials"""
+        """3 finished trials"""
         try:
             study = optuna.load_study(study_name="restart", storage=studies.make_storage(storage))
         except KeyError:
             return None
-        return sum(t.state.is_finished() for t in study.get_trials()) >= 4
+        return sum(t.state.is_finished() for t in study.get_trials()) >= 3
     wait_for(some_done, every=0.2)
     started = time.monotonic()
     postgres.restart()

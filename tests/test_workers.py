@@ -28,14 +28,14 @@ def test_four_workers_on_postgres_and_a_tracking_server_run_exactly_the_budget(
 
 
 def test_workers_on_one_machine_share_the_default_journal_storage(tmp_path):
-    """``--workers 3`` with the default storage (a journal file) and a SQLite MLflow store."""
-    features, sweep, budget = tiny_study(tmp_path, n_seeds=3)
+    """``--workers 2`` with the default storage (a journal file) and a SQLite MLflow store."""
+    features, sweep, budget = tiny_study(tmp_path, n_seeds=2)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = start_sweep(tmp_path, uri, "--features", features, "--sweep", sweep, "--workers", "3")
+    proc = start_sweep(tmp_path, uri, "--features", features, "--sweep", sweep, "--workers", "2")
     assert proc.wait(timeout=300) == 0, proc.log_path.read_text()[-3000:]
     result = audit(str(tmp_path / "optuna-journal.log"), "scale", uri, budget)
-    assert (result["complete"], result["fail"], result["runs"]) == (9, 3, 12)
-    assert result["workers"] >= 2  # a third worker may find the 12 short trials taken
+    assert (result["complete"], result["fail"], result["runs"]) == (6, 2, 8)
+    assert result["workers"] == 2
 
 
 # --- The queue itself, in-process: two "workers" are two storages on one journal file ----------
