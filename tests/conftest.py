@@ -11,7 +11,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from pipeline.features import write_features  # noqa: E402
-from tests.services import mlflow_server, postgres  # noqa: E402, F401 (session fixtures)
+from tests.services import launch, mlflow_server, postgres  # noqa: E402, F401 (fixtures)
 
 
 @pytest.fixture

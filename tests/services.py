@@ -205,9 +205,26 @@ def start_sweep(folder: Path, tracking_uri: str, *args: str, env: dict | None = 
     full_env.pop("MLFLOW_RUN_ID", None)
     out = open(folder / f"{log}.log", "w")  # noqa: SIM115 (closed with the process)
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "sweep", *args], cwd=folder,
-                            env=full_env, stdout=out, stderr=subprocess.STDOUT)
+                            env=full_env, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     proc.log_path = folder / f"{log}.log"
     return proc
+
+
+@pytest.fixture
+def launch(tmp_path):
+    """:func:`start_sweep` in ``tmp_path``; whatever still runs at the end (a failed test) is
+    killed with its worker processes."""
+    procs = []
+
+    def start(tracking_uri: str, *args: str, env: dict | None = None, log: str = "sweep"):
+        procs.append(start_sweep(tmp_path, tracking_uri, *args, env=env, log=log))
+        return procs[-1]
+    yield start
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def audit(storage: str, study_name: str, tracking_uri: str, budget: int) -> dict:

@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from pipeline import naming, studies
 from pipeline.features import read_features
-from tests.services import ROOT, audit, free_port, start_sweep, tiny_study
+from tests.services import ROOT, audit, free_port, tiny_study
 
 FAST_HEARTBEAT = {studies.HEARTBEAT_ENV: "1", studies.GRACE_ENV: "3"}
 
@@ -57,19 +57,22 @@ def finished_trial_of(storage: str, study_name: str, pid: int):
     """A finished trial of process ``pid``, or None."""
     def find():
         """a trial finished by the process"""
-        study = optuna.load_study(study_name=study_name, storage=studies.make_storage(storage))
+        try:
+            study = optuna.load_study(study_name=study_name, storage=studies.make_storage(storage))
+        except KeyError:  # not created yet
+            return False
         return any(t.state.is_finished() and t.user_attrs.get(studies.WORKER_ATTR, "").endswith(f":{pid}")
                    for t in study.get_trials())
     return find
 
 
 def test_sigkill_of_a_worker_mid_trial_is_failed_by_heartbeat_and_retried(
-        tmp_path, postgres, mlflow_server):
+        tmp_path, postgres, mlflow_server, launch):
     features, sweep, budget = tiny_study(tmp_path, n_seeds=2)
     storage = postgres.create_database("optuna_kill")
     args = ("--features", features, "--sweep", sweep, "--storage", storage, "--study", "kill")
-    victim = start_sweep(tmp_path, mlflow_server.uri, *args, env=FAST_HEARTBEAT, log="victim")
-    survivor = start_sweep(tmp_path, mlflow_server.uri, *args, env=FAST_HEARTBEAT, log="survivor")
+    victim = launch(mlflow_server.uri, *args, env=FAST_HEARTBEAT, log="victim")
+    survivor = launch(mlflow_server.uri, *args, env=FAST_HEARTBEAT, log="survivor")
     wait_for(finished_trial_of(storage, "kill", survivor.pid))  # both are at work
     lost = wait_for(running_trial_of(storage, "kill", victim.pid))
     assert victim.poll() is None
@@ -94,11 +97,11 @@ def test_sigkill_of_a_worker_mid_trial_is_failed_by_heartbeat_and_retried(
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
-def test_interrupt_fails_the_trial_kills_its_run_and_a_rerun_resumes(tmp_path, signum):
+def test_interrupt_fails_the_trial_kills_its_run_and_a_rerun_resumes(tmp_path, signum, launch):
     features, sweep, budget = tiny_study(tmp_path, n_seeds=1)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     journal = str(tmp_path / "optuna-journal.log")
-    proc = start_sweep(tmp_path, uri, "--features", features, "--sweep", sweep)
+    proc = launch(uri, "--features", features, "--sweep", sweep)
     trial = wait_for(running_trial_of(journal, "scale", proc.pid))
     proc.send_signal(signum)
     assert proc.wait(timeout=60) == 130
@@ -112,7 +115,7 @@ def test_interrupt_fails_the_trial_kills_its_run_and_a_rerun_resumes(tmp_path, s
                for t in study.trials)
     run = mlflow.MlflowClient(uri).get_run(trial.user_attrs[studies.RUN_ATTR])
     assert run.info.status == "KILLED"
-    rerun = start_sweep(tmp_path, uri, "--features", features, "--sweep", sweep, log="rerun")
+    rerun = launch(uri, "--features", features, "--sweep", sweep, log="rerun")
     assert rerun.wait(timeout=300) == 0, rerun.log_path.read_text()[-3000:]
     result = audit(journal, "scale", uri, budget)
     assert result["retried"] == 1 and result["runs"] == budget + 1
@@ -144,10 +147,10 @@ def test_killed_extraction_leaves_no_file_and_a_rerun_finishes(tmp_path):
     assert len(read_features(tmp_path / "out.h5").y) == 357
 
 
-def test_postgres_restart_mid_sweep_loses_nothing(tmp_path, postgres, mlflow_server):
+def test_postgres_restart_mid_sweep_loses_nothing(tmp_path, postgres, mlflow_server, launch):
     features, sweep, budget = tiny_study(tmp_path, n_seeds=3)
     storage = postgres.create_database("optuna_restart")
-    proc = start_sweep(tmp_path, mlflow_server.uri, "--features", features, "--sweep", sweep,
+    proc = launch(mlflow_server.uri, "--features", features, "--sweep", sweep,
                        "--storage", storage, "--study", "restart", "--workers", "2",
                        env={studies.HEARTBEAT_ENV: "1", studies.GRACE_ENV: "30"})
 

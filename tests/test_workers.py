@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import time
 
-from tests.services import audit, start_sweep, tiny_study
+from tests.services import audit, tiny_study
 
 
 def test_four_workers_on_postgres_and_a_tracking_server_run_exactly_the_budget(
-        tmp_path, postgres, mlflow_server):
+        tmp_path, postgres, mlflow_server, launch):
     """Two commands of two workers each start at once on one 40-trial study (as two machines
     would): 40 trials finish, each with one run under one parent, run by 4 processes."""
     features, sweep, budget = tiny_study(tmp_path, n_seeds=10)
@@ -17,7 +17,7 @@ def test_four_workers_on_postgres_and_a_tracking_server_run_exactly_the_budget(
     args = ("--features", features, "--sweep", sweep, "--storage", storage, "--study", "four",
             "--workers", "2")
     started = time.monotonic()
-    procs = [start_sweep(tmp_path, mlflow_server.uri, *args, log=f"machine{i}") for i in range(2)]
+    procs = [launch(mlflow_server.uri, *args, log=f"machine{i}") for i in range(2)]
     for proc in procs:
         assert proc.wait(timeout=300) == 0, proc.log_path.read_text()[-3000:]
     elapsed = time.monotonic() - started
@@ -27,14 +27,14 @@ def test_four_workers_on_postgres_and_a_tracking_server_run_exactly_the_budget(
     print(f"4 workers, 40 trials on PostgreSQL + mlflow server: {elapsed:.1f} s")
 
 
-def test_workers_on_one_machine_share_the_default_journal_storage(tmp_path):
+def test_workers_on_one_machine_share_the_default_journal_storage(tmp_path, launch):
     """``--workers 2`` with the default storage (a journal file) and a SQLite MLflow store."""
-    features, sweep, budget = tiny_study(tmp_path, n_seeds=2)
+    features, sweep, budget = tiny_study(tmp_path, n_seeds=3)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = start_sweep(tmp_path, uri, "--features", features, "--sweep", sweep, "--workers", "2")
+    proc = launch(uri, "--features", features, "--sweep", sweep, "--workers", "2")
     assert proc.wait(timeout=300) == 0, proc.log_path.read_text()[-3000:]
     result = audit(str(tmp_path / "optuna-journal.log"), "scale", uri, budget)
-    assert (result["complete"], result["fail"], result["runs"]) == (6, 2, 8)
+    assert (result["complete"], result["fail"], result["runs"]) == (9, 3, 12)
     assert result["workers"] == 2
 
 
