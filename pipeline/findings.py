@@ -171,8 +171,8 @@ def breaker_rows(trials: pd.DataFrame, tex: bool = False) -> tuple[list[str], li
     both <= 1e-5 (the loss also carries an L2 penalty, which differs between the heads unless
     w0 = -w1, so the loss gap is not the judge there).
     """
-    header = ["setting", "optimizer", "correction", "loss gap", "P gap", "beta dist.",
-              "corrected: loss gap", "P gap", "beta dist.", "exact parity restored"]
+    header = ["setting", "optimizer", "correction", "without: loss gap", "P gap", "beta dist.",
+              "with: loss gap", "P gap", "beta dist.", "exact parity restored"]
     metrics = ("final_max_gap_softmax_transfer", "final_max_prob_gap", "final_beta_distance")
     rows = []
     for breaker in BREAKERS:
@@ -191,6 +191,12 @@ def breaker_rows(trials: pd.DataFrame, tex: bool = False) -> tuple[list[str], li
 
 
 # --- the report ---------------------------------------------------------------------------
+
+BREAKERS_NOTE = (
+    "Loss gap: max over epochs of |training loss(softmax) - loss(transferred sigmoid)|; P gap: max "
+    "over the validation set of |P_softmax(1) - P_sigmoid(1)| at the end; beta dist.: max |beta - "
+    "(w1 - w0)| at the end. Parity is judged on P gap and beta: Keras's loss includes the L2 "
+    "penalties, which differ between the heads unless w0 = -w1. docs/parity.md derives each row.\n")
 
 TITLES = {"collapse": "The 1-unit softmax collapse", "parity": "The sigmoid/softmax parity",
           "breakers": "What breaks the parity"}
@@ -241,9 +247,10 @@ def collapse_notes(trials: pd.DataFrame) -> str:
         same = bce.merge(sigmoid, on=["optimizer", "seed", "learning_rate"], suffixes=("", "_sigmoid"))
         if not same.empty:
             gap = (same["final_val_loss"] - same["final_val_loss_sigmoid"]).abs().max()
+            equal = "exactly" if gap == 0 else f"to {sci(float(gap))}"
             lines.append(
-                f"Its Keras val_loss is that of the 1-unit sigmoid with the same seed and optimizer "
-                f"to {sci(float(gap))} ({len(same)} pairs): the same logit, the same updates.")
+                f"Its Keras val_loss equals that of the 1-unit sigmoid with the same seed and "
+                f"optimizer {equal} ({len(same)} pairs): the same logit, the same updates.")
     cce = soft1[soft1["loss"] == "categorical_crossentropy"]
     if not cce.empty:
         top = max(cce["final_loss"].abs().max(), cce["final_val_loss"].abs().max())
@@ -265,7 +272,12 @@ def collapse_notes(trials: pd.DataFrame) -> str:
     return "\n\n".join(lines)
 
 
-def markdown(sections: list[Section], header: str = "") -> str:
+HEADER = ("All three studies on one features file, exported together: "
+          "`mlflow run . -e findings --env-manager local` (the embedded default; add "
+          "`-P features=FILE` for your own). docs/parity.md derives the parity and its breakers.\n")
+
+
+def markdown(sections: list[Section], header: str = HEADER) -> str:
     """``findings.md``: each section's title, command, table and notes."""
     parts = ["# Findings\n", header]
     for section in sections:
@@ -275,6 +287,8 @@ def markdown(sections: list[Section], header: str = "") -> str:
                   f"{CAPTIONS[section.report]}\n", tables.markdown_table(*cells)]
         if section.report == "collapse":
             parts.append(collapse_notes(section.trials) + "\n")
+        if section.report == "breakers":
+            parts.append(BREAKERS_NOTE)
     return "\n".join(p for p in parts if p)
 
 
