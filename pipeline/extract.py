@@ -18,6 +18,7 @@ import numpy as np
 from pipeline import tracking
 from pipeline.errors import UserError
 from pipeline.features import sha256_file, write_features
+from pipeline.progress import progress_bar
 from pipeline.quiet import quiet_tensorflow
 from pipeline.sources import MIN_INPUT_SIZE, ImageSource, open_source
 
@@ -121,10 +122,7 @@ def extract(images: str, weights: str = "auto", input_size: str | int = "auto",
     forward = tf.function(lambda x: model(keras.applications.xception.preprocess_input(x),
                                           training=False))
     rows, chunks = [], []
-    from tqdm.auto import tqdm
-
-    disable = (not sys.stderr.isatty()) if progress is None else not progress
-    with tqdm(total=len(source), desc="extract", unit="img", disable=disable) as bar:
+    with progress_bar("extract", len(source), "image", enabled=progress) as bar:
         for idx, batch in image_dataset(source, size, batch_size):
             chunks.append(forward(batch).numpy())
             rows.append(idx.numpy())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from pipeline import naming, studies, tracking
 from pipeline.config import SweepSpec, TrialConfig, load_sweep
 from pipeline.errors import UserError
 from pipeline.features import FeatureSet, read_features, sha256_file
+from pipeline.progress import progress_bar
 from pipeline.split import Split, make_split
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -212,9 +212,6 @@ def _summarise(study: optuna.Study, parent: str) -> dict[str, int]:
 
 
 def _progress(total: int, study: optuna.Study, enabled: bool | None):
-    """A tqdm bar over the study's budget (quiet when stderr is not a terminal)."""
-    from tqdm.auto import tqdm
-
+    """The sweep's progress over the study's budget, counting trials finished before."""
     done = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
-    disable = (not sys.stderr.isatty()) if enabled is None else not enabled
-    return tqdm(total=total, initial=done, desc="sweep", unit="trial", disable=disable)
+    return progress_bar("sweep", total, "trial", initial=done, enabled=enabled)
