@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "run_id", type=_optional_str, default=None,
           help="the sweep's parent run (default: the latest sweep)")
     _flag(p, "output", default="exports", help="folder to write (default exports)")
-    _flag(p, "formats", default="csv,md,tex", help="comma list of csv, md, tex, png")
+    _flag(p, "formats", default="csv,md,tex", help="comma list of csv, md, tex, png, html")
 
     p = sub.add_parser("main", help="extract, sweep and export under one parent run",
                        description="The whole pipeline: extract (reused when already done), "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +91,7 @@ def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: s
     tracking.install_sigterm_handler()
     the_study = studies.open_study(spec, storage, study, features_sha)
     experiment = tracking.experiment_id(spec.experiment)
+    _describe_experiment(experiment, spec)
     parent = _open_parent(the_study, spec, experiment, launcher_run_id, storage,
                           features_sha, str(features_path), sweep)
     common_tags = {naming.STUDY: the_study.study_name, naming.FEATURES_SHA: features_sha,
@@ -104,6 +106,15 @@ def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: s
         bar.close()
         counts = _summarise(the_study, parent)
     return SweepOutcome(parent, experiment, the_study.study_name, counts)
+
+
+def _describe_experiment(experiment: str, spec: SweepSpec) -> None:
+    """Give the study's experiment its description and saved views, unless it has them already."""
+    client = mlflow.MlflowClient()
+    existing = client.get_experiment(experiment).tags
+    for key, value in naming.experiment_tags(spec.description, int(time.time() * 1000)).items():
+        if key not in existing:
+            client.set_experiment_tag(experiment, key, value)
 
 
 def _open_parent(study: optuna.Study, spec: SweepSpec, experiment: str, launcher: str | None,
@@ -122,7 +133,7 @@ def _open_parent(study: optuna.Study, spec: SweepSpec, experiment: str, launcher
     nest = launcher if launcher_experiment == experiment else None
     tags = {naming.STEP: "sweep", naming.SWEEP_NAME: spec.name, naming.STUDY: study.study_name,
             naming.STORAGE: studies.study_url(storage, study.study_name),
-            naming.FEATURES_SHA: features_sha, naming.NOTE: _description(spec),
+            naming.FEATURES_SHA: features_sha, naming.NOTE: naming.parent_description(spec),
             **tracking.versions()}
     if launcher and not nest:
         tags[naming.MAIN_RUN] = launcher
@@ -138,14 +149,6 @@ def _open_parent(study: optuna.Study, spec: SweepSpec, experiment: str, launcher
     client.log_artifact(parent, sweep, "sweep")
     study.set_user_attr(studies.PARENT_ATTR, parent)
     return parent
-
-
-def _description(spec: SweepSpec) -> str:
-    return (f"{spec.description.strip()}\n\n"
-            f"Each nested run is one trial: a head trained with the config in its name and "
-            f"params. Compare `val_accuracy` with `positive_fraction` and `val_prob_loss` "
-            f"(the loss of the actual probabilities) with `val_loss` (Keras's, from logits); "
-            f"filter `tags.collapsed = 'true'` for heads whose prediction never varies.").strip()
 
 
 def _run_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective, experiment: str,
