@@ -181,7 +181,7 @@ class MlflowPages:
     # a run, and runs compared ---------------------------------------------------------------
     def run(self, experiment_id: str, run_id: str) -> None:
         """A run's page: its description, params, metrics and tags."""
-        self.open(f"experiments/{experiment_id}/runs/{run_id}")
+        self.open(f"experiments/{experiment_id}/runs/{run_id}", workflowType="machine_learning")
         self.wait_for_text("Parameters")
 
     def metric(self, experiment_id: str, run_ids: list[str], metrics: list[str]) -> None:
