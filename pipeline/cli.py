@@ -1,4 +1,4 @@
-"""Command line: ``python -m pipeline {extract,sweep,export,main}``, flags named as the params.
+"""Command line: ``python -m pipeline {extract,sweep,parity,export,main}``, flags named as the params.
 
 Each subcommand is a thin wrapper over the stage's function. When ``mlflow run`` launched the
 command (``MLFLOW_RUN_ID`` is set), the stage records into that run. Bad input ends with one
@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 
+from pipeline.config import ParityConfig, parse_config
 from pipeline.errors import UserError
 from pipeline.quiet import quiet_tensorflow
 
@@ -33,6 +34,11 @@ def _optional_int(text: str) -> int | None:
 
 def _optional_str(text: str) -> str | None:
     return text or None
+
+
+def parity_config(values: dict[str, str | None]) -> ParityConfig:
+    """A :class:`ParityConfig` from command-line strings (unset ones keep their defaults)."""
+    return parse_config(ParityConfig, {k: v for k, v in values.items() if v is not None}, "parity")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
                "(default: optuna-journal.log beside the MLflow store)")
     _flag(p, "study", type=_optional_str, default=None,
           help="study name (default: the sweep's name); an existing study resumes")
+
+    p = sub.add_parser("parity", help="the seed's parity experiment: softmax vs transferred sigmoid",
+                       description="Train, under one parent run, the 2-unit softmax at "
+                                   "learning_rate and the transferred and random 1-unit sigmoids "
+                                   "at ratio x learning_rate, on one batch order and dropout "
+                                   "masks, and record the loss gaps.")
+    _flag(p, "features", required=True, help="features HDF5 or a runs:/ URI")
+    _flag(p, "experiment", default=None, type=_optional_str,
+          help="MLflow experiment for the run (default sigmoid-softmax-parity)")
+    for name, field in ParityConfig.model_fields.items():
+        _flag(p, name, default=None, type=_optional_str,
+              help=f"{(field.description or '').strip()} (default {field.default})".strip())
 
     p = sub.add_parser("export", help="tables and figures from a sweep's runs",
                        description="Export a sweep's trials as CSV, Markdown and LaTeX tables "
@@ -100,6 +118,11 @@ def run(args: argparse.Namespace) -> None:
                             launcher_run_id=launcher)
         print(f"sweep: study '{outcome.study_name}' {outcome.counts}; parent run "
               f"{outcome.parent_run_id}", file=sys.stderr)
+    elif args.command == "parity":
+        from pipeline.parity import EXPERIMENT, run_parity
+
+        config = parity_config({n: getattr(args, n) for n in ParityConfig.model_fields})
+        run_parity(args.features, config, args.experiment or EXPERIMENT, launcher_run_id=launcher)
     elif args.command == "export":
         from pipeline.export import export
 

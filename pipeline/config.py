@@ -2,8 +2,10 @@
 
 A sweep file (YAML, one per study in ``sweeps/``) names the study and its MLflow experiment,
 the sampler, the replicate seeds, the settings held ``fixed`` and the ``space`` searched.
-Both ``fixed`` and ``space`` speak of the fields of :class:`TrialConfig`; a field is either
-fixed or searched, never both, and every field not mentioned keeps its default (the seed
+Both ``fixed`` and ``space`` speak of the fields of the sweep's ``kind``: :class:`TrialConfig`
+(``heads``, the default: one trial trains one head) or :class:`ParityConfig` (``parity``: one
+trial trains the seed's three heads and measures their gaps); a field is either fixed or
+searched, never both, and every field not mentioned keeps its default (the seed
 notebook's settings). ``space`` is one mapping of axes, or for ``sampler: grid`` a list of
 mappings whose grids are joined (as scikit-learn's ``ParameterGrid`` takes a list), so a study
 can hold exactly the heads it compares instead of a cross product of mostly invalid ones.
@@ -21,23 +23,45 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import UserError
 
 Activation = Literal["sigmoid", "softmax"]
 Loss = Literal["binary_crossentropy", "categorical_crossentropy", "sparse_categorical_crossentropy"]
-Init = Literal["glorot_uniform", "zeros", "he_normal", "transfer"]
+Init = Literal["glorot_uniform", "glorot_centered", "zeros", "he_normal", "transfer"]
+BiasInit = Literal["zeros", "random_normal"]
 Optimizer = Literal["sgd", "momentum", "nesterov", "adam", "rmsprop", "adagrad", "adadelta", "adamw"]
 Sampler = Literal["grid", "tpe", "random"]
 Engine = Literal["keras"]
-ObjectiveMetric = Literal["val_prob_loss", "val_loss", "val_accuracy", "prob_loss", "loss", "accuracy"]
+Kind = Literal["heads", "parity"]
+Report = Literal["summary", "collapse", "parity", "breakers"]
+HEAD_METRICS = ("val_prob_loss", "val_loss", "val_accuracy", "prob_loss", "loss", "accuracy")
+PARITY_METRICS = ("max_gap_softmax_transfer", "max_val_gap_softmax_transfer", "max_gap_transfer_random",
+                  "max_val_gap_transfer_random", "max_step_gap_softmax_transfer", "beta_distance",
+                  "bias_distance", "max_prob_gap")  # what pipeline.parity.ParityResult.summary gives
+ObjectiveMetric = Literal[HEAD_METRICS + PARITY_METRICS]
+
+
+def _not_a_boolean(value):
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is a boolean; give a number")
+    return value
+
+
+def _none_from_text(value):
+    # MLflow hands an unset optional back as the string "None".
+    return None if value in ("None", "") else value
 
 
 class TrialConfig(BaseModel):
     """Everything that determines one trained head; two equal configs give equal numbers.
 
     Defaults are the seed notebook's: SGD, dropout 0.5, 5 epochs, batch 128, 20% validation.
+    The fields after ``standardize`` are the settings that can break the sigmoid/softmax
+    parity (see docs/parity.md): decoupled weight decay, an L2 kernel penalty, label
+    smoothing, a non-zero initial bias, dropout masks or batch order drawn from another seed
+    than the head's, and a transfer that leaves the bias out.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -54,14 +78,18 @@ class TrialConfig(BaseModel):
     batch_size: int = Field(128, ge=1)
     validation_fraction: float = Field(0.2, gt=0, lt=1)
     standardize: bool = False
+    weight_decay: float | None = Field(None, ge=0)
+    l2: float = Field(0.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    bias_init: BiasInit = "zeros"
+    mask_seed: int | None = Field(None, ge=0)
+    order_seed: int | None = Field(None, ge=0)
+    transfer_bias: bool = True
 
-    @field_validator("units", "learning_rate", "seed", "dropout", "epochs", "batch_size",
-                     "validation_fraction", mode="before")
-    @classmethod
-    def _not_a_boolean(cls, value):
-        if isinstance(value, bool):
-            raise ValueError(f"{value!r} is a boolean; give a number")
-        return value
+    _numbers = field_validator("units", "learning_rate", "seed", "dropout", "epochs", "batch_size",
+                               "validation_fraction", "weight_decay", "l2", "label_smoothing",
+                               "mask_seed", "order_seed", mode="before")(_not_a_boolean)
+    _optional = field_validator("weight_decay", "mask_seed", "order_seed", mode="before")(_none_from_text)
 
     @field_validator("units", mode="before")
     @classmethod
@@ -69,13 +97,107 @@ class TrialConfig(BaseModel):
         # MLflow hands params back as strings; "2" must read as the unit count 2.
         return int(value) if isinstance(value, str) and value.strip().isdigit() else value
 
+    @model_validator(mode="after")
+    def _smoothing_needs_dense_labels(self):
+        if self.label_smoothing and self.loss == "sparse_categorical_crossentropy":
+            raise ValueError("label_smoothing: sparse_categorical_crossentropy has no label smoothing")
+        return self
+
+    @property
+    def dropout_seed(self) -> int:
+        """The seed of the dropout masks: ``mask_seed``, else the head's ``seed``."""
+        return self.seed if self.mask_seed is None else self.mask_seed
+
+    @property
+    def batch_seed(self) -> int:
+        """The seed of the batch order: ``order_seed``, else the head's ``seed``."""
+        return self.seed if self.order_seed is None else self.order_seed
+
     def params(self) -> dict[str, Any]:
         """The config as MLflow/Optuna params, in field order."""
         return self.model_dump()
 
 
 TRIAL_FIELDS = tuple(TrialConfig.model_fields)
-SEARCHABLE_FIELDS = tuple(f for f in TRIAL_FIELDS if f != "seed")
+
+
+class ParityConfig(BaseModel):
+    """One parity experiment: the seed's three heads, trained on one batch order.
+
+    The 2-unit softmax (categorical cross-entropy) trains at ``learning_rate``; the 1-unit
+    sigmoid started from its initial weights (beta = w1 - w0, b = b1 - b0) and a 1-unit
+    sigmoid with glorot init train at ``ratio`` x ``learning_rate``. The remaining fields are
+    the settings that can break the parity and their corrections: ``sigmoid_decay_scale`` and
+    ``sigmoid_l2_scale`` scale the sigmoid's weight decay and L2 penalty against the
+    softmax's; ``share_masks``/``share_batch_order`` off give the sigmoids their own dropout
+    masks / batch order; ``transfer_bias`` off starts the sigmoid's bias at 0; ``center_softmax``
+    starts the softmax at w0 = -w1 (``init: glorot_centered``, same beta = w1 - w0).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    optimizer: Optimizer = "sgd"
+    learning_rate: float = Field(1e-2, gt=0)
+    ratio: float = Field(2.0, gt=0)
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(128, ge=1)
+    dropout: float = Field(0.5, ge=0, lt=1)
+    seed: int = Field(0, ge=0)
+    validation_fraction: float = Field(0.2, gt=0, lt=1)
+    standardize: bool = False
+    weight_decay: float | None = Field(None, ge=0)
+    sigmoid_decay_scale: float = Field(1.0, ge=0)
+    l2: float = Field(0.0, ge=0)
+    sigmoid_l2_scale: float = Field(1.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    bias_init: BiasInit = "zeros"
+    share_masks: bool = True
+    share_batch_order: bool = True
+    transfer_bias: bool = True
+    center_softmax: bool = False
+
+    _numbers = field_validator("learning_rate", "ratio", "epochs", "batch_size", "dropout", "seed",
+                               "validation_fraction", "weight_decay", "sigmoid_decay_scale", "l2",
+                               "sigmoid_l2_scale", "label_smoothing", mode="before")(_not_a_boolean)
+    _optional = field_validator("weight_decay", mode="before")(_none_from_text)
+
+    def heads(self) -> dict[str, TrialConfig]:
+        """The :class:`TrialConfig` of each role: ``softmax``, ``sigmoid_transfer``, ``sigmoid_random``."""
+        common = {"optimizer": self.optimizer, "epochs": self.epochs, "batch_size": self.batch_size,
+                  "dropout": self.dropout, "seed": self.seed, "standardize": self.standardize,
+                  "validation_fraction": self.validation_fraction, "bias_init": self.bias_init,
+                  "label_smoothing": self.label_smoothing}
+        other = self.seed + 1  # a seed the softmax does not use, for unshared masks or order
+        sigmoid = {**common, "activation": "sigmoid", "units": 1, "loss": "binary_crossentropy",
+                   "learning_rate": self.ratio * self.learning_rate, "l2": self.l2 * self.sigmoid_l2_scale,
+                   "weight_decay": self._sigmoid_decay(),
+                   "mask_seed": None if self.share_masks else other,
+                   "order_seed": None if self.share_batch_order else other}
+        return {
+            "softmax": TrialConfig(**common, activation="softmax", units=2,
+                                   loss="categorical_crossentropy", learning_rate=self.learning_rate,
+                                   init="glorot_centered" if self.center_softmax else "glorot_uniform",
+                                   l2=self.l2, weight_decay=self.weight_decay),
+            "sigmoid_transfer": TrialConfig(**sigmoid, init="transfer", transfer_bias=self.transfer_bias),
+            "sigmoid_random": TrialConfig(**sigmoid, init="glorot_uniform"),
+        }
+
+    def _sigmoid_decay(self) -> float | None:
+        if self.sigmoid_decay_scale == 1.0:
+            return self.weight_decay
+        decay = self.weight_decay
+        if decay is None:  # the optimizer's default decay, scaled: only AdamW has one
+            decay = 0.004 if self.optimizer == "adamw" else 0.0
+        return decay * self.sigmoid_decay_scale
+
+    def params(self) -> dict[str, Any]:
+        """The config as MLflow/Optuna params, in field order."""
+        return self.model_dump()
+
+
+CONFIG_MODELS: dict[str, type[BaseModel]] = {"heads": TrialConfig, "parity": ParityConfig}
+
+
 
 
 class FloatRange(BaseModel):
@@ -89,11 +211,15 @@ class FloatRange(BaseModel):
 
 
 class Objective(BaseModel):
-    """The value Optuna optimises: a logged metric at the last epoch, and its direction."""
+    """The value Optuna optimises: a logged metric at the last epoch, and its direction.
+
+    The metric defaults to ``val_prob_loss`` for heads and ``max_gap_softmax_transfer`` for
+    parity experiments.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    metric: ObjectiveMetric = "val_prob_loss"
+    metric: ObjectiveMetric | None = None
     direction: Literal["minimize", "maximize"] = "minimize"
 
 
@@ -108,6 +234,8 @@ class SweepSpec(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     experiment: str = Field(min_length=1)
     description: str = ""
+    kind: Kind = "heads"
+    report: Report = "summary"
     sampler: Sampler = "grid"
     sampler_seed: int = 0
     n_trials: int | None = Field(None, ge=1)
@@ -149,9 +277,15 @@ class SweepSpec(BaseModel):
         axes["seed"] = self.seeds
         return axes
 
+    @property
+    def objective_metric(self) -> str:
+        """The metric Optuna optimises (the kind's default unless the file names one)."""
+        default = "val_prob_loss" if self.kind == "heads" else "max_gap_softmax_transfer"
+        return self.objective.metric or default
+
     def base(self) -> dict[str, Any]:
         """The values of every trial field before the space applies: defaults, then ``fixed``."""
-        return {**TrialConfig().params(), **self.fixed}
+        return {**CONFIG_MODELS[self.kind]().params(), **self.fixed}
 
     def grid(self) -> list[dict[str, Any]]:
         """Every grid point as the params Optuna fixes, sub-grids joined in order, x seeds."""
@@ -172,9 +306,10 @@ class SweepSpec(BaseModel):
             return min(size, self.n_trials) if self.n_trials else size
         return int(self.n_trials)
 
-    def trial_config(self, params: dict[str, Any]) -> TrialConfig:
-        """The :class:`TrialConfig` of a trial whose searched params are ``params``."""
-        return TrialConfig(**(self.base() | params))
+    def trial_config(self, params: dict[str, Any]) -> TrialConfig | ParityConfig:
+        """The config (:class:`TrialConfig`, or :class:`ParityConfig` for ``kind: parity``) of a
+        trial whose searched params are ``params``."""
+        return CONFIG_MODELS[self.kind](**(self.base() | params))
 
 
 def load_sweep(path: str | os.PathLike, n_trials: int | None = None) -> SweepSpec:
@@ -200,25 +335,62 @@ def parse_sweep(raw: Any, source: str = "sweep") -> SweepSpec:
         raise UserError(f"{source}: a sweep file must be a mapping of keys, got {type(raw).__name__}")
     _check_keys(source, "", raw, SweepSpec.model_fields)
     raw = dict(raw)
-    raw["fixed"] = _check_fixed(source, raw.get("fixed") or {})
-    raw["space"] = _check_space(source, raw.get("space"), raw.get("sampler", "grid"), raw["fixed"])
+    kind = raw.get("kind", "heads")
+    if kind not in CONFIG_MODELS:
+        raise UserError(f"{source}: kind: {kind!r} is not allowed (allowed: {', '.join(CONFIG_MODELS)})")
+    model = CONFIG_MODELS[kind]
+    raw["fixed"] = _check_fixed(source, model, raw.get("fixed") or {})
+    raw["space"] = _check_space(source, model, raw.get("space"), raw.get("sampler", "grid"), raw["fixed"])
     try:
         spec = SweepSpec(**raw)
     except ValidationError as exc:
         raise UserError(f"{source}: {_describe(exc)}") from None
+    allowed = HEAD_METRICS if spec.kind == "heads" else PARITY_METRICS
+    if spec.objective.metric and spec.objective.metric not in allowed:
+        raise UserError(f"{source}: objective.metric: {spec.objective.metric!r} is not a metric of "
+                        f"kind {spec.kind} (allowed: {', '.join(allowed)})")
     if spec.sampler != "grid" and spec.n_trials is None:
         raise UserError(f"{source}: n_trials: required for sampler '{spec.sampler}'")
+    if spec.sampler == "grid":
+        for point in spec.grid():
+            try:
+                spec.trial_config(point)
+            except ValidationError as exc:
+                raise UserError(f"{source}: space: the point {_short(point)} is not a valid "
+                                f"{spec.kind} config: {_describe(exc)}") from None
     return spec
 
 
-def _check_fixed(source: str, fixed: Any) -> dict[str, Any]:
+def parse_config(model: type[BaseModel], values: dict[str, Any], source: str) -> BaseModel:
+    """``model`` built from ``values`` (strings allowed), or :class:`UserError` naming the field."""
+    for name in values:
+        if name not in model.model_fields:
+            raise UserError(f"{source}: {name}: unknown setting (allowed: {', '.join(model.model_fields)})")
+    try:
+        return model(**values)
+    except ValidationError as exc:
+        name = str(exc.errors()[0]["loc"][0]) if exc.errors()[0]["loc"] else None
+        raise UserError(f"{source}: {name}: {_describe(exc, model, name)}" if name
+                        else f"{source}: {_describe(exc, model)}") from None
+
+
+def _short(point: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in point.items() if k != "seed")
+
+
+def _check_fixed(source: str, model: type[BaseModel], fixed: Any) -> dict[str, Any]:
     if not isinstance(fixed, dict):
         raise UserError(f"{source}: fixed: must be a mapping of trial settings")
-    _check_keys(source, "fixed.", fixed, SEARCHABLE_FIELDS)
-    return {name: _check_value(source, f"fixed.{name}", name, v) for name, v in fixed.items()}
+    _check_keys(source, "fixed.", fixed, _searchable(model))
+    return {name: _check_value(source, model, f"fixed.{name}", name, v) for name, v in fixed.items()}
 
 
-def _check_space(source: str, space: Any, sampler: str, fixed: dict) -> tuple[dict, ...]:
+def _searchable(model: type[BaseModel]) -> tuple[str, ...]:
+    return tuple(f for f in model.model_fields if f != "seed")
+
+
+def _check_space(source: str, model: type[BaseModel], space: Any, sampler: str,
+                 fixed: dict) -> tuple[dict, ...]:
     if space is None:
         raise UserError(f"{source}: space: required (a mapping of axes such as activation: "
                         f"[sigmoid, softmax])")
@@ -232,16 +404,17 @@ def _check_space(source: str, space: Any, sampler: str, fixed: dict) -> tuple[di
         where = f"space[{i}]." if isinstance(space, list) else "space."
         if not isinstance(sub, dict) or not sub:
             raise UserError(f"{source}: {where.rstrip('.')}: must be a non-empty mapping of axes")
-        _check_keys(source, where, sub, SEARCHABLE_FIELDS)
+        _check_keys(source, where, sub, _searchable(model))
         for name in sub:
             if name in fixed:
                 raise UserError(f"{source}: {where}{name}: also in fixed; a setting is fixed or "
                                 f"searched, not both")
-        checked.append({n: _check_axis(source, where + n, n, a, sampler) for n, a in sub.items()})
+        checked.append({n: _check_axis(source, model, where + n, n, a, sampler) for n, a in sub.items()})
     return tuple(checked)
 
 
-def _check_axis(source: str, where: str, name: str, axis: Any, sampler: str) -> Axis:
+def _check_axis(source: str, model: type[BaseModel], where: str, name: str, axis: Any,
+                sampler: str) -> Axis:
     if isinstance(axis, dict):
         if name not in ("learning_rate", "dropout"):
             raise UserError(f"{source}: {where}: a range is allowed only for learning_rate and "
@@ -253,7 +426,7 @@ def _check_axis(source: str, where: str, name: str, axis: Any, sampler: str) -> 
         except (ValidationError, TypeError) as exc:
             raise UserError(f"{source}: {where}: {_describe(exc)}") from None
         for bound in (rng.low, rng.high):
-            _check_value(source, where, name, bound)
+            _check_value(source, model, where, name, bound)
         if not rng.low < rng.high:
             raise UserError(f"{source}: {where}: low must be below high")
         if rng.log and rng.low <= 0:
@@ -263,14 +436,14 @@ def _check_axis(source: str, where: str, name: str, axis: Any, sampler: str) -> 
         axis = [axis]
     if not axis:
         raise UserError(f"{source}: {where}: empty list; give at least one value")
-    return tuple(_check_value(source, f"{where}[{i}]", name, v) for i, v in enumerate(axis))
+    return tuple(_check_value(source, model, f"{where}[{i}]", name, v) for i, v in enumerate(axis))
 
 
-def _check_value(source: str, where: str, name: str, value: Any) -> Any:
+def _check_value(source: str, model: type[BaseModel], where: str, name: str, value: Any) -> Any:
     try:
-        checked = getattr(TrialConfig(**{name: value}), name)
+        checked = getattr(model(**{name: value}), name)
     except ValidationError as exc:
-        raise UserError(f"{source}: {where}: {_describe(exc, name)}") from None
+        raise UserError(f"{source}: {where}: {_describe(exc, model, name)}") from None
     if isinstance(checked, float) and not math.isfinite(checked):
         raise UserError(f"{source}: {where}: must be finite")
     return checked
@@ -282,14 +455,14 @@ def _check_keys(source: str, where: str, raw: dict, allowed) -> None:
             raise UserError(f"{source}: {where}{key}: unknown key (allowed: {', '.join(allowed)})")
 
 
-def _describe(exc: Exception, name: str | None = None) -> str:
+def _describe(exc: Exception, model: type[BaseModel] = TrialConfig, name: str | None = None) -> str:
     """One line from a pydantic error: where, and what is allowed."""
     if not isinstance(exc, ValidationError):
         return str(exc).splitlines()[0]
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"] if p != name)
     msg = err["msg"]
-    annotation = TrialConfig.model_fields[name].annotation if name else None
+    annotation = model.model_fields[name].annotation if name else None
     choices = get_args(annotation) if annotation is not None else ()
     if choices and all(isinstance(c, (str, int)) for c in choices):
         msg = f"{err['input']!r} is not allowed (allowed: {', '.join(map(str, choices))})"

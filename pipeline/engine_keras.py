@@ -139,7 +139,7 @@ class KerasEngine:
         y_train = encode_labels(split.y_train, config.units, config.loss)
         y_val = encode_labels(split.y_val, config.units, config.loss)
         recorder = _Recorder(split, config, on_epoch)
-        batches = SeededBatches(split.x_train, y_train, config.batch_size, config.seed)
+        batches = SeededBatches(split.x_train, y_train, config.batch_size, config.batch_seed)
         model.fit(batches, epochs=config.epochs, validation_data=(split.x_val, y_val),
                   validation_batch_size=max(config.batch_size, 1024), shuffle=False,
                   callbacks=[recorder], verbose=0)

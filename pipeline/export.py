@@ -20,8 +20,8 @@ import mlflow
 import optuna
 import pandas as pd
 
-from pipeline import figures, naming, tables
-from pipeline.config import TRIAL_FIELDS, TrialConfig
+from pipeline import figures, findings, naming, tables
+from pipeline.config import CONFIG_MODELS, PARITY_METRICS
 from pipeline.errors import UserError
 
 FORMATS = ("csv", "md", "tex", "png", "html")
@@ -30,20 +30,28 @@ CURVE_METRICS = ("loss", "val_loss", "accuracy", "val_accuracy", "prob_loss", "v
 
 @dataclass(frozen=True)
 class ExportResult:
-    """The sweep exported and the files written."""
+    """The sweeps exported (``run_id`` is the first) and the files written."""
 
     run_id: str
+    run_ids: tuple[str, ...]
     files: tuple[Path, ...]
 
 
-def latest_sweep_run() -> str:
-    """The id of the most recently started sweep parent run, in any experiment."""
+def latest_sweep_run(sweep_name: str | None = None) -> str:
+    """The id of the most recently started sweep parent run (of sweep ``sweep_name`` if given),
+    in any experiment."""
+    clauses = [f"tags.`{naming.STEP}` = 'sweep'"]
+    if sweep_name:
+        if "'" in sweep_name:
+            raise UserError(f"run_id {sweep_name!r}: not a run id or a sweep name")
+        clauses.append(f"tags.`{naming.SWEEP_NAME}` = '{sweep_name}'")
     runs = mlflow.search_runs(search_all_experiments=True, max_results=1,
-                              filter_string=f"tags.`{naming.STEP}` = 'sweep'",
+                              filter_string=" and ".join(clauses),
                               order_by=["attributes.start_time DESC"], output_format="list")
     if not runs:
-        raise UserError("no sweep runs in the tracking store "
-                        f"({mlflow.get_tracking_uri()}); run a sweep first or pass --run_id")
+        what = f"no runs of sweep '{sweep_name}'" if sweep_name else "no sweep runs"
+        raise UserError(f"{what} in the tracking store ({mlflow.get_tracking_uri()}); "
+                        f"run a sweep first or pass --run_id")
     return runs[0].info.run_id
 
 
@@ -53,20 +61,16 @@ def trial_records(parent_run_id: str) -> pd.DataFrame:
     Params keep their names (``loss`` is the loss function); the last epoch's value of metric
     ``m`` is the column ``final_m``.
     """
-    client = mlflow.MlflowClient()
-    try:
-        parent = client.get_run(parent_run_id)
-    except mlflow.exceptions.MlflowException:
-        raise UserError(f"run_id {parent_run_id}: no such run in {mlflow.get_tracking_uri()}") from None
-    if parent.data.tags.get(naming.STEP) != "sweep":
-        raise UserError(f"run_id {parent_run_id}: not a sweep's parent run "
-                        f"(its {naming.STEP} tag is {parent.data.tags.get(naming.STEP)!r})")
+    parent = sweep_run(parent_run_id)
+    kind = parent.data.tags.get(naming.KIND, "heads")
+    model = CONFIG_MODELS[kind]
+    finals = CURVE_METRICS if kind == "heads" else PARITY_METRICS
     runs = mlflow.search_runs(experiment_ids=[parent.info.experiment_id], output_format="list",
                               filter_string=f"tags.`{naming.PARENT}` = '{parent_run_id}'")
     rows = []
     for run in runs:
-        params = {k: v for k, v in run.data.params.items() if k in TRIAL_FIELDS}
-        config = TrialConfig(**params).params() if params else {}
+        params = {k: v for k, v in run.data.params.items() if k in model.model_fields}
+        config = model(**params).params() if params else {}
         tags = run.data.tags
         rows.append({"run_id": run.info.run_id, "run_name": run.info.run_name,
                      "status": run.info.status,
@@ -74,11 +78,36 @@ def trial_records(parent_run_id: str) -> pd.DataFrame:
                      "role": tags.get(naming.ROLE, ""),
                      "collapsed": tags.get(naming.COLLAPSED) == "true",
                      **config,
-                     **{f"final_{m}": run.data.metrics.get(m, float("nan")) for m in CURVE_METRICS},
+                     **{f"final_{m}": run.data.metrics.get(m, float("nan")) for m in finals},
                      "positive_fraction": run.data.metrics.get("positive_fraction", float("nan")),
                      "error": tags.get(naming.ERROR, "")})
     frame = pd.DataFrame(rows)
     return frame.sort_values("trial").reset_index(drop=True) if not frame.empty else frame
+
+
+def sweep_run(run_id: str):
+    """The parent run ``run_id`` of a sweep, or :class:`UserError` saying why it is not one."""
+    try:
+        parent = mlflow.MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise UserError(f"run_id {run_id}: no such run in {mlflow.get_tracking_uri()}") from None
+    if parent.data.tags.get(naming.STEP) != "sweep":
+        raise UserError(f"run_id {run_id}: not a sweep's parent run "
+                        f"(its {naming.STEP} tag is {parent.data.tags.get(naming.STEP)!r})")
+    return parent
+
+
+def resolve_run_ids(run_ids: str | None) -> list[str]:
+    """Sweep parent run ids from a comma list of run ids or sweep names (the latest run of
+    each named sweep); empty means the latest sweep of all."""
+    names = [part.strip() for part in (run_ids or "").split(",") if part.strip()]
+    if not names:
+        return [latest_sweep_run()]
+    return [name if _is_run_id(name) else latest_sweep_run(name) for name in names]
+
+
+def _is_run_id(text: str) -> bool:
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
 
 
 def epoch_records(trials: pd.DataFrame, metrics=CURVE_METRICS) -> pd.DataFrame:
@@ -117,30 +146,64 @@ def parity_curves(trials: pd.DataFrame, epochs: pd.DataFrame, ratio: float = 2.0
 
 def export(run_id: str | None = None, output: str = "exports", formats: str = "csv,md,tex",
            log_to_run: bool = True) -> ExportResult:
-    """Write a sweep's tables and figures into ``output`` and log them on its parent run.
+    """Write sweeps' tables and figures into ``output`` and log them on their parent runs.
 
+    ``run_id`` is a comma list of sweep parent run ids or sweep names (the latest run of
+    each), or empty for the latest sweep. One sweep's files go into ``output`` itself, several
+    sweeps' into ``output/<sweep name>/``. Sweeps whose file sets ``report`` (collapse, parity,
+    breakers) also make ``findings.md`` / ``findings.tex`` in ``output``, one table each.
     ``formats`` is a comma list of csv, md, tex, png, html. PNG figures (loss curves and gaps
     when the sweep holds the seed's softmax/sigmoid comparison; accuracy against the positive
-    fraction always) come with png or md, Optuna's HTML figures with html or md, since the
-    Markdown report shows or links them.
+    fraction for sweeps of heads) come with png or md, Optuna's HTML figures with html or md,
+    since the Markdown report shows or links them.
     """
     wanted = {f.strip() for f in formats.split(",") if f.strip()}
     unknown = wanted - set(FORMATS)
     if unknown or not wanted:
         raise UserError(f"formats '{formats}': allowed: {', '.join(FORMATS)}")
-    run_id = run_id or latest_sweep_run()
+    run_ids = resolve_run_ids(run_id)
+    sweeps = [(rid, sweep_run(rid)) for rid in run_ids]
+    out = Path(output)
+    per_sweep: dict[str, list[Path]] = {}
+    sections: list[findings.Section] = []
+    for rid, parent in sweeps:
+        name = parent.data.tags.get(naming.SWEEP_NAME, "sweep")
+        folder = out if len(sweeps) == 1 else out / naming.safe_filename(name)
+        per_sweep[rid], trials = _export_sweep(rid, name, folder, wanted, output)
+        report = parent.data.tags.get(naming.REPORT, "summary")
+        if report in findings.TITLES:
+            sections.append(findings.Section(report, trials, _regenerate(parent, output),
+                                             _context(parent, trials)))
+    report: list[Path] = []
+    if sections and "md" in wanted:
+        report.append(_write(out / "findings.md", findings.markdown(sections)))
+    if sections and "tex" in wanted:
+        report.append(_write(out / "findings.tex", findings.latex(sections)))
+    if log_to_run:
+        client = mlflow.MlflowClient()
+        for rid, files in per_sweep.items():
+            for path in files + report:
+                client.log_artifact(rid, str(path), "export")
+    written = [p for files in per_sweep.values() for p in files] + report
+    return ExportResult(run_id=run_ids[0], run_ids=tuple(run_ids), files=tuple(written))
+
+
+def _export_sweep(run_id: str, sweep: str, out: Path, wanted: set[str],
+                  output: str) -> tuple[list[Path], pd.DataFrame]:
+    """One sweep's trials.csv, summary.{csv,md,tex}, epochs.csv and figures, in ``out``."""
     trials = trial_records(run_id)
     if trials.empty:
         raise UserError(f"run_id {run_id}: the sweep has no trial runs")
-    out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    summary = tables.summarize(trials)
-    sweep = mlflow.MlflowClient().get_run(run_id).data.tags.get(naming.SWEEP_NAME, "sweep")
+    kind_metrics = (tables.SUMMARY_METRICS if "final_val_accuracy" in trials
+                    else tuple(f"final_{m}" for m in ("max_gap_softmax_transfer", "beta_distance",
+                                                      "max_prob_gap")))
+    summary = tables.summarize(trials, kind_metrics)
     written: list[Path] = []
     if "csv" in wanted:
         written.append(_write(out / "trials.csv", trials.to_csv(index=False)))
         written.append(_write(out / "summary.csv", summary.to_csv(index=False)))
-    curves = parity_curves(trials, epoch_records(trials))
+    curves = parity_curves(trials, epoch_records(trials)) if "role" in trials else pd.DataFrame()
     if "csv" in wanted and not curves.empty:
         written.append(_write(out / "epochs.csv", curves.to_csv(index=False)))
     pngs, pages = [], []
@@ -148,7 +211,7 @@ def export(run_id: str | None = None, output: str = "exports", formats: str = "c
         if not curves.empty:
             pngs = [figures.loss_curves(curves, out / "loss_curves.png", f"{sweep}: loss per epoch"),
                     figures.loss_gaps(curves, out / "loss_gaps.png", f"{sweep}: loss differences")]
-        if (trials["status"] == "FINISHED").any():
+        if "final_val_accuracy" in trials and (trials["status"] == "FINISHED").any():
             pngs.append(figures.accuracy_vs_collapse(trials, out / "accuracy.png",
                                                      f"{sweep}: accuracy of collapsed and healthy heads"))
         written += pngs
@@ -161,21 +224,34 @@ def export(run_id: str | None = None, output: str = "exports", formats: str = "c
         links = "".join(f"- [{p.stem.replace('_', ' ')}]({p.name}) (Optuna, interactive)\n" for p in pages)
         written.append(_write(out / "summary.md",
                               f"# Sweep `{sweep}` (parent run `{run_id}`)\n\nRegenerate with:\n\n"
-                              f"```\n{command}\n```\n\n{tables.to_markdown(summary)}{images}"
-                              + (f"\n{links}" if links else "")))
+                              f"```\n{command}\n```\n\n{tables.to_markdown(summary, kind_metrics)}"
+                              f"{images}" + (f"\n{links}" if links else "")))
     if "tex" in wanted:
         caption = f"Sweep {sweep}: final-epoch metrics, mean and standard deviation over seeds."
         written.append(_write(out / "summary.tex",
                               f"% Regenerate with: {command}\n"
-                              + tables.to_latex(summary, caption=caption,
+                              + tables.to_latex(summary, kind_metrics, caption=caption,
                                                 label=f"tab:{naming.safe_filename(sweep)}")))
-    if log_to_run:
-        client = mlflow.MlflowClient()
-        for path in written:
-            client.log_artifact(run_id, str(path), "export")
     print(f"export: {len(trials)} trials of run {run_id} -> {out} "
           f"({', '.join(p.name for p in written)})", file=sys.stderr)
-    return ExportResult(run_id=run_id, files=tuple(written))
+    return written, trials
+
+
+def _regenerate(parent, output: str) -> str:
+    """The commands that rerun a sweep and export it again."""
+    params = parent.data.params
+    sweep = params.get("sweep_file", f"sweeps/{params.get('sweep', 'SWEEP')}.yaml")
+    features = params.get("features", "FEATURES.h5")
+    return (f"python -m pipeline sweep --features {features} --sweep {sweep}\n"
+            f"python -m pipeline export --run_id {params.get('sweep', parent.info.run_id)} "
+            f"--output {output}")
+
+
+def _context(parent, trials: pd.DataFrame) -> str:
+    tags = parent.data.tags
+    done = int((trials["status"] == "FINISHED").sum())
+    return (f"Sweep `{tags.get(naming.SWEEP_NAME)}` (parent run `{parent.info.run_id}`): {done} of "
+            f"{len(trials)} trials finished; features sha256 `{tags.get(naming.FEATURES_SHA, '?')[:12]}`.\n")
 
 
 def _optuna_pages(parent, out: Path) -> list[Path]:

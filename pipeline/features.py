@@ -151,3 +151,16 @@ def _decode_attr(value):
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def resolve_features(features: str) -> Path:
+    """A local path for ``features``: the path itself, or a ``runs:/`` artifact downloaded."""
+    if features.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
+        import mlflow
+
+        try:
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=features))
+        except Exception as exc:  # MLflow raises several types for a missing run or artifact
+            raise UserError(f"features '{features}': cannot be fetched "
+                            f"({' '.join(str(exc).split())[:200]})") from None
+    return Path(features)

@@ -1,8 +1,9 @@
 """Keras classifier heads: optional ``Dropout``, then one ``Dense``, as in the seed notebook.
 
-Construction is seeded and ordered (the Dropout layer first, then the Dense), so two heads
-built with the same seed draw the same dropout masks, and the 2-unit softmax that
-:func:`softmax_initial_weights` rebuilds is exactly the one a softmax trial starts from.
+Construction is seeded explicitly (kernel, bias and dropout masks each from their own seed
+derived from the head's), so two heads built with the same seed draw the same dropout masks,
+and the 2-unit softmax that :func:`softmax_initial_weights` rebuilds is exactly the one a
+softmax trial starts from.
 Import this module only after :func:`pipeline.quiet.quiet_tensorflow`.
 """
 
@@ -19,33 +20,78 @@ import keras  # noqa: E402
 HEAD_LAYER = "head"
 
 
-def make_optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
-    """A Keras optimizer by the names the sweep files use (Keras defaults otherwise)."""
+LOSSES = {"binary_crossentropy": keras.losses.BinaryCrossentropy,
+          "categorical_crossentropy": keras.losses.CategoricalCrossentropy,
+          "sparse_categorical_crossentropy": keras.losses.SparseCategoricalCrossentropy}
+
+
+def make_optimizer(name: str, learning_rate: float,
+                   weight_decay: float | None = None) -> keras.optimizers.Optimizer:
+    """A Keras optimizer by the names the sweep files use (Keras defaults otherwise).
+
+    ``weight_decay`` is Keras's decoupled decay (``w -= learning_rate * weight_decay * w`` each
+    step); ``None`` keeps the optimizer's default (0.004 for AdamW, none for the others).
+    """
+    decay = {} if weight_decay is None else {"weight_decay": weight_decay}
     factories = {
-        "sgd": lambda: keras.optimizers.SGD(learning_rate),
-        "momentum": lambda: keras.optimizers.SGD(learning_rate, momentum=0.9),
-        "nesterov": lambda: keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True),
-        "adam": lambda: keras.optimizers.Adam(learning_rate),
-        "rmsprop": lambda: keras.optimizers.RMSprop(learning_rate),
-        "adagrad": lambda: keras.optimizers.Adagrad(learning_rate),
-        "adadelta": lambda: keras.optimizers.Adadelta(learning_rate),
-        "adamw": lambda: keras.optimizers.AdamW(learning_rate),
+        "sgd": lambda: keras.optimizers.SGD(learning_rate, **decay),
+        "momentum": lambda: keras.optimizers.SGD(learning_rate, momentum=0.9, **decay),
+        "nesterov": lambda: keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True, **decay),
+        "adam": lambda: keras.optimizers.Adam(learning_rate, **decay),
+        "rmsprop": lambda: keras.optimizers.RMSprop(learning_rate, **decay),
+        "adagrad": lambda: keras.optimizers.Adagrad(learning_rate, **decay),
+        "adadelta": lambda: keras.optimizers.Adadelta(learning_rate, **decay),
+        "adamw": lambda: keras.optimizers.AdamW(learning_rate, **decay),
     }
     return factories[name]()
 
 
-def _build(n_features: int, units: int, activation: str, init: str, dropout: float, seed: int):
-    keras.utils.set_random_seed(seed)
+def make_loss(config: TrialConfig) -> keras.losses.Loss:
+    """The Keras loss of ``config`` (label smoothing only where it is set)."""
+    smoothing = {"label_smoothing": config.label_smoothing} if config.label_smoothing else {}
+    return LOSSES[config.loss](**smoothing)
+
+
+def layer_seeds(seed: int) -> tuple[int, int, int]:
+    """Independent seeds for the kernel, the bias and the dropout masks of head seed ``seed``."""
+    kernel, bias, mask = (int(s) for s in np.random.SeedSequence(seed).generate_state(3) % 2**31)
+    return kernel, bias, mask
+
+
+def _initializer(name: str, seed: int):
+    return keras.initializers.get({"class_name": name, "config": {} if name == "zeros" else {"seed": seed}})
+
+
+def _build(config: TrialConfig, n_features: int, init: str):
+    """The uncompiled model of ``config`` with kernel initializer ``init``, and its Dense layer.
+
+    Every random draw is seeded explicitly: kernel and bias from ``config.seed``, dropout
+    masks from ``config.dropout_seed``. Two heads of one seed therefore draw the same masks
+    (the masks are drawn on the inputs, whose shape does not depend on the head).
+    """
+    kernel_seed, bias_seed, _ = layer_seeds(config.seed)
     inputs = keras.Input((n_features,), name="features")
-    x = keras.layers.Dropout(dropout, name="dropout")(inputs) if dropout > 0 else inputs
-    dense = keras.layers.Dense(units, activation=activation, kernel_initializer=init,
-                               name=HEAD_LAYER)
+    x = inputs
+    if config.dropout > 0:
+        x = keras.layers.Dropout(config.dropout, seed=layer_seeds(config.dropout_seed)[2],
+                                 name="dropout")(x)
+    dense = keras.layers.Dense(
+        config.units, activation=config.activation, name=HEAD_LAYER,
+        kernel_initializer=_initializer(init, kernel_seed),
+        bias_initializer=_initializer(config.bias_init, bias_seed),
+        kernel_regularizer=keras.regularizers.L2(config.l2) if config.l2 else None)
     return keras.Model(inputs, dense(x)), dense
 
 
-def softmax_initial_weights(n_features: int, dropout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Kernel (D x 2) and bias (2,) of the 2-unit glorot softmax head that ``seed`` initialises."""
-    _, dense = _build(n_features, 2, "softmax", "glorot_uniform", dropout, seed)
+def softmax_partner(config: TrialConfig) -> TrialConfig:
+    """The 2-unit glorot softmax whose initial weights a ``transfer`` head of ``config`` starts from."""
+    return config.model_copy(update={"activation": "softmax", "units": 2, "init": "glorot_uniform",
+                                     "loss": "categorical_crossentropy"})
+
+
+def softmax_initial_weights(config: TrialConfig, n_features: int) -> tuple[np.ndarray, np.ndarray]:
+    """Kernel (D x 2) and bias (2,) that the 2-unit softmax :func:`softmax_partner` starts from."""
+    _, dense = _build(softmax_partner(config), n_features, "glorot_uniform")
     kernel, bias = dense.get_weights()
     return kernel, bias
 
@@ -63,24 +109,29 @@ def transfer_weights(kernel: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, 
 def build_head(config: TrialConfig, n_features: int) -> keras.Model:
     """The compiled Keras model of ``config`` for inputs of ``n_features``.
 
-    ``init: transfer`` starts a 1-unit sigmoid from the 2-unit softmax head that the same seed
-    initialises (so a transfer trial and a softmax trial of one seed are the seed's pair);
+    ``init: glorot_centered`` is glorot with each row's mean over the units taken out (for two
+    units w0 = -w1, the same w1 - w0), the softmax start that keeps an L2 penalty's gradient
+    equal and opposite on w1 and w0. ``init: transfer`` starts a 1-unit sigmoid from the 2-unit
+    softmax head that the same seed initialises (so a transfer trial and a softmax trial of one
+    seed are the seed's pair), with its bias b1 - b0 unless ``transfer_bias`` is off (then 0);
     it raises ``ValueError`` for any other head, which the sweep records as a FAILED trial.
     """
     if config.init == "transfer":
         if (config.units, config.activation) != (1, "sigmoid"):
             raise ValueError(f"init=transfer needs a 1-unit sigmoid head, got {config.units} "
                              f"unit(s) with {config.activation}")
-        start = transfer_weights(*softmax_initial_weights(n_features, config.dropout, config.seed))
-        init = "zeros"
-    else:
-        start, init = None, config.init
-    model, dense = _build(n_features, config.units, config.activation, init,
-                          config.dropout, config.seed)
-    if start is not None:
+        beta, b = transfer_weights(*softmax_initial_weights(config, n_features))
+        start = (beta, b if config.transfer_bias else np.zeros_like(b))
+        model, dense = _build(config, n_features, "zeros")
         dense.set_weights(list(start))
-    model.compile(optimizer=make_optimizer(config.optimizer, config.learning_rate),
-                  loss=config.loss, metrics=["accuracy"])
+    elif config.init == "glorot_centered":
+        model, dense = _build(config, n_features, "glorot_uniform")
+        kernel, bias = dense.get_weights()
+        dense.set_weights([kernel - kernel.mean(axis=1, keepdims=True), bias])
+    else:
+        model, dense = _build(config, n_features, config.init)
+    model.compile(optimizer=make_optimizer(config.optimizer, config.learning_rate, config.weight_decay),
+                  loss=make_loss(config), metrics=["accuracy"])
     return model
 
 

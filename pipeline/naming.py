@@ -14,16 +14,18 @@ import json
 import re
 from datetime import UTC, datetime
 
-from pipeline.config import SweepSpec, TrialConfig
+from pipeline.config import ParityConfig, SweepSpec, TrialConfig
 
 LOSS_ABBREV = {"binary_crossentropy": "bce", "categorical_crossentropy": "cce",
                "sparse_categorical_crossentropy": "scce"}
-INIT_ABBREV = {"glorot_uniform": "glorot", "zeros": "zeros", "he_normal": "he",
+INIT_ABBREV = {"glorot_uniform": "glorot", "glorot_centered": "centered", "zeros": "zeros", "he_normal": "he",
                "transfer": "transfer"}
 
 # Tags
 STEP = "pipeline.step"            # extract | sweep | trial | export | main
 SWEEP_NAME = "pipeline.sweep"
+KIND = "pipeline.kind"             # heads | parity: what one trial of a sweep is
+REPORT = "pipeline.report"         # summary | collapse | parity | breakers: the table export makes
 MAIN_RUN = "pipeline.main_run_id"
 ROLE = "parity.role"
 COLLAPSED = "collapsed"
@@ -61,6 +63,27 @@ def trial_run_name(config: TrialConfig) -> str:
     return "-".join(parts)
 
 
+def parity_run_name(config: ParityConfig) -> str:
+    """A parity experiment's run name: optimizer, softmax lr, ratio, what deviates, seed.
+
+    ``parity-adamw-lr1e-3-x2-decay0.5-s0``: settings off their defaults (the parity breakers
+    and their corrections) are spelled out, so each row of the breakers study reads apart.
+    """
+    parts = ["parity", config.optimizer, f"lr{format_lr(config.learning_rate)}", f"x{config.ratio:g}"]
+    defaults = ParityConfig()
+    flags = {"weight_decay": f"wd{config.weight_decay:g}" if config.weight_decay is not None else "",
+             "sigmoid_decay_scale": f"decay{config.sigmoid_decay_scale:g}",
+             "l2": f"l2-{config.l2:g}", "sigmoid_l2_scale": f"l2scale{config.sigmoid_l2_scale:g}",
+             "label_smoothing": f"smooth{config.label_smoothing:g}",
+             "bias_init": f"bias-{config.bias_init}", "share_masks": "own-masks",
+             "share_batch_order": "own-order", "transfer_bias": "no-bias-transfer",
+             "center_softmax": "centered"}
+    parts += [text for name, text in flags.items()
+              if getattr(config, name) != getattr(defaults, name) and text]
+    parts.append(f"s{config.seed}")
+    return "-".join(parts)
+
+
 def parent_run_name(sweep_name: str, when: datetime | None = None) -> str:
     """A sweep's parent run name: the sweep and the UTC date and time it started."""
     when = when or datetime.now(UTC)
@@ -88,6 +111,15 @@ def safe_filename(text: str) -> str:
 
 def parent_description(spec: SweepSpec) -> str:
     """The parent run's description: the study's question, then how to read its runs."""
+    if spec.kind == "parity":
+        return (f"{spec.description.strip()}\n\n"
+                f"**How to read it.** Each nested run is one trial: a parity experiment (the "
+                f"softmax at lr, the transferred and the random sigmoid at ratio x lr, nested "
+                f"under it, tagged `parity.role`). Sort by `max_gap_softmax_transfer`; at ratio 2 "
+                f"it is float32 rounding. Expand a trial, select its three runs, *Compare*, then "
+                f"click `loss`: the softmax and the transferred sigmoid coincide.\n\n"
+                f"- Tables and figures: artifacts `export/` of this run "
+                f"(`python -m pipeline export`).").strip()
     return (f"{spec.description.strip()}\n\n"
             f"**How to read it.** Each nested run is one trial: a head trained with the config "
             f"in its name and params (activation, units, loss, learning_rate, init, seed). "

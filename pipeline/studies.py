@@ -102,7 +102,7 @@ def open_study(spec: SweepSpec, storage: str | None, name: str | None,
         study.set_user_attr(SPACE_ATTR, space)
         study.set_user_attr(FEATURES_ATTR, features_sha)
         study.set_user_attr("sweep", spec.name)
-        study.set_user_attr("objective", spec.objective.metric)
+        study.set_user_attr("objective", spec.objective_metric)
     _fill_queue(study, spec)
     return study
 

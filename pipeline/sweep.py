@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +18,9 @@ import mlflow
 import optuna
 from optuna.trial import TrialState
 
-from pipeline import naming, studies, tracking
-from pipeline.config import SweepSpec, TrialConfig, load_sweep
-from pipeline.errors import UserError
-from pipeline.features import FeatureSet, read_features, sha256_file
+from pipeline import naming, parity, records, studies, tracking
+from pipeline.config import ParityConfig, SweepSpec, TrialConfig, load_sweep
+from pipeline.features import FeatureSet, read_features, resolve_features, sha256_file
 from pipeline.progress import progress_bar
 from pipeline.split import Split, make_split
 
@@ -39,25 +37,18 @@ class SweepOutcome:
     counts: dict[str, int]
 
 
-def resolve_features(features: str) -> Path:
-    """A local path for ``features``: the path itself, or a ``runs:/`` artifact downloaded."""
-    if features.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
-        try:
-            return Path(mlflow.artifacts.download_artifacts(artifact_uri=features))
-        except Exception as exc:  # MLflow raises several types for a missing run or artifact
-            raise UserError(f"features '{features}': cannot be fetched "
-                            f"({' '.join(str(exc).split())[:200]})") from None
-    return Path(features)
-
-
 class Objective:
-    """Trains trials of one sweep on one features file, loaded once, splits cached by seed."""
+    """Trains trials of one sweep on one features file, loaded once, splits cached by seed.
+
+    A trial of a ``heads`` sweep trains one head; a trial of a ``parity`` sweep trains the
+    seed's three heads (:mod:`pipeline.parity`) as runs nested under the trial's run.
+    """
 
     def __init__(self, spec: SweepSpec, features: FeatureSet, engine):
         self.spec, self.features, self.engine = spec, features, engine
         self._splits: dict[tuple, Split] = {}
 
-    def split(self, config: TrialConfig) -> Split:
+    def split(self, config: TrialConfig | ParityConfig) -> Split:
         """The train/validation split of ``config`` (shared by all trials of the same seed)."""
         key = (config.seed, config.validation_fraction, config.standardize)
         if key not in self._splits:
@@ -65,6 +56,28 @@ class Objective:
                                            config.validation_fraction, config.seed,
                                            config.standardize)
         return self._splits[key]
+
+    def run_name(self, config: TrialConfig | ParityConfig) -> str:
+        """The MLflow run name of a trial (:mod:`pipeline.naming`)."""
+        if isinstance(config, ParityConfig):
+            return naming.parity_run_name(config)
+        return naming.trial_run_name(config)
+
+    def tags(self, config: TrialConfig | ParityConfig) -> dict[str, str]:
+        """Tags a trial's run gets when it is created."""
+        return {} if isinstance(config, ParityConfig) else records.head_tags(config)
+
+    def train_and_log(self, config: TrialConfig | ParityConfig, run_id: str, experiment: str,
+                      tags: dict[str, str]) -> float:
+        """Train ``config``, record the results on ``run_id``, return the objective's value."""
+        split = self.split(config)
+        metric = self.spec.objective_metric
+        if isinstance(config, ParityConfig):
+            result = parity.train_parity(config, split, self.engine)
+            return parity.log_parity(run_id, experiment, result, split, tags)[metric]
+        result = self.engine.train(config, split)
+        records.log_head(run_id, result, split, config)
+        return result.final(metric)
 
 
 def make_engine(name: str):
@@ -91,7 +104,7 @@ def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: s
     tracking.install_sigterm_handler()
     the_study = studies.open_study(spec, storage, study, features_sha)
     experiment = tracking.experiment_id(spec.experiment)
-    _describe_experiment(experiment, spec)
+    tracking.describe_experiment(experiment, spec.description)
     parent = _open_parent(the_study, spec, experiment, launcher_run_id, storage,
                           features_sha, str(features_path), sweep)
     common_tags = {naming.STUDY: the_study.study_name, naming.FEATURES_SHA: features_sha,
@@ -106,15 +119,6 @@ def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: s
         bar.close()
         counts = _summarise(the_study, parent)
     return SweepOutcome(parent, experiment, the_study.study_name, counts)
-
-
-def _describe_experiment(experiment: str, spec: SweepSpec) -> None:
-    """Give the study's experiment its description and saved views, unless it has them already."""
-    client = mlflow.MlflowClient()
-    existing = client.get_experiment(experiment).tags
-    for key, value in naming.experiment_tags(spec.description, int(time.time() * 1000)).items():
-        if key not in existing:
-            client.set_experiment_tag(experiment, key, value)
 
 
 def _open_parent(study: optuna.Study, spec: SweepSpec, experiment: str, launcher: str | None,
@@ -132,6 +136,7 @@ def _open_parent(study: optuna.Study, spec: SweepSpec, experiment: str, launcher
     launcher_experiment = client.get_run(launcher).info.experiment_id if launcher else None
     nest = launcher if launcher_experiment == experiment else None
     tags = {naming.STEP: "sweep", naming.SWEEP_NAME: spec.name, naming.STUDY: study.study_name,
+            naming.KIND: spec.kind, naming.REPORT: spec.report,
             naming.STORAGE: studies.study_url(storage, study.study_name),
             naming.FEATURES_SHA: features_sha, naming.NOTE: naming.parent_description(spec),
             **tracking.versions()}
@@ -140,9 +145,10 @@ def _open_parent(study: optuna.Study, spec: SweepSpec, experiment: str, launcher
     parent = tracking.create_run(experiment, naming.parent_run_name(spec.name), nest, tags)
     if launcher and not nest:
         client.set_tag(launcher, "pipeline.sweep_run_id", parent)
-    params = {"sweep": spec.name, "sampler": spec.sampler, "sampler_seed": spec.sampler_seed,
+    params = {"sweep": spec.name, "sweep_file": sweep, "kind": spec.kind, "sampler": spec.sampler,
+              "sampler_seed": spec.sampler_seed,
               "n_trials": spec.budget(), "seeds": list(spec.seeds), "engine": spec.engine,
-              "objective": f"{spec.objective.direction} {spec.objective.metric}",
+              "objective": f"{spec.objective.direction} {spec.objective_metric}",
               "features": features_path, "study": study.study_name,
               **{f"fixed.{k}": v for k, v in spec.fixed.items()}}
     tracking.log_batch(parent, params=params)
@@ -161,23 +167,15 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective, e
         trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
         study.tell(trial, state=TrialState.FAIL)
         return
-    role = naming.role_of(config)
-    tags = {**common_tags, naming.TRIAL_NUMBER: trial.number, "activation": config.activation,
-            **({naming.ROLE: role} if role else {})}
-    run_id = tracking.create_run(experiment, naming.trial_run_name(config), parent, tags)
+    tags = {**common_tags, naming.TRIAL_NUMBER: trial.number, **objective.tags(config)}
+    run_id = tracking.create_run(experiment, objective.run_name(config), parent, tags)
     trial.set_user_attr("mlflow_run_id", run_id)
     tracking.log_batch(run_id, params=config.params())
     try:
         with tracking.terminal_run(run_id):
-            result = objective.engine.train(config, objective.split(config))
-            value = result.final(spec.objective.metric)
-            metrics = [m for name, values in result.history.items()
-                       for m in tracking.series(name, values)]
-            metrics += tracking.scalars({"positive_fraction": result.positive_fraction})
-            tracking.log_batch(run_id, metrics=metrics,
-                               tags={naming.COLLAPSED: str(result.collapsed).lower()})
+            value = objective.train_and_log(config, run_id, experiment, common_tags)
             if not math.isfinite(value):
-                raise FloatingPointError(f"{spec.objective.metric} is {value}: training diverged")
+                raise FloatingPointError(f"{spec.objective_metric} is {value}: training diverged")
     except KeyboardInterrupt:
         trial.set_user_attr("fail_reason", "interrupted")
         study.tell(trial, state=TrialState.FAIL)
@@ -186,7 +184,6 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective, e
         trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:2000])
         study.tell(trial, state=TrialState.FAIL)
         return
-    trial.set_user_attr("collapsed", result.collapsed)
     study.tell(trial, value)
 
 

@@ -10,11 +10,15 @@ import math
 import pandas as pd
 
 SUMMARY_METRICS = ("final_val_accuracy", "positive_fraction", "final_val_prob_loss", "final_val_loss")
-HEADERS = {"final_val_accuracy": "val_accuracy", "final_val_prob_loss": "val_prob_loss",
+HEADERS = {"final_max_gap_softmax_transfer": "max loss gap", "final_beta_distance": "beta distance",
+           "final_max_prob_gap": "max P gap", "final_val_accuracy": "val_accuracy",
+           "final_val_prob_loss": "val_prob_loss",
            "final_val_loss": "val_loss (Keras)", "final_loss": "loss (Keras)",
            "final_accuracy": "accuracy", "final_prob_loss": "prob_loss"}
-CONFIG_COLUMNS = ("activation", "units", "loss", "learning_rate", "init", "optimizer", "dropout",
-                  "epochs", "batch_size", "standardize")
+CONFIG_COLUMNS = ("activation", "units", "loss", "learning_rate", "init", "optimizer", "ratio", "dropout",
+                  "epochs", "batch_size", "standardize", "weight_decay", "sigmoid_decay_scale", "l2",
+                  "sigmoid_l2_scale", "label_smoothing", "bias_init", "mask_seed", "order_seed",
+                  "share_masks", "share_batch_order", "transfer_bias", "center_softmax")
 
 
 def summarize(trials: pd.DataFrame, metrics=SUMMARY_METRICS) -> pd.DataFrame:
@@ -41,9 +45,10 @@ def summarize(trials: pd.DataFrame, metrics=SUMMARY_METRICS) -> pd.DataFrame:
 def _pm(mean: float, std: float, digits: int, tex: bool) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "–"
-    text = f"{mean:.{digits}f}"
+    style = f".{digits}f" if mean == 0 or abs(mean) >= 10 ** -digits else ".1e"  # gaps are ~1e-8
+    text = f"{mean:{style}}"
     if std is not None and not (isinstance(std, float) and math.isnan(std)):
-        text += (r" $\pm$ " if tex else " ± ") + f"{std:.{digits}f}"
+        text += (r" $\pm$ " if tex else " ± ") + f"{std:{style}}"
     return text
 
 
@@ -66,12 +71,34 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def to_markdown(summary: pd.DataFrame, metrics=SUMMARY_METRICS, digits: int = 4) -> str:
-    """A GitHub-flavoured Markdown table of :func:`summarize`'s output."""
-    header, rows = _cells(summary, metrics, digits, tex=False)
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-flavoured Markdown table of already formatted cells."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     return "\n".join(lines) + "\n"
+
+
+def latex_table(header: list[str], rows: list[list[str]], caption: str = "", label: str = "") -> str:
+    """A booktabs ``table`` of already formatted cells (needs ``\\usepackage{booktabs}``).
+
+    Cells are escaped, except those holding math (``$...$``), which are taken as LaTeX.
+    """
+    lines = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{" + "l" * len(header) + "}",
+             r"\toprule", " & ".join(latex_escape(h) for h in header) + r" \\", r"\midrule"]
+    lines += [" & ".join(c if "$" in c else latex_escape(c) for c in cells) + r" \\"
+              for cells in rows]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    if caption:
+        lines.append(r"\caption{" + latex_escape(caption) + "}")
+    if label:
+        lines.append(r"\label{" + label + "}")
+    lines.append(r"\end{table}")
+    return "\n".join(lines) + "\n"
+
+
+def to_markdown(summary: pd.DataFrame, metrics=SUMMARY_METRICS, digits: int = 4) -> str:
+    """A GitHub-flavoured Markdown table of :func:`summarize`'s output."""
+    return markdown_table(*_cells(summary, metrics, digits, tex=False))
 
 
 def latex_escape(text: str) -> str:
@@ -85,15 +112,4 @@ def latex_escape(text: str) -> str:
 def to_latex(summary: pd.DataFrame, metrics=SUMMARY_METRICS, digits: int = 4,
              caption: str = "", label: str = "") -> str:
     """A booktabs ``table`` of :func:`summarize`'s output (needs ``\\usepackage{booktabs}``)."""
-    header, rows = _cells(summary, metrics, digits, tex=True)
-    lines = [r"\begin{table}[t]", r"\centering", r"\begin{tabular}{" + "l" * len(header) + "}",
-             r"\toprule", " & ".join(latex_escape(h) for h in header) + r" \\", r"\midrule"]
-    lines += [" & ".join(c if r"$\pm$" in c else latex_escape(c) for c in cells) + r" \\"
-              for cells in rows]
-    lines += [r"\bottomrule", r"\end{tabular}"]
-    if caption:
-        lines.append(r"\caption{" + latex_escape(caption) + "}")
-    if label:
-        lines.append(r"\label{" + label + "}")
-    lines.append(r"\end{table}")
-    return "\n".join(lines) + "\n"
+    return latex_table(*_cells(summary, metrics, digits, tex=True), caption=caption, label=label)

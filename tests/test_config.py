@@ -339,3 +339,18 @@ def test_trial_config_from_grid_point_has_seed_and_fixed_values():
     config = spec.trial_config(point)
     assert (config.seed, config.units, config.epochs, config.optimizer) == (4, 2, 2, "adam")
     assert config.batch_size == TrialConfig().batch_size
+
+
+def test_grid_point_that_no_head_can_be_is_rejected_before_any_run():
+    raw = {"name": "x", "experiment": "e", "fixed": {"label_smoothing": 0.1},
+           "space": {"loss": ["binary_crossentropy", "sparse_categorical_crossentropy"]}}
+    with pytest.raises(UserError, match="loss=sparse_categorical_crossentropy is not a valid heads config: "
+                                        ".*no label smoothing"):
+        parse_sweep(raw)
+
+
+def test_optional_settings_read_back_from_mlflow_strings():
+    config = TrialConfig(weight_decay="None", mask_seed="None", order_seed="3", transfer_bias="False")
+    assert config.weight_decay is None and config.mask_seed is None
+    assert config.batch_seed == 3 and config.dropout_seed == config.seed
+    assert config.transfer_bias is False

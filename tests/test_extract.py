@@ -11,9 +11,8 @@ from PIL import Image
 from pipeline import naming
 from pipeline.errors import UserError
 from pipeline.extract import extract, load_backbone, run_extract
-from pipeline.features import read_features, sha256_file
+from pipeline.features import read_features, resolve_features, sha256_file
 from pipeline.sources import digits_source
-from pipeline.sweep import resolve_features
 
 
 def make_folder(root, counts=(4, 3), corrupt=1, size=80):

@@ -43,7 +43,7 @@ def test_sigmoid_of_transfer_equals_softmax_column_one():
 
 def test_transfer_head_starts_at_transferred_softmax_weights():
     config = TrialConfig(activation="sigmoid", units=1, init="transfer", seed=5, dropout=0.5)
-    kernel, bias = softmax_initial_weights(D, config.dropout, config.seed)
+    kernel, bias = softmax_initial_weights(config, D)
     assert kernel.shape == (D, 2) and np.abs(kernel).max() > 0
     beta, b = transfer_weights(kernel, bias)
     model = build_head(config, D)
@@ -67,7 +67,8 @@ def test_softmax_initial_weights_are_what_a_softmax_trial_starts_from():
         config = TrialConfig(activation="softmax", units=2, loss="categorical_crossentropy",
                              seed=4, dropout=dropout)
         kernel, bias = head_weights(build_head(config, D))
-        expected_kernel, expected_bias = softmax_initial_weights(D, dropout, 4)
+        expected_kernel, expected_bias = softmax_initial_weights(
+            TrialConfig(init="transfer", seed=4, dropout=dropout), D)
         np.testing.assert_array_equal(kernel, expected_kernel)
         np.testing.assert_array_equal(bias, expected_bias)
 
@@ -104,3 +105,38 @@ def test_head_shape_and_activation():
     assert np.unique(out_one).size == 1
     assert 1 - 1e-7 <= out_one[0, 0] <= 1.0
     np.testing.assert_allclose(out_two.sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_transfer_without_bias_starts_at_zero_bias():
+    config = TrialConfig(init="transfer", seed=3, bias_init="random_normal")
+    _, softmax_bias = softmax_initial_weights(config, D)
+    assert softmax_bias[1] != softmax_bias[0]  # the random bias gives b1 - b0 something to carry
+    _, with_bias = head_weights(build_head(config, D))
+    _, without = head_weights(build_head(config.model_copy(update={"transfer_bias": False}), D))
+    np.testing.assert_allclose(with_bias, [softmax_bias[1] - softmax_bias[0]], rtol=1e-6)
+    np.testing.assert_array_equal(without, [0.0])
+
+
+def test_l2_weight_decay_and_smoothing_reach_keras():
+    model = build_head(TrialConfig(l2=0.01, weight_decay=0.1, label_smoothing=0.2,
+                                   optimizer="adam"), D)
+    dense = model.get_layer("head")
+    assert dense.kernel_regularizer.l2 == pytest.approx(0.01)
+    assert model.optimizer.weight_decay == pytest.approx(0.1)
+    assert model.loss.get_config()["label_smoothing"] == pytest.approx(0.2)
+
+
+def test_mask_seed_changes_only_the_masks():
+    x = np.ones((4, D), dtype=np.float32)
+    base = TrialConfig(seed=1, dropout=0.5)
+
+    def masks_and_start(config):
+        model = build_head(config, D)
+        return np.asarray(model.get_layer("dropout")(x, training=True)), head_weights(model)[0]
+
+    mask, kernel = masks_and_start(base)
+    same_mask, _ = masks_and_start(base.model_copy(update={"mask_seed": 1}))
+    other_mask, other_kernel = masks_and_start(base.model_copy(update={"mask_seed": 2}))
+    np.testing.assert_array_equal(mask, same_mask)
+    assert not np.array_equal(mask, other_mask)
+    np.testing.assert_array_equal(kernel, other_kernel)
