@@ -64,17 +64,20 @@ SMALL_STUDY = {
 
 @pytest.fixture(scope="session")
 def small_study(tmp_path_factory):
-    """A finished small sweep (8 trials, 2 seeds) exported with every format, in its own store.
+    """A finished small sweep (8 trials, 2 seeds) exported with every format, and a parity run.
 
-    Read-only for its users, who point MLflow at ``store`` themselves. Yields a namespace:
-    ``folder``, ``store`` (tracking URI), ``journal`` (the Optuna storage, the default journal
-    file beside the store), ``outcome`` (the sweep's) and ``export`` (its folder).
+    Both in one store of their own, read-only for their users, who point MLflow at ``store``
+    themselves. Yields a namespace: ``folder``, ``store`` (tracking URI), ``journal`` (the
+    Optuna storage, the default journal file beside the store), ``outcome`` (the sweep's),
+    ``export`` (its folder) and ``parity_run`` (the id of the ``parity`` entry point's run).
     """
     import types
 
     import yaml
 
+    from pipeline.config import ParityConfig
     from pipeline.export import export
+    from pipeline.parity import run_parity
     from pipeline.sweep import run_sweep
 
     folder = tmp_path_factory.mktemp("small_study")
@@ -89,6 +92,7 @@ def small_study(tmp_path_factory):
         mlflow.set_tracking_uri(store)
         outcome = run_sweep(str(features), str(folder / "small.yaml"), progress=False)
         export(outcome.parent_run_id, str(folder / "export"), "csv,md,tex,png,html")
+        parity_run, _ = run_parity(str(features), ParityConfig(learning_rate=0.05, epochs=3, batch_size=32))
         mlflow.set_tracking_uri(None)
     yield types.SimpleNamespace(folder=folder, store=store, journal=folder / "optuna-journal.log",
-                                outcome=outcome, export=folder / "export")
+                                outcome=outcome, export=folder / "export", parity_run=parity_run)

@@ -193,7 +193,7 @@ class MlflowPages:
 
     def legend(self) -> list[str]:
         """The legend entries of the metric page's chart: ``<run name> (<metric>)``."""
-        return [line for line in self.text().splitlines() if re.fullmatch(r"\S+ \([\w.]+\)", line)]
+        return [line for line in self.text().splitlines() if re.fullmatch(r"\S+ \([a-z0-9_.]+\)", line)]
 
     def chart_titles(self) -> list[str]:
         """The titles of the chart cards of the runs page's chart view."""

@@ -106,29 +106,43 @@ def test_parent_page_says_what_the_study_asks(pages, small_study, store):
     assert "Does the 1-unit softmax collapse" in pages.text()
 
 
-def parity_trio(trials: dict, seed: int = 0) -> dict[str, str]:
-    """The run ids of the seed's comparison: ``parity.role`` -> run id, for the three roles."""
-    return {r.data.tags[naming.ROLE]: r.info.run_id for r in trials.values()
-            if r.data.tags.get(naming.ROLE) in ("softmax", "sigmoid_transfer", "sigmoid_random")
-            and r.data.params["seed"] == str(seed)}
+@pytest.fixture(scope="module")
+def parity(small_study):
+    """The parity run of the small study's store and its three heads: ``parity.role`` -> run."""
+    mlflow.set_tracking_uri(small_study.store)
+    try:
+        run = mlflow.get_run(small_study.parity_run)
+        heads = mlflow.search_runs(experiment_ids=[run.info.experiment_id], output_format="list",
+                                   filter_string=f"tags.`{naming.PARENT}` = '{run.info.run_id}'")
+    finally:
+        mlflow.set_tracking_uri(None)
+    return run, {head.data.tags[naming.ROLE]: head for head in heads}
 
 
-def test_three_loss_curves_of_the_comparison_in_one_chart(pages, small_study, store):
-    _, trials = store
-    trio = parity_trio(trials)
-    assert set(trio) == {"softmax", "sigmoid_transfer", "sigmoid_random"}
-    pages.metric(small_study.outcome.experiment_id, list(trio.values()), ["loss"])
-    names = {r.info.run_id: n for n, r in trials.items()}
+def test_parity_run_nests_its_three_heads(pages, parity):
+    run, heads = parity
+    assert set(heads) == {"softmax", "sigmoid_transfer", "sigmoid_random"}
+    pages.runs(run.info.experiment_id)
+    pages.expand_all()
+    names = pages.run_names()
+    assert names[0] == run.info.run_name and run.info.run_name.startswith("parity-sgd-lr5e-2-x2")
+    assert sorted(names[1:]) == sorted(h.info.run_name for h in heads.values())
+    assert all(heads[role].info.run_name.startswith(f"{role}-") for role in heads)
+
+
+def test_parity_runs_three_loss_curves_in_one_chart(pages, parity):
+    run, heads = parity
+    pages.metric(run.info.experiment_id, [h.info.run_id for h in heads.values()], ["loss"])
     legend = pages.legend()
-    for run_id in trio.values():
-        assert any(names[run_id] in entry for entry in legend), (names[run_id], legend)
+    assert sorted(legend) == sorted(f"{h.info.run_name} (loss)" for h in heads.values())
     pages.screenshot(pages.shots / "parity_loss.png")
 
 
-def test_parity_view_charts_the_losses(pages, small_study):
-    pages.runs(small_study.outcome.experiment_id, viewStateShareKey="parity")
+def test_parity_view_charts_the_losses(pages, parity):
+    run, heads = parity
+    pages.runs(run.info.experiment_id, viewStateShareKey="parity")
     pages.expand_all()
-    assert not any(n.startswith("softmax-1u-") for n in pages.run_names())
+    assert sorted(pages.run_names()[1:]) == sorted(h.info.run_name for h in heads.values())
     pages.show_charts()
     titles = pages.chart_titles()
     assert {"loss", "val_loss", "val_prob_loss"} <= set(titles) and "val_accuracy" not in titles
