@@ -146,10 +146,10 @@ def experiment_tags(description: str, created_ms: int) -> dict[str, str]:
     columns = ([f"params.`{p}`" for p in COMPARED_PARAMS] + [f"metrics.`{m}`" for m in COMPARED_METRICS]
                + [f"tags.`{t}`" for t in COMPARED_TAGS])
     roles = f"tags.`{ROLE}` != 'softmax_1unit'"  # MLflow's filters have no OR: the roles but one
+    table = {"selectedColumns": columns}
     views = {
-        "heads": ("Heads: config and results", {"selectedColumns": columns, "searchFilter": ""}),
-        "parity": ("Parity: loss curves", {"selectedColumns": columns, "searchFilter": roles,
-                                           "chartsSearchFilter": "loss"}),
+        "heads": ("Heads: config and results", {**table, "searchFilter": ""}),
+        "parity": ("Parity: loss curves", {**table, "searchFilter": roles, "chartsSearchFilter": "loss"}),
     }
     tags = {EXPERIMENT_KIND: "custom_model_development"}
     if description.strip():

@@ -32,6 +32,7 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 RUN_NAME_CELL = '[role=row] [col-id="attributes.`Run Name`"]'
 EXPAND_BUTTON = 'button[data-component-id*="runnamecellrenderer"]'
 ASSISTANT_CLOSE = 'button[data-component-id="mlflow.assistant.chat_panel.close"]'
+SHARED_VIEW_BANNER_CLOSE = 'button[data-component-id="mlflow.experiment_page.shared_view.dismiss"]'
 
 
 def free_port() -> int:
@@ -127,8 +128,13 @@ class MlflowPages:
         encoded = urllib.parse.urlencode(query, safe="[]\",`'")
         self.driver.get(f"{self.base}/#/{route}" + (f"?{encoded}" if encoded else ""))
         self.settle()
+        self.close_assistant()
+
+    def close_assistant(self) -> None:
+        """Close the assistant panel, which takes a third of the page (it opens now and then)."""
         for button in self.css(ASSISTANT_CLOSE):
-            button.click()
+            if button.is_displayed():
+                button.click()
 
     def settle(self, seconds: float = 1.0) -> None:
         """Let the page finish drawing (charts animate in) before it is read or photographed."""
@@ -140,6 +146,8 @@ class MlflowPages:
         self.open(f"experiments/{experiment_id}/runs", workflowType="machine_learning", **query)
         self.wait_for(lambda d: "matching run" in self.text(), "the runs table")
         self.wait_for(lambda d: self.run_names(), "a run in the table")
+        for button in self.css(SHARED_VIEW_BANNER_CLOSE):  # "You're viewing a shared view": read
+            button.click()
 
     def run_names(self) -> list[str]:
         """The run names the table shows, top to bottom."""
@@ -155,6 +163,15 @@ class MlflowPages:
             before = len(self.run_names())
             plus[0].click()
             self.wait_for(lambda d, n=before: len(self.run_names()) > n, "the nested runs")
+
+    def widen_names(self, pixels: int = 130) -> None:
+        """Drag the Run Name column's edge to the right, as a reader does to read whole names."""
+        from selenium.webdriver.common.action_chains import ActionChains
+
+        edge = self.css('[role=columnheader][col-id="attributes.`Run Name`"] .ag-header-cell-resize')[0]
+        ActionChains(self.driver).click_and_hold(edge).move_by_offset(pixels, 0).release().perform()
+        self.settle()
+        self.close_assistant()
 
     def choose_view(self, name: str) -> None:
         """Pick a saved view from the runs page's *Views* menu."""
@@ -187,7 +204,8 @@ class MlflowPages:
     def metric(self, experiment_id: str, run_ids: list[str], metrics: list[str]) -> None:
         """The metric page: ``metrics`` of ``run_ids`` over epochs (step), all in one chart."""
         self.open("metric", runs=json.dumps(run_ids), experiments=json.dumps([experiment_id]),
-                  metric=json.dumps(metrics[0]), plot_metric_keys=json.dumps(metrics), x_axis="step")
+                  metric=json.dumps(metrics[0]), plot_metric_keys=json.dumps(metrics), x_axis="step",
+                  workflowType="machine_learning")
         self.wait_for(lambda d: len(self.legend()) >= len(run_ids) * len(metrics), "a line per run")
         self.settle(2)
 

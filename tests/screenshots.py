@@ -1,0 +1,100 @@
+"""Regenerate the README's pictures: ``python -m tests.screenshots [--output docs/img]``.
+
+Runs the default job (``python -m pipeline main``, as ``make run`` does) and a ``parity`` run on
+its features, in a store of its own in a temporary folder, then opens ``mlflow ui`` over it
+in Debian's headless chromium (see tests/mlflow_ui.py) and photographs the pages the README
+describes. The figures ``export`` wrote are copied beside them. Takes a few minutes on 2 cores;
+needs the ``chromium`` and ``chromium-driver`` packages and the ``test`` extra (Selenium).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import mlflow
+
+from tests.mlflow_ui import MlflowPages, chromium, mlflow_ui
+
+ROOT = Path(__file__).resolve().parents[1]
+PARITY_ARGS = ("--learning_rate", "0.001", "--epochs", "10", "--batch_size", "32", "--standardize", "true")
+FIGURES = ("accuracy.png", "loss_curves.png", "loss_gaps.png")
+
+
+def run_pipeline(args: list[str], folder: Path, store: str) -> None:
+    """``python -m pipeline ARGS`` in ``folder`` against ``store``, as a user runs it."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(ROOT)}
+    env.pop("MLFLOW_RUN_ID", None)
+    print(f"$ python -m pipeline {' '.join(args)}", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=folder, env=env, check=True)
+
+
+def runs_of(store: str, filter_string: str) -> list:
+    mlflow.set_tracking_uri(store)
+    try:
+        return mlflow.search_runs(search_all_experiments=True, filter_string=filter_string,
+                                  output_format="list")
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def take(output: Path, folder: Path) -> list[Path]:
+    """Run the jobs in ``folder`` and write the screenshots and figures into ``output``."""
+    store = f"sqlite:///{folder / 'mlflow.db'}"
+    run_pipeline(["main", "--sweep", str(ROOT / "sweeps/default.yaml"), "--output", "outputs"], folder, store)
+    run_pipeline(["parity", "--features", "outputs/features.h5", *PARITY_ARGS], folder, store)
+    sweep = runs_of(store, "tags.`pipeline.step` = 'sweep'")[0]
+    nested = "tags.`mlflow.parentRunId` = '{}'"
+    trials = {r.info.run_name: r for r in runs_of(store, nested.format(sweep.info.run_id))}
+    parity = runs_of(store, "tags.`pipeline.step` = 'parity'")[0]
+    heads = runs_of(store, nested.format(parity.info.run_id))
+    collapsed = trials["softmax-1u-bce-lr1e-3-glorot-s0"]
+    shots = []
+    with mlflow_ui(store) as base, chromium(1800, 1150) as driver:
+        pages = MlflowPages(driver, base)
+        pages.runs(sweep.info.experiment_id, viewStateShareKey="heads")
+        pages.expand_all()
+        pages.widen_names()
+        shots.append(pages.screenshot(output / "ui_runs.png"))
+        pages.run(sweep.info.experiment_id, sweep.info.run_id)
+        pages.wait_for_text("How to read it")
+        shots.append(pages.screenshot(output / "ui_sweep_run.png"))
+        pages.run(collapsed.info.experiment_id, collapsed.info.run_id)
+        shots.append(pages.screenshot(output / "ui_trial.png"))
+        pages.metric(parity.info.experiment_id, [h.info.run_id for h in heads], ["loss"])
+        shots.append(pages.screenshot(output / "ui_parity_loss.png"))
+        pages.runs(parity.info.experiment_id, viewStateShareKey="parity")
+        pages.expand_all()
+        pages.show_charts()
+        shots.append(pages.screenshot(output / "ui_parity_charts.png"))
+    for name in FIGURES:
+        shots.append(Path(shutil.copyfile(folder / "outputs" / "export" / name, output / name)))
+    print((folder / "outputs" / "export" / "summary.md").read_text(), file=sys.stderr)  # the README's table
+    return shots
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.screenshots", description=__doc__.split("\n")[0])
+    parser.add_argument("--output", default=str(ROOT / "docs" / "img"), help="folder for the PNGs")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary store and print its path")
+    args = parser.parse_args(argv)
+    output = Path(args.output).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="screenshots-"))
+    try:
+        for path in take(output, folder):
+            print(path)
+    finally:
+        if args.keep:
+            print(f"store: sqlite:///{folder / 'mlflow.db'}", file=sys.stderr)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
