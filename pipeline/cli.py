@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export a sweep's trials as CSV, Markdown and LaTeX tables "
                                    "and PNG figures, and log them on its parent run.")
     _flag(p, "run_id", type=_optional_str, default=None,
-          help="the sweep's parent run (default: the latest sweep)")
+          help="the sweep's parent run id or sweep name, or a comma list of them (default: the "
+               "latest sweep); collapse/parity/breakers studies also give findings.md/.tex")
     _flag(p, "output", default="exports", help="folder to write (default exports)")
     _flag(p, "formats", default="csv,md,tex", help="comma list of csv, md, tex, png, html")
 
@@ -97,7 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "sweep, export.")
     _flag(p, "images", default="builtin:digits", help="image folder or builtin:digits")
     _flag(p, "weights", default="auto", help="imagenet, random, auto or a weights file")
-    _flag(p, "sweep", default="sweeps/default.yaml", help="sweep YAML file")
+    _flag(p, "sweep", default="sweeps/default.yaml",
+          help="sweep YAML file, or a comma list run in order and exported together")
+    _flag(p, "features", type=_optional_str, default=None,
+          help="use this features file (or runs:/ URI) instead of extracting images")
     _flag(p, "output", default="outputs", help="folder for features.h5 and export/")
     _flag(p, "storage", type=_optional_str, default=None, help="Optuna storage (see sweep)")
     return parser
@@ -131,7 +135,7 @@ def run(args: argparse.Namespace) -> None:
         from pipeline.main import run_main
 
         outcome = run_main(args.images, args.weights, args.sweep, args.output,
-                           launcher_run_id=launcher, storage=args.storage)
+                           launcher_run_id=launcher, storage=args.storage, features=args.features)
         print(f"main: done; sweep run {outcome.sweep_run_id}; files in {args.output}",
               file=sys.stderr)
 

@@ -17,7 +17,7 @@ import mlflow
 from pipeline import naming, tracking
 from pipeline.config import load_sweep
 from pipeline.errors import UserError
-from pipeline.features import sha256_file
+from pipeline.features import read_features, resolve_features, sha256_file
 from pipeline.sources import open_source
 
 
@@ -30,6 +30,7 @@ class MainOutcome:
     reused_extraction: bool
     sweep_run_id: str
     export_files: tuple[Path, ...]
+    sweep_run_ids: tuple[str, ...] = ()
 
 
 def find_extraction(experiment_id: str, params: dict, fingerprint: str):
@@ -46,19 +47,28 @@ def find_extraction(experiment_id: str, params: dict, fingerprint: str):
 def run_main(images: str = "builtin:digits", weights: str = "auto",
              sweep: str = "sweeps/default.yaml", output: str = "outputs",
              launcher_run_id: str | None = None, storage: str | None = None,
-             progress: bool | None = None) -> MainOutcome:
+             progress: bool | None = None, features: str | None = None) -> MainOutcome:
     """Run the whole pipeline; files go to ``output`` (``features.h5`` and ``export/``).
 
+    ``sweep`` is one sweep file or a comma list, run in order on the same features and
+    exported together (so the collapse, parity and breakers studies give one findings.md).
+    ``features`` skips extraction and uses that file (e.g. the seed's gap_Xception.h5).
     The main run is ``launcher_run_id`` (the run ``mlflow run`` opened) or a new run in the
-    sweep's experiment; the extract step is nested under it, and so is the sweep's parent run
-    when both live in the sweep's experiment (otherwise they are linked by tags).
+    first sweep's experiment; the extract step is nested under it, and so is a sweep's parent
+    run when both live in the same experiment (otherwise they are linked by tags).
     """
     from pipeline.export import export
     from pipeline.extract import run_extract
     from pipeline.sweep import run_sweep
 
-    spec = load_sweep(sweep)  # fail on a bad sweep file before any run exists
-    source = open_source(images)
+    sweeps = [part.strip() for part in sweep.split(",") if part.strip()]
+    specs = [load_sweep(path) for path in sweeps]  # fail on a bad sweep file before any run exists
+    if not specs:
+        raise UserError("sweep: give at least one sweep file")
+    spec = specs[0]
+    if features is not None:
+        read_features(resolve_features(features))  # ... and on bad features
+    source = open_source(images) if features is None else None
     out = Path(output)
     features_path = out / "features.h5"
     client = mlflow.MlflowClient()
@@ -74,8 +84,11 @@ def run_main(images: str = "builtin:digits", weights: str = "auto",
         tracking.log_new_params(main_run, {"images": images, "weights": weights,
                                            "sweep": sweep, "output": output})
         params = {"images": images, "weights": weights, "input_size": "auto", "batch_size": 32}
-        previous = find_extraction(experiment, params, source.fingerprint())
-        if previous is not None:
+        previous = find_extraction(experiment, params, source.fingerprint()) if source else None
+        if features is not None:
+            extract_run, features_path = "", resolve_features(features)
+            print(f"extract: skipped, using {features_path}", file=sys.stderr)
+        elif previous is not None:
             extract_run = previous.info.run_id
             _restore_features(previous, features_path)
             print(f"extract: reusing FINISHED run {extract_run} ({features_path})", file=sys.stderr)
@@ -83,13 +96,14 @@ def run_main(images: str = "builtin:digits", weights: str = "auto",
             extract_run, _ = run_extract(images, weights, "auto", 32, str(features_path),
                                          experiment_id=experiment,
                                          parent_run_id=main_run, progress=progress)
-        client.set_tag(main_run, "pipeline.extract_run_id", extract_run)
-        outcome = run_sweep(str(features_path), sweep, storage=storage,
-                            launcher_run_id=main_run, progress=progress)
-        exported = export(outcome.parent_run_id, str(out / "export"), "csv,md,tex,png")
-        tracking.log_batch(main_run, tags={"pipeline.sweep_run_id": outcome.parent_run_id})
-    return MainOutcome(main_run, extract_run, previous is not None, outcome.parent_run_id,
-                       exported.files)
+        if extract_run:
+            client.set_tag(main_run, "pipeline.extract_run_id", extract_run)
+        parents = [run_sweep(str(features_path), path, storage=storage, launcher_run_id=main_run,
+                             progress=progress).parent_run_id for path in sweeps]
+        exported = export(",".join(parents), str(out / "export"), "csv,md,tex,png")
+        tracking.log_batch(main_run, tags={"pipeline.sweep_run_id": ",".join(parents)})
+    return MainOutcome(main_run, extract_run, previous is not None, parents[0], exported.files,
+                       tuple(parents))
 
 
 def _restore_features(run, path: Path) -> None:

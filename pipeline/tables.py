@@ -29,7 +29,7 @@ def summarize(trials: pd.DataFrame, metrics=SUMMARY_METRICS) -> pd.DataFrame:
     """
     done = trials[trials["status"] == "FINISHED"]
     keys = [c for c in CONFIG_COLUMNS if c in done and done[c].nunique(dropna=False) > 1]
-    keys = keys or [c for c in ("activation", "units", "loss") if c in done]
+    keys = keys or [c for c in ("activation", "units", "loss", "optimizer", "ratio") if c in done]
     if done.empty:
         return pd.DataFrame(columns=[*keys, "n"])
     grouped = done.groupby(keys, sort=False, dropna=False)

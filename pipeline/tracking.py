@@ -125,6 +125,10 @@ def scalars(values: Mapping[str, float]) -> list[Metric]:
     return [Metric(k, float(v), now, 0) for k, v in values.items()]
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}"[:4000]
+def _one_line(exc: BaseException, limit: int = 4000) -> str:
+    """``exc`` as one line of at most ``limit`` characters, keeping its start and its end (a
+    TensorFlow error puts a long traceback between its name and what went wrong)."""
+    text = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit // 4]} … {text[-(limit - limit // 4 - 3):]}"

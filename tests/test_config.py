@@ -129,7 +129,7 @@ def test_non_finite_learning_rate():
     ("activation", "relu", "sigmoid, softmax"),
     ("loss", "mse", "binary_crossentropy, categorical_crossentropy, sparse_categorical_crossentropy"),
     ("optimizer", "lbfgs", "sgd, momentum, nesterov, adam"),
-    ("init", "ones", "glorot_uniform, zeros, he_normal, transfer"),
+    ("init", "ones", "glorot_uniform, glorot_centered, zeros, he_normal, transfer"),
 ])
 def test_unknown_choice_names_allowed_values(key, bad, allowed):
     rejected(sweep(fixed={key: bad}), f"fixed.{key}", repr(bad), f"allowed: {allowed}")

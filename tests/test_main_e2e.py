@@ -75,3 +75,26 @@ def test_second_run_reuses_extraction_and_resumes_the_study(mlflow_run_twice):
     trials = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                 filter_string=f"tags.`{naming.STEP}` = 'trial'")
     assert len(trials) == 4
+
+
+def test_parity_entry_point_through_mlflow_run(mlflow_run_twice):
+    tmp, _ = mlflow_run_twice
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'parity.db'}",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_RUN_ID", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(ROOT), "-e", "parity", "--env-manager", "local",
+         "--experiment-name", "parity-e2e", "-P", f"features={tmp / 'out' / 'features.h5'}",
+         "-P", "optimizer=momentum", "-P", "epochs=2", "-P", "standardize=true"],
+        cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("parity-e2e")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get(naming.STEP) == "parity")
+    children = [r for r in runs if r.data.tags.get(naming.PARENT) == parent.info.run_id]
+    assert sorted(r.data.tags[naming.ROLE] for r in children) == [
+        "sigmoid_random", "sigmoid_transfer", "softmax"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert parent.data.metrics["max_gap_softmax_transfer"] <= 1e-5
+    assert parent.data.params["optimizer"] == "momentum"

@@ -1,0 +1,143 @@
+"""The collapse, parity and breakers studies through sweep and export, into findings.md/.tex."""
+
+from __future__ import annotations
+
+import math
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline import naming
+from pipeline.export import export, trial_records
+from pipeline.features import write_features
+from pipeline.findings import parity_rows, sci
+from pipeline.sweep import run_sweep
+from tests.conftest import make_features
+
+FAST = {"epochs": 2, "batch_size": 32, "dropout": 0.5}
+COLLAPSE = {"name": "collapse-t", "experiment": "collapse-exp", "report": "collapse", "seeds": [0, 1],
+            "fixed": {**FAST, "learning_rate": 0.05},
+            "space": [{"activation": "softmax", "units": 1,
+                       "loss": ["binary_crossentropy", "categorical_crossentropy",
+                                "sparse_categorical_crossentropy"]},
+                      {"activation": "sigmoid", "units": 1, "loss": "binary_crossentropy"}]}
+PARITY = {"name": "parity-t", "experiment": "parity-exp", "kind": "parity", "report": "parity",
+          "seeds": [0], "fixed": {**FAST, "learning_rate": 0.05},
+          "space": {"optimizer": ["sgd", "adam"], "ratio": [1, 2]}}
+BREAKERS = {"name": "breakers-t", "experiment": "parity-exp", "kind": "parity", "report": "breakers",
+            "seeds": [0], "fixed": {**FAST, "learning_rate": 0.05},
+            "space": [{"optimizer": "sgd"}, {"optimizer": "sgd", "share_masks": False}]}
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory):
+    """The three tiny studies, swept on one features file in a store of their own:
+    {name: parent run id}. The tests only read them."""
+    tmp_path = tmp_path_factory.mktemp("studies")
+    x, y = make_features()
+    features = write_features(tmp_path / "features.h5", x, y, {})
+    with pytest.MonkeyPatch.context() as mp:
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        mlflow.set_tracking_uri(uri)
+        parents = {}
+        for spec in (COLLAPSE, PARITY, BREAKERS):
+            path = tmp_path / f"{spec['name']}.yaml"
+            path.write_text(yaml.safe_dump(spec))
+            parents[spec["name"]] = run_sweep(str(features), str(path), progress=False).parent_run_id
+        yield parents
+        mlflow.set_tracking_uri(None)
+
+
+def test_findings_report_from_the_three_studies(studies, tmp_path):
+    # -- the collapse, per run: tags, exact accuracy, expected values logged beside measured ones
+    trials = trial_records(studies["collapse-t"])
+    soft1 = trials[(trials["activation"] == "softmax") & (trials["units"] == 1)]
+    assert soft1["collapsed"].all() and len(soft1) == 6
+    done = soft1[soft1["status"] == "FINISHED"]
+    assert set(done["loss"]) == {"binary_crossentropy", "categorical_crossentropy"}
+    assert (done["final_val_accuracy"] == done["positive_fraction"]).all()
+    failed = soft1[soft1["status"] != "FINISHED"]
+    assert set(failed["loss"]) == {"sparse_categorical_crossentropy"}
+    assert failed["error"].str.contains("outside the valid range").all()
+    for run_id in done["run_id"]:
+        metrics = mlflow.MlflowClient().get_run(run_id).data.metrics
+        negatives = 1 - metrics["positive_fraction"]
+        assert metrics["expected_val_prob_loss"] == pytest.approx(negatives * 16.1181, abs=1e-3)
+        assert abs(metrics["val_prob_loss_minus_expected"]) <= 1e-3
+        assert metrics["val_accuracy_minus_expected"] == 0
+    cce = done[done["loss"] == "categorical_crossentropy"]
+    assert (cce["final_loss"] == 0).all() and (cce["final_val_loss"] == 0).all()
+    healthy = trials[trials["activation"] == "sigmoid"]
+    assert not healthy["collapsed"].any() and (healthy["final_val_accuracy"] > 0.7).all()
+
+    # -- the report: every table under its command, Markdown and LaTeX
+    result = export(",".join(studies.values()), str(tmp_path / "out"))
+    md = (tmp_path / "out" / "findings.md").read_text()
+    tex = (tmp_path / "out" / "findings.tex").read_text()
+    for title in ("The 1-unit softmax collapse", "The sigmoid/softmax parity", "What breaks the parity"):
+        assert f"## {title}" in md and f"% {title}. Regenerate with:" in tex
+    assert md.count("python -m pipeline sweep --features") == 3
+    assert "Received a label value of 1 which is outside the valid range" in md
+    assert "| optimizer | softmax lr | ratio 1 | ratio 2 | seeds |" in md
+    assert "| dropout masks not shared | sgd | share the masks |" in md
+    assert tex.count(r"\begin{tabular}") == 3 and r"\times10^{" in tex
+    for name in studies:  # each study keeps its own tables in a folder named for it
+        assert (tmp_path / "out" / name / "trials.csv").is_file()
+    assert {p.name for p in result.files} >= {"findings.md", "findings.tex"}
+    logged = mlflow.MlflowClient().list_artifacts(studies["parity-t"], "export")
+    assert "export/findings.md" in {a.path for a in logged}
+
+
+def test_parity_table_reads_optimizers_by_ratios(studies):
+    trials = trial_records(studies["parity-t"])
+    header, rows = parity_rows(trials)
+    assert header == ["optimizer", "softmax lr", "ratio 1", "ratio 2", "seeds"]
+    assert [row[0] for row in rows] == ["sgd", "adam"]
+    for optimizer, _, at_1, at_2, _ in rows:
+        part = trials[trials["optimizer"] == optimizer]
+        gap = part.loc[part["ratio"] == 2, "final_max_gap_softmax_transfer"].mean()
+        assert at_2 == sci(gap) and gap <= 1e-5
+        assert float(at_1) > 1e-3
+    # each parity trial is a run holding its three heads, nested one level further down
+    trial = trials.iloc[0]
+    children = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                  filter_string=f"tags.`{naming.PARENT}` = '{trial['run_id']}'")
+    assert sorted(run.data.tags[naming.ROLE] for run in children) == [
+        "sigmoid_random", "sigmoid_transfer", "softmax"]
+
+
+def test_sci_formats_gaps_for_text_and_latex():
+    assert sci(1.7e-05) == "1.7e-5" and sci(0.19) == "1.9e-1" and sci(0.0) == "0"
+    assert sci(6e-08, tex=True) == r"$6.0\times10^{-8}$"
+    assert sci(math.nan) == "–"
+    frame = pd.DataFrame({"status": ["FINISHED"] * 4, "optimizer": ["adam", "sgd"] * 2,
+                          "ratio": [2.0, 2.0, 4.0, 4.0], "learning_rate": [1e-3, 1e-2] * 2,
+                          "seed": [0, 0, 0, 0],
+                          "final_max_gap_softmax_transfer": [1e-7, 2e-7, 0.1, 0.2]})
+    header, rows = parity_rows(frame)
+    assert rows == [["sgd", "0.01", "2.0e-7", "2.0e-1", "1"], ["adam", "0.001", "1.0e-7", "1.0e-1", "1"]]
+
+
+def test_main_on_a_users_features_file_writes_the_findings(tracking, features_file, tmp_path):
+    from pipeline import cli
+
+    small_collapse = {**COLLAPSE, "seeds": [0], "space": [{"activation": "softmax", "units": 1}]}
+    small_parity = {**PARITY, "space": {"optimizer": "sgd", "ratio": [2]}}
+    paths = []
+    for spec in (small_collapse, small_parity):
+        paths.append(tmp_path / f"{spec['name']}.yaml")
+        paths[-1].write_text(yaml.safe_dump(spec))
+    out = tmp_path / "out"
+    cli.main(["main", "--features", str(features_file), "--sweep", ",".join(map(str, paths)),
+              "--output", str(out)])
+    md = (out / "export" / "findings.md").read_text()
+    assert "## The 1-unit softmax collapse" in md and "## The sigmoid/softmax parity" in md
+    assert f"python -m pipeline sweep --features {features_file} --sweep {paths[0]}" in md
+    assert not (out / "features.h5").exists()  # the given file was used, nothing extracted
+    mains = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                               filter_string=f"tags.`{naming.STEP}` = 'main'")
+    assert len(mains) == 1 and mains[0].info.status == "FINISHED"
