@@ -10,7 +10,6 @@ component ids, and the texts a user reads.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import socket
@@ -32,6 +31,7 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 RUN_NAME_CELL = '[role=row] [col-id="attributes.`Run Name`"]'
 EXPAND_BUTTON = 'button[data-component-id*="runnamecellrenderer"]'
 ASSISTANT_CLOSE = 'button[data-component-id="mlflow.assistant.chat_panel.close"]'
+ROW_CHECKBOX = "input[type=checkbox][aria-label^='Press Space to toggle row selection']"
 SHARED_VIEW_BANNER_CLOSE = 'button[data-component-id="mlflow.experiment_page.shared_view.dismiss"]'
 
 
@@ -195,19 +195,34 @@ class MlflowPages:
         self.wait_for(lambda d: self.css(".js-plotly-plot"), "charts")
         self.settle(3)
 
+    def select(self, run_names: list[str]) -> None:
+        """Tick the rows of ``run_names`` in the runs table."""
+        ticked = 0
+        for row in self.css("[role=row]"):
+            if any(line in run_names for line in row.text.splitlines()):
+                for box in row.find_elements("css selector", ROW_CHECKBOX):
+                    self.driver.execute_script("arguments[0].click()", box)
+                    ticked += 1
+        assert ticked == len(run_names), f"ticked {ticked} of {run_names}"
+
+    def compare_selected(self, metric: str) -> None:
+        """*Compare* the ticked runs, then click ``metric`` on the comparison page: its chart."""
+        from selenium.webdriver.common.by import By
+
+        self.wait_for(lambda d: next(b for b in d.find_elements(By.CSS_SELECTOR, "button")
+                                     if b.text == "Compare"), "the Compare button").click()
+        link = self.wait_for(lambda d: next(a for a in d.find_elements(By.CSS_SELECTOR, "a")
+                                            if (a.get_attribute("textContent") or "").strip() == metric),
+                             f"a link to {metric!r}")
+        self.driver.execute_script("arguments[0].scrollIntoView(); arguments[0].click()", link)
+        self.wait_for(lambda d: "#/metric" in d.current_url and self.legend(), "the metric's chart")
+        self.settle(2)
+
     # a run, and runs compared ---------------------------------------------------------------
     def run(self, experiment_id: str, run_id: str) -> None:
         """A run's page: its description, params, metrics and tags."""
         self.open(f"experiments/{experiment_id}/runs/{run_id}", workflowType="machine_learning")
         self.wait_for_text("Parameters")
-
-    def metric(self, experiment_id: str, run_ids: list[str], metrics: list[str]) -> None:
-        """The metric page: ``metrics`` of ``run_ids`` over epochs (step), all in one chart."""
-        self.open("metric", runs=json.dumps(run_ids), experiments=json.dumps([experiment_id]),
-                  metric=json.dumps(metrics[0]), plot_metric_keys=json.dumps(metrics), x_axis="step",
-                  workflowType="machine_learning")
-        self.wait_for(lambda d: len(self.legend()) >= len(run_ids) * len(metrics), "a line per run")
-        self.settle(2)
 
     def legend(self) -> list[str]:
         """The legend entries of the metric page's chart: ``<run name> (<metric>)``."""

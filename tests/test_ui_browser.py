@@ -132,9 +132,12 @@ def test_parity_run_nests_its_three_heads(pages, parity):
 
 def test_parity_runs_three_loss_curves_in_one_chart(pages, parity):
     run, heads = parity
-    pages.metric(run.info.experiment_id, [h.info.run_id for h in heads.values()], ["loss"])
-    legend = pages.legend()
-    assert sorted(legend) == sorted(f"{h.info.run_name} (loss)" for h in heads.values())
+    pages.runs(run.info.experiment_id)
+    pages.expand_all()
+    pages.select([h.info.run_name for h in heads.values()])
+    pages.compare_selected("loss")  # tick the three heads, Compare, click loss: what a user does
+    assert "x_axis=step" in pages.driver.current_url
+    assert sorted(pages.legend()) == sorted(f"{h.info.run_name} (loss)" for h in heads.values())
     pages.screenshot(pages.shots / "parity_loss.png")
 
 
