@@ -1,7 +1,7 @@
 """Regenerate the README's pictures: ``python -m tests.screenshots [--output docs/img]``.
 
-Runs the default job (``python -m pipeline main``, as ``make run`` does) and a ``parity`` run on
-its features, in a store of its own in a temporary folder, then opens ``mlflow ui`` over it
+Runs the default job (``mlflow run . --env-manager local``, as ``make run`` does) and a
+``parity`` run on its features, in a store of its own in a temporary folder, then opens ``mlflow ui`` over it
 in Debian's headless chromium (see tests/mlflow_ui.py) and photographs the pages the README
 describes. The figures ``export`` wrote are copied beside them. Takes a few minutes on 2 cores;
 needs the ``chromium`` and ``chromium-driver`` packages and the ``test`` extra (Selenium).
@@ -26,12 +26,13 @@ PARITY_ARGS = ("--learning_rate", "0.001", "--epochs", "10", "--batch_size", "32
 FIGURES = ("accuracy.png", "loss_curves.png", "loss_gaps.png")
 
 
-def run_pipeline(args: list[str], folder: Path, store: str) -> None:
-    """``python -m pipeline ARGS`` in ``folder`` against ``store``, as a user runs it."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(ROOT)}
+def run(command: list[str], folder: Path, store: str) -> None:
+    """``command`` in ``folder`` against ``store``, as a user runs it."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(ROOT),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("MLFLOW_RUN_ID", None)
-    print(f"$ python -m pipeline {' '.join(args)}", file=sys.stderr)
-    subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=folder, env=env, check=True)
+    print(f"$ {' '.join(command)}", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", *command], cwd=folder, env=env, check=True)
 
 
 def runs_of(store: str, filter_string: str) -> list:
@@ -46,8 +47,10 @@ def runs_of(store: str, filter_string: str) -> list:
 def take(output: Path, folder: Path) -> list[Path]:
     """Run the jobs in ``folder`` and write the screenshots and figures into ``output``."""
     store = f"sqlite:///{folder / 'mlflow.db'}"
-    run_pipeline(["main", "--sweep", str(ROOT / "sweeps/default.yaml"), "--output", "outputs"], folder, store)
-    run_pipeline(["parity", "--features", "outputs/features.h5", *PARITY_ARGS], folder, store)
+    # make run's command; the project directory is the working directory of what it runs
+    run(["mlflow", "run", str(ROOT), "--env-manager", "local", "-P", f"output={folder / 'outputs'}"],
+        folder, store)
+    run(["pipeline", "parity", "--features", "outputs/features.h5", *PARITY_ARGS], folder, store)
     sweep = runs_of(store, "tags.`pipeline.step` = 'sweep'")[0]
     nested = "tags.`mlflow.parentRunId` = '{}'"
     trials = {r.info.run_name: r for r in runs_of(store, nested.format(sweep.info.run_id))}
