@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import mlflow
+import yaml
 
 from tests.mlflow_ui import MlflowPages, chromium, mlflow_ui
 
@@ -47,7 +48,11 @@ def runs_of(store: str, filter_string: str) -> list:
 def take(output: Path, folder: Path) -> list[Path]:
     """Run the jobs in ``folder`` and write the screenshots and figures into ``output``."""
     store = f"sqlite:///{folder / 'mlflow.db'}"
-    # make run's command; the project directory is the working directory of what it runs
+    # Experiments made here keep their artifacts here, not in the project directory, which is
+    # the working directory of what `mlflow run` runs.
+    experiment = yaml.safe_load((ROOT / "sweeps/default.yaml").read_text())["experiment"]
+    run(["mlflow", "experiments", "create", "--experiment-name", experiment], folder, store)
+    # make run's command
     run(["mlflow", "run", str(ROOT), "--env-manager", "local", "-P", f"output={folder / 'outputs'}"],
         folder, store)
     run(["pipeline", "parity", "--features", "outputs/features.h5", *PARITY_ARGS], folder, store)
