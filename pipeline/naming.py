@@ -31,6 +31,8 @@ STORAGE = "optuna.storage"
 FEATURES_SHA = "features.sha256"
 WEIGHTS = "backbone.weights"
 ERROR = "error"
+ENGINE = "engine"                 # the engine that trained the trial: fused | keras
+PRUNED = "pruned"                 # "true" on a trial the pruner stopped
 PARENT = "mlflow.parentRunId"
 NOTE = "mlflow.note.content"
 
