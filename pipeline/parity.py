@@ -117,7 +117,7 @@ def log_parity(run_id: str, experiment: str, result: ParityResult, split: Split,
                                     run_id, head_tags)
         with tracking.terminal_run(child):
             tracking.log_batch(child, params=heads[role].params())
-            records.log_head(child, result.results[role], split, heads[role])
+            records.log_head(child, result.results[role], split.y_val, heads[role])
     summary = result.summary()
     points = [m for name, values in result.gaps().items() for m in tracking.series(name, values)]
     tracking.log_batch(run_id, metrics=points + tracking.scalars(summary))
