@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
           help="the sweep's parent run id or sweep name, or a comma list of them (default: the "
                "latest sweep); collapse/parity/breakers studies also give findings.md/.tex")
     _flag(p, "output", default="exports", help="folder to write (default exports)")
-    _flag(p, "formats", default="csv,md,tex", help="comma list of csv, md, tex, png")
+    _flag(p, "formats", default="csv,md,tex", help="comma list of csv, md, tex, png, html")
 
     p = sub.add_parser("main", help="extract, sweep and export under one parent run",
                        description="The whole pipeline: extract (reused when already done), "
@@ -126,7 +126,8 @@ def run(args: argparse.Namespace) -> None:
 
         outcome = run_sweep(args.features, args.sweep, args.n_trials, args.storage, args.study,
                             launcher_run_id=launcher, workers=args.workers)
-        print(f"sweep: study '{outcome.study_name}' {outcome.counts}; parent run "
+        retried = f" ({outcome.retried} lost attempts re-run)" if outcome.retried else ""
+        print(f"sweep: study '{outcome.study_name}' {outcome.counts}{retried}; parent run "
               f"{outcome.parent_run_id}", file=sys.stderr)
     elif args.command == "parity":
         from pipeline.parity import EXPERIMENT, run_parity

@@ -33,7 +33,7 @@ Init = Literal["glorot_uniform", "glorot_centered", "zeros", "he_normal", "trans
 BiasInit = Literal["zeros", "random_normal"]
 Optimizer = Literal["sgd", "momentum", "nesterov", "adam", "rmsprop", "adagrad", "adadelta", "adamw"]
 Sampler = Literal["grid", "tpe", "random"]
-Engine = Literal["keras"]
+Engine = Literal["fused", "keras"]
 Kind = Literal["heads", "parity"]
 Report = Literal["summary", "collapse", "parity", "breakers"]
 HEAD_METRICS = ("val_prob_loss", "val_loss", "val_accuracy", "prob_loss", "loss", "accuracy")
@@ -41,6 +41,8 @@ PARITY_METRICS = ("max_gap_softmax_transfer", "max_val_gap_softmax_transfer", "m
                   "max_val_gap_transfer_random", "max_step_gap_softmax_transfer", "beta_distance",
                   "bias_distance", "max_prob_gap")  # what pipeline.parity.ParityResult.summary gives
 ObjectiveMetric = Literal[HEAD_METRICS + PARITY_METRICS]
+HeadMetric = Literal[HEAD_METRICS]
+MAXIMIZED = ("val_accuracy", "accuracy")  # every other metric is a loss or a gap
 
 
 def _not_a_boolean(value):
@@ -223,6 +225,23 @@ class Objective(BaseModel):
     direction: Literal["minimize", "maximize"] = "minimize"
 
 
+class Pruner(BaseModel):
+    """Optuna's median pruner on a per-epoch metric, or none: ``pruner: {type: median}``.
+
+    After each epoch a trial reports ``metric``; once ``n_startup_trials`` trials have
+    completed, a trial past ``n_warmup_steps`` epochs whose value is worse than the median of
+    the completed trials' at the same epoch stops there (PRUNED in Optuna; its MLflow run
+    FINISHED with the tag ``pruned``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["none", "median"] = "none"
+    metric: HeadMetric = "val_loss"
+    n_startup_trials: int = Field(5, ge=0)
+    n_warmup_steps: int = Field(0, ge=0)
+
+
 Axis = tuple[Any, ...] | FloatRange
 
 
@@ -240,8 +259,9 @@ class SweepSpec(BaseModel):
     sampler_seed: int = 0
     n_trials: int | None = Field(None, ge=1)
     seeds: tuple[int, ...] = Field((0,), min_length=1)
-    engine: Engine = "keras"
+    engine: Engine = "fused"
     objective: Objective = Objective()
+    pruner: Pruner = Pruner()
     fixed: dict[str, Any] = Field(default_factory=dict)
     space: tuple[dict[str, Axis], ...] = Field(min_length=1)
 
@@ -251,6 +271,24 @@ class SweepSpec(BaseModel):
         if isinstance(seeds, list) and any(isinstance(s, bool) for s in seeds):
             raise ValueError("seeds must be integers, not booleans")
         return seeds
+
+    @field_validator("pruner", mode="before")
+    @classmethod
+    def _pruner_by_name(cls, pruner):
+        return {"type": pruner} if isinstance(pruner, str) else pruner
+
+    @model_validator(mode="after")
+    def _pruner_agrees_with_objective(self):
+        if self.pruner.type != "none":
+            if self.kind != "heads":
+                raise ValueError(f"pruner: only a heads sweep can be pruned (its trials train one head "
+                                 f"epoch by epoch); this one is kind {self.kind}")
+            maximized = self.pruner.metric in MAXIMIZED
+            if maximized != (self.objective.direction == "maximize"):
+                raise ValueError(f"pruner.metric: {self.pruner.metric} is "
+                                 f"{'maximized' if maximized else 'minimized'} but the objective is to "
+                                 f"{self.objective.direction}; prune on a metric that goes the same way")
+        return self
 
     @field_validator("seeds")
     @classmethod
@@ -461,7 +499,7 @@ def _describe(exc: Exception, model: type[BaseModel] = TrialConfig, name: str | 
         return str(exc).splitlines()[0]
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"] if p != name)
-    msg = err["msg"]
+    msg = err["msg"].removeprefix("Value error, ")
     annotation = model.model_fields[name].annotation if name else None
     choices = get_args(annotation) if annotation is not None else ()
     if choices and all(isinstance(c, (str, int)) for c in choices):

@@ -40,6 +40,7 @@ class TrialResult:
     kernel: np.ndarray
     bias: np.ndarray
     extra: dict[str, float] = field(default_factory=dict)
+    engine: str = "keras"  # the engine that trained it
 
     def final(self, name: str) -> float:
         """The last epoch's value of metric ``name``."""
@@ -52,30 +53,23 @@ def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarr
     return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
-class SeededBatches(keras.utils.PyDataset):
-    """Training batches in :func:`batch_order`, epoch after epoch.
+def seeded_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, epochs: int):
+    """Training batches in :func:`batch_order`, epoch after epoch, as one ``tf.data`` stream.
 
-    The epoch is counted from the batches served, not from ``on_epoch_end``: Keras 3 also
-    calls that once before the first epoch, which would shift every order by one.
+    ``model.fit`` takes it with ``steps_per_epoch`` and draws it in order. (A Keras
+    ``PyDataset`` cannot know its epoch: Keras reads two batches ahead to learn their shapes,
+    and calls ``on_epoch_end`` before the first epoch.)
     """
+    import tensorflow as tf
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int):
-        super().__init__(workers=1, use_multiprocessing=False)
-        self.x, self.y, self.batch_size, self.seed = x, y, batch_size, seed
-        self._n_batches = -(-len(x) // batch_size)
-        self._served = 0
-        self._order: tuple[int, list[np.ndarray]] = (-1, [])
+    def batches():
+        for epoch in range(epochs):
+            for rows in batch_order(len(x), batch_size, seed, epoch):
+                yield x[rows], y[rows]
 
-    def __len__(self) -> int:
-        return self._n_batches
-
-    def __getitem__(self, index: int):
-        epoch = self._served // self._n_batches
-        self._served += 1
-        if self._order[0] != epoch:
-            self._order = (epoch, batch_order(len(self.x), self.batch_size, self.seed, epoch))
-        rows = self._order[1][index]
-        return self.x[rows], self.y[rows]
+    spec = (tf.TensorSpec((None, *x.shape[1:]), tf.as_dtype(x.dtype)),
+            tf.TensorSpec((None, *y.shape[1:]), tf.as_dtype(y.dtype)))
+    return tf.data.Dataset.from_generator(batches, output_signature=spec)
 
 
 class _Recorder(keras.callbacks.Callback):
@@ -139,8 +133,10 @@ class KerasEngine:
         y_train = encode_labels(split.y_train, config.units, config.loss)
         y_val = encode_labels(split.y_val, config.units, config.loss)
         recorder = _Recorder(split, config, on_epoch)
-        batches = SeededBatches(split.x_train, y_train, config.batch_size, config.batch_seed)
-        model.fit(batches, epochs=config.epochs, validation_data=(split.x_val, y_val),
+        batches = seeded_batches(split.x_train, y_train, config.batch_size, config.batch_seed,
+                                 config.epochs)
+        model.fit(batches, epochs=config.epochs, steps_per_epoch=-(-len(y_train) // config.batch_size),
+                  validation_data=(split.x_val, y_val),
                   validation_batch_size=max(config.batch_size, 1024), shuffle=False,
                   callbacks=[recorder], verbose=0)
         kernel, bias = head_weights(model)

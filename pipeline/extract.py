@@ -18,6 +18,7 @@ import numpy as np
 from pipeline import tracking
 from pipeline.errors import UserError
 from pipeline.features import sha256_file, write_features
+from pipeline.progress import progress_bar
 from pipeline.quiet import quiet_tensorflow
 from pipeline.sources import MIN_INPUT_SIZE, ImageSource, open_source
 
@@ -27,6 +28,7 @@ import tensorflow as tf  # noqa: E402
 
 BACKBONE = "keras.applications.Xception"
 WEIGHT_CHOICES = ("imagenet", "random", "auto")
+RANDOM_WEIGHTS_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -58,15 +60,21 @@ def input_size_for(value: str | int, source: ImageSource) -> int:
 def load_backbone(weights: str, input_size: int) -> tuple[keras.Model, str]:
     """Xception without its top, global-average pooled, and a description of the weights used.
 
-    ``imagenet`` uses Keras's download and cache; ``random`` is ``weights=None``; ``auto`` is
-    ImageNet when it can be had, otherwise random with a warning; anything else is a path to a
-    Keras weights file for this architecture.
+    ``imagenet`` uses Keras's download and cache; ``random`` is ``weights=None``, initialised
+    with seed :data:`RANDOM_WEIGHTS_SEED` so that runs repeat; ``auto`` is ImageNet when it can
+    be had, otherwise random with a warning; anything else is a path to a Keras weights file
+    for this architecture.
     """
     shape = (input_size, input_size, 3)
     build = lambda w: keras.applications.Xception(  # noqa: E731
         include_top=False, weights=w, pooling="avg", input_shape=shape)
+
+    def build_random():  # seeded, so random-weight features (and every number after) repeat
+        keras.utils.set_random_seed(RANDOM_WEIGHTS_SEED)
+        return build(None)
+
     if weights == "random":
-        return build(None), "random"
+        return build_random(), "random"
     if weights in ("imagenet", "auto"):
         try:
             return build("imagenet"), "imagenet"
@@ -77,7 +85,7 @@ def load_backbone(weights: str, input_size: int) -> tuple[keras.Model, str]:
                                 f"--weights random or a weights file") from None
             print(f"warning: ImageNet weights unavailable ({reason}); extracting with RANDOM "
                   f"weights (tag backbone.weights=random)", file=sys.stderr)
-            return build(None), "random"
+            return build_random(), "random"
     path = Path(weights)
     if not path.is_file():
         raise UserError(f"weights '{weights}': not imagenet, random, auto or an existing file")
@@ -127,10 +135,7 @@ def extract(images: str, weights: str = "auto", input_size: str | int = "auto",
     forward = tf.function(lambda x: model(keras.applications.xception.preprocess_input(x),
                                           training=False))
     rows, chunks = [], []
-    from tqdm.auto import tqdm
-
-    disable = (not sys.stderr.isatty()) if progress is None else not progress
-    with tqdm(total=len(source), desc="extract", unit="img", disable=disable) as bar:
+    with progress_bar("extract", len(source), "image", enabled=progress) as bar:
         for idx, batch in image_dataset(source, size, batch_size):
             chunks.append(forward(batch).numpy())
             rows.append(idx.numpy())

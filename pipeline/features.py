@@ -25,6 +25,7 @@ from pipeline.errors import UserError
 
 FEATURES_DATASET = "train"
 LABEL_DATASET = "label"
+FEATURES_ALIGNMENT = 64  # bytes: TensorFlow uses an array in place only on this boundary
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def read_features(path: str | os.PathLike) -> FeatureSet:
                         f"{path}: no dataset '{name}' (expected 'train' N x D features and "
                         f"'label' N labels, as in gap_Xception.h5)"
                     )
-            x = np.asarray(h5[FEATURES_DATASET][()])
+            x = _read_features_matrix(h5[FEATURES_DATASET])
             y_raw = np.asarray(h5[LABEL_DATASET][()])
             attrs = {key: _decode_attr(value) for key, value in h5.attrs.items()}
     except UserError:
@@ -67,6 +68,24 @@ def read_features(path: str | os.PathLike) -> FeatureSet:
     except (OSError, KeyError, ValueError) as exc:
         raise UserError(f"{path}: not a readable HDF5 file ({_first_line(exc)})") from None
     return FeatureSet(x=_check_features(path, x), y=_check_labels(path, y_raw, len(x)), attrs=attrs)
+
+
+def _read_features_matrix(dataset: h5py.Dataset) -> np.ndarray:
+    """A 2-D integer or float dataset as float32 in a buffer starting on a 64-byte boundary.
+
+    TensorFlow can use such an array in place (:func:`pipeline.engine_fused.shared_tensor`),
+    so a sweep holds its features once. Anything else is read as it is, for
+    :func:`_check_features` to judge.
+    """
+    kind = dataset.dtype.kind
+    if dataset.ndim != 2 or kind not in "iuf" or dataset.size == 0:
+        return np.asarray(dataset[()])
+    nbytes = dataset.size * 4
+    buffer = np.empty(nbytes + FEATURES_ALIGNMENT, np.uint8)
+    start = -buffer.ctypes.data % FEATURES_ALIGNMENT
+    x = buffer[start:start + nbytes].view(np.float32).reshape(dataset.shape)
+    dataset.read_direct(x)
+    return x
 
 
 def _check_features(path: Path, x: np.ndarray) -> np.ndarray:

@@ -106,28 +106,37 @@ def transfer_weights(kernel: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, 
     return (kernel[:, 1] - kernel[:, 0]).reshape(-1, 1), np.asarray([bias[1] - bias[0]])
 
 
-def build_head(config: TrialConfig, n_features: int) -> keras.Model:
-    """The compiled Keras model of ``config`` for inputs of ``n_features``.
+def initial_weights(config: TrialConfig, n_features: int) -> tuple[np.ndarray, np.ndarray]:
+    """The kernel (D x units) and bias (units,) the head of ``config`` starts training from.
 
+    The weights :func:`build_head`'s model holds before its first step, drawn by the same
+    seeded Keras initializers; engines that train heads outside Keras start from these.
     ``init: glorot_centered`` is glorot with each row's mean over the units taken out (for two
     units w0 = -w1, the same w1 - w0), the softmax start that keeps an L2 penalty's gradient
-    equal and opposite on w1 and w0. ``init: transfer`` starts a 1-unit sigmoid from the 2-unit
-    softmax head that the same seed initialises (so a transfer trial and a softmax trial of one
-    seed are the seed's pair), with its bias b1 - b0 unless ``transfer_bias`` is off (then 0);
-    it raises ``ValueError`` for any other head, which the sweep records as a FAILED trial.
+    equal and opposite on w1 and w0. ``init: transfer`` is the transfer of the seed's softmax
+    (:func:`transfer_weights`), with bias 0 when ``transfer_bias`` is off; any head but a
+    1-unit sigmoid raises ``ValueError``, which the sweep records as a FAILED trial.
     """
     if config.init == "transfer":
         if (config.units, config.activation) != (1, "sigmoid"):
             raise ValueError(f"init=transfer needs a 1-unit sigmoid head, got {config.units} "
                              f"unit(s) with {config.activation}")
         beta, b = transfer_weights(*softmax_initial_weights(config, n_features))
-        start = (beta, b if config.transfer_bias else np.zeros_like(b))
+        return beta, (b if config.transfer_bias else np.zeros_like(b))
+    centered = config.init == "glorot_centered"
+    _, dense = _build(config, n_features, "glorot_uniform" if centered else config.init)
+    kernel, bias = dense.get_weights()
+    return (kernel - kernel.mean(axis=1, keepdims=True) if centered else kernel), bias
+
+
+def build_head(config: TrialConfig, n_features: int) -> keras.Model:
+    """The compiled Keras model of ``config`` for inputs of ``n_features``, holding
+    :func:`initial_weights` (a transfer trial and a softmax trial of one seed are the seed's
+    pair)."""
+    if config.init in ("transfer", "glorot_centered"):
+        start = initial_weights(config, n_features)
         model, dense = _build(config, n_features, "zeros")
         dense.set_weights(list(start))
-    elif config.init == "glorot_centered":
-        model, dense = _build(config, n_features, "glorot_uniform")
-        kernel, bias = dense.get_weights()
-        dense.set_weights([kernel - kernel.mean(axis=1, keepdims=True), bias])
     else:
         model, dense = _build(config, n_features, config.init)
     model.compile(optimizer=make_optimizer(config.optimizer, config.learning_rate, config.weight_decay),

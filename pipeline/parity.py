@@ -26,6 +26,9 @@ from pipeline.engine_keras import KerasEngine, TrialResult
 from pipeline.split import Split, make_split
 
 ROLES = ("softmax", "sigmoid_transfer", "sigmoid_random")
+PARITY_QUESTION = ("Does a 1-unit sigmoid started from a 2-unit softmax head's weights (beta = w1 - w0, "
+                   "b = b1 - b0) at twice the learning rate follow the softmax's trajectory? One run "
+                   "per parity experiment, its three heads nested under it (tag parity.role).")
 EXPERIMENT = "sigmoid-softmax-parity"
 PAIRS = {"softmax_transfer": ("softmax", "sigmoid_transfer"),
          "transfer_random": ("sigmoid_transfer", "sigmoid_random")}
@@ -114,7 +117,7 @@ def log_parity(run_id: str, experiment: str, result: ParityResult, split: Split,
                                     run_id, head_tags)
         with tracking.terminal_run(child):
             tracking.log_batch(child, params=heads[role].params())
-            records.log_head(child, result.results[role], split, heads[role])
+            records.log_head(child, result.results[role], split.y_val, heads[role])
     summary = result.summary()
     points = [m for name, values in result.gaps().items() for m in tracking.series(name, values)]
     tracking.log_batch(run_id, metrics=points + tracking.scalars(summary))
@@ -158,6 +161,7 @@ def run_parity(features: str, config: ParityConfig, experiment: str = EXPERIMENT
         tracking.log_new_params(run_id, config.params() | {"features": str(path)})
     else:
         experiment = tracking.experiment_id(experiment)
+        tracking.describe_experiment(experiment, PARITY_QUESTION)
         run_id = tracking.create_run(experiment, naming.parity_run_name(config), None, tags)
         tracking.log_batch(run_id, params=config.params() | {"features": str(path)})
     with tracking.terminal_run(run_id):

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 from mlflow.entities import Metric
 
 from pipeline import metrics, naming, tracking
 from pipeline.config import TrialConfig
 from pipeline.engine_keras import TrialResult
-from pipeline.split import Split
 
 
 def head_tags(config: TrialConfig) -> dict[str, str]:
@@ -35,9 +35,9 @@ def head_tags(config: TrialConfig) -> dict[str, str]:
     return tags
 
 
-def collapse_check(result: TrialResult, split: Split) -> dict[str, float]:
-    """Expected collapse values from ``split``'s validation labels and measured minus expected."""
-    expected = metrics.collapse_expectation(split.y_val)
+def collapse_check(result: TrialResult, y_val: np.ndarray) -> dict[str, float]:
+    """Expected collapse values from the validation labels ``y_val`` and measured minus expected."""
+    expected = metrics.collapse_expectation(y_val)
     out = {}
     for name in ("accuracy", "prob_loss"):
         measured = result.final(f"val_{name}")
@@ -46,18 +46,19 @@ def collapse_check(result: TrialResult, split: Split) -> dict[str, float]:
     return out
 
 
-def head_metrics(result: TrialResult, split: Split, config: TrialConfig) -> list[Metric]:
+def head_metrics(result: TrialResult, y_val: np.ndarray, config: TrialConfig) -> list[Metric]:
     """All metric points of a trained head's run (see the module docstring)."""
     points = [m for name, values in result.history.items() for m in tracking.series(name, values)]
     points += tracking.series("step_loss", result.step_loss)
     scalars: dict[str, float] = {"positive_fraction": result.positive_fraction}
     if result.collapsed or naming.role_of(config) == "softmax_1unit":
-        scalars |= collapse_check(result, split)
+        scalars |= collapse_check(result, y_val)
     return points + tracking.scalars(scalars)
 
 
-def log_head(run_id: str, result: TrialResult, split: Split, config: TrialConfig,
+def log_head(run_id: str, result: TrialResult, y_val: np.ndarray, config: TrialConfig,
              extra_tags: Mapping[str, str] | None = None) -> None:
-    """Log a trained head's metrics and final tags on ``run_id`` (its params are logged at creation)."""
+    """Log a trained head's metrics and final tags on ``run_id`` (its params are logged at creation);
+    ``y_val`` are the validation labels of its split."""
     tags = {naming.COLLAPSED: str(result.collapsed).lower(), **(extra_tags or {})}
-    tracking.log_batch(run_id, metrics=head_metrics(result, split, config), tags=tags)
+    tracking.log_batch(run_id, metrics=head_metrics(result, y_val, config), tags=tags)

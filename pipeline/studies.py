@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -208,13 +208,16 @@ def _fill_queue(study: optuna.Study, spec: SweepSpec) -> None:
             study.enqueue_trial({})
 
 
-def next_trial(study: optuna.Study, on_lost: OnLost | None = None) -> optuna.Trial | None:
+def next_trial(study: optuna.Study, on_lost: OnLost | None = None,
+               wait: bool = True) -> optuna.Trial | None:
     """Claim the next WAITING trial of the study, or None when its budget is used up.
 
     The claim is the storage's atomic WAITING -> RUNNING transition that ``study.ask()`` makes
-    first; unlike ``ask()``, this never creates a trial when the queue is empty. While other
-    workers still run trials that could be lost (and so queued again), it waits for them,
-    failing and re-queueing those whose worker is gone, so that no trial is left behind.
+    first; unlike ``ask()``, this never creates a trial when the queue is empty. With ``wait``,
+    while other workers still run trials that could be lost (and so queued again), it waits for
+    them, failing and re-queueing those whose worker is gone, so that no trial is left behind.
+    The claimed trial's first heartbeat is recorded at once; keep it beating with
+    :class:`Heartbeats`.
     """
     while True:
         _recover_lost(study, on_lost)
@@ -226,41 +229,59 @@ def next_trial(study: optuna.Study, on_lost: OnLost | None = None) -> optuna.Tri
             trial = patiently(optuna.Trial, study, trial_id)
             patiently(trial.set_user_attr, WORKER_ATTR, worker_id())
             return trial
-        if not any(_may_be_lost(study, t) for t in
-                   patiently(study.get_trials, deepcopy=False, states=(TrialState.RUNNING,))):
+        if not wait or not any(_may_be_lost(study, t) for t in patiently(
+                study.get_trials, deepcopy=False, states=(TrialState.RUNNING,))):
             return None
         time.sleep(POLL)
 
 
-@contextlib.contextmanager
-def heartbeat(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
-    """Record the trial's heartbeat in the background while the block runs (RDB storages only).
+class Heartbeats:
+    """Records the heartbeats of this worker's trials in the background (RDB storages only):
+    ``add`` a trial when it is claimed, ``discard`` it once told. Use as a context manager.
 
     A failed beat (the database restarting) is skipped, not fatal: the grace period covers it.
     """
-    storage = study._storage
-    if not _beats(study):
-        yield
-        return
-    stop = threading.Event()
 
-    def beat():
-        while not stop.wait(storage.get_heartbeat_interval()):
-            with contextlib.suppress(Exception):
-                storage.record_heartbeat(trial._trial_id)
+    def __init__(self, study: optuna.Study):
+        self.study = study
+        self._ids: set[int] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    thread = threading.Thread(target=beat, name=f"heartbeat-{trial.number}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
+    def add(self, trial: optuna.Trial) -> None:
+        with self._lock:
+            self._ids.add(trial._trial_id)
+
+    def discard(self, trial: optuna.Trial) -> None:
+        with self._lock:
+            self._ids.discard(trial._trial_id)
+
+    def __enter__(self) -> Heartbeats:
+        if _beats(self.study):
+            self._thread = threading.Thread(target=self._beat, name="optuna-heartbeats", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _beat(self) -> None:
+        storage = self.study._storage
+        while not self._stop.wait(storage.get_heartbeat_interval()):
+            with self._lock:
+                ids = sorted(self._ids)
+            for trial_id in ids:
+                with contextlib.suppress(Exception):
+                    storage.record_heartbeat(trial_id)
 
 
-def finish(study: optuna.Study, trial: optuna.Trial, value: float | None = None,
+def finish(study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | None = None,
            reason: str | None = None, retry: bool = False) -> bool:
-    """Tell the storage how ``trial`` ended: COMPLETE with ``value``, or FAIL with ``reason``.
+    """Tell the storage how ``trial`` ended: ``state`` COMPLETE (with ``value``), PRUNED, or
+    FAIL (with ``reason``).
 
     ``retry`` queues the trial again (an interrupted trial is not a result). Returns False when
     the trial had already been finished by someone else: its worker was taken for lost.
@@ -268,10 +289,8 @@ def finish(study: optuna.Study, trial: optuna.Trial, value: float | None = None,
     try:
         if reason is not None:
             patiently(trial.set_user_attr, REASON_ATTR, reason[:2000])
-        if value is None:
-            frozen = patiently(study.tell, trial, state=TrialState.FAIL)
-        else:
-            frozen = patiently(study.tell, trial, value)
+        frozen = patiently(study.tell, trial, value if state == TrialState.COMPLETE else None,
+                           state=state)
     except (UpdateFinishedTrialError, ValueError):  # ValueError: "Cannot tell a FAIL trial"
         return False
     if retry:
@@ -336,6 +355,8 @@ def _may_be_lost(study: optuna.Study, trial: FrozenTrial) -> bool:
 
     Not so for a trial of a journal file's worker on another machine: its liveness is unknown.
     """
+    if trial.user_attrs.get(WORKER_ATTR) == worker_id():
+        return False  # this process's own, which it is about to finish
     if _beats(study) or WORKER_ATTR not in trial.user_attrs:
         return True
     return _local_worker_alive(trial) is True

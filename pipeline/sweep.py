@@ -4,6 +4,16 @@
 (or resumes) the study, and runs its queued trials with the chosen engine. Each trial is a
 run nested under the sweep's parent run, with its config as params, per-epoch metrics
 (step = epoch) and tags for the useful filters; the Optuna trial carries the run's id.
+
+The reference engine trains one trial at a time (:func:`_run_trial`); an engine that trains
+many at once (``engine: fused``) gets a ``heads`` sweep's trials in batches
+(:func:`_run_batches`), each trial recorded the same way. With a ``pruner``, every head
+reports a metric per epoch and stops when the pruner says so: PRUNED in Optuna, its run
+FINISHED with the tag ``pruned`` and the epochs it trained.
+
+Several workers may share a study (``workers`` processes here, and any number of commands on
+other machines): they take queued trials only (:mod:`pipeline.studies`), keep their trials'
+heartbeats, and all record under the study's one parent run, which the last worker out ends.
 """
 
 from __future__ import annotations
@@ -14,17 +24,22 @@ import math
 import multiprocessing
 import sys
 import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import optuna
+from optuna.trial import TrialState
 
 from pipeline import naming, parity, records, studies, tracking
-from pipeline.config import ParityConfig, SweepSpec, TrialConfig, load_sweep
+from pipeline.config import ParityConfig, Pruner, SweepSpec, TrialConfig, load_sweep
 from pipeline.errors import UserError
 from pipeline.features import FeatureSet, read_features, resolve_features, sha256_file
-from pipeline.split import Split, make_split
+from pipeline.progress import progress_bar
+from pipeline.split import Split, make_split, stratified_split
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -36,7 +51,8 @@ class SweepOutcome:
     parent_run_id: str
     experiment_id: str
     study_name: str
-    counts: dict[str, int]
+    counts: dict[str, int]  # complete, fail, pruned: together the study's budget once it is done
+    retried: int = 0  # attempts lost with their worker (or interrupted) and queued again
 
 
 class Objective:
@@ -49,6 +65,7 @@ class Objective:
     def __init__(self, spec: SweepSpec, features: FeatureSet, engine):
         self.spec, self.features, self.engine = spec, features, engine
         self._splits: dict[tuple, Split] = {}
+        self._labels: dict[tuple, np.ndarray] = {}
 
     def split(self, config: TrialConfig | ParityConfig) -> Split:
         """The train/validation split of ``config`` (shared by all trials of the same seed)."""
@@ -70,24 +87,44 @@ class Objective:
         return {} if isinstance(config, ParityConfig) else records.head_tags(config)
 
     def train_and_log(self, config: TrialConfig | ParityConfig, run_id: str, experiment: str,
-                      tags: dict[str, str]) -> float:
-        """Train ``config``, record the results on ``run_id``, return the objective's value."""
+                      tags: dict[str, str], on_epoch=None) -> float:
+        """Train ``config``, record the results on ``run_id``, return the objective's value.
+
+        ``on_epoch`` gets a head's metrics after each epoch (and may stop it by raising)."""
         split = self.split(config)
         metric = self.spec.objective_metric
         if isinstance(config, ParityConfig):
             result = parity.train_parity(config, split, self.engine)
             return parity.log_parity(run_id, experiment, result, split, tags)[metric]
-        result = self.engine.train(config, split)
-        records.log_head(run_id, result, split, config)
+        result = self.engine.train(config, split, on_epoch)
+        records.log_head(run_id, result, split.y_val, config)
         return result.final(metric)
+
+    def validation_labels(self, config: TrialConfig) -> np.ndarray:
+        """The validation labels of ``config``'s split, without splitting the features."""
+        key = (config.seed, config.validation_fraction)
+        if key not in self._labels:
+            _, val = stratified_split(self.features.y, config.validation_fraction, config.seed)
+            self._labels[key] = self.features.y[val]
+        return self._labels[key]
 
 
 def make_engine(name: str):
-    """The trainer named in a sweep file."""
+    """The trainer named in a sweep file: ``fused`` (many heads per pass) or ``keras`` (the
+    reference, one ``model.fit`` per trial)."""
+    from pipeline.engine_fused import FusedEngine
     from pipeline.engine_keras import KerasEngine
 
-    engines = {"keras": KerasEngine}
+    engines = {"fused": FusedEngine, "keras": KerasEngine}
     return engines[name]()
+
+
+def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
+    """The Optuna pruner of a sweep file's ``pruner`` section."""
+    if spec.pruner.type == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=spec.pruner.n_startup_trials,
+                                           n_warmup_steps=spec.pruner.n_warmup_steps)
+    return optuna.pruners.NopPruner()
 
 
 @dataclass(frozen=True)
@@ -103,6 +140,7 @@ class Job:
     parent: str
     tags: dict
     tracking_uri: str
+    workers: int = 1  # this command's workers: a batch takes at most 1/workers of the queue
 
 
 def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: str | None = None,
@@ -127,6 +165,7 @@ def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: s
     features_sha = sha256_file(features_path)
     tracking.install_sigterm_handler()
     experiment = tracking.experiment_id(spec.experiment)
+    tracking.describe_experiment(experiment, spec.description)
 
     def make_parent(the_study: optuna.Study) -> str:
         return _create_parent(the_study, spec, experiment, launcher_run_id, storage,
@@ -135,16 +174,18 @@ def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: s
     with tracking.deferred_interrupts():
         the_study = studies.open_study(spec, storage, study, features_sha, make_parent, _end_lost_run)
         parent = _reopen_parent(the_study, experiment, make_parent)
+    the_study.pruner = make_pruner(spec)
     job = Job(str(features_path), sweep, n_trials, storage, the_study.study_name, experiment, parent,
               {naming.STUDY: the_study.study_name, naming.FEATURES_SHA: features_sha,
                naming.WEIGHTS: str(data.attrs.get("weights", "unknown")), naming.STEP: "trial",
                naming.SWEEP_NAME: spec.name, **tracking.versions()},
-              mlflow.get_tracking_uri())
+              mlflow.get_tracking_uri(), max(workers, 1))
     with _closing_parent(the_study, parent) as counts, _helpers(job, max(workers - 1, 0)):
         if workers:
             _work(the_study, Objective(spec, data, make_engine(spec.engine)), job,
                   _progress(spec.budget(), the_study, progress))
-    return SweepOutcome(parent, experiment, the_study.study_name, counts)
+    return SweepOutcome(parent, experiment, the_study.study_name,
+                        {k: counts[k] for k in ("complete", "fail", "pruned")}, counts["retried"])
 
 
 @contextlib.contextmanager
@@ -175,25 +216,32 @@ def _closing_parent(study: optuna.Study, parent: str):
 
 
 def _work(study: optuna.Study, objective: Objective, job: Job, bar) -> None:
-    """Claim and run the study's trials until none is left; an interrupt fails and re-queues the
-    trial in hand (its MLflow run KILLED) and propagates."""
-    while True:
-        trial = None
-        try:
-            with tracking.deferred_interrupts():
-                trial = studies.next_trial(study, _end_lost_run)
-            if trial is None:
-                break
-            with studies.heartbeat(study, trial):
-                _run_trial(study, trial, objective, job)
-        except KeyboardInterrupt:
-            if trial is not None:
+    """Claim and run the study's trials until none is left, keeping their heartbeats: in
+    batches for an engine that trains many (a ``heads`` sweep), then one by one (the rest, and
+    trials other workers lost). An interrupt fails and re-queues the trials in hand (their
+    MLflow runs KILLED) and propagates."""
+    with studies.Heartbeats(study) as beats:
+        if objective.spec.kind == "heads" and getattr(objective.engine, "trains_many", False):
+            _run_batches(study, objective, job, bar, beats)
+        while True:
+            trial = None
+            try:
                 with tracking.deferred_interrupts():
-                    studies.finish(study, trial, reason="interrupted", retry=True)
-            raise
-        if bar is not None:  # trials done by every worker
-            counts = studies.tally(study)
-            bar.update(counts["complete"] + counts["fail"] + counts["pruned"] - bar.n)
+                    trial = studies.next_trial(study, _end_lost_run)
+                    if trial is not None:
+                        beats.add(trial)
+                if trial is None:
+                    break
+                _run_trial(study, trial, objective, job)
+            except KeyboardInterrupt:
+                if trial is not None:
+                    with tracking.deferred_interrupts():
+                        studies.finish(study, trial, TrialState.FAIL, reason="interrupted", retry=True)
+                raise
+            finally:
+                if trial is not None:
+                    beats.discard(trial)
+            _advance(bar, study)
     if bar is not None:
         bar.close()
 
@@ -235,7 +283,7 @@ def _worker_main(job: Job) -> None:
         data = read_features(job.features)
         storage = studies.make_storage(job.storage, _end_lost_run)
         the_study = studies.patiently(optuna.load_study, study_name=job.study, storage=storage,
-                                      sampler=studies.make_sampler(spec))
+                                      sampler=studies.make_sampler(spec), pruner=make_pruner(spec))
         with _closing_parent(the_study, job.parent):
             _work(the_study, Objective(spec, data, make_engine(spec.engine)), job, None)
     except KeyboardInterrupt:
@@ -274,7 +322,7 @@ def _create_parent(study: optuna.Study, spec: SweepSpec, experiment: str, launch
     tags = {naming.STEP: "sweep", naming.SWEEP_NAME: spec.name, naming.STUDY: study.study_name,
             naming.KIND: spec.kind, naming.REPORT: spec.report,
             naming.STORAGE: studies.study_url(storage, study.study_name),
-            naming.FEATURES_SHA: features_sha, naming.NOTE: _description(spec),
+            naming.FEATURES_SHA: features_sha, naming.NOTE: naming.parent_description(spec),
             **tracking.versions()}
     if launcher and not nest:
         tags[naming.MAIN_RUN] = launcher
@@ -292,19 +340,6 @@ def _create_parent(study: optuna.Study, spec: SweepSpec, experiment: str, launch
     return parent
 
 
-def _description(spec: SweepSpec) -> str:
-    if spec.kind == "parity":
-        return (f"{spec.description.strip()}\n\n"
-                f"Each nested run is one trial: a parity experiment (the softmax at lr, the "
-                f"transferred and the random sigmoid at ratio x lr, nested under it). Sort by "
-                f"`max_gap_softmax_transfer`; at ratio 2 it is float32 rounding.").strip()
-    return (f"{spec.description.strip()}\n\n"
-            f"Each nested run is one trial: a head trained with the config in its name and "
-            f"params. Compare `val_accuracy` with `positive_fraction` and `val_prob_loss` "
-            f"(the loss of the actual probabilities) with `val_loss` (Keras's, from logits); "
-            f"filter `tags.collapsed = 'true'` for heads whose prediction never varies.").strip()
-
-
 def _run_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective, job: Job) -> None:
     """Train one trial, record it in MLflow and tell Optuna; a failure fails only this trial.
 
@@ -317,18 +352,20 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective, j
         config = spec.trial_config(studies.suggest(trial, spec))
     except Exception as exc:
         with tracking.deferred_interrupts():
-            studies.finish(study, trial, reason=f"{type(exc).__name__}: {exc}")
+            studies.finish(study, trial, TrialState.FAIL, reason=f"{type(exc).__name__}: {exc}")
         return
-    tags = {**job.tags, naming.TRIAL_NUMBER: trial.number, **objective.tags(config)}
     run_id = None
+    reporter = _Reporter(trial, spec.pruner)
     try:
         with tracking.deferred_interrupts():
-            run_id = tracking.create_run(job.experiment, objective.run_name(config), job.parent, tags)
-            studies.patiently(trial.set_user_attr, studies.RUN_ATTR, run_id)
-        tracking.log_batch(run_id, params=config.params())
+            run_id = _open_run(job.experiment, job.parent, _trial_tags(job.tags, trial, objective, config),
+                               config, objective.run_name(config), trial)
         with tracking.terminal_run(run_id):
-            value = objective.train_and_log(config, run_id, job.experiment, job.tags)
-            if not math.isfinite(value):
+            try:
+                value = objective.train_and_log(config, run_id, job.experiment, job.tags, reporter)
+            except optuna.TrialPruned:
+                value = _log_pruned(run_id, reporter)
+            if value is not None and not math.isfinite(value):
                 raise FloatingPointError(f"{spec.objective_metric} is {value}: training diverged")
     except KeyboardInterrupt:
         with tracking.deferred_interrupts():
@@ -336,11 +373,186 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective, j
         raise
     except Exception as exc:
         with tracking.deferred_interrupts():
-            studies.finish(study, trial, reason=f"{type(exc).__name__}: {' '.join(str(exc).split())}")
+            studies.finish(study, trial, TrialState.FAIL, reason=_reason(exc))
         return
     with tracking.deferred_interrupts():
-        if not studies.finish(study, trial, value):
-            tracking.end_lost_run(run_id, "its worker was taken for lost before it reported")
+        _tell(study, trial, value, run_id)
+
+
+BATCH_TRIALS = 256  # trials asked of Optuna at once for an engine that trains many
+
+
+def _run_batches(study: optuna.Study, objective: Objective, job: Job, bar,
+                 beats: studies.Heartbeats) -> None:
+    """Run a ``heads`` study's trials in batches, each trained at once by ``engine.train_many``.
+
+    Every trial is recorded as :func:`_run_trial` records it: its own MLflow run with the same
+    params, metrics and tags. The MLflow writes go to one background thread, in order, so they
+    overlap Optuna's bookkeeping and the training; Optuna is told here as each record is
+    written. A batch is the waiting trials up to :data:`BATCH_TRIALS` (and 1/``workers`` of
+    them, see :func:`_ask_batch`); with a pruner, the
+    first batch is its ``n_startup_trials`` alone, so that later ones have completed trials to
+    be compared with. A sampler learns between batches. Ctrl-C or SIGTERM ends the batch's runs
+    KILLED, fails its trials and queues them again.
+    """
+    spec = objective.spec
+    with ThreadPoolExecutor(1, thread_name_prefix="mlflow-writer") as writer:
+        while studies.patiently(study.get_trials, deepcopy=False, states=(TrialState.WAITING,)):
+            batch, opened, written, told = [], [], [], 0
+            try:
+                for trial, config in _ask_batch(study, spec, bar, beats, job.workers):
+                    objective.engine.prepare(config)  # runs open meanwhile
+                    batch.append((trial, config))
+                    opened.append(writer.submit(_open_run, job.experiment, job.parent,
+                                                _trial_tags(job.tags, trial, objective, config),
+                                                config, objective.run_name(config), trial))
+                reporters = [_Reporter(trial, spec.pruner) for trial, _ in batch]
+                outcomes = objective.engine.train_many([config for _, config in batch],
+                                                       objective.features.x, objective.features.y,
+                                                       reporters)
+                for (_, config), run, reporter, outcome in zip(batch, opened, reporters, outcomes,
+                                                               strict=True):
+                    written.append(writer.submit(_record_head, run.result(), outcome, reporter,
+                                                 objective.validation_labels(config), config,
+                                                 spec.objective_metric))
+                for (trial, _), run, write in zip(batch, opened, written, strict=True):
+                    with tracking.deferred_interrupts():
+                        _tell_written(study, trial, write, run.result())
+                        told += 1
+                    beats.discard(trial)
+                _advance(bar, study)
+            except KeyboardInterrupt:
+                with tracking.deferred_interrupts():
+                    _abandon(study, writer, batch[told:], opened[told:], written[told:])
+                raise
+
+
+def _ask_batch(study: optuna.Study, spec: SweepSpec, bar, beats: studies.Heartbeats,
+               workers: int) -> Iterator[tuple[optuna.Trial, TrialConfig]]:
+    """The trials of the next batch with their configs, one by one (see :func:`_run_batches`).
+
+    A batch takes at most 1/``workers`` of the waiting trials, so that the other workers of
+    the command get their share. A trial whose params make no config is failed here (no MLflow
+    run). A trial is claimed and handed over with interrupts held, so an interrupt finds it in
+    the batch.
+    """
+    waiting = len(studies.patiently(study.get_trials, deepcopy=False, states=(TrialState.WAITING,)))
+    size = min(BATCH_TRIALS, -(-waiting // workers))
+    if spec.pruner.type != "none":
+        completed = len(studies.patiently(study.get_trials, deepcopy=False,
+                                          states=(TrialState.COMPLETE,)))
+        size = min(max(spec.pruner.n_startup_trials - completed, 0) or size, size)
+    for _ in range(size):
+        with tracking.deferred_interrupts():
+            if (trial := studies.next_trial(study, _end_lost_run, wait=False)) is None:
+                return
+            beats.add(trial)
+            try:
+                config = spec.trial_config(studies.suggest(trial, spec))
+            except Exception as exc:
+                studies.finish(study, trial, TrialState.FAIL, reason=f"{type(exc).__name__}: {exc}")
+                beats.discard(trial)
+                _advance(bar, study)
+                continue
+            yield trial, config
+
+
+def _trial_tags(common_tags: dict, trial: optuna.Trial, objective: Objective, config) -> dict:
+    """A trial run's tags at creation: the sweep's, the trial number, the config's own and the
+    engine that trains it."""
+    engine = objective.engine
+    per_config = hasattr(engine, "engine_for") and isinstance(config, TrialConfig)
+    name = engine.engine_for(config) if per_config else engine.name
+    return {**common_tags, naming.TRIAL_NUMBER: trial.number, naming.ENGINE: name,
+            **objective.tags(config)}
+
+
+def _open_run(experiment: str, parent: str, tags: dict, config, run_name: str,
+              trial: optuna.Trial) -> str:
+    """A trial's RUNNING MLflow run under ``parent``, with its config as params; the trial
+    records the run's id at once (so a worker that takes it for lost can end the run)."""
+    run_id = tracking.create_run(experiment, run_name, parent, tags)
+    studies.patiently(trial.set_user_attr, studies.RUN_ATTR, run_id)
+    tracking.log_batch(run_id, params=config.params())
+    return run_id
+
+
+def _record_head(run_id: str, outcome, reporter: _Reporter, y_val: np.ndarray, config: TrialConfig,
+                 metric: str) -> float | None:
+    """Record a head's outcome (TrialResult, TrialPruned or the exception that ended it) on its
+    run as :func:`_run_trial` does, and end the run. Returns the objective's value, None for a
+    pruned head; a failure is raised after the run ends FAILED with it as tag ``error``."""
+    with tracking.terminal_run(run_id):
+        if isinstance(outcome, optuna.TrialPruned):
+            return _log_pruned(run_id, reporter)
+        if isinstance(outcome, Exception):
+            raise outcome
+        records.log_head(run_id, outcome, y_val, config)
+        value = outcome.final(metric)
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{metric} is {value}: training diverged")
+        return value
+
+
+class _Reporter:
+    """A head's ``on_epoch`` callback: keeps the epochs' metrics; with a pruner, reports its
+    metric to Optuna and raises ``optuna.TrialPruned`` when the pruner says stop."""
+
+    def __init__(self, trial: optuna.Trial, pruner: Pruner):
+        self.trial, self.pruner = trial, pruner
+        self.history: dict[str, list[float]] = {}
+
+    def __call__(self, epoch: int, values: dict[str, float]) -> None:
+        for name, value in values.items():
+            self.history.setdefault(name, []).append(value)
+        if self.pruner.type != "none":
+            value = values[self.pruner.metric]
+            self.trial.report(value, epoch)
+            if self.trial.should_prune():
+                self.trial.set_user_attr("pruned", f"after epoch {epoch}: {self.pruner.metric} {value:.6g}")
+                raise optuna.TrialPruned(f"pruned after epoch {epoch}")
+
+
+def _log_pruned(run_id: str, reporter: _Reporter) -> None:
+    """A pruned head's record: the epochs it trained and the tag ``pruned``."""
+    points = [m for name, values in reporter.history.items() for m in tracking.series(name, values)]
+    tracking.log_batch(run_id, metrics=points, tags={naming.PRUNED: "true"})
+
+
+def _tell(study: optuna.Study, trial: optuna.Trial, value: float | None, run_id: str) -> None:
+    """Tell Optuna a trial's value, or that it was pruned (value None). A trial that was taken
+    for lost meanwhile keeps its FAIL, and its run ends KILLED: its retry carries the result."""
+    state = TrialState.PRUNED if value is None else TrialState.COMPLETE
+    if not studies.finish(study, trial, state, value):
+        tracking.end_lost_run(run_id, "its worker was taken for lost before it reported")
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:2000]
+
+
+def _tell_written(study: optuna.Study, trial: optuna.Trial, write, run_id: str) -> None:
+    """Tell Optuna the outcome of a trial once its record is written (a failure fails it)."""
+    try:
+        value = write.result()
+    except Exception as exc:
+        studies.finish(study, trial, TrialState.FAIL, reason=_reason(exc))
+    else:
+        _tell(study, trial, value, run_id)
+
+
+def _abandon(study: optuna.Study, writer: ThreadPoolExecutor, batch: list, opened: list,
+             written: list) -> None:
+    """Ctrl-C or SIGTERM in a batch: every trial not yet told ends. A record already being
+    written is finished and told; the others' runs end KILLED and their trials FAIL and are
+    queued again."""
+    for i, ((trial, _), run) in enumerate(zip(batch, opened, strict=True)):
+        run_id = run.result()
+        if i < len(written) and not written[i].cancel():
+            _tell_written(study, trial, written[i], run_id)
+            continue
+        writer.submit(tracking.end_lost_run, run_id, "interrupted").result()
+        studies.finish(study, trial, TrialState.FAIL, reason="interrupted", retry=True)
 
 
 def _summarise(study: optuna.Study, parent: str) -> dict[str, int]:
@@ -365,9 +577,16 @@ def _summarise(study: optuna.Study, parent: str) -> dict[str, int]:
 
 
 def _progress(total: int, study: optuna.Study, enabled: bool | None):
-    """A tqdm bar over the study's budget (quiet when stderr is not a terminal)."""
-    from tqdm.auto import tqdm
+    """The sweep's progress over the study's budget, counting trials finished before."""
+    return progress_bar("sweep", total, "trial", initial=_done(study), enabled=enabled)
 
-    done = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
-    disable = (not sys.stderr.isatty()) if enabled is None else not enabled
-    return tqdm(total=total, initial=done, desc="sweep", unit="trial", disable=disable)
+
+def _advance(bar, study: optuna.Study) -> None:
+    """Bring ``bar`` to the trials finished so far, by every worker."""
+    if bar is not None:
+        bar.update(_done(study) - bar.n)
+
+
+def _done(study: optuna.Study) -> int:
+    counts = studies.tally(study)
+    return counts["complete"] + counts["fail"] + counts["pruned"]

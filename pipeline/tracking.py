@@ -127,6 +127,17 @@ def experiment_id(name: str) -> str:
     return client.create_experiment(name)
 
 
+def describe_experiment(experiment: str, description: str) -> None:
+    """Set up a study's experiment for the UI (:func:`naming.experiment_tags`): its description,
+    kind and saved views, each only if the experiment does not have it yet (a user's edit stays).
+    """
+    client = mlflow.MlflowClient()
+    existing = client.get_experiment(experiment).tags
+    for key, value in naming.experiment_tags(description, get_current_time_millis()).items():
+        if key not in existing:
+            client.set_experiment_tag(experiment, key, value)
+
+
 def create_run(experiment: str, name: str, parent_run_id: str | None = None,
                tags: Mapping[str, str] | None = None) -> str:
     """Create a RUNNING run (nested under ``parent_run_id`` if given) and return its id."""

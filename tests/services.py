@@ -177,10 +177,12 @@ HEADS = [
 ]
 
 
-def tiny_study(folder: Path, n_seeds: int, epochs: int = 1, name: str = "scale") -> tuple[str, str, int]:
+def tiny_study(folder: Path, n_seeds: int, epochs: int = 1, name: str = "scale",
+               engine: str = "keras") -> tuple[str, str, int]:
     """A small features file and a grid sweep of 4 heads x ``n_seeds`` seeds, one epoch each.
 
-    Returns (features path, sweep path, budget); a quarter of the trials FAIL by design.
+    ``keras`` trains trial by trial, so workers share the queue trial by trial; ``fused`` takes
+    batches. Returns (features path, sweep path, budget); a quarter of the trials FAIL by design.
     """
     import yaml
 
@@ -191,7 +193,7 @@ def tiny_study(folder: Path, n_seeds: int, epochs: int = 1, name: str = "scale")
     features = write_features(folder / "features.h5", x, y, {})
     sweep = folder / f"{name}.yaml"
     sweep.write_text(yaml.safe_dump({
-        "name": name, "experiment": f"{name}-exp", "sampler": "grid",
+        "name": name, "experiment": f"{name}-exp", "sampler": "grid", "engine": engine,
         "seeds": list(range(n_seeds)), "fixed": {"epochs": epochs, "batch_size": 64},
         "space": HEADS}))
     return str(features), str(sweep), 4 * n_seeds

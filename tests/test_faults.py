@@ -96,9 +96,13 @@ def test_sigkill_of_a_worker_mid_trial_is_failed_by_heartbeat_and_retried(
           f"last of the queue")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
-def test_interrupt_fails_the_trial_kills_its_run_and_a_rerun_resumes(tmp_path, signum, launch):
-    features, sweep, budget = tiny_study(tmp_path, n_seeds=1)
+@pytest.mark.parametrize(("signum", "engine"), [(signal.SIGTERM, "keras"), (signal.SIGINT, "fused")],
+                         ids=["SIGTERM-keras", "Ctrl-C-fused"])
+def test_interrupt_fails_the_trial_kills_its_run_and_a_rerun_resumes(tmp_path, signum, engine,
+                                                                     launch):
+    """The trial in hand (the fused engine: the batch in hand) ends FAIL and is queued again,
+    its run KILLED; the rerun finishes the study."""
+    features, sweep, budget = tiny_study(tmp_path, n_seeds=1, engine=engine)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     journal = str(tmp_path / "optuna-journal.log")
     proc = launch(uri, "--features", features, "--sweep", sweep)
@@ -108,17 +112,19 @@ def test_interrupt_fails_the_trial_kills_its_run_and_a_rerun_resumes(tmp_path, s
     log = proc.log_path.read_text()
     assert "interrupted" in log.strip().splitlines()[-1] and "Traceback" not in log
     study = optuna.load_study(study_name="scale", storage=studies.make_storage(journal))
-    interrupted = study.trials[trial.number]
-    assert interrupted.state == TrialState.FAIL
-    assert interrupted.user_attrs[studies.REASON_ATTR] == "interrupted"
-    assert any(t.state == TrialState.WAITING and t.system_attrs.get("failed_trial") == trial.number
-               for t in study.trials)
-    run = mlflow.MlflowClient(uri).get_run(trial.user_attrs[studies.RUN_ATTR])
-    assert run.info.status == "KILLED"
+    interrupted = [t for t in study.trials if t.user_attrs.get(studies.REASON_ATTR) == "interrupted"]
+    assert trial.number in {t.number for t in interrupted}
+    for t in interrupted:
+        assert t.state == TrialState.FAIL
+        assert any(w.state == TrialState.WAITING and w.system_attrs.get("failed_trial") == t.number
+                   for w in study.trials)
+        run = mlflow.MlflowClient(uri).get_run(t.user_attrs[studies.RUN_ATTR])
+        assert run.info.status == "KILLED"
+    assert not [t for t in study.trials if t.state == TrialState.RUNNING]
     rerun = launch(uri, "--features", features, "--sweep", sweep, log="rerun")
     assert rerun.wait(timeout=300) == 0, rerun.log_path.read_text()[-3000:]
     result = audit(journal, "scale", uri, budget)
-    assert result["retried"] == 1 and result["runs"] == budget + 1
+    assert result["retried"] == len(interrupted) and result["runs"] == budget + len(interrupted)
 
 
 def test_killed_extraction_leaves_no_file_and_a_rerun_finishes(tmp_path):

@@ -61,8 +61,19 @@ def test_accuracy_threshold_at_one_half():
 def test_is_collapsed():
     assert is_collapsed(np.full(20, 0.73))
     assert is_collapsed(np.ones(5))
-    assert not is_collapsed(np.array([0.73] * 19 + [0.7300001]))
+    assert is_collapsed(np.array([0.73] * 19 + [0.7300001]))  # one float32 step apart: the same
+    assert not is_collapsed(np.array([0.73] * 19 + [0.7300002]))  # two steps: not
     assert not is_collapsed(np.linspace(0, 1, 5))
+
+
+@pytest.mark.parametrize("rows", [9, 71, 4001])
+def test_a_softmax_over_one_unit_is_collapsed_whatever_the_row_count(rows):
+    import tensorflow as tf
+
+    logits = np.random.default_rng(rows).normal(size=(rows, 1)).astype(np.float32) * 3
+    p = tf.nn.softmax(logits, axis=-1).numpy()[:, 0]
+    assert len(set(p.tolist())) == 2  # TensorFlow rounds the 1.0 differently at some rows ...
+    assert is_collapsed(p)  # ... and the head is collapsed all the same
 
 
 def test_positive_probability_two_units_takes_column_one():

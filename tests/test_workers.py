@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+from optuna.trial import TrialState
+
 from tests.services import audit, tiny_study
 
 
@@ -72,12 +74,12 @@ def test_workers_only_take_queued_trials_and_never_create_one(tmp_path):
     assert all(t.user_attrs[studies.WORKER_ATTR] == studies.worker_id() for t in
                (a.trials[t.number] for t in claimed))
     for trial in claimed:
-        assert studies.finish(a, trial, 1.0)
+        assert studies.finish(a, trial, TrialState.COMPLETE, 1.0)
     assert studies.next_trial(a) is None and studies.next_trial(b) is None
     assert len(b.trials) == 5
     assert studies.tally(b) == {"complete": 5, "fail": 0, "pruned": 0, "running": 0, "waiting": 0,
                                 "retried": 0}
-    assert not studies.finish(b, claimed[0], 2.0)  # already told: not taken twice
+    assert not studies.finish(b, claimed[0], TrialState.COMPLETE, 2.0)  # already told: not taken twice
 
 
 def test_trial_of_a_dead_local_worker_is_failed_requeued_and_its_run_reported(tmp_path):
@@ -96,12 +98,12 @@ def test_trial_of_a_dead_local_worker_is_failed_requeued_and_its_run_reported(tm
     first = studies.next_trial(
         b, lambda trial, why: reported.append((trial.user_attrs[studies.RUN_ATTR], why)))
     assert reported == [("run-of-the-dead", "its worker process is gone")]
-    studies.finish(b, first, 1.0)
+    studies.finish(b, first, TrialState.COMPLETE, 1.0)
     retry = studies.next_trial(b)
     assert b.trials[lost.number].state.name == "FAIL"
     frozen = b.trials[retry.number]
     assert frozen.system_attrs["failed_trial"] == lost.number and studies.RUN_ATTR not in frozen.user_attrs
-    studies.finish(b, retry, 1.0)
+    studies.finish(b, retry, TrialState.COMPLETE, 1.0)
     assert studies.next_trial(b) is None
     assert studies.tally(b) == {"complete": 2, "fail": 0, "pruned": 0, "running": 0, "waiting": 0,
                                 "retried": 1}

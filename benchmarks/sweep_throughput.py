@@ -1,0 +1,281 @@
+"""Sweep throughput on the seed's workload: the project's sweep with each engine against a peer.
+
+Usage (from the repository root)::
+
+    python benchmarks/sweep_throughput.py [--keras-trials 6] [--peer-trials 6]
+
+It writes a seed-sized features file (20,000 x 2,048 float32, half of each class; 80/20
+split) to a temporary folder and times, each in a fresh Python process (TensorFlow imported
+before the clock starts; features read, trained, and every record written after):
+
+- ``fused``: ``run_sweep`` on ``sweeps/seed_grid64.yaml`` (64 trials), engine fused;
+- ``keras``: the same sweep with engine keras, its first ``--keras-trials`` trials;
+- ``peer``: the loop users write today: an Optuna objective that builds and fits a Keras
+  model per trial and logs to MLflow with the fluent API after every epoch; its first
+  ``--peer-trials`` grid points;
+- ``floor``: the bare fused computation (``FusedEngine.train_many`` on arrays in memory) and
+  the bare MLflow records of 64 runs (create, one ``log_batch`` of the same params, metrics
+  and tags, end), also with MLflow's asynchronous logging (``synchronous=False``).
+
+Sampled runs are extrapolated per trial to 64 (stated in the output). Every run records into
+its own SQLite MLflow store, as ``make run`` does. The fused run also reports its peak RSS
+against the features' size. It prints trials per second and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SWEEP = ROOT / "sweeps" / "seed_grid64.yaml"
+ROWS, DIM = 20_000, 2_048
+
+
+def rss_mb() -> float:
+    """This process's resident memory now, in MiB."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS"))
+    return int(line.split()[1]) / 1024
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its threads so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def extrapolate(result: dict, total: int = 64) -> float:
+    """Seconds for ``total`` trials from a sample: everything outside the trials once, the first
+    trial (which pays the process's warm-up) once, the mean of the others for the rest."""
+    trials = result["trial_seconds"]
+    outside = result["seconds"] - sum(trials)
+    rest = trials[1:] or trials
+    return outside + trials[0] + sum(rest) / len(rest) * (total - 1)
+
+
+def make_features(path: Path) -> None:
+    """Seed-sized features: non-negative like pooled ReLU outputs, the classes slightly apart."""
+    import numpy as np
+
+    from pipeline.features import write_features
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], ROWS // 2)
+    x = np.abs(rng.standard_normal((ROWS, DIM), dtype=np.float32)) * 0.5
+    x[:, :64] += (y[:, None] * 0.2).astype(np.float32)
+    write_features(path, x, y, {"source": "benchmarks/sweep_throughput.py (random)"})
+
+
+def use_store(folder: Path) -> None:
+    import mlflow
+
+    folder.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
+    mlflow.MlflowClient().search_experiments()  # create the store's tables before the clock starts
+
+
+# --- the parts, each in its own process ------------------------------------------------------
+
+def part_sweep(features: Path, folder: Path, engine: str, trials: int | None) -> dict:
+    import mlflow
+    import yaml
+
+    from pipeline import naming
+    from pipeline.sweep import run_sweep
+
+    use_store(folder)
+    sweep = folder / "sweep.yaml"
+    sweep.write_text(yaml.safe_dump({**yaml.safe_load(SWEEP.read_text()), "engine": engine}))
+    baseline = rss_mb()
+    cpu = cpu_seconds()
+    start = time.perf_counter()
+    outcome = run_sweep(str(features), str(sweep), n_trials=trials, progress=False)
+    seconds = time.perf_counter() - start
+    runs = mlflow.search_runs(experiment_ids=[outcome.experiment_id], output_format="list",
+                              filter_string=f"tags.`{naming.PARENT}` = '{outcome.parent_run_id}'",
+                              order_by=["attributes.start_time ASC"])
+    return {"trials": sum(outcome.counts.values()), "seconds": seconds, "counts": outcome.counts,
+            "cpu_seconds": cpu_seconds() - cpu, "baseline_rss_mb": baseline, "peak_rss_mb": peak_rss_mb(),
+            "trial_seconds": [(r.info.end_time - r.info.start_time) / 1000 for r in runs]}
+
+
+def part_peer(features: Path, folder: Path, trials: int) -> dict:
+    """What users write today: Optuna objective -> Keras build + fit -> MLflow fluent logging."""
+    import h5py
+    import keras
+    import mlflow
+    import numpy as np
+    import optuna
+    import yaml
+    from sklearn.model_selection import train_test_split
+
+    use_store(folder)
+    spec = yaml.safe_load(SWEEP.read_text())
+    fixed, space = spec["fixed"], spec["space"]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    trial_seconds = []
+    cpu = cpu_seconds()
+    start = time.perf_counter()
+    with h5py.File(features) as h5:
+        x, y = h5["train"][()], h5["label"][()]
+    x_train, x_val, y_train, y_val = train_test_split(x, y, test_size=fixed["validation_fraction"],
+                                                      stratify=y, random_state=0)
+
+    class LogEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            mlflow.log_metrics(logs, step=epoch)
+
+    def objective(trial: optuna.Trial) -> float:
+        begin = time.perf_counter()
+        params = {name: trial.suggest_categorical(name, values) for name, values in space.items()}
+        with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True):
+            mlflow.log_params({**fixed, **params})
+            model = keras.Sequential([
+                keras.Input((x.shape[1],)), keras.layers.Dropout(fixed["dropout"]),
+                keras.layers.Dense(params["units"], activation=params["activation"],
+                                   kernel_initializer=params["init"])])
+            model.compile(optimizer=keras.optimizers.SGD(params["learning_rate"]), loss=params["loss"],
+                          metrics=["accuracy"])
+            labels = (lambda t: t.reshape(-1, 1)) if params["units"] == 1 else (lambda t: np.eye(2)[t])
+            history = model.fit(x_train, labels(y_train), batch_size=fixed["batch_size"],
+                                epochs=fixed["epochs"], validation_data=(x_val, labels(y_val)),
+                                callbacks=[LogEpoch()], verbose=0)
+            trial_seconds.append(time.perf_counter() - begin)
+            return history.history["val_loss"][-1]
+
+    study = optuna.create_study(sampler=optuna.samplers.GridSampler(space, seed=0))
+    mlflow.set_experiment("peer")
+    with mlflow.start_run(run_name="peer-sweep"):
+        study.optimize(objective, n_trials=trials)
+    return {"trials": trials, "seconds": time.perf_counter() - start, "cpu_seconds": cpu_seconds() - cpu,
+            "trial_seconds": trial_seconds}
+
+
+def part_floor(features: Path, folder: Path) -> dict:
+    """The bare fused computation on arrays in memory, and the bare MLflow records of 64 runs."""
+    import mlflow
+    from mlflow.entities import Metric, Param, RunTag
+
+    from pipeline import naming
+    from pipeline.config import load_sweep
+    from pipeline.engine_fused import FusedEngine
+    from pipeline.features import read_features
+
+    spec = load_sweep(SWEEP)
+    configs = [spec.trial_config(point) for point in spec.grid()]
+    data = read_features(features)
+    start = time.perf_counter()
+    results = FusedEngine().train_many(configs, data.x, data.y)
+    compute = time.perf_counter() - start
+
+    use_store(folder)
+    client = mlflow.MlflowClient()
+    tags = {f"tag{i}": "value" for i in range(16)}
+
+    def record(experiment: str, synchronous: bool) -> float:
+        start = time.perf_counter()
+        pending = []
+        for config, result in zip(configs, results, strict=True):
+            run = client.create_run(experiment, run_name=naming.trial_run_name(config), tags=tags)
+            metrics = [Metric(k, v, 0, step) for k, values in result.history.items()
+                       for step, v in enumerate(values)] + [Metric("positive_fraction", 0.5, 0, 0)]
+            pending.append((run.info.run_id, client.log_batch(
+                run.info.run_id, params=[Param(k, str(v)) for k, v in config.params().items()],
+                metrics=metrics, tags=[RunTag("collapsed", str(result.collapsed))],
+                synchronous=synchronous)))
+        for run_id, operation in pending:
+            if operation is not None:
+                operation.wait()
+            client.set_terminated(run_id)
+        return time.perf_counter() - start
+
+    sync = record(client.create_experiment("floor-sync"), True)
+    asynchronous = record(client.create_experiment("floor-async"), False)
+    return {"trials": len(configs), "compute_seconds": compute, "logging_seconds": sync,
+            "async_logging_seconds": asynchronous}
+
+
+# --- the orchestration -----------------------------------------------------------------------
+
+def run_part(args: list[str]) -> dict:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env,
+                          cwd=ROOT, check=False)
+    if done.returncode != 0:
+        sys.exit(f"part {args[1]} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keras-trials", type=int, default=6, help="trials of the keras engine timed")
+    parser.add_argument("--peer-trials", type=int, default=6, help="trials of the peer loop timed")
+    parser.add_argument("--part", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.part:
+        from pipeline.quiet import quiet_tensorflow
+
+        quiet_tensorflow()
+        import tensorflow  # noqa: F401  (imported before any clock starts)
+
+        folder, features = Path(args.folder), Path(args.folder) / "features.h5"
+        part = {"fused": lambda: part_sweep(features, folder / "fused", "fused", None),
+                "keras": lambda: part_sweep(features, folder / "keras", "keras", args.keras_trials),
+                "peer": lambda: part_peer(features, folder / "peer", args.peer_trials),
+                "floor": lambda: part_floor(features, folder / "floor")}[args.part]
+        print(json.dumps(part()))
+        return
+
+    with tempfile.TemporaryDirectory(prefix="sweep-bench-") as tmp:
+        sys.path.insert(0, str(ROOT))
+        make_features(Path(tmp) / "features.h5")
+        size_mb = (Path(tmp) / "features.h5").stat().st_size / 2**20
+        load = os.getloadavg()
+        common = ["--folder", tmp, "--keras-trials", str(args.keras_trials),
+                  "--peer-trials", str(args.peer_trials)]
+        results = {name: run_part(["--part", name, *common]) for name in ("fused", "floor", "keras", "peer")}
+        load = max(load[0], os.getloadavg()[0])
+
+    seconds = {name: r["seconds"] if r["trials"] == 64 else extrapolate(r)
+               for name, r in results.items() if name != "floor"}
+    cpu = {name: r["cpu_seconds"] * (seconds[name] / r["seconds"]) for name, r in results.items()
+           if name != "floor"}
+    fused, floor = results["fused"], results["floor"]
+    print(f"seed-sized features: {ROWS} x {DIM} float32 ({size_mb:.0f} MiB), {SWEEP.relative_to(ROOT)}; "
+          f"highest 1-min load average seen: {load:.1f} on {os.cpu_count()} CPUs")
+    print(f"{'':>6} {'timed':>6} {'seconds':>8} {'64 trials':>10} {'trials/s':>9} {'CPU s':>7}")
+    for name in ("fused", "keras", "peer"):
+        r = results[name]
+        note = "" if r["trials"] == 64 else "  (64 extrapolated from the timed trials)"
+        print(f"{name:>6} {r['trials']:>6} {r['seconds']:>8.2f} {seconds[name]:>10.2f} "
+              f"{64 / seconds[name]:>9.3f} {cpu[name]:>7.1f}{note}")
+    print(f"fused / peer: {seconds['peer'] / seconds['fused']:.1f}x   fused / keras engine: "
+          f"{seconds['keras'] / seconds['fused']:.1f}x   keras engine / peer: "
+          f"{seconds['peer'] / seconds['keras']:.2f}x   (CPU time: fused / peer "
+          f"{cpu['peer'] / cpu['fused']:.1f}x)")
+    bare = floor["compute_seconds"] + floor["logging_seconds"]
+    print(f"floor: bare compute {floor['compute_seconds']:.2f} s + bare MLflow records "
+          f"{floor['logging_seconds']:.2f} s (asynchronous: {floor['async_logging_seconds']:.2f} s) "
+          f"= {bare:.2f} s; the fused sweep takes {fused['seconds'] / bare:.2f}x that "
+          f"({fused['seconds'] - bare:+.2f} s)")
+    grown = fused["peak_rss_mb"] - fused["baseline_rss_mb"]
+    print(f"fused sweep memory: peak RSS {fused['peak_rss_mb']:.0f} MiB, {grown:.0f} MiB above the "
+          f"{fused['baseline_rss_mb']:.0f} MiB of the imported libraries = {grown / size_mb:.2f}x the "
+          f"features ({size_mb:.0f} MiB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,513 @@
+"""The fused trainer: many heads per pass over the features, with the reference's numbers.
+
+:class:`~pipeline.engine_keras.KerasEngine` builds and fits one Keras model per trial; on the
+seed's workload nearly all of its time is per-model overhead. This engine trains the heads of
+many trials at once. Heads of one *pass* (:func:`pass_key`: same split, batch order, dropout
+masks, epochs and optimizer) read each batch once, through one matrix product with all their
+kernels side by side; each keeps its own learning rate, activation, unit count, loss, label
+smoothing, L2 penalty, weight decay, start weights and optimizer state.
+
+It reproduces the reference step for step rather than approximately
+(tests/test_engine_fused.py holds every metric of every epoch to 1e-4):
+
+- start weights from :func:`pipeline.heads.initial_weights` (Keras's seeded initializers);
+- batches in :func:`~pipeline.engine_keras.batch_order`, and the dropout masks of the head's
+  seeded Keras ``Dropout``: ``stateless_dropout`` with seed ``[mask seed, step]``, the seeds
+  its ``SeedGenerator`` hands out step after step;
+- the loss Keras computes. Keras 3's cross-entropies on a sigmoid or softmax output use the
+  cached pre-activation logits, so the loss depends on the unit count and the loss only: a
+  1-unit softmax with ``binary_crossentropy`` trains as a sigmoid while its outputs stay 1.0,
+  and ``categorical_crossentropy`` on one unit is 0 while its gradient (softmax - label) is
+  not. The same TensorFlow ops give the same values and gradients (:func:`_losses`);
+- Keras 3's update rules of the eight optimizers, constants and epsilons where Keras puts
+  them, decoupled weight decay first (:func:`_update`);
+- KerasEngine's per-epoch metrics: Keras's running training loss and accuracy (training mode,
+  before each step's update), its validation loss and accuracy, and ours from the
+  probabilities in inference mode (:mod:`pipeline.metrics`).
+
+Heads Keras refuses (sparse cross-entropy on one unit, a transfer onto anything but a 1-unit
+sigmoid) are trained by KerasEngine, which raises the reference's error (:func:`engine_for`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipeline import metrics
+from pipeline.config import TrialConfig
+from pipeline.engine_keras import EPOCH_METRICS, EpochCallback, KerasEngine, TrialResult, batch_order
+from pipeline.features import FEATURES_ALIGNMENT
+from pipeline.heads import initial_weights, layer_seeds
+from pipeline.quiet import quiet_tensorflow
+from pipeline.split import Split, make_split, standardize, stratified_split
+
+quiet_tensorflow()
+import tensorflow as tf  # noqa: E402
+
+# Loss kinds in the order their heads sit in a pass: 1-unit heads (one column each) first.
+KINDS = ((1, "binary_crossentropy"), (1, "categorical_crossentropy"),
+         (2, "binary_crossentropy"), (2, "categorical_crossentropy"),
+         (2, "sparse_categorical_crossentropy"))
+MAX_HEADS = 256  # heads per pass; more are split into several passes
+SLOTS = {"sgd": (), "momentum": ("m",), "nesterov": ("m",), "adam": ("m", "v"), "adamw": ("m", "v"),
+         "rmsprop": ("v",), "adagrad": ("acc",), "adadelta": ("g2", "d2")}
+SLOT_START = {"acc": 0.1}  # Adagrad's initial_accumulator_value; every other slot starts at 0
+DEFAULT_DECAY = {"adamw": 0.004}  # Keras's weight_decay when the config leaves it None
+
+Outcome = TrialResult | Exception
+
+
+def engine_for(config: TrialConfig) -> str:
+    """``"fused"`` for a head this engine trains, ``"keras"`` for one it leaves to KerasEngine."""
+    sparse_one_unit = config.units == 1 and config.loss == "sparse_categorical_crossentropy"
+    bad_transfer = config.init == "transfer" and (config.units, config.activation) != (1, "sigmoid")
+    return "keras" if sparse_one_unit or bad_transfer else "fused"
+
+
+def pass_key(config: TrialConfig) -> tuple:
+    """What heads must share to train in one pass: split, batch order, masks, epochs, optimizer."""
+    return (config.seed, config.validation_fraction, config.standardize, config.batch_seed,
+            config.batch_size, config.dropout, config.dropout_seed, config.epochs, config.optimizer)
+
+
+@dataclass
+class Rows:
+    """A split as rows of one matrix: features ``x``, labels ``y``, training and validation rows."""
+
+    x: np.ndarray
+    y: np.ndarray
+    train: np.ndarray
+    val: np.ndarray
+    _tensors: tuple | None = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def of_features(cls, x: np.ndarray, y: np.ndarray, config: TrialConfig) -> Rows:
+        """The split of ``config`` without copying ``x`` (standardization needs one copy)."""
+        train, val = stratified_split(y, config.validation_fraction, config.seed)
+        if not config.standardize:
+            return cls(x, y, train, val)
+        x_train, x_val = standardize(x[train], x[val])
+        return cls.of_split(Split(x_train=x_train, y_train=y[train], x_val=x_val, y_val=y[val]))
+
+    @classmethod
+    def of_split(cls, split: Split) -> Rows:
+        """``split`` as rows: its training rows, then its validation rows."""
+        n = len(split.y_train)
+        return cls(np.concatenate([split.x_train, split.x_val]),
+                   np.concatenate([split.y_train, split.y_val]),
+                   np.arange(n), np.arange(n, n + len(split.y_val)))
+
+    def tensors(self) -> tuple[tf.Tensor, tf.Tensor]:
+        """``x`` and ``y`` as tensors, made once; ``x`` shares its memory when it can."""
+        if self._tensors is None:
+            self._tensors = (shared_tensor(self.x), tf.convert_to_tensor(self.y, tf.int32))
+        return self._tensors
+
+
+def shared_tensor(x: np.ndarray) -> tf.Tensor:
+    """``x`` as a float32 tensor, without a copy when ``x`` is C-contiguous float32 on a 64-byte
+    boundary (as :func:`pipeline.features.read_features` leaves it): the features are the
+    largest thing a sweep holds, and a copy would double its memory."""
+    if x.dtype == np.float32 and x.flags.c_contiguous and x.ctypes.data % FEATURES_ALIGNMENT == 0:
+        return tf.experimental.dlpack.from_dlpack(x.__dlpack__())
+    return tf.convert_to_tensor(x, tf.float32)
+
+
+class FusedEngine:
+    """Trains many heads per pass over the features; KerasEngine's numbers, far fewer passes."""
+
+    name = "fused"
+    trains_many = True
+
+    def engine_for(self, config: TrialConfig) -> str:
+        """The engine that trains ``config``: see :func:`engine_for`."""
+        return engine_for(config)
+
+    def prepare(self, config: TrialConfig) -> None:
+        """Start building the graphs that ``config``'s pass will run, on a background thread.
+
+        Building them takes about a second of Python; a sweep calls this as soon as it knows a
+        config, so the building overlaps its bookkeeping (Optuna, MLflow) instead of adding to it.
+        """
+        _graphs(config.optimizer, float(config.dropout), wait=False)
+
+    def train(self, config: TrialConfig, split: Split,
+              on_epoch: EpochCallback | None = None) -> TrialResult:
+        """Train one head, as :meth:`KerasEngine.train` does (and raising what it raises)."""
+        if engine_for(config) == "keras":
+            return KerasEngine().train(config, split, on_epoch)
+        outcome = train_pass([config], Rows.of_split(split), [on_epoch])[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def train_many(self, configs: Sequence[TrialConfig], x: np.ndarray, y: np.ndarray,
+                   on_epoch: Sequence[EpochCallback | None] | None = None) -> list[Outcome]:
+        """Train every config on features ``x`` and labels ``y``; an outcome per config, in order.
+
+        An outcome is the config's :class:`TrialResult`, or the exception that ended it (from
+        training, or raised by its ``on_epoch`` callback, e.g. ``optuna.TrialPruned``): one
+        head's failure does not stop the others. Heads are grouped into passes by
+        :func:`pass_key`; splits are made once per seed and dropped when its passes are done.
+        """
+        callbacks = list(on_epoch) if on_epoch is not None else [None] * len(configs)
+        outcomes: list[Outcome | None] = [None] * len(configs)
+        by_split: dict[tuple, dict[tuple, list[int]]] = defaultdict(lambda: defaultdict(list))
+        for config in configs:
+            self.prepare(config)
+        for i, config in enumerate(configs):
+            if engine_for(config) == "keras":
+                split = make_split(x, y, config.validation_fraction, config.seed, config.standardize)
+                outcomes[i] = _guarded(KerasEngine().train, config, split, callbacks[i])
+            else:
+                by_split[pass_key(config)[:3]][pass_key(config)].append(i)
+        for passes in by_split.values():
+            rows = Rows.of_features(x, y, configs[next(iter(passes.values()))[0]])
+            for members in passes.values():
+                for start in range(0, len(members), MAX_HEADS):
+                    chunk = members[start:start + MAX_HEADS]
+                    results = train_pass([configs[i] for i in chunk], rows, [callbacks[i] for i in chunk])
+                    for i, outcome in zip(chunk, results, strict=True):
+                        outcomes[i] = outcome
+        return outcomes
+
+
+def _guarded(train, config, split, callback) -> Outcome:
+    try:
+        return train(config, split, callback)
+    except Exception as exc:
+        return exc
+
+
+# --- one pass --------------------------------------------------------------------------------
+
+@dataclass
+class _Layout:
+    """Where the heads of a pass sit: in kind order (:data:`KINDS`), 1-unit columns first."""
+
+    order: list[int]     # the pass's config indices, in layout order
+    columns: list[slice]  # each head's kernel columns, in layout order
+    counts: list[int]    # heads of each kind
+
+    @classmethod
+    def of(cls, configs: Sequence[TrialConfig]) -> _Layout:
+        kind = {k: i for i, k in enumerate(KINDS)}
+        order = sorted(range(len(configs)), key=lambda i: kind[configs[i].units, configs[i].loss])
+        columns, at = [], 0
+        for i in order:
+            columns.append(slice(at, at + configs[i].units))
+            at += configs[i].units
+        counts = [sum((c.units, c.loss) == k for c in configs) for k in KINDS]
+        return cls(order, columns, counts)
+
+
+def train_pass(configs: Sequence[TrialConfig], rows: Rows,
+               callbacks: Sequence[EpochCallback | None]) -> list[Outcome]:
+    """Train heads that share :func:`pass_key` together on ``rows``; an outcome per config.
+
+    After each epoch every head still training gets its metrics and its callback; a head
+    whose callback raises stops there (its outcome is the exception) and the pass goes on
+    while any head trains.
+    """
+    first = configs[0]
+    layout = _Layout.of(configs)
+    heads = [configs[i] for i in layout.order]
+    x, y = rows.tensors()
+    state = _start_state(heads, layout, rows.x.shape[1], first.optimizer)
+    spec = _spec(heads, layout)
+    options = {"optimizer": first.optimizer, "rate": float(first.dropout)}
+    _graphs(**options, wait=True)
+    mask_seed = layer_seeds(first.dropout_seed)[2]
+    y_train, y_val = rows.y[rows.train], rows.y[rows.val]
+    n_train = len(rows.train)
+    sizes = np.array([len(b) for b in batch_order(n_train, first.batch_size, first.batch_seed, 0)])
+    history = [{name: [] for name in EPOCH_METRICS} for _ in heads]
+    step_loss: list[list[float]] = [[] for _ in heads]
+    ended: dict[int, Exception] = {}
+    p_val = None
+    try:
+        for epoch in range(first.epochs):
+            order = rows.train[np.concatenate(batch_order(n_train, first.batch_size, first.batch_seed,
+                                                          epoch))]
+            state, losses, correct = _train_epoch(
+                x, y, tf.constant(order, tf.int32), tf.constant(first.batch_size, tf.int32),
+                tf.constant(epoch * len(sizes), tf.int64), tf.constant(mask_seed, tf.int64),
+                state, spec, **options)
+            p, val_loss, val_correct = _evaluate(x, y, tf.constant(rows.val, tf.int32), state["kernel"],
+                                                 state["bias"], spec)
+            losses, p = losses.numpy().astype(np.float64), p.numpy()
+            correct, val_loss, val_correct = correct.numpy(), val_loss.numpy(), val_correct.numpy()
+            epoch_loss = sizes @ losses / n_train
+            p_train, p_val = p[rows.train], p[rows.val]
+            for j in range(len(heads)):
+                if j in ended:
+                    continue
+                values = {
+                    "loss": float(np.float32(epoch_loss[j])),
+                    "val_loss": float(val_loss[j]),
+                    "accuracy": metrics.accuracy(p_train[:, j], y_train),
+                    "val_accuracy": metrics.accuracy(p_val[:, j], y_val),
+                    "prob_loss": metrics.prob_loss(p_train[:, j], y_train),
+                    "val_prob_loss": metrics.prob_loss(p_val[:, j], y_val),
+                    "keras_accuracy": float(np.float32(correct[j] / n_train)),
+                    "keras_val_accuracy": float(np.float32(val_correct[j] / len(y_val))),
+                }
+                for name, value in values.items():
+                    history[j][name].append(value)
+                step_loss[j].extend(losses[:, j].tolist())
+                if callbacks[layout.order[j]] is not None:
+                    try:
+                        callbacks[layout.order[j]](epoch, values)
+                    except Exception as exc:
+                        ended[j] = exc
+            if len(ended) == len(heads):
+                break
+    except Exception as exc:  # TensorFlow failed: every head still training fails with it
+        ended.update({j: exc for j in range(len(heads)) if j not in ended})
+    kernel, bias = state["kernel"].numpy(), state["bias"].numpy()
+    outcomes: list[Outcome | None] = [None] * len(configs)
+    for j, i in enumerate(layout.order):
+        if j in ended:
+            outcomes[i] = ended[j]
+            continue
+        cols = layout.columns[j]
+        outcomes[i] = TrialResult(history=history[j], step_loss=step_loss[j],
+                                  positive_fraction=float(np.mean(y_val)),
+                                  collapsed=metrics.is_collapsed(p_val[:, j]),
+                                  kernel=kernel[:, cols].copy(), bias=bias[cols].copy(), engine="fused")
+    return outcomes
+
+
+def _start_state(heads: Sequence[TrialConfig], layout: _Layout, n_features: int,
+                 optimizer: str) -> dict[str, tf.Tensor]:
+    """Kernels (D x columns) and biases side by side, from each head's Keras start weights, and
+    the optimizer's slots for both."""
+    kernel = np.zeros((n_features, layout.columns[-1].stop), np.float32)
+    bias = np.zeros(layout.columns[-1].stop, np.float32)
+    cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+    for head, cols in zip(heads, layout.columns, strict=True):
+        # the start weights depend on these fields only (the initializers' seeds come from `seed`)
+        key = (head.seed, head.init, head.units, head.activation, head.bias_init, head.transfer_bias)
+        if key not in cache:
+            cache[key] = initial_weights(head, n_features)
+        kernel[:, cols], bias[cols] = cache[key]
+    state = {"kernel": tf.constant(kernel), "bias": tf.constant(bias)}
+    for slot in SLOTS[optimizer]:
+        for name, value in (("kernel", kernel), ("bias", bias)):
+            state[f"{slot}/{name}"] = tf.fill(value.shape, np.float32(SLOT_START.get(slot, 0.0)))
+    return state
+
+
+def _spec(heads: Sequence[TrialConfig], layout: _Layout) -> dict[str, tf.Tensor]:
+    """Per-head and per-column settings as tensors, in layout order.
+
+    Label smoothing is kept as Keras applies it, ``y * keep + add`` with ``keep = 1 - s`` and
+    ``add = s / 2`` (binary; categorical: ``s / units``), both rounded to float32 as Keras
+    rounds them, so smoothed labels are bit for bit Keras's.
+    """
+    lr, decay, col_head = [], [], []
+    for j, (head, cols) in enumerate(zip(heads, layout.columns, strict=True)):
+        wd = head.weight_decay if head.weight_decay is not None else DEFAULT_DECAY.get(head.optimizer, 0.0)
+        n = cols.stop - cols.start
+        lr += [head.learning_rate] * n
+        decay += [wd] * n
+        col_head += [j] * n
+    keep = [np.float32(1.0 - h.label_smoothing) for h in heads]
+    add = [np.float32(0.5 * h.label_smoothing) if h.loss == "binary_crossentropy"
+           else np.float32(h.label_smoothing) / np.float32(h.units) for h in heads]
+    return {"counts": tf.constant(layout.counts, tf.int32),
+            "lr": tf.constant(lr, tf.float32), "decay": tf.constant(decay, tf.float32),
+            "col_head": tf.constant(col_head, tf.int32),
+            "l2": tf.constant([h.l2 for h in heads], tf.float32),
+            "keep": tf.constant(keep, tf.float32), "add": tf.constant(add, tf.float32),
+            "softmax": tf.constant([h.activation == "softmax" for h in heads])}
+
+
+# --- the computation (TensorFlow graphs) -------------------------------------------------------
+
+def _split_logits(z: tf.Tensor, counts: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Logits of the 1-unit heads (rows x n1) and of the 2-unit heads (rows x n2 x 2)."""
+    n1 = counts[0] + counts[1]
+    return z[:, :n1], tf.reshape(z[:, n1:], [tf.shape(z)[0], -1, 2])
+
+
+def _losses(z: tf.Tensor, y: tf.Tensor, spec: dict) -> tf.Tensor:
+    """Each head's loss on each row (rows x heads), as Keras computes it from the logits."""
+    counts, keep, add = spec["counts"], spec["keep"], spec["add"]
+    n_a, n_b, n_c, n_d = counts[0], counts[1], counts[2], counts[3]
+    n1 = n_a + n_b
+    z1, z2 = _split_logits(z, counts)
+    y1 = tf.cast(y, tf.float32)[:, None]
+    y2 = tf.one_hot(y, 2)[:, None, :]
+    keep2, add2 = keep[n1:, None], add[n1:, None]
+    bce1 = tf.nn.sigmoid_cross_entropy_with_logits(labels=y1 * keep[:n_a] + add[:n_a], logits=z1[:, :n_a])
+    cce1 = tf.nn.softmax_cross_entropy_with_logits(
+        labels=(y1 * keep[n_a:n1] + add[n_a:n1])[..., None], logits=z1[:, n_a:, None])
+    bce2 = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(
+        labels=y2 * keep2[:n_c] + add2[:n_c], logits=z2[:, :n_c]), axis=-1)
+    cce2 = tf.nn.softmax_cross_entropy_with_logits(
+        labels=y2 * keep2[n_c:n_c + n_d] + add2[n_c:n_c + n_d], logits=z2[:, n_c:n_c + n_d])
+    sparse2 = tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=tf.broadcast_to(y[:, None], tf.shape(z2[:, n_c + n_d:, 0])), logits=z2[:, n_c + n_d:])
+    return tf.concat([bce1, cce1, bce2, cce2, sparse2], axis=1)
+
+
+def _outputs(z: tf.Tensor, spec: dict) -> tuple[tf.Tensor, tf.Tensor]:
+    """P(label 1) of each head on each row, and Keras's accuracy prediction (1 or 0).
+
+    Keras's ``accuracy`` is binary (output > 0.5) on one unit and categorical (argmax, ties to
+    label 0) on two.
+    """
+    n1 = spec["counts"][0] + spec["counts"][1]
+    z1, z2 = _split_logits(z, spec["counts"])
+    p1 = tf.where(spec["softmax"][:n1], tf.nn.softmax(z1[..., None], axis=-1)[..., 0], tf.sigmoid(z1))
+    p2 = tf.where(spec["softmax"][n1:, None], tf.nn.softmax(z2, axis=-1), tf.sigmoid(z2))
+    positive = tf.concat([p1, p2[..., 1]], axis=1)
+    predicted = tf.concat([p1 > 0.5, p2[..., 1] > p2[..., 0]], axis=1)
+    return positive, predicted
+
+
+def _head_loss(z: tf.Tensor, y: tf.Tensor, kernel: tf.Tensor, spec: dict) -> tf.Tensor:
+    """Each head's loss over the rows of ``z`` (sum / rows, as Keras), plus its L2 penalty
+    (exactly 0, value and gradient, for a head without one)."""
+    loss = tf.math.divide_no_nan(tf.reduce_sum(_losses(z, y, spec), axis=0),
+                                 tf.cast(tf.shape(z)[0], tf.float32))
+    per_column = tf.reduce_sum(tf.square(kernel), axis=0)
+    return loss + spec["l2"] * tf.math.unsorted_segment_sum(per_column, spec["col_head"],
+                                                            tf.shape(spec["l2"])[0])
+
+
+def _correct(predicted: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    return tf.reduce_sum(tf.cast(predicted == (y == 1)[:, None], tf.int32), axis=0)
+
+
+def _dropout_seed(mask_seed: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
+    """The seed Keras's Dropout draws at training step ``step`` (SeedGenerator, then _cast_seed)."""
+    return tf.cast(tf.math.floormod(tf.stack([mask_seed, step]), tf.int32.max - 1), tf.int32)
+
+
+def _update(optimizer: str, var: tf.Tensor, grad: tf.Tensor, slots: dict, lr: tf.Tensor,
+            decay: tf.Tensor, step: tf.Tensor) -> tuple[tf.Tensor, dict]:
+    """One Keras 3 optimizer step on ``var`` (kernel or bias, heads side by side).
+
+    ``lr`` and ``decay`` hold each column's learning rate and decoupled weight decay (0 for
+    none: ``var - var * 0 * lr`` is ``var``); ``step`` is the optimizer's iteration count
+    before this step. Constants are written as Keras writes them (e.g. ``1 - 0.9`` in double
+    precision, then float32) so the arithmetic rounds as Keras's does.
+    """
+    var = var - var * decay * lr
+    if optimizer == "sgd":
+        return var - grad * lr, {}
+    if optimizer in ("momentum", "nesterov"):
+        m = slots["m"] * 0.9 - grad * lr
+        return var + (m * 0.9 - grad * lr if optimizer == "nesterov" else m), {"m": m}
+    if optimizer in ("adam", "adamw"):
+        t = tf.cast(step + 1, tf.float32)
+        alpha = lr * tf.sqrt(1 - tf.pow(tf.constant(0.999), t)) / (1 - tf.pow(tf.constant(0.9), t))
+        m = slots["m"] + (grad - slots["m"]) * (1 - 0.9)
+        v = slots["v"] + (tf.square(grad) - slots["v"]) * (1 - 0.999)
+        return var - (m * alpha) / (tf.sqrt(v) + 1e-7), {"m": m, "v": v}
+    if optimizer == "rmsprop":
+        v = 0.9 * slots["v"] + (1 - 0.9) * tf.square(grad)
+        return var - (lr * grad) / tf.sqrt(v + 1e-7), {"v": v}
+    if optimizer == "adagrad":
+        acc = slots["acc"] + tf.square(grad)
+        return var - (lr * grad) / tf.sqrt(acc + 1e-7), {"acc": acc}
+    if optimizer == "adadelta":
+        g2 = 0.95 * slots["g2"] + (1 - 0.95) * tf.square(grad)
+        delta = -((tf.sqrt(slots["d2"] + 1e-7) * grad) / tf.sqrt(g2 + 1e-7))
+        d2 = 0.95 * slots["d2"] + (1 - 0.95) * tf.square(delta)
+        return var + lr * delta, {"g2": g2, "d2": d2}
+    raise ValueError(f"unknown optimizer {optimizer!r}")
+
+
+@tf.function(autograph=False)
+def _train_epoch(x, y, order, batch_size, step0, mask_seed, state, spec, *, optimizer: str, rate: float):
+    """One epoch over the rows ``order`` (x's row indices in batch order), from optimizer step
+    ``step0``. Returns the new state, each step's loss per head (steps x heads) and each
+    head's count of right Keras predictions (training mode, before each update)."""
+    n = tf.shape(order)[0]
+    steps = (n + batch_size - 1) // batch_size
+    n_heads = tf.shape(spec["l2"])[0]
+
+    def body(i, state, losses, correct):
+        step = step0 + tf.cast(i, tf.int64)
+        rows = order[i * batch_size:tf.minimum((i + 1) * batch_size, n)]
+        xb, yb = tf.gather(x, rows), tf.gather(y, rows)
+        if rate > 0:
+            xb = tf.nn.experimental.stateless_dropout(xb, rate=rate, seed=_dropout_seed(mask_seed, step))
+        kernel, bias = state["kernel"], state["bias"]
+        with tf.GradientTape() as tape:
+            tape.watch([kernel, bias])
+            z = tf.matmul(xb, kernel) + bias
+            loss = _head_loss(z, yb, kernel, spec)
+            total = tf.reduce_sum(loss)  # heads share no weights: each gets its own gradient
+        grads = tape.gradient(total, [kernel, bias])
+        new = {}
+        for name, var, grad, lr, decay in (("kernel", kernel, grads[0], spec["lr"], spec["decay"]),
+                                           ("bias", bias, grads[1], spec["lr"], spec["decay"])):
+            slots = {s: state[f"{s}/{name}"] for s in SLOTS[optimizer]}
+            new[name], slots = _update(optimizer, var, grad, slots, lr, decay, step)
+            new.update({f"{s}/{name}": value for s, value in slots.items()})
+        _, predicted = _outputs(z, spec)
+        correct = tf.ensure_shape(correct + _correct(predicted, yb), correct.shape)
+        return i + 1, new, losses.write(i, loss), correct
+
+    _, state, losses, correct = tf.while_loop(
+        lambda i, *_: i < steps, body,
+        (tf.constant(0), state, tf.TensorArray(tf.float32, size=steps), tf.zeros([n_heads], tf.int32)))
+    return state, losses.stack(), correct
+
+
+@tf.function(autograph=False)
+def _evaluate(x, y, val, kernel, bias, spec):
+    """Inference on every row of ``x``: P(label 1) per row and head, and on the validation rows
+    ``val`` Keras's loss and count of right predictions per head."""
+    z = tf.matmul(x, kernel) + bias
+    positive, predicted = _outputs(z, spec)
+    y_val = tf.gather(y, val)
+    loss = _head_loss(tf.gather(z, val), y_val, kernel, spec)
+    return positive, loss, _correct(tf.gather(predicted, val), y_val)
+
+
+_BUILT: dict[tuple[str, float], threading.Thread] = {}  # graphs built or being built, per process
+
+
+def _graphs(optimizer: str, rate: float, *, wait: bool) -> None:
+    """Build (trace) the graphs of passes with this optimizer and dropout rate, once per process,
+    for inputs of any size; with ``wait``, return when they are built."""
+    key = (optimizer, rate)
+    if key not in _BUILT:
+        _BUILT[key] = threading.Thread(target=_trace, args=key, name="fused-graphs", daemon=True)
+        _BUILT[key].start()
+    if wait:
+        _BUILT[key].join()
+
+
+def _trace(optimizer: str, rate: float) -> None:
+    """Trace both graphs for inputs of any size, then run them once on two rows, which makes
+    TensorFlow optimise and instantiate them (another half second, spent here)."""
+    vector = tf.TensorSpec([None], tf.float32)
+    matrix = tf.TensorSpec([None, None], tf.float32)
+    rows = tf.TensorSpec([None], tf.int32)
+    spec = {"counts": rows, "lr": vector, "decay": vector, "col_head": rows, "l2": vector,
+            "keep": vector, "add": vector, "softmax": tf.TensorSpec([None], tf.bool)}
+    state = {"kernel": matrix, "bias": vector,
+             **{f"{slot}/{name}": spec_ for slot in SLOTS[optimizer]
+                for name, spec_ in (("kernel", matrix), ("bias", vector))}}
+    scalar = tf.TensorSpec([], tf.int64)
+    _train_epoch.get_concrete_function(matrix, rows, rows, tf.TensorSpec([], tf.int32), scalar, scalar,
+                                       state, spec, optimizer=optimizer, rate=rate)
+    _evaluate.get_concrete_function(matrix, rows, rows, matrix, vector, spec)
+    head = TrialConfig(optimizer=optimizer, dropout=rate)
+    layout = _Layout.of([head])
+    two, x = tf.zeros([2], tf.int32), tf.zeros([2, 1])
+    state = {name: tf.zeros([1, 1] if name.endswith("kernel") else [1]) for name in state}
+    _train_epoch(x, two, two, tf.constant(2), tf.constant(0, tf.int64), tf.constant(0, tf.int64), state,
+                 _spec([head], layout), optimizer=optimizer, rate=rate)
+    _evaluate(x, two, two, state["kernel"], state["bias"], _spec([head], layout))
