@@ -266,7 +266,7 @@ def _optuna_pages(parent, out: Path) -> list[Path]:
     storage, _, name = tags.get(naming.STORAGE, "").rpartition("#study=")
     name = name or tags.get(naming.STUDY, "")
     try:
-        study = optuna.load_study(study_name=name, storage=studies.make_storage(storage))
+        study = optuna.load_study(study_name=name, storage=studies.read_storage(storage))
     except Exception as exc:  # a missing file, a server down, an unknown study: all the same here
         print(f"export: Optuna figures skipped: study '{name}' in '{storage}' cannot be opened "
               f"({' '.join(str(exc).split())[:200]})", file=sys.stderr)

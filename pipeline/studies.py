@@ -81,6 +81,19 @@ def make_storage(url: str | None, on_lost: OnLost | None = None) -> optuna.stora
     return optuna.storages.JournalStorage(backend)
 
 
+def read_storage(url: str | None) -> optuna.storages.BaseStorage:
+    """An existing storage, opened to read a study without writing anything: no journal file or
+    folder is made, no table created (``url`` may come from a run's tag: see :func:`study_url`).
+    Raises FileNotFoundError for a journal file that does not exist."""
+    url = url or default_storage()
+    if "://" in url:
+        return optuna.storages.RDBStorage(url, skip_table_creation=True)
+    path = Path(url.removeprefix("journal:"))
+    if not path.is_file():
+        raise FileNotFoundError(f"no journal file {path}")
+    return make_storage(str(path))
+
+
 def _rdb_storage(url: str, on_lost: OnLost | None) -> optuna.storages.RDBStorage:
     """An RDB storage with heartbeats; see :func:`make_storage`.
 

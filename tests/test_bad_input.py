@@ -94,7 +94,7 @@ IMAGES_CASES = [
 SWEEP_CASES = [
     ("unknown key", {"epochz": 3},
      "error: s.yaml: epochz: unknown key (allowed: name, experiment, description, kind, report, "
-     "sampler, sampler_seed, n_trials, seeds, engine, objective, fixed, space)"),
+     "sampler, sampler_seed, n_trials, seeds, engine, objective, pruner, fixed, space)"),
     ("wrong type", {"fixed": {"epochs": "ten"}},
      "error: s.yaml: fixed.epochs: Input should be a valid integer, unable to parse string as an "
      "integer"),
@@ -166,13 +166,15 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(make, argv, line, tmp_p
 
 
 def test_export_writes_only_inside_its_folder_whatever_names_hold(tmp_path, tracking, monkeypatch):
-    """Run names, params and tags holding ``../``, ``/`` and NUL never steer where files go."""
+    """Run names, params and tags holding ``../``, ``/`` and NUL never steer where files go; the
+    study named in the parent's ``optuna.storage`` tag is only read, never created."""
     monkeypatch.chdir(tmp_path)
     hostile = "../../escaped/x/..\x00/etc/passwd"
     client = mlflow.MlflowClient()
     experiment = client.create_experiment("../escaped-exp")
     parent = create_run(experiment, hostile, tags={
-        naming.STEP: "sweep", naming.SWEEP_NAME: hostile, naming.STUDY: hostile})
+        naming.STEP: "sweep", naming.SWEEP_NAME: hostile, naming.STUDY: hostile,
+        naming.STORAGE: f"../escaped/optuna.log#study={hostile}"})
     heads = [("softmax", 2, "categorical_crossentropy", 0.05, "glorot_uniform", "softmax"),
              ("sigmoid", 1, "binary_crossentropy", 0.1, "transfer", "sigmoid_transfer")]
     for seed in (0, 1):
@@ -188,10 +190,9 @@ def test_export_writes_only_inside_its_folder_whatever_names_hold(tmp_path, trac
             log_batch(run, params=params, metrics=metrics)
             client.set_terminated(run, "FINISHED")
     out = tmp_path / "deep" / "out"
-    result = export(parent, str(out), "csv,md,tex,png")
-    assert {p.name for p in result.files} == {"trials.csv", "summary.csv", "epochs.csv",
-                                              "loss_curves.png", "loss_gaps.png", "summary.md",
-                                              "summary.tex"}
+    result = export(parent, str(out), "csv,md,tex,png,html")
+    assert {"trials.csv", "summary.csv", "epochs.csv", "loss_curves.png", "loss_gaps.png",
+            "summary.md", "summary.tex"} <= {p.name for p in result.files}
     assert all(p.resolve().parent == out.resolve() for p in result.files)
     assert f"{hostile}-softmax-0" in (out / "trials.csv").read_text()  # the names did reach export
     written = {p for p in tmp_path.rglob("*") if p.is_file()}
