@@ -164,33 +164,42 @@ def part_peer(features: Path, folder: Path, trials: int) -> dict:
 
 
 def part_floor(features: Path, folder: Path) -> dict:
-    """The bare fused computation on arrays in memory, and the bare MLflow records of 64 runs."""
-    import mlflow
-    from mlflow.entities import Metric, Param, RunTag
+    """The bare fused computation on arrays in memory, and the bare MLflow records of its 64 runs.
 
-    from pipeline import naming
+    The records are what a sweep writes (:func:`pipeline.records.head_metrics`: per-epoch
+    metrics, ``step_loss`` per step, ...; params; tags), each run created, written in one
+    ``log_batch`` and ended, one after the other: synchronously, with MLflow's asynchronous
+    logging, and without the per-step ``step_loss`` series (what that series costs).
+    """
+    import mlflow
+    from mlflow.entities import Param, RunTag
+
+    from pipeline import naming, records
     from pipeline.config import load_sweep
     from pipeline.engine_fused import FusedEngine
     from pipeline.features import read_features
+    from pipeline.split import stratified_split
 
     spec = load_sweep(SWEEP)
     configs = [spec.trial_config(point) for point in spec.grid()]
     data = read_features(features)
+    y_val = data.y[stratified_split(data.y, configs[0].validation_fraction, configs[0].seed)[1]]
+    cpu = cpu_seconds()
     start = time.perf_counter()
     results = FusedEngine().train_many(configs, data.x, data.y)
-    compute = time.perf_counter() - start
+    compute, compute_cpu = time.perf_counter() - start, cpu_seconds() - cpu
 
     use_store(folder)
     client = mlflow.MlflowClient()
     tags = {f"tag{i}": "value" for i in range(16)}
 
-    def record(experiment: str, synchronous: bool) -> float:
+    def record(experiment: str, synchronous: bool = True, steps: bool = True) -> float:
         start = time.perf_counter()
         pending = []
         for config, result in zip(configs, results, strict=True):
             run = client.create_run(experiment, run_name=naming.trial_run_name(config), tags=tags)
-            metrics = [Metric(k, v, 0, step) for k, values in result.history.items()
-                       for step, v in enumerate(values)] + [Metric("positive_fraction", 0.5, 0, 0)]
+            metrics = [m for m in records.head_metrics(result, y_val, config)
+                       if steps or m.key != "step_loss"]
             pending.append((run.info.run_id, client.log_batch(
                 run.info.run_id, params=[Param(k, str(v)) for k, v in config.params().items()],
                 metrics=metrics, tags=[RunTag("collapsed", str(result.collapsed))],
@@ -201,10 +210,12 @@ def part_floor(features: Path, folder: Path) -> dict:
             client.set_terminated(run_id)
         return time.perf_counter() - start
 
-    sync = record(client.create_experiment("floor-sync"), True)
-    asynchronous = record(client.create_experiment("floor-async"), False)
-    return {"trials": len(configs), "compute_seconds": compute, "logging_seconds": sync,
-            "async_logging_seconds": asynchronous}
+    points = len(records.head_metrics(results[0], y_val, configs[0]))
+    return {"trials": len(configs), "compute_seconds": compute, "compute_cpu_seconds": compute_cpu,
+            "logging_seconds": record(client.create_experiment("floor-sync")),
+            "async_logging_seconds": record(client.create_experiment("floor-async"), synchronous=False),
+            "no_steps_logging_seconds": record(client.create_experiment("floor-no-steps"), steps=False),
+            "points_per_run": points}
 
 
 # --- the orchestration -----------------------------------------------------------------------
@@ -267,10 +278,13 @@ def main() -> None:
           f"{seconds['peer'] / seconds['keras']:.2f}x   (CPU time: fused / peer "
           f"{cpu['peer'] / cpu['fused']:.1f}x)")
     bare = floor["compute_seconds"] + floor["logging_seconds"]
-    print(f"floor: bare compute {floor['compute_seconds']:.2f} s + bare MLflow records "
-          f"{floor['logging_seconds']:.2f} s (asynchronous: {floor['async_logging_seconds']:.2f} s) "
-          f"= {bare:.2f} s; the fused sweep takes {fused['seconds'] / bare:.2f}x that "
-          f"({fused['seconds'] - bare:+.2f} s)")
+    print(f"floor: bare compute {floor['compute_seconds']:.2f} s ({floor['compute_cpu_seconds']:.1f} CPU s) "
+          f"+ bare MLflow records {floor['logging_seconds']:.2f} s = {bare:.2f} s; the fused sweep takes "
+          f"{fused['seconds'] / bare:.2f}x that ({fused['seconds'] - bare:+.2f} s)")
+    print(f"records: {floor['points_per_run']} metric points per run; 64 runs written "
+          f"{floor['logging_seconds']:.2f} s, with MLflow's asynchronous logging "
+          f"{floor['async_logging_seconds']:.2f} s, without the step_loss series "
+          f"{floor['no_steps_logging_seconds']:.2f} s")
     grown = fused["peak_rss_mb"] - fused["baseline_rss_mb"]
     print(f"fused sweep memory: peak RSS {fused['peak_rss_mb']:.0f} MiB, {grown:.0f} MiB above the "
           f"{fused['baseline_rss_mb']:.0f} MiB of the imported libraries = {grown / size_mb:.2f}x the "

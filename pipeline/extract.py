@@ -132,8 +132,10 @@ def extract(images: str, weights: str = "auto", input_size: str | int = "auto",
     """
     source, size = check_inputs(images, input_size, batch_size)
     model, used = load_backbone(weights, size)
+    # One graph for every batch size: a last, smaller batch would otherwise trace Xception again.
     forward = tf.function(lambda x: model(keras.applications.xception.preprocess_input(x),
-                                          training=False))
+                                          training=False),
+                          input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
     rows, chunks = [], []
     with progress_bar("extract", len(source), "image", enabled=progress) as bar:
         for idx, batch in image_dataset(source, size, batch_size):

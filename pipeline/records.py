@@ -57,8 +57,10 @@ def head_metrics(result: TrialResult, y_val: np.ndarray, config: TrialConfig) ->
 
 
 def log_head(run_id: str, result: TrialResult, y_val: np.ndarray, config: TrialConfig,
-             extra_tags: Mapping[str, str] | None = None) -> None:
-    """Log a trained head's metrics and final tags on ``run_id`` (its params are logged at creation);
-    ``y_val`` are the validation labels of its split."""
+             extra_tags: Mapping[str, str] | None = None, with_params: bool = False) -> None:
+    """Log a trained head's metrics and final tags on ``run_id``; ``y_val`` are the validation
+    labels of its split. Its params are logged when the run is created, or here in the same
+    request ``with_params`` (a batched sweep writes a run once, after training)."""
     tags = {naming.COLLAPSED: str(result.collapsed).lower(), **(extra_tags or {})}
-    tracking.log_batch(run_id, metrics=head_metrics(result, y_val, config), tags=tags)
+    tracking.log_batch(run_id, params=config.params() if with_params else None,
+                       metrics=head_metrics(result, y_val, config), tags=tags)

@@ -405,15 +405,16 @@ def _run_batches(study: optuna.Study, objective: Objective, job: Job, bar,
                     batch.append((trial, config))
                     opened.append(writer.submit(_open_run, job.experiment, job.parent,
                                                 _trial_tags(job.tags, trial, objective, config),
-                                                config, objective.run_name(config), trial))
+                                                config, objective.run_name(config), trial,
+                                                with_params=False))
                 reporters = [_Reporter(trial, spec.pruner) for trial, _ in batch]
                 outcomes = objective.engine.train_many([config for _, config in batch],
                                                        objective.features.x, objective.features.y,
                                                        reporters)
                 for (_, config), run, reporter, outcome in zip(batch, opened, reporters, outcomes,
                                                                strict=True):
-                    written.append(writer.submit(_record_head, run.result(), outcome, reporter,
-                                                 objective.validation_labels(config), config,
+                    written.append(writer.submit(_record_head, run.result(), config, outcome, reporter,
+                                                 objective.validation_labels(config),
                                                  spec.objective_metric))
                 for (trial, _), run, write in zip(batch, opened, written, strict=True):
                     with tracking.deferred_interrupts():
@@ -468,26 +469,30 @@ def _trial_tags(common_tags: dict, trial: optuna.Trial, objective: Objective, co
 
 
 def _open_run(experiment: str, parent: str, tags: dict, config, run_name: str,
-              trial: optuna.Trial) -> str:
-    """A trial's RUNNING MLflow run under ``parent``, with its config as params; the trial
-    records the run's id at once (so a worker that takes it for lost can end the run)."""
+              trial: optuna.Trial, with_params: bool = True) -> str:
+    """A trial's RUNNING MLflow run under ``parent``, with its config as params (unless a batch
+    writes them with the record: ``with_params=False``); the trial records the run's id at once
+    (so a worker that takes it for lost can end the run)."""
     run_id = tracking.create_run(experiment, run_name, parent, tags)
     studies.patiently(trial.set_user_attr, studies.RUN_ATTR, run_id)
-    tracking.log_batch(run_id, params=config.params())
+    if with_params:
+        tracking.log_batch(run_id, params=config.params())
     return run_id
 
 
-def _record_head(run_id: str, outcome, reporter: _Reporter, y_val: np.ndarray, config: TrialConfig,
+def _record_head(run_id: str, config: TrialConfig, outcome, reporter: _Reporter, y_val: np.ndarray,
                  metric: str) -> float | None:
-    """Record a head's outcome (TrialResult, TrialPruned or the exception that ended it) on its
-    run as :func:`_run_trial` does, and end the run. Returns the objective's value, None for a
-    pruned head; a failure is raised after the run ends FAILED with it as tag ``error``."""
+    """Record a head's config and outcome (TrialResult, TrialPruned or the exception that ended
+    it) on its run as :func:`_run_trial` does, in one request, and end the run. Returns the
+    objective's value, None for a pruned head; a failure is raised after the run ends FAILED
+    with it as tag ``error``."""
     with tracking.terminal_run(run_id):
         if isinstance(outcome, optuna.TrialPruned):
-            return _log_pruned(run_id, reporter)
+            return _log_pruned(run_id, reporter, config.params())
         if isinstance(outcome, Exception):
+            tracking.log_batch(run_id, params=config.params())
             raise outcome
-        records.log_head(run_id, outcome, y_val, config)
+        records.log_head(run_id, outcome, y_val, config, with_params=True)
         value = outcome.final(metric)
         if not math.isfinite(value):
             raise FloatingPointError(f"{metric} is {value}: training diverged")
@@ -513,10 +518,10 @@ class _Reporter:
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
 
-def _log_pruned(run_id: str, reporter: _Reporter) -> None:
-    """A pruned head's record: the epochs it trained and the tag ``pruned``."""
+def _log_pruned(run_id: str, reporter: _Reporter, params: dict | None = None) -> None:
+    """A pruned head's record: the epochs it trained and the tag ``pruned`` (and ``params``)."""
     points = [m for name, values in reporter.history.items() for m in tracking.series(name, values)]
-    tracking.log_batch(run_id, metrics=points, tags={naming.PRUNED: "true"})
+    tracking.log_batch(run_id, params=params, metrics=points, tags={naming.PRUNED: "true"})
 
 
 def _tell(study: optuna.Study, trial: optuna.Trial, value: float | None, run_id: str) -> None:

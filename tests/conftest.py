@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from pipeline.quiet import quiet_tensorflow
 
 quiet_tensorflow()
@@ -38,6 +40,21 @@ def make_features(n: int = 240, d: int = 32, seed: int = 0, positive: float = 0.
     direction = rng.normal(size=d)
     x = rng.normal(size=(n, d)) + np.outer(2 * y - 1, direction) * 0.4
     return x.astype(np.float32), y
+
+
+@contextlib.contextmanager
+def private_store(folder):
+    """MLflow pointed at a new SQLite store in ``folder`` for the block (for module- or
+    session-scoped fixtures, which cannot use ``monkeypatch``); yields its URI."""
+    with pytest.MonkeyPatch.context() as mp:
+        uri = f"sqlite:///{folder / 'mlflow.db'}"
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield uri
+        finally:
+            mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture

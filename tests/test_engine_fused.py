@@ -51,7 +51,8 @@ SETTINGS = [  # with dropout: the masks must be Keras's too
     {"dropout": 0.5, "l2": 0.001, "weight_decay": 0.01, "optimizer": "rmsprop", "label_smoothing": 0.1},
 ]
 CONFIGS = list(dict.fromkeys(
-    [TrialConfig(**BASE, **head, init=init) for head in HEADS for init in INITS]
+    [TrialConfig(**BASE, **head) for head in HEADS]
+    + [TrialConfig(**BASE, **head, init=init) for init in INITS for head in (HEADS[0], HEADS[8])]
     + [TrialConfig(**BASE, **head, optimizer=opt) for opt in OPTIMIZERS
        for head in (HEADS[0], HEADS[8], {"activation": "softmax", "units": 1})]
     + [TrialConfig(**{**BASE, **setting}) for setting in SETTINGS]))

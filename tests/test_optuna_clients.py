@@ -80,7 +80,7 @@ def test_optuna_dashboard_serves_the_study(small_study):
             small_study.outcome.parent_run_id)
         assert {p["name"] for p in detail["trials"][0]["params"]} == {
             "activation", "units", "loss", "learning_rate", "init", "seed"}
-        assert {a["key"] for a in detail["trials"][0]["user_attrs"]} >= {"mlflow_run_id", "collapsed"}
+        assert "mlflow_run_id" in {a["key"] for a in detail["trials"][0]["user_attrs"]}
     finally:
         server.terminate()
         server.wait(timeout=30)
