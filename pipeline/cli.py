@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                "(default: optuna-journal.log beside the MLflow store)")
     _flag(p, "study", type=_optional_str, default=None,
           help="study name (default: the sweep's name); an existing study resumes")
+    _flag(p, "workers", type=int, default=1,
+          help="processes of this machine that run trials side by side (default 1); 0 sets the "
+               "study and its parent run up for workers started elsewhere")
 
     p = sub.add_parser("parity", help="the seed's parity experiment: softmax vs transferred sigmoid",
                        description="Train, under one parent run, the 2-unit softmax at "
@@ -91,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
           help="the sweep's parent run id or sweep name, or a comma list of them (default: the "
                "latest sweep); collapse/parity/breakers studies also give findings.md/.tex")
     _flag(p, "output", default="exports", help="folder to write (default exports)")
-    _flag(p, "formats", default="csv,md,tex", help="comma list of csv, md, tex, png")
+    _flag(p, "formats", default="csv,md,tex", help="comma list of csv, md, tex, png, html")
 
     p = sub.add_parser("main", help="extract, sweep and export under one parent run",
                        description="The whole pipeline: extract (reused when already done), "
@@ -110,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> None:
     """Dispatch parsed arguments to the stage functions."""
     launcher = os.environ.get("MLFLOW_RUN_ID") or None
+    from pipeline.tracking import check_reachable
+
+    check_reachable()
     if args.command == "extract":
         from pipeline.extract import run_extract
 
@@ -119,8 +125,9 @@ def run(args: argparse.Namespace) -> None:
         from pipeline.sweep import run_sweep
 
         outcome = run_sweep(args.features, args.sweep, args.n_trials, args.storage, args.study,
-                            launcher_run_id=launcher)
-        print(f"sweep: study '{outcome.study_name}' {outcome.counts}; parent run "
+                            launcher_run_id=launcher, workers=args.workers)
+        retried = f" ({outcome.retried} lost attempts re-run)" if outcome.retried else ""
+        print(f"sweep: study '{outcome.study_name}' {outcome.counts}{retried}; parent run "
               f"{outcome.parent_run_id}", file=sys.stderr)
     elif args.command == "parity":
         from pipeline.parity import EXPERIMENT, run_parity

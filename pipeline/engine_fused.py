@@ -483,7 +483,9 @@ def _graphs(optimizer: str, rate: float, *, wait: bool) -> None:
     for inputs of any size; with ``wait``, return when they are built."""
     key = (optimizer, rate)
     if key not in _BUILT:
-        _BUILT[key] = threading.Thread(target=_trace, args=key, name="fused-graphs", daemon=True)
+        # Not a daemon: a process that exits (Ctrl-C) while TensorFlow traces on a daemon
+        # thread aborts ("terminate called ..."); exit waits for the trace instead.
+        _BUILT[key] = threading.Thread(target=_trace, args=key, name="fused-graphs")
         _BUILT[key].start()
     if wait:
         _BUILT[key].join()

@@ -1,9 +1,12 @@
-"""The export stage: a sweep's MLflow runs -> tidy CSV, paper tables and the seed's figures.
+"""The export stage: a sweep's MLflow runs -> tidy CSV, paper tables and figures.
 
 Reads the trial runs nested under a sweep's parent run (``mlflow.search_runs`` and metric
 histories), writes ``trials.csv`` (one row per trial, params typed), ``summary.md`` /
-``summary.tex`` (grouped by config, mean ± std over seeds), ``epochs.csv`` (per-epoch metrics)
-and the figures, and logs the same files as artifacts of the parent run under ``export/``.
+``summary.tex`` (grouped by config, mean ± std over seeds), ``epochs.csv`` (per-epoch metrics),
+the PNG figures (``loss_curves``, ``loss_gaps``, ``accuracy``) and Optuna's HTML figures of the
+study (``optimization_history``, ``param_importances``, ``parallel_coordinate``; the study is
+found from the parent run's ``optuna.storage`` tag), and logs the same files as artifacts of
+the parent run under ``export/``.
 File names are fixed here; nothing from run names or params reaches a path.
 """
 
@@ -14,13 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import optuna
 import pandas as pd
 
 from pipeline import figures, findings, naming, tables
 from pipeline.config import CONFIG_MODELS, PARITY_METRICS
 from pipeline.errors import UserError
 
-FORMATS = ("csv", "md", "tex", "png")
+FORMATS = ("csv", "md", "tex", "png", "html")
 CURVE_METRICS = ("loss", "val_loss", "accuracy", "val_accuracy", "prob_loss", "val_prob_loss")
 
 
@@ -148,9 +152,10 @@ def export(run_id: str | None = None, output: str = "exports", formats: str = "c
     each), or empty for the latest sweep. One sweep's files go into ``output`` itself, several
     sweeps' into ``output/<sweep name>/``. Sweeps whose file sets ``report`` (collapse, parity,
     breakers) also make ``findings.md`` / ``findings.tex`` in ``output``, one table each.
-    ``formats`` is a comma list of csv, md, tex, png (the figures are written whenever the
-    sweep holds the seed's softmax/sigmoid comparison and png is asked for or md is, since the
-    Markdown report shows them).
+    ``formats`` is a comma list of csv, md, tex, png, html. PNG figures (loss curves and gaps
+    when the sweep holds the seed's softmax/sigmoid comparison; accuracy against the positive
+    fraction for sweeps of heads) come with png or md, Optuna's HTML figures with html or md,
+    since the Markdown report shows or links them.
     """
     wanted = {f.strip() for f in formats.split(",") if f.strip()}
     unknown = wanted - set(FORMATS)
@@ -201,18 +206,26 @@ def _export_sweep(run_id: str, sweep: str, out: Path, wanted: set[str],
     curves = parity_curves(trials, epoch_records(trials)) if "role" in trials else pd.DataFrame()
     if "csv" in wanted and not curves.empty:
         written.append(_write(out / "epochs.csv", curves.to_csv(index=False)))
-    pngs = []
-    if {"png", "md"} & wanted and not curves.empty:
-        pngs = [figures.loss_curves(curves, out / "loss_curves.png", f"{sweep}: loss per epoch"),
-                figures.loss_gaps(curves, out / "loss_gaps.png", f"{sweep}: loss differences")]
+    pngs, pages = [], []
+    if {"png", "md"} & wanted:
+        if not curves.empty:
+            pngs = [figures.loss_curves(curves, out / "loss_curves.png", f"{sweep}: loss per epoch"),
+                    figures.loss_gaps(curves, out / "loss_gaps.png", f"{sweep}: loss differences")]
+        if "final_val_accuracy" in trials and (trials["status"] == "FINISHED").any():
+            pngs.append(figures.accuracy_vs_collapse(trials, out / "accuracy.png",
+                                                     f"{sweep}: accuracy of collapsed and healthy heads"))
         written += pngs
+    if {"html", "md"} & wanted:
+        pages = _optuna_pages(mlflow.MlflowClient().get_run(run_id), out)
+        written += pages
     command = f"python -m pipeline export --run_id {run_id} --output {output}"
     if "md" in wanted:
         images = "".join(f"\n![{p.stem}]({p.name})\n" for p in pngs)
+        links = "".join(f"- [{p.stem.replace('_', ' ')}]({p.name}) (Optuna, interactive)\n" for p in pages)
         written.append(_write(out / "summary.md",
                               f"# Sweep `{sweep}` (parent run `{run_id}`)\n\nRegenerate with:\n\n"
                               f"```\n{command}\n```\n\n{tables.to_markdown(summary, kind_metrics)}"
-                              f"{images}"))
+                              f"{images}" + (f"\n{links}" if links else "")))
     if "tex" in wanted:
         caption = f"Sweep {sweep}: final-epoch metrics, mean and standard deviation over seeds."
         written.append(_write(out / "summary.tex",
@@ -239,6 +252,29 @@ def _context(parent, trials: pd.DataFrame) -> str:
     done = int((trials["status"] == "FINISHED").sum())
     return (f"Sweep `{tags.get(naming.SWEEP_NAME)}` (parent run `{parent.info.run_id}`): {done} of "
             f"{len(trials)} trials finished; features sha256 `{tags.get(naming.FEATURES_SHA, '?')[:12]}`.\n")
+
+
+def _optuna_pages(parent, out: Path) -> list[Path]:
+    """Optuna's HTML figures of the study behind sweep run ``parent`` (tags ``optuna.*``).
+
+    A study that cannot be opened (its storage moved, a redacted password) or a figure that
+    cannot be drawn is reported on stderr and skipped: the tables and PNGs do not depend on it.
+    """
+    from pipeline import studies
+
+    tags = parent.data.tags
+    storage, _, name = tags.get(naming.STORAGE, "").rpartition("#study=")
+    name = name or tags.get(naming.STUDY, "")
+    try:
+        study = optuna.load_study(study_name=name, storage=studies.read_storage(storage))
+    except Exception as exc:  # a missing file, a server down, an unknown study: all the same here
+        print(f"export: Optuna figures skipped: study '{name}' in '{storage}' cannot be opened "
+              f"({' '.join(str(exc).split())[:200]})", file=sys.stderr)
+        return []
+    written, skipped = figures.optuna_figures(study, out)
+    for figure, reason in skipped.items():
+        print(f"export: {figure}.html skipped: {reason}", file=sys.stderr)
+    return written
 
 
 def _write(path: Path, text: str) -> Path:

@@ -18,6 +18,7 @@ import numpy as np
 from pipeline import tracking
 from pipeline.errors import UserError
 from pipeline.features import sha256_file, write_features
+from pipeline.progress import progress_bar
 from pipeline.quiet import quiet_tensorflow
 from pipeline.sources import MIN_INPUT_SIZE, ImageSource, open_source
 
@@ -27,6 +28,7 @@ import tensorflow as tf  # noqa: E402
 
 BACKBONE = "keras.applications.Xception"
 WEIGHT_CHOICES = ("imagenet", "random", "auto")
+RANDOM_WEIGHTS_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -58,15 +60,21 @@ def input_size_for(value: str | int, source: ImageSource) -> int:
 def load_backbone(weights: str, input_size: int) -> tuple[keras.Model, str]:
     """Xception without its top, global-average pooled, and a description of the weights used.
 
-    ``imagenet`` uses Keras's download and cache; ``random`` is ``weights=None``; ``auto`` is
-    ImageNet when it can be had, otherwise random with a warning; anything else is a path to a
-    Keras weights file for this architecture.
+    ``imagenet`` uses Keras's download and cache; ``random`` is ``weights=None``, initialised
+    with seed :data:`RANDOM_WEIGHTS_SEED` so that runs repeat; ``auto`` is ImageNet when it can
+    be had, otherwise random with a warning; anything else is a path to a Keras weights file
+    for this architecture.
     """
     shape = (input_size, input_size, 3)
     build = lambda w: keras.applications.Xception(  # noqa: E731
         include_top=False, weights=w, pooling="avg", input_shape=shape)
+
+    def build_random():  # seeded, so random-weight features (and every number after) repeat
+        keras.utils.set_random_seed(RANDOM_WEIGHTS_SEED)
+        return build(None)
+
     if weights == "random":
-        return build(None), "random"
+        return build_random(), "random"
     if weights in ("imagenet", "auto"):
         try:
             return build("imagenet"), "imagenet"
@@ -77,7 +85,7 @@ def load_backbone(weights: str, input_size: int) -> tuple[keras.Model, str]:
                                 f"--weights random or a weights file") from None
             print(f"warning: ImageNet weights unavailable ({reason}); extracting with RANDOM "
                   f"weights (tag backbone.weights=random)", file=sys.stderr)
-            return build(None), "random"
+            return build_random(), "random"
     path = Path(weights)
     if not path.is_file():
         raise UserError(f"weights '{weights}': not imagenet, random, auto or an existing file")
@@ -105,6 +113,15 @@ def image_dataset(source: ImageSource, input_size: int, batch_size: int) -> tf.d
     return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
+def check_inputs(images: str, input_size: str | int, batch_size: int) -> tuple[ImageSource, int]:
+    """The image source and input size, or :class:`UserError` for an unusable folder, size or
+    batch size (checked before anything is written)."""
+    if batch_size < 1:
+        raise UserError(f"batch_size {batch_size}: must be >= 1")
+    source = open_source(images)
+    return source, input_size_for(input_size, source)
+
+
 def extract(images: str, weights: str = "auto", input_size: str | int = "auto",
             batch_size: int = 32, output: str = "features.h5",
             progress: bool | None = None) -> Extraction:
@@ -113,20 +130,14 @@ def extract(images: str, weights: str = "auto", input_size: str | int = "auto",
     Raises :class:`UserError` for an unusable source, size, weights or an input in which no
     image decodes; in every such case nothing is written at ``output``.
     """
-    if batch_size < 1:
-        raise UserError(f"batch_size {batch_size}: must be >= 1")
-    source = open_source(images)
-    size = input_size_for(input_size, source)
+    source, size = check_inputs(images, input_size, batch_size)
     model, used = load_backbone(weights, size)
     # One graph for every batch size: a last, smaller batch would otherwise trace Xception again.
     forward = tf.function(lambda x: model(keras.applications.xception.preprocess_input(x),
                                           training=False),
                           input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
     rows, chunks = [], []
-    from tqdm.auto import tqdm
-
-    disable = (not sys.stderr.isatty()) if progress is None else not progress
-    with tqdm(total=len(source), desc="extract", unit="img", disable=disable) as bar:
+    with progress_bar("extract", len(source), "image", enabled=progress) as bar:
         for idx, batch in image_dataset(source, size, batch_size):
             chunks.append(forward(batch).numpy())
             rows.append(idx.numpy())
@@ -171,6 +182,7 @@ def run_extract(images: str, weights: str = "auto", input_size: str | int = "aut
 
     from pipeline import naming
 
+    check_inputs(images, input_size, batch_size)  # bad input: no run, no file
     if run_id is None:
         exp = experiment_id or tracking.experiment_id("features")
         run_id = tracking.create_run(exp, f"extract-{Path(output).stem}", parent_run_id,

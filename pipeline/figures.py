@@ -1,19 +1,30 @@
-"""Figures at paper size: the seed's loss curves and loss gaps, and the collapse chart.
+"""Figures of a sweep: the seed's loss curves and gaps, the collapse chart, Optuna's plots.
 
-Each function takes tidy per-epoch data (a DataFrame with ``role``, ``seed``, ``epoch`` and
-metric columns) and writes one PNG; the caller decides where. Matplotlib runs headless (Agg).
+The PNG functions take tidy data (per-epoch rows with ``role``, ``seed``, ``epoch`` and metric
+columns, or one row per trial) and write one figure at paper size (one column of a
+two-column paper at 200 dpi, labels and legends readable when printed); the caller decides
+where. Matplotlib runs headless (Agg). :func:`optuna_figures` writes Optuna's interactive
+plots of the study as self-contained HTML.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import optuna  # noqa: E402
+import optuna.visualization as vis  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.transforms import offset_copy  # noqa: E402
+from optuna.importance import FanovaImportanceEvaluator  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
 
 ROLE_STYLE = {
     "softmax": ("2-unit softmax (lr)", "tab:blue", "-"),
@@ -21,11 +32,13 @@ ROLE_STYLE = {
     "sigmoid_random": ("sigmoid, random init (2 x lr)", "tab:green", ":"),
 }
 PAPER_SIZE = (6.0, 3.6)  # inches: one column of a two-column paper, at 200 dpi
+COLLAPSED_COLOR, HEALTHY_COLOR = "tab:red", "tab:blue"
+OPTUNA_FIGURES = ("optimization_history", "param_importances", "parallel_coordinate")
 
 
 def _finish(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=200)
+    fig.savefig(path, dpi=200, bbox_inches="tight")  # keeps legends placed outside the axes
     plt.close(fig)
     return path
 
@@ -44,7 +57,7 @@ def loss_curves(curves: pd.DataFrame, path: Path, title: str = "") -> Path:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"{name} loss")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("cross-entropy (Keras loss)")
+    axes[0].set_ylabel("cross-entropy, nats (Keras loss)")
     axes[1].legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
@@ -70,9 +83,95 @@ def loss_gaps(curves: pd.DataFrame, path: Path, title: str = "") -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("|validation loss difference|")
+    ax.set_ylabel("|validation loss difference| (nats)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
     return _finish(fig, path)
+
+
+def config_label(run_name: str) -> str:
+    """A trial's run name without its seed: the label of its config (``softmax-2u-cce-...``)."""
+    return re.sub(r"-s\d+$", "", run_name)
+
+
+def accuracy_vs_collapse(trials: pd.DataFrame, path: Path, title: str = "") -> Path:
+    """Final validation accuracy of every head config against the positive fraction.
+
+    One horizontal bar per config (mean over seeds, each seed a dot), red when a seed of it
+    collapsed (its prediction never varies), blue otherwise. The dashed line is the positive
+    fraction of the validation split: the accuracy of always answering class 1, where a
+    collapsed head sits.
+    """
+    done = trials[trials["status"] == "FINISHED"].copy()
+    done["config"] = done["run_name"].map(config_label)
+    grouped = done.groupby("config", sort=False)
+    configs = list(grouped.groups)
+    fig, ax = plt.subplots(figsize=(PAPER_SIZE[0], 1.6 + 0.45 * len(configs)))
+    for y, config in enumerate(configs):
+        part = grouped.get_group(config)
+        collapsed = bool(part["collapsed"].any())
+        color = COLLAPSED_COLOR if collapsed else HEALTHY_COLOR
+        ax.barh(y, part["final_val_accuracy"].mean(), color=color, alpha=0.35, height=0.6)
+        ax.plot(part["final_val_accuracy"], [y] * len(part), "o", color=color, markersize=4)
+    fraction = done["positive_fraction"].mean()
+    ax.axvline(fraction, color="black", linestyle="--", linewidth=1)
+    ax.set_yticks(range(len(configs)), configs, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("validation accuracy (fraction correct, last epoch)")
+    ax.grid(alpha=0.3, axis="x")
+    handles = [Patch(color=COLLAPSED_COLOR, alpha=0.5, label="collapsed (constant prediction)"),
+               Patch(color=HEALTHY_COLOR, alpha=0.5, label="healthy"),
+               Line2D([], [], color="black", linestyle="--",
+                      label=f"positive fraction {fraction:.3f} (always class 1)"),
+               Line2D([], [], color="gray", marker="o", linestyle="", markersize=4,
+                      label="one seed; bar = mean")]
+    below_label = offset_copy(ax.transAxes, fig, y=-0.55, units="inches")
+    ax.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 0),
+              bbox_transform=below_label, ncol=2, frameon=False)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _finish(fig, path)
+
+
+def optuna_figures(study: optuna.Study, folder: Path) -> tuple[list[Path], dict[str, str]]:
+    """Optuna's optimization history, parameter importances and parallel coordinates as HTML.
+
+    Each file embeds plotly.js, so it opens offline and from MLflow's artifact view. Returns
+    the files written and, for each figure that cannot be drawn (no completed trial; fewer than
+    two params that vary, for importances), the reason.
+    """
+    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not completed:
+        return [], {name: "no completed trial" for name in OPTUNA_FIGURES}
+    target = study.user_attrs.get("objective", "objective value")
+    varying = sorted(name for name in {p for t in completed for p in t.params}
+                     if len({repr(t.params.get(name)) for t in completed}) > 1)
+    plots = {
+        "optimization_history": lambda: vis.plot_optimization_history(study, target_name=target),
+        "param_importances": lambda: vis.plot_param_importances(
+            study, evaluator=FanovaImportanceEvaluator(seed=0), params=varying, target_name=target),
+        "parallel_coordinate": lambda: vis.plot_parallel_coordinate(study, params=varying,
+                                                                     target_name=target),
+    }
+    written, skipped = [], {}
+    if len(varying) < 2:
+        skipped["param_importances"] = f"needs two or more params that vary, has {varying or 'none'}"
+    if not varying:
+        skipped["parallel_coordinate"] = "no param varies"
+    for name, plot in plots.items():
+        if name in skipped:
+            continue
+        try:
+            fig = plot()
+        except (ValueError, RuntimeError) as exc:  # Optuna's way of saying it cannot draw this
+            skipped[name] = " ".join(str(exc).split())
+            continue
+        fig.update_layout(title=f"{study.study_name}: {fig.layout.title.text or name}",
+                          font={"size": 14})
+        path = folder / f"{name}.html"
+        fig.write_html(path, include_plotlyjs=True, full_html=True)
+        written.append(path)
+    return written, skipped

@@ -247,9 +247,10 @@ def collapse_notes(trials: pd.DataFrame) -> str:
         same = bce.merge(sigmoid, on=["optimizer", "seed", "learning_rate"], suffixes=("", "_sigmoid"))
         if not same.empty:
             gap = (same["final_val_loss"] - same["final_val_loss_sigmoid"]).abs().max()
+            equal = "exactly" if gap == 0 else f"to {sci(float(gap))}"
             lines.append(
-                f"Its Keras val_loss is that of the 1-unit sigmoid with the same seed and optimizer "
-                f"to {sci(float(gap))} ({len(same)} pairs): the same logit, the same updates.")
+                f"Its Keras val_loss equals that of the 1-unit sigmoid with the same seed and "
+                f"optimizer {equal} ({len(same)} pairs): the same logit, the same updates.")
     cce = soft1[soft1["loss"] == "categorical_crossentropy"]
     if not cce.empty:
         top = max(cce["final_loss"].abs().max(), cce["final_val_loss"].abs().max())
@@ -271,7 +272,12 @@ def collapse_notes(trials: pd.DataFrame) -> str:
     return "\n\n".join(lines)
 
 
-def markdown(sections: list[Section], header: str = "") -> str:
+HEADER = ("All three studies on one features file, exported together: "
+          "`mlflow run . -e findings --env-manager local` (the embedded default; add "
+          "`-P features=FILE` for your own). docs/parity.md derives the parity and its breakers.\n")
+
+
+def markdown(sections: list[Section], header: str = HEADER) -> str:
     """``findings.md``: each section's title, command, table and notes."""
     parts = ["# Findings\n", header]
     for section in sections:

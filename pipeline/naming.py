@@ -1,16 +1,20 @@
-"""Run names and tags: the one place that decides how runs read in the MLflow UI.
+"""Run names, descriptions and tags: the one place that decides how runs read in the MLflow UI.
 
 Trial runs are named for their config (``softmax-1u-bce-lr1e-3-glorot-s0``) so the run list
-reads as the study's design; parent runs are named for the sweep and the date. Tag keys that
-several modules write or read are defined here too.
+reads as the study's design; parent runs are named for the sweep and the date and carry a
+description (``mlflow.note.content``, Markdown on the run page) saying what the study asks and
+how to read it. A study's experiment gets a description and saved views (the runs page's
+*Views* menu) that pick the columns and charts a reader compares. Tag keys that several
+modules write or read are defined here too.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import UTC, datetime
 
-from pipeline.config import ParityConfig, TrialConfig
+from pipeline.config import ParityConfig, SweepSpec, TrialConfig
 
 LOSS_ABBREV = {"binary_crossentropy": "bce", "categorical_crossentropy": "cce",
                "sparse_categorical_crossentropy": "scce"}
@@ -34,7 +38,14 @@ ERROR = "error"
 ENGINE = "engine"                 # the engine that trained the trial: fused | keras
 PRUNED = "pruned"                 # "true" on a trial the pruner stopped
 PARENT = "mlflow.parentRunId"
-NOTE = "mlflow.note.content"
+NOTE = "mlflow.note.content"      # a run's or an experiment's description in the UI
+EXPERIMENT_KIND = "mlflow.experimentKind"
+SAVED_VIEW = "mlflow.sharedViewState."  # + view id: a saved view of the experiment's runs page
+
+# What a reader compares, as the MLflow UI names columns (`params.x`, `metrics.x`, `tags.x`).
+COMPARED_PARAMS = ("activation", "units", "loss", "learning_rate", "init", "optimizer", "seed")
+COMPARED_METRICS = ("val_accuracy", "positive_fraction", "val_prob_loss", "val_loss")
+COMPARED_TAGS = (COLLAPSED, ROLE)
 
 
 def format_lr(value: float) -> str:
@@ -98,3 +109,54 @@ def role_of(config: TrialConfig) -> str | None:
 def safe_filename(text: str) -> str:
     """``text`` reduced to a single safe path component (no separators, no NUL, no dots first)."""
     return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", text).lstrip(".") or "_"
+
+
+def parent_description(spec: SweepSpec) -> str:
+    """The parent run's description: the study's question, then how to read its runs."""
+    if spec.kind == "parity":
+        return (f"{spec.description.strip()}\n\n"
+                f"**How to read it.** Each nested run is one trial: a parity experiment (the "
+                f"softmax at lr, the transferred and the random sigmoid at ratio x lr, nested "
+                f"under it, tagged `parity.role`). Sort by `max_gap_softmax_transfer`; at ratio 2 "
+                f"it is float32 rounding. Expand a trial, select its three runs, *Compare*, then "
+                f"click `loss`: the softmax and the transferred sigmoid coincide.\n\n"
+                f"- Tables and figures: artifacts `export/` of this run "
+                f"(`python -m pipeline export`).").strip()
+    return (f"{spec.description.strip()}\n\n"
+            f"**How to read it.** Each nested run is one trial: a head trained with the config "
+            f"in its name and params (activation, units, loss, learning_rate, init, seed). "
+            f"The study {spec.objective.direction}s `{spec.objective.metric}`.\n\n"
+            f"- Collapse: compare `val_accuracy` with `positive_fraction`; filter "
+            f"`tags.collapsed = 'true'` for heads whose prediction never varies, and compare "
+            f"`val_prob_loss` (the loss of the actual probabilities) with `val_loss` (Keras's, "
+            f"from logits).\n"
+            f"- Parity: select the runs tagged `parity.role` = softmax, sigmoid_transfer and "
+            f"sigmoid_random of one seed, *Compare*, then click `val_loss`: the first two "
+            f"curves coincide.\n"
+            f"- Tables and figures: artifacts `export/` of this run (`python -m pipeline export`).\n"
+            f"- The experiment's *Views* menu holds the columns and filters above.").strip()
+
+
+def experiment_tags(description: str, created_ms: int) -> dict[str, str]:
+    """Tags that set up a study's experiment in the MLflow UI.
+
+    Its description, its kind (runs of trained models, not GenAI traces) and two saved views of
+    its runs page (the *Views* menu): ``heads`` shows the compared params, final metrics and
+    tags as columns; ``parity`` keeps the runs of the parity comparison and the loss charts.
+    A view is MLflow's saved-view envelope (name, times, the page state as JSON).
+    """
+    columns = ([f"params.`{p}`" for p in COMPARED_PARAMS] + [f"metrics.`{m}`" for m in COMPARED_METRICS]
+               + [f"tags.`{t}`" for t in COMPARED_TAGS])
+    roles = f"tags.`{ROLE}` != 'softmax_1unit'"  # MLflow's filters have no OR: the roles but one
+    table = {"selectedColumns": columns}
+    views = {
+        "heads": ("Heads: config and results", {**table, "searchFilter": ""}),
+        "parity": ("Parity: loss curves", {**table, "searchFilter": roles, "chartsSearchFilter": "loss"}),
+    }
+    tags = {EXPERIMENT_KIND: "custom_model_development"}
+    if description.strip():
+        tags[NOTE] = description.strip()
+    for key, (name, state) in views.items():
+        tags[SAVED_VIEW + key] = json.dumps({"name": name, "createdAt": created_ms,
+                                             "updatedAt": created_ms, "state": json.dumps(state)})
+    return tags

@@ -26,6 +26,9 @@ from pipeline.engine_keras import KerasEngine, TrialResult
 from pipeline.split import Split, make_split
 
 ROLES = ("softmax", "sigmoid_transfer", "sigmoid_random")
+PARITY_QUESTION = ("Does a 1-unit sigmoid started from a 2-unit softmax head's weights (beta = w1 - w0, "
+                   "b = b1 - b0) at twice the learning rate follow the softmax's trajectory? One run "
+                   "per parity experiment, its three heads nested under it (tag parity.role).")
 EXPERIMENT = "sigmoid-softmax-parity"
 PAIRS = {"softmax_transfer": ("softmax", "sigmoid_transfer"),
          "transfer_random": ("sigmoid_transfer", "sigmoid_random")}
@@ -158,6 +161,7 @@ def run_parity(features: str, config: ParityConfig, experiment: str = EXPERIMENT
         tracking.log_new_params(run_id, config.params() | {"features": str(path)})
     else:
         experiment = tracking.experiment_id(experiment)
+        tracking.describe_experiment(experiment, PARITY_QUESTION)
         run_id = tracking.create_run(experiment, naming.parity_run_name(config), None, tags)
         tracking.log_batch(run_id, params=config.params() | {"features": str(path)})
     with tracking.terminal_run(run_id):

@@ -10,12 +10,18 @@ many at once (``engine: fused``) gets a ``heads`` sweep's trials in batches
 (:func:`_run_batches`), each trial recorded the same way. With a ``pruner``, every head
 reports a metric per epoch and stops when the pruner says so: PRUNED in Optuna, its run
 FINISHED with the tag ``pruned`` and the epochs it trained.
+
+Several workers may share a study (``workers`` processes here, and any number of commands on
+other machines): they take queued trials only (:mod:`pipeline.studies`), keep their trials'
+heartbeats, and all record under the study's one parent run, which the last worker out ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import multiprocessing
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -30,7 +36,9 @@ from optuna.trial import TrialState
 
 from pipeline import naming, parity, records, studies, tracking
 from pipeline.config import ParityConfig, Pruner, SweepSpec, TrialConfig, load_sweep
+from pipeline.errors import UserError
 from pipeline.features import FeatureSet, read_features, resolve_features, sha256_file
+from pipeline.progress import progress_bar
 from pipeline.split import Split, make_split, stratified_split
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -43,7 +51,8 @@ class SweepOutcome:
     parent_run_id: str
     experiment_id: str
     study_name: str
-    counts: dict[str, int]
+    counts: dict[str, int]  # complete, fail, pruned: together the study's budget once it is done
+    retried: int = 0  # attempts lost with their worker (or interrupted) and queued again
 
 
 class Objective:
@@ -118,59 +127,202 @@ def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+@dataclass(frozen=True)
+class Job:
+    """What a worker needs to run a study's trials; picklable, for worker processes."""
+
+    features: str
+    sweep: str
+    n_trials: int | None
+    storage: str | None
+    study: str
+    experiment: str
+    parent: str
+    tags: dict
+    tracking_uri: str
+    workers: int = 1  # this command's workers: a batch takes at most 1/workers of the queue
+
+
 def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: str | None = None,
               study: str | None = None, launcher_run_id: str | None = None,
-              progress: bool | None = None) -> SweepOutcome:
+              progress: bool | None = None, workers: int = 1) -> SweepOutcome:
     """Run (or resume) the study a sweep file describes, on a features file or ``runs:/`` URI.
 
-    ``launcher_run_id`` is the run this sweep was started under (``main``'s, or the one
-    ``mlflow run`` opened): the parent run nests under it when both are in the study's
-    experiment, and the two are linked by tags otherwise. Returns the parent run and counts.
+    ``workers`` processes of this machine take the study's trials side by side (this one and
+    ``workers - 1`` started here); ``0`` only sets the study and its parent run up, for workers
+    to be started elsewhere (its parent run is then SCHEDULED). Any number of such commands on
+    any machines may share one study (same ``storage`` and ``study``); all trial runs nest under
+    the one parent run, which the last worker out ends. ``launcher_run_id`` is the run this
+    sweep was started under (``main``'s, or the one ``mlflow run`` opened): the parent run
+    nests under it when both are in the study's experiment, and the two are linked by tags
+    otherwise. Returns the parent run and the trial counts.
     """
+    if workers < 0:
+        raise UserError(f"workers {workers}: must be >= 0 (0 sets the study up and runs nothing)")
     spec = load_sweep(sweep, n_trials)
     features_path = resolve_features(features)
     data = read_features(features_path)
     features_sha = sha256_file(features_path)
     tracking.install_sigterm_handler()
-    the_study = studies.open_study(spec, storage, study, features_sha)
-    the_study.pruner = make_pruner(spec)
     experiment = tracking.experiment_id(spec.experiment)
-    parent = _open_parent(the_study, spec, experiment, launcher_run_id, storage,
-                          features_sha, str(features_path), sweep)
-    common_tags = {naming.STUDY: the_study.study_name, naming.FEATURES_SHA: features_sha,
-                   naming.WEIGHTS: str(data.attrs.get("weights", "unknown")),
-                   naming.STEP: "trial", naming.SWEEP_NAME: spec.name, **tracking.versions()}
-    objective = Objective(spec, data, make_engine(spec.engine))
-    with tracking.terminal_run(parent):
-        bar = _progress(spec.budget(), the_study, progress)
-        if spec.kind == "heads" and getattr(objective.engine, "trains_many", False):
-            _run_batches(the_study, objective, experiment, parent, common_tags, bar)
-        while (trial := studies.next_trial(the_study)) is not None:
-            _run_trial(the_study, trial, objective, experiment, parent, common_tags)
-            bar.update(1)
+    tracking.describe_experiment(experiment, spec.description)
+
+    def make_parent(the_study: optuna.Study) -> str:
+        return _create_parent(the_study, spec, experiment, launcher_run_id, storage,
+                              features_sha, str(features_path), sweep)
+
+    with tracking.deferred_interrupts():
+        the_study = studies.open_study(spec, storage, study, features_sha, make_parent, _end_lost_run)
+        parent = _reopen_parent(the_study, experiment, make_parent)
+    the_study.pruner = make_pruner(spec)
+    job = Job(str(features_path), sweep, n_trials, storage, the_study.study_name, experiment, parent,
+              {naming.STUDY: the_study.study_name, naming.FEATURES_SHA: features_sha,
+               naming.WEIGHTS: str(data.attrs.get("weights", "unknown")), naming.STEP: "trial",
+               naming.SWEEP_NAME: spec.name, **tracking.versions()},
+              mlflow.get_tracking_uri(), max(workers, 1))
+    with _closing_parent(the_study, parent) as counts, _helpers(job, max(workers - 1, 0)):
+        if workers:
+            _work(the_study, Objective(spec, data, make_engine(spec.engine)), job,
+                  _progress(spec.budget(), the_study, progress))
+    return SweepOutcome(parent, experiment, the_study.study_name,
+                        {k: counts[k] for k in ("complete", "fail", "pruned")}, counts["retried"])
+
+
+@contextlib.contextmanager
+def _closing_parent(study: optuna.Study, parent: str):
+    """Yield a dict that holds the trial counts once the block is done; on the way out log them
+    on the parent run and end it (FINISHED, KILLED on an interrupt, FAILED on an error) unless
+    other workers still run trials: the last worker out ends it. Finished with trials still
+    queued (``workers 0``) it is SCHEDULED."""
+    counts: dict[str, int] = {}
+    status = "FINISHED"
+    try:
+        yield counts
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        with tracking.deferred_interrupts():
+            counts.update(_summarise(study, parent))
+            if not counts["running"]:
+                client = mlflow.MlflowClient()
+                if status == "FINISHED" and counts["waiting"]:
+                    client.update_run(parent, status="SCHEDULED")
+                else:
+                    client.set_terminated(parent, status)
+
+
+def _work(study: optuna.Study, objective: Objective, job: Job, bar) -> None:
+    """Claim and run the study's trials until none is left, keeping their heartbeats: in
+    batches for an engine that trains many (a ``heads`` sweep), then one by one (the rest, and
+    trials other workers lost). An interrupt fails and re-queues the trials in hand (their
+    MLflow runs KILLED) and propagates."""
+    with studies.Heartbeats(study) as beats:
+        if objective.spec.kind == "heads" and getattr(objective.engine, "trains_many", False):
+            _run_batches(study, objective, job, bar, beats)
+        while True:
+            trial = None
+            try:
+                with tracking.deferred_interrupts():
+                    trial = studies.next_trial(study, _end_lost_run)
+                    if trial is not None:
+                        beats.add(trial)
+                if trial is None:
+                    break
+                _run_trial(study, trial, objective, job)
+            except KeyboardInterrupt:
+                if trial is not None:
+                    with tracking.deferred_interrupts():
+                        studies.finish(study, trial, TrialState.FAIL, reason="interrupted", retry=True)
+                raise
+            finally:
+                if trial is not None:
+                    beats.discard(trial)
+            _advance(bar, study)
+    if bar is not None:
         bar.close()
-        counts = _summarise(the_study, parent)
-    return SweepOutcome(parent, experiment, the_study.study_name, counts)
 
 
-def _open_parent(study: optuna.Study, spec: SweepSpec, experiment: str, launcher: str | None,
-                 storage: str | None, features_sha: str, features_path: str, sweep: str) -> str:
-    """The sweep's parent run: reopened when the study is resumed, created otherwise."""
+@contextlib.contextmanager
+def _helpers(job: Job, n: int):
+    """Start ``n`` worker processes on ``job`` for the block; on the way out wait for them
+    (after passing on an interrupt as SIGTERM) and report any that did not end cleanly."""
+    context = multiprocessing.get_context("spawn")  # no forked TensorFlow or DB connections
+    procs = [context.Process(target=_worker_main, args=(job,), name=f"sweep-worker-{i + 1}")
+             for i in range(n)]
+    for proc in procs:
+        proc.start()
+    try:
+        yield
+    except BaseException:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        raise
+    finally:
+        for proc in procs:
+            proc.join()
+            if proc.exitcode not in (0, 130):
+                print(f"warning: worker process {proc.pid} ended with status {proc.exitcode}; "
+                      f"its trial, if any, was queued again", file=sys.stderr)
+
+
+def _worker_main(job: Job) -> None:
+    """A worker process: load what :func:`run_sweep` set up and run trials (exit 130 when
+    interrupted)."""
+    from pipeline.quiet import quiet_tensorflow
+
+    quiet_tensorflow()
+    mlflow.set_tracking_uri(job.tracking_uri)
+    tracking.install_sigterm_handler()
+    try:
+        spec = load_sweep(job.sweep, job.n_trials)
+        data = read_features(job.features)
+        storage = studies.make_storage(job.storage, _end_lost_run)
+        the_study = studies.patiently(optuna.load_study, study_name=job.study, storage=storage,
+                                      sampler=studies.make_sampler(spec), pruner=make_pruner(spec))
+        with _closing_parent(the_study, job.parent):
+            _work(the_study, Objective(spec, data, make_engine(spec.engine)), job, None)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def _end_lost_run(trial: optuna.trial.FrozenTrial, reason: str) -> None:
+    """A lost trial's MLflow run ends KILLED (see :func:`studies.make_storage`)."""
+    tracking.end_lost_run(trial.user_attrs.get(studies.RUN_ATTR), reason)
+
+
+def _reopen_parent(study: optuna.Study, experiment: str, make_parent) -> str:
+    """The study's parent run, set RUNNING again; a new one if it is not in this tracking
+    store's ``experiment`` (the store has changed since the study was made)."""
     client = mlflow.MlflowClient()
-    previous = study.user_attrs.get(studies.PARENT_ATTR)
-    if previous:
-        try:
-            if client.get_run(previous).info.experiment_id == experiment:
-                client.update_run(previous, status="RUNNING")
-                return previous
-        except mlflow.exceptions.MlflowException:
-            pass  # the tracking store has changed since: start a new parent
+    parent = study.user_attrs.get(studies.PARENT_ATTR)
+    try:
+        run = client.get_run(parent)
+        if run.info.experiment_id == experiment:
+            if run.info.status != "RUNNING":
+                client.update_run(parent, status="RUNNING")
+            return parent
+    except mlflow.exceptions.MlflowException:
+        pass
+    parent = make_parent(study)
+    studies.patiently(study.set_user_attr, studies.PARENT_ATTR, parent)
+    return parent
+
+
+def _create_parent(study: optuna.Study, spec: SweepSpec, experiment: str, launcher: str | None,
+                   storage: str | None, features_sha: str, features_path: str, sweep: str) -> str:
+    """A new parent run for the study: tags, params and the sweep file."""
+    client = mlflow.MlflowClient()
     launcher_experiment = client.get_run(launcher).info.experiment_id if launcher else None
     nest = launcher if launcher_experiment == experiment else None
     tags = {naming.STEP: "sweep", naming.SWEEP_NAME: spec.name, naming.STUDY: study.study_name,
             naming.KIND: spec.kind, naming.REPORT: spec.report,
             naming.STORAGE: studies.study_url(storage, study.study_name),
-            naming.FEATURES_SHA: features_sha, naming.NOTE: _description(spec),
+            naming.FEATURES_SHA: features_sha, naming.NOTE: naming.parent_description(spec),
             **tracking.versions()}
     if launcher and not nest:
         tags[naming.MAIN_RUN] = launcher
@@ -185,86 +337,77 @@ def _open_parent(study: optuna.Study, spec: SweepSpec, experiment: str, launcher
               **{f"fixed.{k}": v for k, v in spec.fixed.items()}}
     tracking.log_batch(parent, params=params)
     client.log_artifact(parent, sweep, "sweep")
-    study.set_user_attr(studies.PARENT_ATTR, parent)
     return parent
 
 
-def _description(spec: SweepSpec) -> str:
-    if spec.kind == "parity":
-        return (f"{spec.description.strip()}\n\n"
-                f"Each nested run is one trial: a parity experiment (the softmax at lr, the "
-                f"transferred and the random sigmoid at ratio x lr, nested under it). Sort by "
-                f"`max_gap_softmax_transfer`; at ratio 2 it is float32 rounding.").strip()
-    return (f"{spec.description.strip()}\n\n"
-            f"Each nested run is one trial: a head trained with the config in its name and "
-            f"params. Compare `val_accuracy` with `positive_fraction` and `val_prob_loss` "
-            f"(the loss of the actual probabilities) with `val_loss` (Keras's, from logits); "
-            f"filter `tags.collapsed = 'true'` for heads whose prediction never varies.").strip()
+def _run_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective, job: Job) -> None:
+    """Train one trial, record it in MLflow and tell Optuna; a failure fails only this trial.
 
-
-def _run_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective, experiment: str,
-               parent: str, common_tags: dict) -> None:
-    """Train one trial, record it in MLflow and tell Optuna; a failure fails only this trial."""
+    Ctrl-C or SIGTERM ends the trial's run KILLED and propagates (the caller re-queues the
+    trial); a trial taken for lost meanwhile (no heartbeat within the grace period) has its run
+    KILLED too, since its retry carries the result.
+    """
     spec = objective.spec
     try:
         config = spec.trial_config(studies.suggest(trial, spec))
     except Exception as exc:
-        trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
-        study.tell(trial, state=TrialState.FAIL)
+        with tracking.deferred_interrupts():
+            studies.finish(study, trial, TrialState.FAIL, reason=f"{type(exc).__name__}: {exc}")
         return
-    run_id = _open_run(experiment, parent, _trial_tags(common_tags, trial, objective, config), config,
-                       objective.run_name(config))
-    trial.set_user_attr("mlflow_run_id", run_id)
+    run_id = None
     reporter = _Reporter(trial, spec.pruner)
     try:
+        with tracking.deferred_interrupts():
+            run_id = _open_run(job.experiment, job.parent, _trial_tags(job.tags, trial, objective, config),
+                               config, objective.run_name(config), trial)
         with tracking.terminal_run(run_id):
             try:
-                value = objective.train_and_log(config, run_id, experiment, common_tags, reporter)
+                value = objective.train_and_log(config, run_id, job.experiment, job.tags, reporter)
             except optuna.TrialPruned:
                 value = _log_pruned(run_id, reporter)
             if value is not None and not math.isfinite(value):
                 raise FloatingPointError(f"{spec.objective_metric} is {value}: training diverged")
     except KeyboardInterrupt:
-        trial.set_user_attr("fail_reason", "interrupted")
-        study.tell(trial, state=TrialState.FAIL)
+        with tracking.deferred_interrupts():
+            tracking.end_lost_run(run_id, "interrupted")
         raise
     except Exception as exc:
-        trial.set_user_attr("fail_reason", _reason(exc))
-        study.tell(trial, state=TrialState.FAIL)
+        with tracking.deferred_interrupts():
+            studies.finish(study, trial, TrialState.FAIL, reason=_reason(exc))
         return
-    _tell(study, trial, value)
+    with tracking.deferred_interrupts():
+        _tell(study, trial, value, run_id)
 
 
 BATCH_TRIALS = 256  # trials asked of Optuna at once for an engine that trains many
 
 
-def _run_batches(study: optuna.Study, objective: Objective, experiment: str, parent: str,
-                 common_tags: dict, bar) -> None:
+def _run_batches(study: optuna.Study, objective: Objective, job: Job, bar,
+                 beats: studies.Heartbeats) -> None:
     """Run a ``heads`` study's trials in batches, each trained at once by ``engine.train_many``.
 
     Every trial is recorded as :func:`_run_trial` records it: its own MLflow run with the same
     params, metrics and tags. The MLflow writes go to one background thread, in order, so they
-    overlap Optuna's bookkeeping and the training: a run is created as its trial is asked and
-    written in one request when the batch is trained (params included: that saves a request
-    per run). Optuna is told here as each record is written.
-
-    A batch is every waiting trial up to :data:`BATCH_TRIALS`; with a pruner, the first batch
-    is its ``n_startup_trials`` alone, so that later ones have completed trials to be compared
-    with. A sampler learns between batches. Ctrl-C ends the batch's runs KILLED and fails its
-    trials.
+    overlap Optuna's bookkeeping and the training; Optuna is told here as each record is
+    written. A batch is the waiting trials up to :data:`BATCH_TRIALS` (and 1/``workers`` of
+    them, see :func:`_ask_batch`); with a pruner, the
+    first batch is its ``n_startup_trials`` alone, so that later ones have completed trials to
+    be compared with. A sampler learns between batches. Ctrl-C or SIGTERM ends the batch's runs
+    KILLED, fails its trials and queues them again.
     """
     spec = objective.spec
     with ThreadPoolExecutor(1, thread_name_prefix="mlflow-writer") as writer:
-        while study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-            batch, opened = [], []
-            for trial, config in _ask_batch(study, spec, bar):  # runs open while Optuna answers
-                objective.engine.prepare(config)
-                batch.append((trial, config))
-                opened.append(writer.submit(tracking.create_run, experiment, objective.run_name(config),
-                                            parent, _trial_tags(common_tags, trial, objective, config)))
-            reporters = [_Reporter(trial, spec.pruner) for trial, _ in batch]
-            written, told = [], 0
+        while studies.patiently(study.get_trials, deepcopy=False, states=(TrialState.WAITING,)):
+            batch, opened, written, told = [], [], [], 0
             try:
+                for trial, config in _ask_batch(study, spec, bar, beats, job.workers):
+                    objective.engine.prepare(config)  # runs open meanwhile
+                    batch.append((trial, config))
+                    opened.append(writer.submit(_open_run, job.experiment, job.parent,
+                                                _trial_tags(job.tags, trial, objective, config),
+                                                config, objective.run_name(config), trial,
+                                                with_params=False))
+                reporters = [_Reporter(trial, spec.pruner) for trial, _ in batch]
                 outcomes = objective.engine.train_many([config for _, config in batch],
                                                        objective.features.x, objective.features.y,
                                                        reporters)
@@ -274,33 +417,45 @@ def _run_batches(study: optuna.Study, objective: Objective, experiment: str, par
                                                  objective.validation_labels(config),
                                                  spec.objective_metric))
                 for (trial, _), run, write in zip(batch, opened, written, strict=True):
-                    trial.set_user_attr("mlflow_run_id", run.result())
-                    _tell_written(study, trial, write)
-                    told += 1
-                    bar.update(1)
+                    with tracking.deferred_interrupts():
+                        _tell_written(study, trial, write, run.result())
+                        told += 1
+                    beats.discard(trial)
+                _advance(bar, study)
             except KeyboardInterrupt:
-                _abandon(study, writer, batch[told:], opened[told:], written[told:])
+                with tracking.deferred_interrupts():
+                    _abandon(study, writer, batch[told:], opened[told:], written[told:])
                 raise
 
 
-def _ask_batch(study: optuna.Study, spec: SweepSpec, bar) -> Iterator[tuple[optuna.Trial, TrialConfig]]:
+def _ask_batch(study: optuna.Study, spec: SweepSpec, bar, beats: studies.Heartbeats,
+               workers: int) -> Iterator[tuple[optuna.Trial, TrialConfig]]:
     """The trials of the next batch with their configs, one by one (see :func:`_run_batches`).
-    A trial whose params make no config is failed here (no MLflow run)."""
-    size = BATCH_TRIALS
+
+    A batch takes at most 1/``workers`` of the waiting trials, so that the other workers of
+    the command get their share. A trial whose params make no config is failed here (no MLflow
+    run). A trial is claimed and handed over with interrupts held, so an interrupt finds it in
+    the batch.
+    """
+    waiting = len(studies.patiently(study.get_trials, deepcopy=False, states=(TrialState.WAITING,)))
+    size = min(BATCH_TRIALS, -(-waiting // workers))
     if spec.pruner.type != "none":
-        completed = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-        size = max(spec.pruner.n_startup_trials - completed, 0) or size
+        completed = len(studies.patiently(study.get_trials, deepcopy=False,
+                                          states=(TrialState.COMPLETE,)))
+        size = min(max(spec.pruner.n_startup_trials - completed, 0) or size, size)
     for _ in range(size):
-        if (trial := studies.next_trial(study)) is None:
-            return
-        try:
-            config = spec.trial_config(studies.suggest(trial, spec))
-        except Exception as exc:
-            trial.set_user_attr("fail_reason", f"{type(exc).__name__}: {exc}")
-            study.tell(trial, state=TrialState.FAIL)
-            bar.update(1)
-            continue
-        yield trial, config
+        with tracking.deferred_interrupts():
+            if (trial := studies.next_trial(study, _end_lost_run, wait=False)) is None:
+                return
+            beats.add(trial)
+            try:
+                config = spec.trial_config(studies.suggest(trial, spec))
+            except Exception as exc:
+                studies.finish(study, trial, TrialState.FAIL, reason=f"{type(exc).__name__}: {exc}")
+                beats.discard(trial)
+                _advance(bar, study)
+                continue
+            yield trial, config
 
 
 def _trial_tags(common_tags: dict, trial: optuna.Trial, objective: Objective, config) -> dict:
@@ -313,10 +468,15 @@ def _trial_tags(common_tags: dict, trial: optuna.Trial, objective: Objective, co
             **objective.tags(config)}
 
 
-def _open_run(experiment: str, parent: str, tags: dict, config, run_name: str) -> str:
-    """A trial's RUNNING MLflow run under ``parent``, with its config as params."""
+def _open_run(experiment: str, parent: str, tags: dict, config, run_name: str,
+              trial: optuna.Trial, with_params: bool = True) -> str:
+    """A trial's RUNNING MLflow run under ``parent``, with its config as params (unless a batch
+    writes them with the record: ``with_params=False``); the trial records the run's id at once
+    (so a worker that takes it for lost can end the run)."""
     run_id = tracking.create_run(experiment, run_name, parent, tags)
-    tracking.log_batch(run_id, params=config.params())
+    studies.patiently(trial.set_user_attr, studies.RUN_ATTR, run_id)
+    if with_params:
+        tracking.log_batch(run_id, params=config.params())
     return run_id
 
 
@@ -364,62 +524,52 @@ def _log_pruned(run_id: str, reporter: _Reporter, params: dict | None = None) ->
     tracking.log_batch(run_id, params=params, metrics=points, tags={naming.PRUNED: "true"})
 
 
-def _tell(study: optuna.Study, trial: optuna.Trial, value: float | None) -> None:
-    """Tell Optuna a trial's value, or that it was pruned (value None)."""
-    if value is None:
-        study.tell(trial, state=TrialState.PRUNED)
-    else:
-        study.tell(trial, value)
+def _tell(study: optuna.Study, trial: optuna.Trial, value: float | None, run_id: str) -> None:
+    """Tell Optuna a trial's value, or that it was pruned (value None). A trial that was taken
+    for lost meanwhile keeps its FAIL, and its run ends KILLED: its retry carries the result."""
+    state = TrialState.PRUNED if value is None else TrialState.COMPLETE
+    if not studies.finish(study, trial, state, value):
+        tracking.end_lost_run(run_id, "its worker was taken for lost before it reported")
 
 
 def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:2000]
 
 
-def _kill_run(run_id: str, config: TrialConfig) -> None:
-    tracking.log_batch(run_id, params=config.params())
-    mlflow.MlflowClient().set_terminated(run_id, "KILLED")
-
-
-def _tell_written(study: optuna.Study, trial: optuna.Trial, write) -> None:
+def _tell_written(study: optuna.Study, trial: optuna.Trial, write, run_id: str) -> None:
     """Tell Optuna the outcome of a trial once its record is written (a failure fails it)."""
     try:
         value = write.result()
     except Exception as exc:
-        trial.set_user_attr("fail_reason", _reason(exc))
-        study.tell(trial, state=TrialState.FAIL)
+        studies.finish(study, trial, TrialState.FAIL, reason=_reason(exc))
     else:
-        _tell(study, trial, value)
+        _tell(study, trial, value, run_id)
 
 
 def _abandon(study: optuna.Study, writer: ThreadPoolExecutor, batch: list, opened: list,
              written: list) -> None:
     """Ctrl-C or SIGTERM in a batch: every trial not yet told ends. A record already being
-    written is finished and told; the others' runs end KILLED and their trials FAIL."""
-    for i, ((trial, config), run) in enumerate(zip(batch, opened, strict=True)):
+    written is finished and told; the others' runs end KILLED and their trials FAIL and are
+    queued again."""
+    for i, ((trial, _), run) in enumerate(zip(batch, opened, strict=True)):
         run_id = run.result()
-        trial.set_user_attr("mlflow_run_id", run_id)
         if i < len(written) and not written[i].cancel():
-            _tell_written(study, trial, written[i])
+            _tell_written(study, trial, written[i], run_id)
             continue
-        writer.submit(_kill_run, run_id, config).result()
-        trial.set_user_attr("fail_reason", "interrupted")
-        study.tell(trial, state=TrialState.FAIL)
+        writer.submit(tracking.end_lost_run, run_id, "interrupted").result()
+        studies.finish(study, trial, TrialState.FAIL, reason="interrupted", retry=True)
 
 
 def _summarise(study: optuna.Study, parent: str) -> dict[str, int]:
     """Log trial counts and the best trial on the parent run; return the counts."""
-    trials = study.get_trials(deepcopy=False)
-    counts = {state.name.lower(): sum(t.state == state for t in trials)
-              for state in (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)}
+    counts = studies.tally(study)
     tags = {}
     metrics = {f"trials.{k}": v for k, v in counts.items()}
-    completed = [t for t in trials if t.state == TrialState.COMPLETE]
-    if completed:
-        best = study.best_trial
+    if counts["complete"]:
+        best = studies.patiently(lambda: study.best_trial)
         metrics["best.value"] = best.value
         tags = {"best.trial_number": best.number,
-                "best.run_id": best.user_attrs.get("mlflow_run_id", ""),
+                "best.run_id": best.user_attrs.get(studies.RUN_ATTR, ""),
                 "best.params": json.dumps(best.params, sort_keys=True)}
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp, "best_trial.json")
@@ -432,9 +582,16 @@ def _summarise(study: optuna.Study, parent: str) -> dict[str, int]:
 
 
 def _progress(total: int, study: optuna.Study, enabled: bool | None):
-    """A tqdm bar over the study's budget (quiet when stderr is not a terminal)."""
-    from tqdm.auto import tqdm
+    """The sweep's progress over the study's budget, counting trials finished before."""
+    return progress_bar("sweep", total, "trial", initial=_done(study), enabled=enabled)
 
-    done = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
-    disable = (not sys.stderr.isatty()) if enabled is None else not enabled
-    return tqdm(total=total, initial=done, desc="sweep", unit="trial", disable=disable)
+
+def _advance(bar, study: optuna.Study) -> None:
+    """Bring ``bar`` to the trials finished so far, by every worker."""
+    if bar is not None:
+        bar.update(_done(study) - bar.n)
+
+
+def _done(study: optuna.Study) -> int:
+    counts = studies.tally(study)
+    return counts["complete"] + counts["fail"] + counts["pruned"]

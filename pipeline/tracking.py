@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import os
 import signal
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -18,6 +19,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.time import get_current_time_millis
 
 from pipeline import naming
+from pipeline.errors import UserError
 
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
@@ -27,12 +29,82 @@ class Terminated(KeyboardInterrupt):
     """Raised in the main thread on SIGTERM, so it unwinds like Ctrl-C."""
 
 
+_deferral = {"depth": 0, "pending": None}
+
+
 def install_sigterm_handler() -> None:
-    """Turn SIGTERM into :class:`Terminated` so runs and trials are closed on the way out."""
+    """Turn SIGTERM into :class:`Terminated` (and SIGINT into KeyboardInterrupt, as usual), so
+    runs and trials are closed on the way out; inside :func:`deferred_interrupts` both wait
+    until the block ends."""
     def _raise(signum, frame):
-        raise Terminated(f"terminated by signal {signum}")
-    with contextlib.suppress(ValueError):  # not in the main thread: leave the default
+        if _deferral["depth"]:
+            _deferral["pending"] = signum
+            return
+        _interrupt(signum)
+    with contextlib.suppress(ValueError):  # not in the main thread: leave the defaults
         signal.signal(signal.SIGTERM, _raise)
+        signal.signal(signal.SIGINT, _raise)
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block ends (a storage update that must not be cut in
+    half, such as claiming a trial or telling its result), then raise them."""
+    _deferral["depth"] += 1
+    try:
+        yield
+    finally:
+        _deferral["depth"] -= 1
+        if not _deferral["depth"] and _deferral["pending"] is not None:
+            signum, _deferral["pending"] = _deferral["pending"], None
+            _interrupt(signum)
+
+
+def _interrupt(signum: int) -> None:
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt("Ctrl-C")
+    raise Terminated(f"terminated by signal {signum}")
+
+
+def check_reachable(timeout: float = 3.0) -> None:
+    """Fail fast, with one line, when the tracking server does not answer.
+
+    MLflow retries an unreachable server for minutes by default; this asks once, within
+    ``timeout`` seconds (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``/``_TIMEOUT`` for one request), before
+    a stage writes anything. Local stores (``sqlite:``, files) are not checked.
+    """
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+                                             "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                       "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(timeout))})
+    try:
+        mlflow.MlflowClient().search_experiments(max_results=1)
+    except Exception as exc:  # connection refused, timeout, 5xx, auth: all say the same to the user
+        raise UserError(f"tracking server {uri} cannot be reached ({_one_line(exc)[:200]}); start "
+                        f"it or point MLFLOW_TRACKING_URI elsewhere") from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def end_lost_run(run_id: str | None, reason: str) -> None:
+    """End the run of a trial that lost its worker (killed, interrupted, silent): KILLED, with
+    ``lost: <reason>`` as its ``error`` tag, whatever state it was left in, since a lost trial is
+    queued again and its retry carries the result. A run of another tracking store is skipped."""
+    if not run_id:
+        return
+    client = mlflow.MlflowClient()
+    try:
+        client.set_tag(run_id, naming.ERROR, f"lost: {reason}")
+        client.set_terminated(run_id, "KILLED")
+    except mlflow.exceptions.MlflowException:
+        pass
 
 
 def versions() -> dict[str, str]:
@@ -53,6 +125,17 @@ def experiment_id(name: str) -> str:
             client.restore_experiment(experiment.experiment_id)
         return experiment.experiment_id
     return client.create_experiment(name)
+
+
+def describe_experiment(experiment: str, description: str) -> None:
+    """Set up a study's experiment for the UI (:func:`naming.experiment_tags`): its description,
+    kind and saved views, each only if the experiment does not have it yet (a user's edit stays).
+    """
+    client = mlflow.MlflowClient()
+    existing = client.get_experiment(experiment).tags
+    for key, value in naming.experiment_tags(description, get_current_time_millis()).items():
+        if key not in existing:
+            client.set_experiment_tag(experiment, key, value)
 
 
 def create_run(experiment: str, name: str, parent_run_id: str | None = None,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from pipeline.quiet import quiet_tensorflow
 
 quiet_tensorflow()
@@ -11,6 +13,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from pipeline.features import write_features  # noqa: E402
+from tests.services import launch, mlflow_server, postgres  # noqa: E402, F401 (fixtures)
 
 
 @pytest.fixture
@@ -39,8 +42,75 @@ def make_features(n: int = 240, d: int = 32, seed: int = 0, positive: float = 0.
     return x.astype(np.float32), y
 
 
+@contextlib.contextmanager
+def private_store(folder):
+    """MLflow pointed at a new SQLite store in ``folder`` for the block (for module- or
+    session-scoped fixtures, which cannot use ``monkeypatch``); yields its URI."""
+    with pytest.MonkeyPatch.context() as mp:
+        uri = f"sqlite:///{folder / 'mlflow.db'}"
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield uri
+        finally:
+            mlflow.set_tracking_uri(None)
+
+
 @pytest.fixture
 def features_file(tmp_path):
     """A small features file in the seed's layout (only ``train`` and ``label``)."""
     x, y = make_features()
     return write_features(tmp_path / "features.h5", x, y, {})
+
+
+SMALL_STUDY = {
+    "name": "small",
+    "experiment": "small-study",
+    "description": "Does the 1-unit softmax collapse, and does the transferred sigmoid follow the softmax?",
+    "sampler": "grid",
+    "seeds": [0, 1],
+    "fixed": {"epochs": 3, "batch_size": 32, "dropout": 0.5, "optimizer": "sgd"},
+    "space": [
+        {"activation": "softmax", "units": 1, "loss": "binary_crossentropy", "learning_rate": 0.05},
+        {"activation": "softmax", "units": 2, "loss": "categorical_crossentropy", "learning_rate": 0.05},
+        {"activation": "sigmoid", "units": 1, "loss": "binary_crossentropy", "learning_rate": 0.1,
+         "init": ["transfer", "glorot_uniform"]},
+    ],
+}
+
+
+@pytest.fixture(scope="session")
+def small_study(tmp_path_factory):
+    """A finished small sweep (8 trials, 2 seeds) exported with every format, and a parity run.
+
+    Both in one store of their own, read-only for their users, who point MLflow at ``store``
+    themselves. Yields a namespace: ``folder``, ``store`` (tracking URI), ``journal`` (the
+    Optuna storage, the default journal file beside the store), ``outcome`` (the sweep's),
+    ``export`` (its folder) and ``parity_run`` (the id of the ``parity`` entry point's run).
+    """
+    import types
+
+    import yaml
+
+    from pipeline.config import ParityConfig
+    from pipeline.export import export
+    from pipeline.parity import run_parity
+    from pipeline.sweep import run_sweep
+
+    folder = tmp_path_factory.mktemp("small_study")
+    x, y = make_features()
+    features = write_features(folder / "features.h5", x, y, {})
+    (folder / "small.yaml").write_text(yaml.safe_dump(SMALL_STUDY))
+    store = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", store)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        mp.chdir(folder)  # the experiment's artifacts go beside the store, not into the repo
+        mlflow.set_tracking_uri(store)
+        outcome = run_sweep(str(features), str(folder / "small.yaml"), progress=False)
+        export(outcome.parent_run_id, str(folder / "export"), "csv,md,tex,png,html")
+        parity_run, _ = run_parity(str(features), ParityConfig(learning_rate=0.05, epochs=3, batch_size=32))
+        mlflow.set_tracking_uri(None)
+    yield types.SimpleNamespace(folder=folder, store=store, journal=folder / "optuna-journal.log",
+                                outcome=outcome, export=folder / "export", parity_run=parity_run)

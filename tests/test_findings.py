@@ -14,7 +14,7 @@ from pipeline.export import export, trial_records
 from pipeline.features import write_features
 from pipeline.findings import parity_rows, sci
 from pipeline.sweep import run_sweep
-from tests.conftest import make_features
+from tests.conftest import make_features, private_store
 
 FAST = {"epochs": 2, "batch_size": 32, "dropout": 0.5}
 COLLAPSE = {"name": "collapse-t", "experiment": "collapse-exp", "report": "collapse", "seeds": [0, 1],
@@ -38,18 +38,13 @@ def studies(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("studies")
     x, y = make_features()
     features = write_features(tmp_path / "features.h5", x, y, {})
-    with pytest.MonkeyPatch.context() as mp:
-        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
-        mlflow.set_tracking_uri(uri)
+    with private_store(tmp_path):
         parents = {}
         for spec in (COLLAPSE, PARITY, BREAKERS):
             path = tmp_path / f"{spec['name']}.yaml"
             path.write_text(yaml.safe_dump(spec))
             parents[spec["name"]] = run_sweep(str(features), str(path), progress=False).parent_run_id
         yield parents
-        mlflow.set_tracking_uri(None)
 
 
 def test_findings_report_from_the_three_studies(studies, tmp_path):

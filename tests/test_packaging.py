@@ -23,7 +23,7 @@ def test_mlproject_entry_points_and_parameters():
     points = project["entry_points"]
     expected = {"main": {"images", "weights", "sweep", "output"},
                 "extract": {"images", "weights", "input_size", "batch_size", "output"},
-                "sweep": {"features", "sweep", "n_trials", "storage", "study"},
+                "sweep": {"features", "sweep", "n_trials", "storage", "study", "workers"},
                 "export": {"run_id", "output", "formats"}}
     for name, params in expected.items():
         assert set(points[name]["parameters"]) >= params, name

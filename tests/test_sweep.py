@@ -16,24 +16,12 @@ from pipeline.export import export, trial_records
 from pipeline.features import write_features
 from pipeline.studies import make_storage
 from pipeline.sweep import run_sweep
-from tests.conftest import make_features
+from tests.conftest import SMALL_STUDY, make_features, private_store
 
-TINY = {
-    "name": "tiny",
-    "experiment": "tiny-exp",
-    "description": "a test study",
-    "sampler": "grid",
-    "seeds": [0, 1],
-    "fixed": {"epochs": 3, "batch_size": 32, "dropout": 0.5, "optimizer": "sgd"},
-    "space": [
-        {"activation": "softmax", "units": 1, "loss": "binary_crossentropy", "learning_rate": 0.05},
-        {"activation": "softmax", "units": 2, "loss": "categorical_crossentropy", "learning_rate": 0.05},
-        {"activation": "sigmoid", "units": 1, "loss": "binary_crossentropy", "learning_rate": 0.1,
-         "init": ["transfer", "glorot_uniform"]},
-        {"activation": "softmax", "units": 1, "loss": "sparse_categorical_crossentropy",
-         "learning_rate": 0.05},
-    ],
-}
+TINY = {**SMALL_STUDY, "name": "tiny", "experiment": "tiny-exp", "description": "a test study",
+        "space": [*SMALL_STUDY["space"],
+                  {"activation": "softmax", "units": 1, "loss": "sparse_categorical_crossentropy",
+                   "learning_rate": 0.05}]}
 
 
 def write_sweep(tmp_path, spec=TINY, name="tiny.yaml"):
@@ -52,22 +40,17 @@ def swept(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("swept")
     x, y = make_features()
     features = write_features(tmp_path / "features.h5", x, y, {})
-    with pytest.MonkeyPatch.context() as mp:
-        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
-        mlflow.set_tracking_uri(uri)
+    with private_store(tmp_path):
         sweep = write_sweep(tmp_path)
         outcome = run_sweep(str(features), sweep, progress=False)
         runs = mlflow.search_runs(experiment_ids=[outcome.experiment_id], output_format="list",
                                   filter_string=f"tags.`{naming.PARENT}` = '{outcome.parent_run_id}'")
         yield outcome, runs, sweep, features
-        mlflow.set_tracking_uri(None)
 
 
 def test_every_trial_is_one_nested_run_with_its_record(swept):
     outcome, runs, _, _ = swept
-    assert outcome.counts == {"complete": 8, "fail": 2, "pruned": 0}
+    assert outcome.counts == {"complete": 8, "fail": 2, "pruned": 0} and outcome.retried == 0
     assert len(runs) == 10
     names = {r.info.run_name for r in runs}
     assert "softmax-1u-bce-lr5e-2-glorot-s0" in names

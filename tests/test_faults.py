@@ -1,0 +1,207 @@
+"""Faults a sweep must survive whole: a killed worker, Ctrl-C and SIGTERM, a killed extraction,
+a database restart, and an unreachable tracking server.
+
+Each test prints what it measured (recovery times); run with ``-s`` to see them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime
+
+import mlflow
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from pipeline import naming, studies
+from pipeline.features import read_features
+from tests.services import ROOT, audit, free_port, tiny_study
+
+FAST_HEARTBEAT = {studies.HEARTBEAT_ENV: "1", studies.GRACE_ENV: "3"}
+
+
+def wait_for(condition, timeout: float = 120.0, every: float = 0.05):
+    """Poll ``condition()`` until it returns something truthy; return that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {condition.__doc__}")
+
+
+def running_trial_of(storage: str, study_name: str, pid: int):
+    """A RUNNING trial of process ``pid`` whose MLflow run exists, or None."""
+    def find():
+        """a trial in training"""
+        try:
+            study = optuna.load_study(study_name=study_name, storage=studies.make_storage(storage))
+        except KeyError:  # not created yet
+            return None
+        for trial in study.get_trials(states=(TrialState.RUNNING,)):
+            if trial.user_attrs.get(studies.WORKER_ATTR, "").endswith(f":{pid}") and \
+                    studies.RUN_ATTR in trial.user_attrs:
+                return trial
+        return None
+    return find
+
+
+def finished_trial_of(storage: str, study_name: str, pid: int):
+    """A finished trial of process ``pid``, or None."""
+    def find():
+        """a trial finished by the process"""
+        try:
+            study = optuna.load_study(study_name=study_name, storage=studies.make_storage(storage))
+        except KeyError:  # not created yet
+            return False
+        return any(t.state.is_finished() and t.user_attrs.get(studies.WORKER_ATTR, "").endswith(f":{pid}")
+                   for t in study.get_trials())
+    return find
+
+
+def test_sigkill_of_a_worker_mid_trial_is_failed_by_heartbeat_and_retried(
+        tmp_path, postgres, mlflow_server, launch):
+    features, sweep, budget = tiny_study(tmp_path, n_seeds=2)
+    storage = postgres.create_database("optuna_kill")
+    args = ("--features", features, "--sweep", sweep, "--storage", storage, "--study", "kill")
+    victim = launch(mlflow_server.uri, *args, env=FAST_HEARTBEAT, log="victim")
+    survivor = launch(mlflow_server.uri, *args, env=FAST_HEARTBEAT, log="survivor")
+    wait_for(finished_trial_of(storage, "kill", survivor.pid))  # both are at work
+    lost = wait_for(running_trial_of(storage, "kill", victim.pid))
+    assert victim.poll() is None
+    victim.kill()
+    killed_at = datetime.now()
+    assert victim.wait(timeout=30) == -signal.SIGKILL
+    assert survivor.wait(timeout=300) == 0, survivor.log_path.read_text()[-3000:]
+    result = audit(storage, "kill", mlflow_server.uri, budget)
+    assert result["retried"] == 1 and result["runs"] == budget + 1
+    trials = {t.number: t for t in result["trials"]}
+    assert trials[lost.number].state == TrialState.FAIL
+    run = result["by_run"][lost.user_attrs[studies.RUN_ATTR]]
+    assert run.info.status == "KILLED"
+    assert run.data.tags[naming.ERROR] == "lost: its worker stopped sending heartbeats"
+    retry = next(t for t in trials.values() if t.system_attrs.get("failed_trial") == lost.number)
+    assert retry.params == lost.params and retry.state.is_finished()
+    print(f"SIGKILL: trial {lost.number} failed by the heartbeat check "
+          f"{(trials[lost.number].datetime_complete - killed_at).total_seconds():.1f} s after the "
+          f"kill (heartbeat 1 s, grace 3 s); its retry {retry.number} finished "
+          f"{(retry.datetime_complete - killed_at).total_seconds():.1f} s after the kill, "
+          f"last of the queue")
+
+
+@pytest.mark.parametrize(("signum", "engine"), [(signal.SIGTERM, "keras"), (signal.SIGINT, "fused")],
+                         ids=["SIGTERM-keras", "Ctrl-C-fused"])
+def test_interrupt_fails_the_trial_kills_its_run_and_a_rerun_resumes(tmp_path, signum, engine,
+                                                                     launch):
+    """The trial in hand (the fused engine: the batch in hand) ends FAIL and is queued again,
+    its run KILLED; the rerun finishes the study."""
+    features, sweep, budget = tiny_study(tmp_path, n_seeds=1, engine=engine)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    journal = str(tmp_path / "optuna-journal.log")
+    proc = launch(uri, "--features", features, "--sweep", sweep)
+    trial = wait_for(running_trial_of(journal, "scale", proc.pid))
+    proc.send_signal(signum)
+    assert proc.wait(timeout=60) == 130
+    log = proc.log_path.read_text()
+    assert "interrupted" in log.strip().splitlines()[-1] and "Traceback" not in log
+    study = optuna.load_study(study_name="scale", storage=studies.make_storage(journal))
+    interrupted = [t for t in study.trials if t.user_attrs.get(studies.REASON_ATTR) == "interrupted"]
+    assert trial.number in {t.number for t in interrupted}
+    for t in interrupted:
+        assert t.state == TrialState.FAIL
+        assert any(w.state == TrialState.WAITING and w.system_attrs.get("failed_trial") == t.number
+                   for w in study.trials)
+        run = mlflow.MlflowClient(uri).get_run(t.user_attrs[studies.RUN_ATTR])
+        assert run.info.status == "KILLED"
+    assert not [t for t in study.trials if t.state == TrialState.RUNNING]
+    rerun = launch(uri, "--features", features, "--sweep", sweep, log="rerun")
+    assert rerun.wait(timeout=300) == 0, rerun.log_path.read_text()[-3000:]
+    result = audit(journal, "scale", uri, budget)
+    assert result["retried"] == len(interrupted) and result["runs"] == budget + len(interrupted)
+
+
+def test_killed_extraction_leaves_no_file_and_a_rerun_finishes(tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "PYTHONPATH": str(ROOT)}
+    args = [sys.executable, "-m", "pipeline", "extract", "--images", "builtin:digits",
+            "--weights", "random", "--output", "out.h5"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+    def extracting():
+        """the extraction's MLflow run"""
+        client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+        try:
+            return client.search_runs(["0"] + [e.experiment_id for e in client.search_experiments()],
+                                      filter_string="attributes.status = 'RUNNING'")
+        except Exception:  # the store is being created
+            return None
+    wait_for(extracting, every=0.2)
+    time.sleep(1.0)  # into the forward pass
+    assert proc.poll() is None, "the extraction ended before it could be killed"
+    proc.kill()
+    proc.wait(timeout=30)
+    assert not (tmp_path / "out.h5").exists()
+    assert subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, timeout=600).returncode == 0
+    assert len(read_features(tmp_path / "out.h5").y) == 357
+
+
+def test_postgres_restart_mid_sweep_loses_nothing(tmp_path, postgres, mlflow_server, launch):
+    features, sweep, budget = tiny_study(tmp_path, n_seeds=3)
+    storage = postgres.create_database("optuna_restart")
+    proc = launch(mlflow_server.uri, "--features", features, "--sweep", sweep,
+                       "--storage", storage, "--study", "restart", "--workers", "2",
+                       env={studies.HEARTBEAT_ENV: "1", studies.GRACE_ENV: "30"})
+
+    def some_done():
+        """3 finished trials"""
+        try:
+            study = optuna.load_study(study_name="restart", storage=studies.make_storage(storage))
+        except KeyError:
+            return None
+        return sum(t.state.is_finished() for t in study.get_trials()) >= 3
+    wait_for(some_done, every=0.2)
+    started = time.monotonic()
+    postgres.restart()
+    down = time.monotonic() - started
+    assert proc.wait(timeout=300) == 0, proc.log_path.read_text()[-3000:]
+    finished = time.monotonic() - started
+    result = audit(storage, "restart", mlflow_server.uri, budget)
+    assert result["retried"] == 0 and result["runs"] == budget
+    retries = proc.log_path.read_text().count("warning: Optuna storage unavailable")
+    print(f"PostgreSQL restart: down {down:.1f} s, {retries} storage retries, sweep done "
+          f"{finished:.1f} s after the restart; {result['complete']} + {result['fail']} trials")
+
+
+@pytest.mark.parametrize("server", ["refusing", "silent"])
+def test_unreachable_tracking_server_fails_fast_and_creates_no_trial(tmp_path, server):
+    features, sweep, _ = tiny_study(tmp_path, n_seeds=1)
+    with socket.socket() as listener:
+        if server == "silent":  # accepts connections, never answers
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            port = listener.getsockname()[1]
+        else:
+            port = free_port()
+        uri = f"http://127.0.0.1:{port}"
+        started = time.monotonic()
+        result = subprocess.run(
+            [sys.executable, "-m", "pipeline", "sweep", "--features", features, "--sweep", sweep,
+             "--storage", str(tmp_path / "journal.log")], cwd=tmp_path, capture_output=True,
+            text=True, timeout=120, env={**os.environ, "MLFLOW_TRACKING_URI": uri,
+                                         "PYTHONPATH": str(ROOT)})
+        elapsed = time.monotonic() - started
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: tracking server {uri} cannot be reached"), result.stderr
+    assert "Traceback" not in result.stderr
+    assert elapsed < 10
+    assert not (tmp_path / "journal.log").exists()
+    print(f"tracking server {server}: error after {elapsed:.1f} s (process start included)")

@@ -1,0 +1,121 @@
+"""Several workers on one study: on one machine (``--workers``) and as separate commands on a
+PostgreSQL storage with an MLflow tracking server, as on several machines."""
+
+from __future__ import annotations
+
+import time
+
+from optuna.trial import TrialState
+
+from tests.services import audit, tiny_study
+
+
+def test_four_workers_on_postgres_and_a_tracking_server_run_exactly_the_budget(
+        tmp_path, postgres, mlflow_server, launch):
+    """Two commands of two workers each start at once on one 40-trial study (as two machines
+    would): 40 trials finish, each with one run under one parent, run by 4 processes."""
+    features, sweep, budget = tiny_study(tmp_path, n_seeds=10)
+    storage = postgres.create_database("optuna_four")
+    args = ("--features", features, "--sweep", sweep, "--storage", storage, "--study", "four",
+            "--workers", "2")
+    started = time.monotonic()
+    procs = [launch(mlflow_server.uri, *args, log=f"machine{i}") for i in range(2)]
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0, proc.log_path.read_text()[-3000:]
+    elapsed = time.monotonic() - started
+    result = audit(storage, "four", mlflow_server.uri, budget)
+    assert (result["complete"], result["fail"], result["retried"]) == (30, 10, 0)
+    assert result["runs"] == 40 and result["workers"] == 4
+    print(f"4 workers, 40 trials on PostgreSQL + mlflow server: {elapsed:.1f} s")
+
+
+def test_workers_on_one_machine_share_the_default_journal_storage(tmp_path, launch):
+    """``--workers 2`` with the default storage (a journal file) and a SQLite MLflow store."""
+    features, sweep, budget = tiny_study(tmp_path, n_seeds=3)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = launch(uri, "--features", features, "--sweep", sweep, "--workers", "2")
+    assert proc.wait(timeout=300) == 0, proc.log_path.read_text()[-3000:]
+    result = audit(str(tmp_path / "optuna-journal.log"), "scale", uri, budget)
+    assert (result["complete"], result["fail"], result["runs"]) == (9, 3, 12)
+    assert result["workers"] == 2
+
+
+# --- The queue itself, in-process: two "workers" are two storages on one journal file ----------
+
+def queue_study(path, n: int, grace: str | None = None, monkeypatch=None):
+    import optuna
+
+    from pipeline import studies
+
+    if grace is not None:
+        monkeypatch.setenv(studies.GRACE_ENV, grace)
+    storage = studies.make_storage(str(path))
+    study = optuna.create_study(study_name="q", storage=storage)
+    for _ in range(n):
+        study.enqueue_trial({})
+    return study
+
+
+def other_worker(path):
+    import optuna
+
+    from pipeline import studies
+
+    return optuna.load_study(study_name="q", storage=studies.make_storage(str(path)))
+
+
+def test_workers_only_take_queued_trials_and_never_create_one(tmp_path):
+    from pipeline import studies
+
+    a = queue_study(tmp_path / "j.log", 5)
+    b = other_worker(tmp_path / "j.log")
+    claimed = [studies.next_trial(w) for w in (a, b, a, b, a)]
+    assert sorted(t.number for t in claimed) == [0, 1, 2, 3, 4]
+    assert all(t.user_attrs[studies.WORKER_ATTR] == studies.worker_id() for t in
+               (a.trials[t.number] for t in claimed))
+    for trial in claimed:
+        assert studies.finish(a, trial, TrialState.COMPLETE, 1.0)
+    assert studies.next_trial(a) is None and studies.next_trial(b) is None
+    assert len(b.trials) == 5
+    assert studies.tally(b) == {"complete": 5, "fail": 0, "pruned": 0, "running": 0, "waiting": 0,
+                                "retried": 0}
+    assert not studies.finish(b, claimed[0], TrialState.COMPLETE, 2.0)  # already told: not taken twice
+
+
+def test_trial_of_a_dead_local_worker_is_failed_requeued_and_its_run_reported(tmp_path):
+    import subprocess
+
+    from pipeline import studies
+
+    a = queue_study(tmp_path / "j.log", 2)
+    lost = studies.next_trial(a)
+    lost.set_user_attr(studies.RUN_ATTR, "run-of-the-dead")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lost.set_user_attr(studies.WORKER_ATTR, f"{studies.worker_id().rpartition(':')[0]}:{dead.pid}")
+    reported = []
+    b = other_worker(tmp_path / "j.log")
+    first = studies.next_trial(
+        b, lambda trial, why: reported.append((trial.user_attrs[studies.RUN_ATTR], why)))
+    assert reported == [("run-of-the-dead", "its worker process is gone")]
+    studies.finish(b, first, TrialState.COMPLETE, 1.0)
+    retry = studies.next_trial(b)
+    assert b.trials[lost.number].state.name == "FAIL"
+    frozen = b.trials[retry.number]
+    assert frozen.system_attrs["failed_trial"] == lost.number and studies.RUN_ATTR not in frozen.user_attrs
+    studies.finish(b, retry, TrialState.COMPLETE, 1.0)
+    assert studies.next_trial(b) is None
+    assert studies.tally(b) == {"complete": 2, "fail": 0, "pruned": 0, "running": 0, "waiting": 0,
+                                "retried": 1}
+
+
+def test_trial_claimed_but_never_signed_is_requeued_after_the_grace_period(tmp_path, monkeypatch):
+    from pipeline import studies
+
+    a = queue_study(tmp_path / "j.log", 1, grace="1", monkeypatch=monkeypatch)
+    assert a._pop_waiting_trial_id() == 0  # a worker killed right after its claim
+    started = time.monotonic()
+    retry = studies.next_trial(other_worker(tmp_path / "j.log"))
+    assert time.monotonic() - started >= 0.9
+    assert a.trials[retry.number].system_attrs["failed_trial"] == 0
+    assert [t.state.name for t in a.trials] == ["FAIL", "RUNNING"]
