@@ -41,6 +41,7 @@ PARITY_METRICS = ("max_gap_softmax_transfer", "max_val_gap_softmax_transfer", "m
                   "max_val_gap_transfer_random", "max_step_gap_softmax_transfer", "beta_distance",
                   "bias_distance", "max_prob_gap")  # what pipeline.parity.ParityResult.summary gives
 ObjectiveMetric = Literal[HEAD_METRICS + PARITY_METRICS]
+DEFAULT_WEIGHT_DECAY = {"adamw": 0.004}  # Keras's own weight_decay when a config leaves it None
 HeadMetric = Literal[HEAD_METRICS]
 MAXIMIZED = ("val_accuracy", "accuracy")  # every other metric is a loss or a gap
 
@@ -189,7 +190,7 @@ class ParityConfig(BaseModel):
             return self.weight_decay
         decay = self.weight_decay
         if decay is None:  # the optimizer's default decay, scaled: only AdamW has one
-            decay = 0.004 if self.optimizer == "adamw" else 0.0
+            decay = DEFAULT_WEIGHT_DECAY.get(self.optimizer, 0.0)
         return decay * self.sigmoid_decay_scale
 
     def params(self) -> dict[str, Any]:

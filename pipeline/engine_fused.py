@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline import metrics
-from pipeline.config import TrialConfig
+from pipeline.config import DEFAULT_WEIGHT_DECAY, TrialConfig
 from pipeline.engine_keras import EPOCH_METRICS, EpochCallback, KerasEngine, TrialResult, batch_order
 from pipeline.features import FEATURES_ALIGNMENT
 from pipeline.heads import initial_weights, layer_seeds
@@ -57,7 +57,6 @@ MAX_HEADS = 256  # heads per pass; more are split into several passes
 SLOTS = {"sgd": (), "momentum": ("m",), "nesterov": ("m",), "adam": ("m", "v"), "adamw": ("m", "v"),
          "rmsprop": ("v",), "adagrad": ("acc",), "adadelta": ("g2", "d2")}
 SLOT_START = {"acc": 0.1}  # Adagrad's initial_accumulator_value; every other slot starts at 0
-DEFAULT_DECAY = {"adamw": 0.004}  # Keras's weight_decay when the config leaves it None
 
 Outcome = TrialResult | Exception
 
@@ -312,7 +311,9 @@ def _spec(heads: Sequence[TrialConfig], layout: _Layout) -> dict[str, tf.Tensor]
     """
     lr, decay, col_head = [], [], []
     for j, (head, cols) in enumerate(zip(heads, layout.columns, strict=True)):
-        wd = head.weight_decay if head.weight_decay is not None else DEFAULT_DECAY.get(head.optimizer, 0.0)
+        wd = head.weight_decay
+        if wd is None:
+            wd = DEFAULT_WEIGHT_DECAY.get(head.optimizer, 0.0)
         n = cols.stop - cols.start
         lr += [head.learning_rate] * n
         decay += [wd] * n

@@ -169,7 +169,8 @@ def export(run_id: str | None = None, output: str = "exports", formats: str = "c
     for rid, parent in sweeps:
         name = parent.data.tags.get(naming.SWEEP_NAME, "sweep")
         folder = out if len(sweeps) == 1 else out / naming.safe_filename(name)
-        per_sweep[rid], trials = _export_sweep(rid, name, folder, wanted, output)
+        kind = parent.data.tags.get(naming.KIND, "heads")
+        per_sweep[rid], trials = _export_sweep(rid, name, kind, folder, wanted, output)
         report = parent.data.tags.get(naming.REPORT, "summary")
         if report in findings.TITLES:
             sections.append(findings.Section(report, trials, _regenerate(parent, output),
@@ -188,16 +189,14 @@ def export(run_id: str | None = None, output: str = "exports", formats: str = "c
     return ExportResult(run_id=run_ids[0], run_ids=tuple(run_ids), files=tuple(written))
 
 
-def _export_sweep(run_id: str, sweep: str, out: Path, wanted: set[str],
+def _export_sweep(run_id: str, sweep: str, kind: str, out: Path, wanted: set[str],
                   output: str) -> tuple[list[Path], pd.DataFrame]:
     """One sweep's trials.csv, summary.{csv,md,tex}, epochs.csv and figures, in ``out``."""
     trials = trial_records(run_id)
     if trials.empty:
         raise UserError(f"run_id {run_id}: the sweep has no trial runs")
     out.mkdir(parents=True, exist_ok=True)
-    kind_metrics = (tables.SUMMARY_METRICS if "final_val_accuracy" in trials
-                    else tuple(f"final_{m}" for m in ("max_gap_softmax_transfer", "beta_distance",
-                                                      "max_prob_gap")))
+    kind_metrics = tables.SUMMARY_METRICS if kind == "heads" else tables.PARITY_SUMMARY_METRICS
     summary = tables.summarize(trials, kind_metrics)
     written: list[Path] = []
     if "csv" in wanted:

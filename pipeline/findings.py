@@ -18,10 +18,9 @@ import pandas as pd
 
 from pipeline import tables
 from pipeline.config import ParityConfig
-from pipeline.metrics import EPSILON
+from pipeline.metrics import CLIPPED_LOSS
 
 EXACT = 1e-5  # the parity bar: float32 rounding over 5 epochs stays far below it
-LN_CLIP = -math.log(EPSILON)
 
 
 @dataclass(frozen=True)
@@ -96,7 +95,7 @@ def collapse_rows(trials: pd.DataFrame, tex: bool = False) -> tuple[list[str], l
         done = _finished(group)
         activation, units, loss, optimizer = key
         neg = 1 - done["positive_fraction"]
-        expected_loss = neg * LN_CLIP
+        expected_loss = neg * CLIPPED_LOSS
         collapsed = done["collapsed"]
         diffs = pd.concat([(done["final_val_accuracy"] - done["positive_fraction"])[collapsed],
                            (done["final_val_prob_loss"] - expected_loss)[collapsed]])
@@ -126,7 +125,7 @@ def _mean_std(values: pd.Series, tex: bool, digits: int = 4) -> str:
     if values.empty:
         return "–"
     std = values.std(ddof=1) if len(values) > 1 else float("nan")
-    return tables._pm(float(values.mean()), float(std), digits, tex)
+    return tables.plus_minus(float(values.mean()), float(std), digits, tex)
 
 
 # --- the parity ---------------------------------------------------------------------------

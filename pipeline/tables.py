@@ -9,6 +9,7 @@ import math
 
 import pandas as pd
 
+PARITY_SUMMARY_METRICS = ("final_max_gap_softmax_transfer", "final_beta_distance", "final_max_prob_gap")
 SUMMARY_METRICS = ("final_val_accuracy", "positive_fraction", "final_val_prob_loss", "final_val_loss")
 HEADERS = {"final_max_gap_softmax_transfer": "max loss gap", "final_beta_distance": "beta distance",
            "final_max_prob_gap": "max P gap", "final_val_accuracy": "val_accuracy",
@@ -42,7 +43,8 @@ def summarize(trials: pd.DataFrame, metrics=SUMMARY_METRICS) -> pd.DataFrame:
     return out.reset_index()
 
 
-def _pm(mean: float, std: float, digits: int, tex: bool) -> str:
+def plus_minus(mean: float, std: float, digits: int, tex: bool) -> str:
+    """``mean ± std`` (``$\\pm$`` in LaTeX); a mean below 10^-digits in scientific notation."""
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "–"
     style = f".{digits}f" if mean == 0 or abs(mean) >= 10 ** -digits else ".1e"  # gaps are ~1e-8
@@ -59,7 +61,7 @@ def _cells(summary: pd.DataFrame, metrics, digits: int, tex: bool) -> tuple[list
     rows = []
     for _, row in summary.iterrows():
         cells = [_fmt(row[k]) for k in keys] + [str(int(row["n"])), str(int(row["collapsed"]))]
-        cells += [_pm(row[f"{m}_mean"], row[f"{m}_std"], digits, tex)
+        cells += [plus_minus(row[f"{m}_mean"], row[f"{m}_std"], digits, tex)
                   for m in metrics if f"{m}_mean" in summary]
         rows.append(cells)
     return header, rows

@@ -140,3 +140,12 @@ def test_mask_seed_changes_only_the_masks():
     np.testing.assert_array_equal(mask, same_mask)
     assert not np.array_equal(mask, other_mask)
     np.testing.assert_array_equal(kernel, other_kernel)
+
+
+def test_default_weight_decay_is_keras_own():
+    from pipeline.config import DEFAULT_WEIGHT_DECAY
+    from pipeline.heads import make_optimizer
+
+    for name in ("sgd", "momentum", "nesterov", "adam", "rmsprop", "adagrad", "adadelta", "adamw"):
+        assert (make_optimizer(name, 0.1).weight_decay or 0.0) == pytest.approx(
+            DEFAULT_WEIGHT_DECAY.get(name, 0.0))
