@@ -14,11 +14,9 @@ before the clock starts; features read, trained, and every record written after)
   model per trial and logs to MLflow with the fluent API after every epoch; its first
   ``--peer-trials`` grid points;
 - ``floor``: the bare fused computation (``FusedEngine.train_many`` on arrays in memory) and
-  the bare MLflow records of 64 runs (create, one ``log_batch`` of the same params, metrics
-  and tags, end), also with MLflow's asynchronous logging (``synchronous=False``) and without
-  the per-step ``step_loss`` series;
-- ``fused_epochs_only``: a what-if, the fused sweep with trial runs that leave out the
-  ``step_loss`` series (what the series costs end to end).
+  the bare MLflow records of its 64 runs, one after the other with the project's own calls;
+  also with the per-step losses as a metric series instead of ``step_loss.csv`` (what the
+  series would cost).
 
 Sampled runs are extrapolated per trial to 64 (stated in the output). Every run records into
 its own SQLite MLflow store, as ``make run`` does. The fused run also reports its peak RSS
@@ -91,17 +89,12 @@ def use_store(folder: Path) -> None:
 
 # --- the parts, each in its own process ------------------------------------------------------
 
-def part_sweep(features: Path, folder: Path, engine: str, trials: int | None,
-               step_series: bool = True) -> dict:
+def part_sweep(features: Path, folder: Path, engine: str, trials: int | None) -> dict:
     import mlflow
     import yaml
 
-    from pipeline import naming, records
+    from pipeline import naming
     from pipeline.sweep import run_sweep
-
-    if not step_series:  # what-if: trial runs without the per-step loss series
-        head_metrics = records.head_metrics
-        records.head_metrics = lambda *a: [m for m in head_metrics(*a) if m.key != "step_loss"]
 
     use_store(folder)
     sweep = folder / "sweep.yaml"
@@ -174,15 +167,14 @@ def part_peer(features: Path, folder: Path, trials: int) -> dict:
 def part_floor(features: Path, folder: Path) -> dict:
     """The bare fused computation on arrays in memory, and the bare MLflow records of its 64 runs.
 
-    The records are what a sweep writes (:func:`pipeline.records.head_metrics`: per-epoch
-    metrics, ``step_loss`` per step, ...; params; tags), each run created, written in one
-    ``log_batch`` and ended, one after the other: synchronously, with MLflow's asynchronous
-    logging, and without the per-step ``step_loss`` series (what that series costs).
+    The records are what a sweep writes, with the project's own calls, one run after the
+    other: create (with the sweep's tags), params, then :func:`pipeline.records.log_head`
+    (per-epoch metrics, ``collapsed``, ``step_loss.csv``) and end; and the same with the
+    per-step losses as a metric series (``step_series``: 625 more points per run).
     """
     import mlflow
-    from mlflow.entities import Param, RunTag
 
-    from pipeline import naming, records
+    from pipeline import naming, records, tracking
     from pipeline.config import load_sweep
     from pipeline.engine_fused import FusedEngine
     from pipeline.features import read_features
@@ -201,29 +193,19 @@ def part_floor(features: Path, folder: Path) -> dict:
     client = mlflow.MlflowClient()
     tags = {f"tag{i}": "value" for i in range(16)}
 
-    def record(experiment: str, synchronous: bool = True, steps: bool = True) -> float:
+    def record(experiment: str, step_series: bool = False) -> float:
         start = time.perf_counter()
-        pending = []
         for config, result in zip(configs, results, strict=True):
-            run = client.create_run(experiment, run_name=naming.trial_run_name(config), tags=tags)
-            metrics = [m for m in records.head_metrics(result, y_val, config)
-                       if steps or m.key != "step_loss"]
-            pending.append((run.info.run_id, client.log_batch(
-                run.info.run_id, params=[Param(k, str(v)) for k, v in config.params().items()],
-                metrics=metrics, tags=[RunTag("collapsed", str(result.collapsed))],
-                synchronous=synchronous)))
-        for run_id, operation in pending:
-            if operation is not None:
-                operation.wait()
+            run_id = tracking.create_run(experiment, naming.trial_run_name(config), tags=tags)
+            tracking.log_batch(run_id, params=config.params())
+            records.log_head(run_id, result, y_val, config, step_series=step_series)
             client.set_terminated(run_id)
         return time.perf_counter() - start
 
-    points = len(records.head_metrics(results[0], y_val, configs[0]))
     return {"trials": len(configs), "compute_seconds": compute, "compute_cpu_seconds": compute_cpu,
-            "logging_seconds": record(client.create_experiment("floor-sync")),
-            "async_logging_seconds": record(client.create_experiment("floor-async"), synchronous=False),
-            "no_steps_logging_seconds": record(client.create_experiment("floor-no-steps"), steps=False),
-            "points_per_run": points}
+            "logging_seconds": record(client.create_experiment("floor")),
+            "series_logging_seconds": record(client.create_experiment("floor-series"), step_series=True),
+            "points_per_run": len(records.head_metrics(results[0], y_val, configs[0]))}
 
 
 # --- the orchestration -----------------------------------------------------------------------
@@ -254,8 +236,6 @@ def main() -> None:
         part = {"fused": lambda: part_sweep(features, folder / "fused", "fused", None),
                 "keras": lambda: part_sweep(features, folder / "keras", "keras", args.keras_trials),
                 "peer": lambda: part_peer(features, folder / "peer", args.peer_trials),
-                "fused_epochs_only": lambda: part_sweep(features, folder / "fused-epochs", "fused", None,
-                                                        step_series=False),
                 "floor": lambda: part_floor(features, folder / "floor")}[args.part]
         print(json.dumps(part()))
         return
@@ -263,17 +243,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sweep-bench-") as tmp:
         sys.path.insert(0, str(ROOT))
         make_features(Path(tmp) / "features.h5")
+        os.sync()  # the file's pages on disk before any clock starts, not written back during one
         size_mb = (Path(tmp) / "features.h5").stat().st_size / 2**20
         load = os.getloadavg()
         common = ["--folder", tmp, "--keras-trials", str(args.keras_trials),
                   "--peer-trials", str(args.peer_trials)]
         results = {name: run_part(["--part", name, *common])
-                   for name in ("fused", "floor", "keras", "peer", "fused_epochs_only")}
+                   for name in ("fused", "floor", "keras", "peer")}
         load = max(load[0], os.getloadavg()[0])
 
     seconds = {name: r["seconds"] if r["trials"] == 64 else extrapolate(r)
                for name, r in results.items() if name != "floor"}
-    what_if = results.pop("fused_epochs_only")
     cpu = {name: r["cpu_seconds"] * (seconds[name] / r["seconds"]) for name, r in results.items()
            if name != "floor"}
     fused, floor = results["fused"], results["floor"]
@@ -293,12 +273,9 @@ def main() -> None:
     print(f"floor: bare compute {floor['compute_seconds']:.2f} s ({floor['compute_cpu_seconds']:.1f} CPU s) "
           f"+ bare MLflow records {floor['logging_seconds']:.2f} s = {bare:.2f} s; the fused sweep takes "
           f"{fused['seconds'] / bare:.2f}x that ({fused['seconds'] - bare:+.2f} s)")
-    print(f"records: {floor['points_per_run']} metric points per run; 64 runs written "
-          f"{floor['logging_seconds']:.2f} s, with MLflow's asynchronous logging "
-          f"{floor['async_logging_seconds']:.2f} s, without the step_loss series "
-          f"{floor['no_steps_logging_seconds']:.2f} s")
-    print(f"what if trial runs had no step_loss series: the fused sweep takes {what_if['seconds']:.2f} s, "
-          f"{seconds['peer'] / what_if['seconds']:.1f}x the peer")
+    print(f"records: {floor['points_per_run']} metric points and step_loss.csv per run; 64 runs written "
+          f"{floor['logging_seconds']:.2f} s; with the per-step losses as a metric series instead "
+          f"{floor['series_logging_seconds']:.2f} s")
     grown = fused["peak_rss_mb"] - fused["baseline_rss_mb"]
     print(f"fused sweep memory: peak RSS {fused['peak_rss_mb']:.0f} MiB, {grown:.0f} MiB above the "
           f"{fused['baseline_rss_mb']:.0f} MiB of the imported libraries = {grown / size_mb:.2f}x the "

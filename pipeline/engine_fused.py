@@ -375,12 +375,43 @@ def _outputs(z: tf.Tensor, spec: dict) -> tuple[tf.Tensor, tf.Tensor]:
 
 def _head_loss(z: tf.Tensor, y: tf.Tensor, kernel: tf.Tensor, spec: dict) -> tf.Tensor:
     """Each head's loss over the rows of ``z`` (sum / rows, as Keras), plus its L2 penalty
-    (exactly 0, value and gradient, for a head without one)."""
+    (skipped when no head has one: it would add exactly 0)."""
     loss = tf.math.divide_no_nan(tf.reduce_sum(_losses(z, y, spec), axis=0),
                                  tf.cast(tf.shape(z)[0], tf.float32))
-    per_column = tf.reduce_sum(tf.square(kernel), axis=0)
-    return loss + spec["l2"] * tf.math.unsorted_segment_sum(per_column, spec["col_head"],
-                                                            tf.shape(spec["l2"])[0])
+
+    def penalty():
+        per_column = tf.reduce_sum(tf.square(kernel), axis=0)
+        return loss + spec["l2"] * tf.math.unsorted_segment_sum(per_column, spec["col_head"],
+                                                                tf.shape(spec["l2"])[0])
+
+    return tf.cond(tf.reduce_any(spec["l2"] > 0), penalty, lambda: loss)
+
+
+def _logit_gradient(z: tf.Tensor, y: tf.Tensor, spec: dict) -> tf.Tensor:
+    """The gradient of the heads' summed :func:`_head_loss` (without penalty) with respect to
+    the logits ``z`` (rows x columns), in closed form: what TensorFlow's autodiff of
+    :func:`_losses` computes, up to rounding in the last bit, without its backward graph.
+
+    Each cross-entropy's gradient is its output minus the (smoothed) labels: sigmoid for the
+    sigmoid cross-entropies (a 2-unit binary cross-entropy averages its two, so half), softmax
+    for the softmax ones (a softmax over one unit is 1), times 1 / rows for the mean over rows
+    (multiplied, as autodiff applies the division's gradient).
+    """
+    counts, keep, add = spec["counts"], spec["keep"], spec["add"]
+    n_a, n_b, n_c, n_d = counts[0], counts[1], counts[2], counts[3]
+    n1 = n_a + n_b
+    z1, z2 = _split_logits(z, counts)
+    y1 = tf.cast(y, tf.float32)[:, None]
+    y2 = tf.one_hot(y, 2)[:, None, :]
+    keep2, add2 = keep[n1:, None], add[n1:, None]
+    g1 = tf.concat([tf.sigmoid(z1[:, :n_a]) - (y1 * keep[:n_a] + add[:n_a]),
+                    1.0 - (y1 * keep[n_a:n1] + add[n_a:n1])], axis=1)
+    g2 = tf.concat([(tf.sigmoid(z2[:, :n_c]) - (y2 * keep2[:n_c] + add2[:n_c])) * 0.5,
+                    tf.nn.softmax(z2[:, n_c:n_c + n_d]) - (y2 * keep2[n_c:n_c + n_d] + add2[n_c:n_c + n_d]),
+                    tf.nn.softmax(z2[:, n_c + n_d:]) - y2], axis=1)
+    rows = tf.shape(z)[0]
+    per_row = tf.math.divide_no_nan(1.0, tf.cast(rows, tf.float32))
+    return tf.concat([g1, tf.reshape(g2, [rows, -1])], axis=1) * per_row
 
 
 def _correct(predicted: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
@@ -396,12 +427,12 @@ def _update(optimizer: str, var: tf.Tensor, grad: tf.Tensor, slots: dict, lr: tf
             decay: tf.Tensor, step: tf.Tensor) -> tuple[tf.Tensor, dict]:
     """One Keras 3 optimizer step on ``var`` (kernel or bias, heads side by side).
 
-    ``lr`` and ``decay`` hold each column's learning rate and decoupled weight decay (0 for
-    none: ``var - var * 0 * lr`` is ``var``); ``step`` is the optimizer's iteration count
+    ``lr`` and ``decay`` hold each column's learning rate and decoupled weight decay (skipped
+    when every column's is 0: ``var - var * 0 * lr`` is ``var``); ``step`` is the optimizer's iteration count
     before this step. Constants are written as Keras writes them (e.g. ``1 - 0.9`` in double
     precision, then float32) so the arithmetic rounds as Keras's does.
     """
-    var = var - var * decay * lr
+    var = tf.cond(tf.reduce_any(decay > 0), lambda: var - var * decay * lr, lambda: var)
     if optimizer == "sgd":
         return var - grad * lr, {}
     if optimizer in ("momentum", "nesterov"):
@@ -435,6 +466,8 @@ def _train_epoch(x, y, order, batch_size, step0, mask_seed, state, spec, *, opti
     n = tf.shape(order)[0]
     steps = (n + batch_size - 1) // batch_size
     n_heads = tf.shape(spec["l2"])[0]
+    has_l2 = tf.reduce_any(spec["l2"] > 0)
+    l2_column = tf.gather(spec["l2"], spec["col_head"])  # the penalty's gradient: 2 * l2 * kernel
 
     def body(i, state, losses, correct):
         step = step0 + tf.cast(i, tf.int64)
@@ -443,12 +476,12 @@ def _train_epoch(x, y, order, batch_size, step0, mask_seed, state, spec, *, opti
         if rate > 0:
             xb = tf.nn.experimental.stateless_dropout(xb, rate=rate, seed=_dropout_seed(mask_seed, step))
         kernel, bias = state["kernel"], state["bias"]
-        with tf.GradientTape() as tape:
-            tape.watch([kernel, bias])
-            z = tf.matmul(xb, kernel) + bias
-            loss = _head_loss(z, yb, kernel, spec)
-            total = tf.reduce_sum(loss)  # heads share no weights: each gets its own gradient
-        grads = tape.gradient(total, [kernel, bias])
+        z = tf.matmul(xb, kernel) + bias
+        loss = _head_loss(z, yb, kernel, spec)
+        dz = _logit_gradient(z, yb, spec)  # heads share no weights: each gets its own gradient
+        grads = [tf.cond(has_l2, lambda: tf.matmul(xb, dz, transpose_a=True) + l2_column * (kernel * 2.0),
+                         lambda: tf.matmul(xb, dz, transpose_a=True)),
+                 tf.reduce_sum(dz, axis=0)]
         new = {}
         for name, var, grad, lr, decay in (("kernel", kernel, grads[0], spec["lr"], spec["decay"]),
                                            ("bias", bias, grads[1], spec["lr"], spec["decay"])):

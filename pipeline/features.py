@@ -94,9 +94,8 @@ def _check_features(path: Path, x: np.ndarray) -> np.ndarray:
     if not np.issubdtype(x.dtype, np.number):
         raise UserError(f"{path}: 'train' must be numeric, got dtype {x.dtype}")
     x = x.astype(np.float32, copy=False)
-    bad = ~np.isfinite(x)
-    if bad.any():
-        rows = np.unique(np.nonzero(bad)[0])
+    if not np.isfinite(x).all():
+        rows = np.unique(np.nonzero(~np.isfinite(x))[0])
         raise UserError(f"{path}: 'train' holds NaN or Inf in {len(rows)} rows (first: row {rows[0]})")
     return x
 

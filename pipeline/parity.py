@@ -105,7 +105,8 @@ def log_parity(run_id: str, experiment: str, result: ParityResult, split: Split,
     """Record ``result`` on run ``run_id``: a nested run per head, gaps and figures on ``run_id``.
 
     Each head's run is tagged ``parity.role`` and holds its per-epoch metrics and per-step
-    losses (:func:`pipeline.records.log_head`); ``run_id`` gets the per-epoch gaps, their
+    losses, as the series ``step_loss`` and in ``step_loss.csv``
+    (:func:`pipeline.records.log_head`); ``run_id`` gets the per-epoch gaps, their
     maxima (:meth:`ParityResult.summary`) and the loss-curve and loss-gap figures. ``tags``
     go on every head's run. Returns the summary.
     """
@@ -117,7 +118,7 @@ def log_parity(run_id: str, experiment: str, result: ParityResult, split: Split,
                                     run_id, head_tags)
         with tracking.terminal_run(child):
             tracking.log_batch(child, params=heads[role].params())
-            records.log_head(child, result.results[role], split.y_val, heads[role])
+            records.log_head(child, result.results[role], split.y_val, heads[role], step_series=True)
     summary = result.summary()
     points = [m for name, values in result.gaps().items() for m in tracking.series(name, values)]
     tracking.log_batch(run_id, metrics=points + tracking.scalars(summary))

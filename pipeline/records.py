@@ -1,8 +1,13 @@
 """What a trained head leaves in its MLflow run: the one place that decides a head's record.
 
 A sweep trial and each head of a parity experiment are recorded the same way: the config as
-params, every per-epoch metric (step = epoch), ``step_loss`` per training step, the
-``positive_fraction`` of the validation labels and the ``collapsed`` tag. A head that can only
+params, every per-epoch metric (step = epoch), the ``positive_fraction`` of the validation
+labels, the ``collapsed`` tag, and the training loss of every step in the artifact
+``step_loss.csv`` (columns ``step, epoch, loss``). A parity head also charts that series as the
+metric ``step_loss``, since the parity claim is about the step-by-step trajectory; a sweep
+trial does not, because MLflow stores a metric series point by point (one row and object each):
+625 points per trial made the records of a 64-trial sweep four times slower than the rest of
+its records together (docs/benchmarks.md). A head that can only
 collapse (a 1-unit softmax) or did collapse also gets the values a constant P(label 1) = 1
 must score, computed from the label counts, and the measured minus the expected value, so the
 collapse is checked in every run rather than asserted in prose.
@@ -10,7 +15,7 @@ collapse is checked in every run rather than asserted in prose.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import io
 
 import numpy as np
 from mlflow.entities import Metric
@@ -18,6 +23,8 @@ from mlflow.entities import Metric
 from pipeline import metrics, naming, tracking
 from pipeline.config import TrialConfig
 from pipeline.engine_keras import TrialResult
+
+STEP_LOSS_FILE = "step_loss.csv"
 
 
 def head_tags(config: TrialConfig) -> dict[str, str]:
@@ -46,21 +53,36 @@ def collapse_check(result: TrialResult, y_val: np.ndarray) -> dict[str, float]:
     return out
 
 
-def head_metrics(result: TrialResult, y_val: np.ndarray, config: TrialConfig) -> list[Metric]:
-    """All metric points of a trained head's run (see the module docstring)."""
+def head_metrics(result: TrialResult, y_val: np.ndarray, config: TrialConfig,
+                 step_series: bool = False) -> list[Metric]:
+    """All metric points of a trained head's run (see the module docstring); ``step_series``
+    adds the per-step training loss as the series ``step_loss``."""
     points = [m for name, values in result.history.items() for m in tracking.series(name, values)]
-    points += tracking.series("step_loss", result.step_loss)
+    if step_series:
+        points += tracking.series("step_loss", result.step_loss)
     scalars: dict[str, float] = {"positive_fraction": result.positive_fraction}
     if result.collapsed or naming.role_of(config) == "softmax_1unit":
         scalars |= collapse_check(result, y_val)
     return points + tracking.scalars(scalars)
 
 
+def step_loss_csv(result: TrialResult) -> str:
+    """The per-step training losses of ``result`` as CSV text: ``step, epoch, loss``, one row
+    per optimizer step (steps and epochs from 0; ``loss`` is the batch's mean loss)."""
+    losses = np.asarray(result.step_loss, dtype=np.float64)
+    per_epoch = len(losses) // len(result.history["loss"])
+    steps = np.arange(len(losses))
+    out = io.StringIO()
+    np.savetxt(out, np.column_stack([steps, steps // per_epoch, losses]), fmt=["%d", "%d", "%.9g"],
+               delimiter=",", header="step,epoch,loss", comments="")
+    return out.getvalue()
+
+
 def log_head(run_id: str, result: TrialResult, y_val: np.ndarray, config: TrialConfig,
-             extra_tags: Mapping[str, str] | None = None, with_params: bool = False) -> None:
-    """Log a trained head's metrics and final tags on ``run_id``; ``y_val`` are the validation
-    labels of its split. Its params are logged when the run is created, or here in the same
-    request ``with_params`` (a batched sweep writes a run once, after training)."""
-    tags = {naming.COLLAPSED: str(result.collapsed).lower(), **(extra_tags or {})}
-    tracking.log_batch(run_id, params=config.params() if with_params else None,
-                       metrics=head_metrics(result, y_val, config), tags=tags)
+             step_series: bool = False) -> None:
+    """Log a trained head's metrics, final tags and ``step_loss.csv`` on ``run_id`` (its params
+    are logged when the run is created); ``y_val`` are the validation labels of its split;
+    ``step_series`` also logs the per-step losses as a metric series (parity heads)."""
+    tracking.log_batch(run_id, metrics=head_metrics(result, y_val, config, step_series),
+                       tags={naming.COLLAPSED: str(result.collapsed).lower()})
+    tracking.log_text(run_id, step_loss_csv(result), STEP_LOSS_FILE)

@@ -161,8 +161,12 @@ def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: s
         raise UserError(f"workers {workers}: must be >= 0 (0 sets the study up and runs nothing)")
     spec = load_sweep(sweep, n_trials)
     features_path = resolve_features(features)
-    data = read_features(features_path)
-    features_sha = sha256_file(features_path)
+    engine = make_engine(spec.engine)
+    _prepare_grid(engine, spec)
+    with ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:  # hashing frees Python's lock
+        features_sha = hasher.submit(sha256_file, features_path)
+        data = read_features(features_path)
+        features_sha = features_sha.result()
     tracking.install_sigterm_handler()
     experiment = tracking.experiment_id(spec.experiment)
     tracking.describe_experiment(experiment, spec.description)
@@ -182,10 +186,19 @@ def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: s
               mlflow.get_tracking_uri(), max(workers, 1))
     with _closing_parent(the_study, parent) as counts, _helpers(job, max(workers - 1, 0)):
         if workers:
-            _work(the_study, Objective(spec, data, make_engine(spec.engine)), job,
+            _work(the_study, Objective(spec, data, engine), job,
                   _progress(spec.budget(), the_study, progress))
     return SweepOutcome(parent, experiment, the_study.study_name,
                         {k: counts[k] for k in ("complete", "fail", "pruned")}, counts["retried"])
+
+
+def _prepare_grid(engine, spec: SweepSpec) -> None:
+    """Let an engine that prepares its work ahead (the fused one builds graphs per optimizer and
+    dropout rate, about a second of Python) start on a ``heads`` grid's configs now, so that
+    this overlaps reading the features and setting the study up."""
+    if spec.kind == "heads" and spec.sampler == "grid" and hasattr(engine, "prepare"):
+        for params in spec.grid()[:spec.budget()]:
+            engine.prepare(spec.trial_config(params))
 
 
 @contextlib.contextmanager
@@ -387,13 +400,15 @@ def _run_batches(study: optuna.Study, objective: Objective, job: Job, bar,
     """Run a ``heads`` study's trials in batches, each trained at once by ``engine.train_many``.
 
     Every trial is recorded as :func:`_run_trial` records it: its own MLflow run with the same
-    params, metrics and tags. The MLflow writes go to one background thread, in order, so they
-    overlap Optuna's bookkeeping and the training; Optuna is told here as each record is
-    written. A batch is the waiting trials up to :data:`BATCH_TRIALS` (and 1/``workers`` of
-    them, see :func:`_ask_batch`); with a pruner, the
-    first batch is its ``n_startup_trials`` alone, so that later ones have completed trials to
-    be compared with. A sampler learns between batches. Ctrl-C or SIGTERM ends the batch's runs
-    KILLED, fails its trials and queues them again.
+    params, metrics and tags. The whole batch is claimed from Optuna first; then its runs are
+    opened on one background thread while the batch trains (TensorFlow leaves Python's lock
+    free, so the two overlap; claiming and opening at once would contend for it), and written,
+    ended and told to Optuna on the same thread, in order, once the batch is trained. A batch
+    is the waiting trials up to :data:`BATCH_TRIALS` (and 1/``workers`` of them, see
+    :func:`_ask_batch`); with a pruner, the first batch is its ``n_startup_trials`` alone, so
+    that later ones have completed trials to be compared with. A sampler learns between
+    batches. Ctrl-C or SIGTERM ends the batch's runs KILLED, fails its trials and queues them
+    again.
     """
     spec = objective.spec
     with ThreadPoolExecutor(1, thread_name_prefix="mlflow-writer") as writer:
@@ -401,25 +416,24 @@ def _run_batches(study: optuna.Study, objective: Objective, job: Job, bar,
             batch, opened, written, told = [], [], [], 0
             try:
                 for trial, config in _ask_batch(study, spec, bar, beats, job.workers):
-                    objective.engine.prepare(config)  # runs open meanwhile
+                    objective.engine.prepare(config)
                     batch.append((trial, config))
+                for trial, config in batch:  # the runs open while the batch trains
                     opened.append(writer.submit(_open_run, job.experiment, job.parent,
                                                 _trial_tags(job.tags, trial, objective, config),
-                                                config, objective.run_name(config), trial,
-                                                with_params=False))
+                                                config, objective.run_name(config), trial))
                 reporters = [_Reporter(trial, spec.pruner) for trial, _ in batch]
                 outcomes = objective.engine.train_many([config for _, config in batch],
                                                        objective.features.x, objective.features.y,
                                                        reporters)
-                for (_, config), run, reporter, outcome in zip(batch, opened, reporters, outcomes,
-                                                               strict=True):
-                    written.append(writer.submit(_record_head, run.result(), config, outcome, reporter,
-                                                 objective.validation_labels(config),
+                for (trial, config), run, reporter, outcome in zip(batch, opened, reporters, outcomes,
+                                                                   strict=True):
+                    written.append(writer.submit(_record_and_tell, study, trial, run.result(), config,
+                                                 outcome, reporter, objective.validation_labels(config),
                                                  spec.objective_metric))
-                for (trial, _), run, write in zip(batch, opened, written, strict=True):
-                    with tracking.deferred_interrupts():
-                        _tell_written(study, trial, write, run.result())
-                        told += 1
+                for (trial, _), write in zip(batch, written, strict=True):
+                    write.result()
+                    told += 1
                     beats.discard(trial)
                 _advance(bar, study)
             except KeyboardInterrupt:
@@ -469,30 +483,26 @@ def _trial_tags(common_tags: dict, trial: optuna.Trial, objective: Objective, co
 
 
 def _open_run(experiment: str, parent: str, tags: dict, config, run_name: str,
-              trial: optuna.Trial, with_params: bool = True) -> str:
-    """A trial's RUNNING MLflow run under ``parent``, with its config as params (unless a batch
-    writes them with the record: ``with_params=False``); the trial records the run's id at once
-    (so a worker that takes it for lost can end the run)."""
+              trial: optuna.Trial) -> str:
+    """A trial's RUNNING MLflow run under ``parent``, with its config as params; the trial
+    records the run's id at once (so a worker that takes it for lost can end the run)."""
     run_id = tracking.create_run(experiment, run_name, parent, tags)
     studies.patiently(trial.set_user_attr, studies.RUN_ATTR, run_id)
-    if with_params:
-        tracking.log_batch(run_id, params=config.params())
+    tracking.log_batch(run_id, params=config.params())
     return run_id
 
 
 def _record_head(run_id: str, config: TrialConfig, outcome, reporter: _Reporter, y_val: np.ndarray,
                  metric: str) -> float | None:
-    """Record a head's config and outcome (TrialResult, TrialPruned or the exception that ended
-    it) on its run as :func:`_run_trial` does, in one request, and end the run. Returns the
-    objective's value, None for a pruned head; a failure is raised after the run ends FAILED
-    with it as tag ``error``."""
+    """Record a head's outcome (TrialResult, TrialPruned or the exception that ended it) on its
+    run as :func:`_run_trial` does, and end the run. Returns the objective's value, None for a
+    pruned head; a failure is raised after the run ends FAILED with it as tag ``error``."""
     with tracking.terminal_run(run_id):
         if isinstance(outcome, optuna.TrialPruned):
-            return _log_pruned(run_id, reporter, config.params())
+            return _log_pruned(run_id, reporter)
         if isinstance(outcome, Exception):
-            tracking.log_batch(run_id, params=config.params())
             raise outcome
-        records.log_head(run_id, outcome, y_val, config, with_params=True)
+        records.log_head(run_id, outcome, y_val, config)
         value = outcome.final(metric)
         if not math.isfinite(value):
             raise FloatingPointError(f"{metric} is {value}: training diverged")
@@ -518,10 +528,10 @@ class _Reporter:
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
 
-def _log_pruned(run_id: str, reporter: _Reporter, params: dict | None = None) -> None:
-    """A pruned head's record: the epochs it trained and the tag ``pruned`` (and ``params``)."""
+def _log_pruned(run_id: str, reporter: _Reporter) -> None:
+    """A pruned head's record: the epochs it trained and the tag ``pruned``."""
     points = [m for name, values in reporter.history.items() for m in tracking.series(name, values)]
-    tracking.log_batch(run_id, params=params, metrics=points, tags={naming.PRUNED: "true"})
+    tracking.log_batch(run_id, metrics=points, tags={naming.PRUNED: "true"})
 
 
 def _tell(study: optuna.Study, trial: optuna.Trial, value: float | None, run_id: str) -> None:
@@ -536,10 +546,12 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:2000]
 
 
-def _tell_written(study: optuna.Study, trial: optuna.Trial, write, run_id: str) -> None:
-    """Tell Optuna the outcome of a trial once its record is written (a failure fails it)."""
+def _record_and_tell(study: optuna.Study, trial: optuna.Trial, run_id: str, config: TrialConfig,
+                     outcome, reporter: _Reporter, y_val: np.ndarray, metric: str) -> None:
+    """Record a batch trial's outcome (:func:`_record_head`), then tell Optuna how it ended (a
+    failure to record fails it)."""
     try:
-        value = write.result()
+        value = _record_head(run_id, config, outcome, reporter, y_val, metric)
     except Exception as exc:
         studies.finish(study, trial, TrialState.FAIL, reason=_reason(exc))
     else:
@@ -549,14 +561,15 @@ def _tell_written(study: optuna.Study, trial: optuna.Trial, write, run_id: str) 
 def _abandon(study: optuna.Study, writer: ThreadPoolExecutor, batch: list, opened: list,
              written: list) -> None:
     """Ctrl-C or SIGTERM in a batch: every trial not yet told ends. A record already being
-    written is finished and told; the others' runs end KILLED and their trials FAIL and are
-    queued again."""
-    for i, ((trial, _), run) in enumerate(zip(batch, opened, strict=True)):
-        run_id = run.result()
+    written is finished and told (by the writer); the others' runs (those opened) end KILLED
+    and their trials FAIL and are queued again."""
+    for i, (trial, _) in enumerate(batch):
+        run_id = opened[i].result() if i < len(opened) else None
         if i < len(written) and not written[i].cancel():
-            _tell_written(study, trial, written[i], run_id)
+            written[i].result()
             continue
-        writer.submit(tracking.end_lost_run, run_id, "interrupted").result()
+        if run_id is not None:
+            writer.submit(tracking.end_lost_run, run_id, "interrupted").result()
         studies.finish(study, trial, TrialState.FAIL, reason="interrupted", retry=True)
 
 
