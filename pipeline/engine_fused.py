@@ -18,7 +18,8 @@ It reproduces the reference step for step rather than approximately
   cached pre-activation logits, so the loss depends on the unit count and the loss only: a
   1-unit softmax with ``binary_crossentropy`` trains as a sigmoid while its outputs stay 1.0,
   and ``categorical_crossentropy`` on one unit is 0 while its gradient (softmax - label) is
-  not. The same TensorFlow ops give the same values and gradients (:func:`_losses`);
+  not. The same TensorFlow ops give the same values (:func:`_losses`), and the gradient is
+  what autodiff of them gives, in closed form (:func:`_logit_gradient`);
 - Keras 3's update rules of the eight optimizers, constants and epsilons where Keras puts
   them, decoupled weight decay first (:func:`_update`);
 - KerasEngine's per-epoch metrics: Keras's running training loss and accuracy (training mode,
