@@ -56,10 +56,11 @@ def latest_sweep_run(sweep_name: str | None = None) -> str:
 
 
 def trial_records(parent_run_id: str) -> pd.DataFrame:
-    """One row per trial run under ``parent_run_id``: ids, status, typed params, final metrics.
+    """One row per trial run under ``parent_run_id``: ids, status, ``pruned``, typed params,
+    final metrics.
 
     Params keep their names (``loss`` is the loss function); the last epoch's value of metric
-    ``m`` is the column ``final_m``.
+    ``m`` is the column ``final_m`` (a pruned trial's last epoch is the one it stopped after).
     """
     parent = sweep_run(parent_run_id)
     kind = parent.data.tags.get(naming.KIND, "heads")
@@ -77,6 +78,7 @@ def trial_records(parent_run_id: str) -> pd.DataFrame:
                      "trial": int(tags.get(naming.TRIAL_NUMBER, -1)),
                      "role": tags.get(naming.ROLE, ""),
                      "collapsed": tags.get(naming.COLLAPSED) == "true",
+                     "pruned": tags.get(naming.PRUNED) == "true",
                      **config,
                      **{f"final_{m}": run.data.metrics.get(m, float("nan")) for m in finals},
                      "positive_fraction": run.data.metrics.get("positive_fraction", float("nan")),
@@ -111,10 +113,11 @@ def _is_run_id(text: str) -> bool:
 
 
 def epoch_records(trials: pd.DataFrame, metrics=CURVE_METRICS) -> pd.DataFrame:
-    """Per-epoch metric histories of the finished trials: run_id, role, seed, epoch, metrics."""
+    """Per-epoch metric histories of the completed trials (:func:`tables.completed`): run_id,
+    role, seed, epoch, metrics."""
     client = mlflow.MlflowClient()
     rows: dict[tuple, dict] = {}
-    for _, trial in trials[trials["status"] == "FINISHED"].iterrows():
+    for _, trial in tables.completed(trials).iterrows():
         for metric in metrics:
             for point in client.get_metric_history(trial["run_id"], metric):
                 key = (trial["run_id"], point.step)
@@ -210,7 +213,7 @@ def _export_sweep(run_id: str, sweep: str, kind: str, out: Path, wanted: set[str
         if not curves.empty:
             pngs = [figures.loss_curves(curves, out / "loss_curves.png", f"{sweep}: loss per epoch"),
                     figures.loss_gaps(curves, out / "loss_gaps.png", f"{sweep}: loss differences")]
-        if "final_val_accuracy" in trials and (trials["status"] == "FINISHED").any():
+        if "final_val_accuracy" in trials and not tables.completed(trials).empty:
             pngs.append(figures.accuracy_vs_collapse(trials, out / "accuracy.png",
                                                      f"{sweep}: accuracy of collapsed and healthy heads"))
         written += pngs
@@ -248,9 +251,11 @@ def _regenerate(parent, output: str) -> str:
 
 def _context(parent, trials: pd.DataFrame) -> str:
     tags = parent.data.tags
-    done = int((trials["status"] == "FINISHED").sum())
+    done, pruned = len(tables.completed(trials)), int(trials["pruned"].sum()) if len(trials) else 0
+    stopped = f" ({pruned} pruned, left out of the tables)" if pruned else ""
     return (f"Sweep `{tags.get(naming.SWEEP_NAME)}` (parent run `{parent.info.run_id}`): {done} of "
-            f"{len(trials)} trials finished; features sha256 `{tags.get(naming.FEATURES_SHA, '?')[:12]}`.\n")
+            f"{len(trials)} trials finished{stopped}; features sha256 "
+            f"`{tags.get(naming.FEATURES_SHA, '?')[:12]}`.\n")
 
 
 def _optuna_pages(parent, out: Path) -> list[Path]:

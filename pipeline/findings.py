@@ -73,8 +73,6 @@ def sci(value: float, tex: bool = False) -> str:
     return f"${mantissa}\\times10^{{{int(exponent)}}}$" if tex else f"{mantissa}e{int(exponent)}"
 
 
-def _finished(trials: pd.DataFrame) -> pd.DataFrame:
-    return trials[trials["status"] == "FINISHED"]
 
 
 # --- the collapse -------------------------------------------------------------------------
@@ -92,7 +90,7 @@ def collapse_rows(trials: pd.DataFrame, tex: bool = False) -> tuple[list[str], l
     rows = []
     keys = ["activation", "units", "loss", "optimizer"]
     for key, group in trials.groupby(keys, sort=False):
-        done = _finished(group)
+        done = tables.completed(group)
         activation, units, loss, optimizer = key
         neg = 1 - done["positive_fraction"]
         expected_loss = neg * CLIPPED_LOSS
@@ -133,7 +131,7 @@ def _mean_std(values: pd.Series, tex: bool, digits: int = 4) -> str:
 def parity_rows(trials: pd.DataFrame, metric: str = "final_max_gap_softmax_transfer",
                 tex: bool = False) -> tuple[list[str], list[list[str]]]:
     """Optimizers as rows, ratios as columns; each cell ``metric`` averaged over seeds."""
-    done = _finished(trials)
+    done = tables.completed(trials)
     ratios = sorted(done["ratio"].unique())
     header = ["optimizer", "softmax lr", *[f"ratio {r:g}" for r in ratios], "seeds"]
     order = [o for o in ParityConfig.model_fields["optimizer"].annotation.__args__
@@ -153,7 +151,7 @@ def matching(trials: pd.DataFrame, optimizer: str, settings: dict) -> pd.DataFra
     """The finished ratio-2 experiments of ``optimizer`` whose breaker settings are ``settings``
     (every setting not named at its default)."""
     defaults = ParityConfig()
-    done = _finished(trials)
+    done = tables.completed(trials)
     mask = (done["optimizer"] == optimizer) & np.isclose(done["ratio"], 2.0)
     for knob in KNOBS:
         want = settings.get(knob, getattr(defaults, knob))
@@ -227,7 +225,7 @@ def rows_for(section: Section, tex: bool) -> tuple[list[str], list[list[str]]]:
 
 def collapse_notes(trials: pd.DataFrame) -> str:
     """What the collapse table says, in sentences with the measured numbers."""
-    done = _finished(trials)
+    done = tables.completed(trials)
     soft1 = done[(done["activation"] == "softmax") & (done["units"] == 1)]
     lines = []
     bce = soft1[soft1["loss"] == "binary_crossentropy"]

@@ -22,13 +22,22 @@ CONFIG_COLUMNS = ("activation", "units", "loss", "learning_rate", "init", "optim
                   "share_masks", "share_batch_order", "transfer_bias", "center_softmax")
 
 
+def completed(trials: pd.DataFrame) -> pd.DataFrame:
+    """The trials that trained to the end: FINISHED runs that were not pruned (a pruned run is
+    FINISHED too, with the epochs it trained, so its last values are an earlier epoch's)."""
+    keep = trials["status"] == "FINISHED"
+    if "pruned" in trials:
+        keep &= ~trials["pruned"].astype(bool)
+    return trials[keep]
+
+
 def summarize(trials: pd.DataFrame, metrics=SUMMARY_METRICS) -> pd.DataFrame:
-    """One row per config (every param but the seed) over finished trials.
+    """One row per config (every param but the seed) over the completed trials.
 
     Columns: the config columns that vary, ``n`` (seeds), ``collapsed`` (how many of them),
     and ``<metric>_mean``/``<metric>_std`` for each metric.
     """
-    done = trials[trials["status"] == "FINISHED"]
+    done = completed(trials)
     keys = [c for c in CONFIG_COLUMNS if c in done and done[c].nunique(dropna=False) > 1]
     keys = keys or [c for c in ("activation", "units", "loss", "optimizer", "ratio") if c in done]
     if done.empty:

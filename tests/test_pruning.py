@@ -11,8 +11,10 @@ from optuna.trial import TrialState
 from pipeline import naming
 from pipeline.config import parse_sweep
 from pipeline.errors import UserError
+from pipeline.export import trial_records
 from pipeline.studies import make_storage
 from pipeline.sweep import run_sweep
+from pipeline.tables import summarize
 
 EPOCHS = 4
 # Trial 0 learns fast and completes; the grid's later trials learn far slower, so their
@@ -78,6 +80,11 @@ def test_a_pruned_trial_is_pruned_in_optuna_and_finished_in_mlflow(engine, tmp_p
         assert trial.user_attrs["pruned"].startswith("after epoch 0: val_loss")
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert all(run.info.status != "RUNNING" for run in runs)
+    trials = trial_records(outcome.parent_run_id)  # the tables leave the pruned trials out
+    assert sorted(trials["pruned"]) == [False, True, True]
+    summary = summarize(trials)
+    assert len(summary) == 1 and list(summary["n"]) == [1]  # the completed trial's config alone
+    assert summary["final_val_loss_mean"][0] == study.trials[0].value
 
 
 def test_without_a_pruner_nothing_is_reported(tmp_path, tracking, features_file):
