@@ -106,6 +106,37 @@ def role_of(config: TrialConfig) -> str | None:
     return None
 
 
+ROLE_NOTES = {
+    "softmax_1unit": "A softmax over one unit outputs 1.0 for every input, so this head predicts "
+                     "class 1 whatever it learns: its `val_accuracy` is the `positive_fraction` "
+                     "(`val_accuracy_minus_expected` measures it), and `val_prob_loss` is "
+                     "(1 - positive fraction) x ln(1e7), while Keras's `val_loss`, computed from "
+                     "the logits, falls like a healthy head's.",
+    "softmax": "The 2-unit softmax of the parity question: compare it with the runs tagged "
+               "`parity.role` = sigmoid_transfer and sigmoid_random of the same seed.",
+    "sigmoid_transfer": "A sigmoid started from a 2-unit softmax's weights (beta = w1 - w0); at twice "
+                        "that softmax's learning rate its losses equal the softmax's.",
+    "sigmoid_random": "A sigmoid from its own random start: the control for sigmoid_transfer.",
+}
+
+
+def trial_description(config: TrialConfig | ParityConfig, number: int, sweep_name: str) -> str:
+    """A trial run's description (the UI's run page): what was trained and what to look at."""
+    if isinstance(config, ParityConfig):
+        return (f"Trial {number} of sweep `{sweep_name}`: one parity experiment (the softmax at "
+                f"lr {format_lr(config.learning_rate)}, the transferred and the random sigmoid at "
+                f"{config.ratio:g}x it, nested under this run). `max_gap_softmax_transfer` is the "
+                f"largest per-epoch loss gap.")
+    units = "one unit" if config.units == 1 else f"{config.units} units"
+    text = (f"Trial {number} of sweep `{sweep_name}`: a {config.activation} over {units} trained "
+            f"with {config.loss} ({config.optimizer}, lr {format_lr(config.learning_rate)}, "
+            f"{config.init} init, seed {config.seed}, {config.epochs} epochs). Per-epoch metrics "
+            f"here; once it has trained to the end, the loss of every step in the artifact "
+            f"`step_loss.csv`.")
+    role = role_of(config)
+    return f"{text}\n\n{ROLE_NOTES[role]}" if role else text
+
+
 def safe_filename(text: str) -> str:
     """``text`` reduced to a single safe path component (no separators, no NUL, no dots first)."""
     return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", text).lstrip(".") or "_"

@@ -473,12 +473,13 @@ def _ask_batch(study: optuna.Study, spec: SweepSpec, bar, beats: studies.Heartbe
 
 
 def _trial_tags(common_tags: dict, trial: optuna.Trial, objective: Objective, config) -> dict:
-    """A trial run's tags at creation: the sweep's, the trial number, the config's own and the
-    engine that trains it."""
+    """A trial run's tags at creation: the sweep's, the trial number, its description, the
+    config's own and the engine that trains it."""
     engine = objective.engine
     per_config = hasattr(engine, "engine_for") and isinstance(config, TrialConfig)
     name = engine.engine_for(config) if per_config else engine.name
     return {**common_tags, naming.TRIAL_NUMBER: trial.number, naming.ENGINE: name,
+            naming.NOTE: naming.trial_description(config, trial.number, objective.spec.name),
             **objective.tags(config)}
 
 

@@ -64,6 +64,9 @@ def test_every_trial_is_one_nested_run_with_its_record(swept):
             assert key in run.data.params
         tags = run.data.tags
         assert tags[naming.STUDY] == "tiny"
+        assert tags[naming.NOTE].startswith(f"Trial {tags[naming.TRIAL_NUMBER]} of sweep `tiny`: a ")
+        one_unit_softmax = run.data.params["activation"] == "softmax" and run.data.params["units"] == "1"
+        assert ("outputs 1.0 for every input" in tags[naming.NOTE]) == one_unit_softmax
         assert len(tags[naming.FEATURES_SHA]) == 64
         assert tags[naming.WEIGHTS] == "unknown"
         for package in ("tensorflow", "keras", "mlflow", "optuna"):
