@@ -338,8 +338,10 @@ def _split_logits(z: tf.Tensor, counts: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor
     return z[:, :n1], tf.reshape(z[:, n1:], [tf.shape(z)[0], -1, 2])
 
 
-def _losses(z: tf.Tensor, y: tf.Tensor, spec: dict) -> tf.Tensor:
-    """Each head's loss on each row (rows x heads), as Keras computes it from the logits."""
+def _by_kind(z: tf.Tensor, y: tf.Tensor, spec: dict) -> list[tuple[tf.Tensor, tf.Tensor]]:
+    """The logits of each loss kind, in :data:`KINDS` order, with their labels as Keras smooths
+    them (``y * keep + add``): rows x heads for the 1-unit kinds, rows x heads x 2 for the
+    2-unit ones; the sparse kind's labels are the classes (rows), unsmoothed."""
     counts, keep, add = spec["counts"], spec["keep"], spec["add"]
     n_a, n_b, n_c, n_d = counts[0], counts[1], counts[2], counts[3]
     n1 = n_a + n_b
@@ -347,15 +349,22 @@ def _losses(z: tf.Tensor, y: tf.Tensor, spec: dict) -> tf.Tensor:
     y1 = tf.cast(y, tf.float32)[:, None]
     y2 = tf.one_hot(y, 2)[:, None, :]
     keep2, add2 = keep[n1:, None], add[n1:, None]
-    bce1 = tf.nn.sigmoid_cross_entropy_with_logits(labels=y1 * keep[:n_a] + add[:n_a], logits=z1[:, :n_a])
-    cce1 = tf.nn.softmax_cross_entropy_with_logits(
-        labels=(y1 * keep[n_a:n1] + add[n_a:n1])[..., None], logits=z1[:, n_a:, None])
-    bce2 = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(
-        labels=y2 * keep2[:n_c] + add2[:n_c], logits=z2[:, :n_c]), axis=-1)
-    cce2 = tf.nn.softmax_cross_entropy_with_logits(
-        labels=y2 * keep2[n_c:n_c + n_d] + add2[n_c:n_c + n_d], logits=z2[:, n_c:n_c + n_d])
+    return [(z1[:, :n_a], y1 * keep[:n_a] + add[:n_a]),
+            (z1[:, n_a:], y1 * keep[n_a:n1] + add[n_a:n1]),
+            (z2[:, :n_c], y2 * keep2[:n_c] + add2[:n_c]),
+            (z2[:, n_c:n_c + n_d], y2 * keep2[n_c:n_c + n_d] + add2[n_c:n_c + n_d]),
+            (z2[:, n_c + n_d:], y)]
+
+
+def _losses(z: tf.Tensor, y: tf.Tensor, spec: dict) -> tf.Tensor:
+    """Each head's loss on each row (rows x heads), as Keras computes it from the logits."""
+    (za, ta), (zb, tb), (zc, tc), (zd, td), (ze, ye) = _by_kind(z, y, spec)
+    bce1 = tf.nn.sigmoid_cross_entropy_with_logits(labels=ta, logits=za)
+    cce1 = tf.nn.softmax_cross_entropy_with_logits(labels=tb[..., None], logits=zb[..., None])
+    bce2 = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=tc, logits=zc), axis=-1)
+    cce2 = tf.nn.softmax_cross_entropy_with_logits(labels=td, logits=zd)
     sparse2 = tf.nn.sparse_softmax_cross_entropy_with_logits(
-        labels=tf.broadcast_to(y[:, None], tf.shape(z2[:, n_c + n_d:, 0])), logits=z2[:, n_c + n_d:])
+        labels=tf.broadcast_to(ye[:, None], tf.shape(ze[..., 0])), logits=ze)
     return tf.concat([bce1, cce1, bce2, cce2, sparse2], axis=1)
 
 
@@ -398,18 +407,10 @@ def _logit_gradient(z: tf.Tensor, y: tf.Tensor, spec: dict) -> tf.Tensor:
     for the softmax ones (a softmax over one unit is 1), times 1 / rows for the mean over rows
     (multiplied, as autodiff applies the division's gradient).
     """
-    counts, keep, add = spec["counts"], spec["keep"], spec["add"]
-    n_a, n_b, n_c, n_d = counts[0], counts[1], counts[2], counts[3]
-    n1 = n_a + n_b
-    z1, z2 = _split_logits(z, counts)
-    y1 = tf.cast(y, tf.float32)[:, None]
-    y2 = tf.one_hot(y, 2)[:, None, :]
-    keep2, add2 = keep[n1:, None], add[n1:, None]
-    g1 = tf.concat([tf.sigmoid(z1[:, :n_a]) - (y1 * keep[:n_a] + add[:n_a]),
-                    1.0 - (y1 * keep[n_a:n1] + add[n_a:n1])], axis=1)
-    g2 = tf.concat([(tf.sigmoid(z2[:, :n_c]) - (y2 * keep2[:n_c] + add2[:n_c])) * 0.5,
-                    tf.nn.softmax(z2[:, n_c:n_c + n_d]) - (y2 * keep2[n_c:n_c + n_d] + add2[n_c:n_c + n_d]),
-                    tf.nn.softmax(z2[:, n_c + n_d:]) - y2], axis=1)
+    (za, ta), (zb, tb), (zc, tc), (zd, td), (ze, ye) = _by_kind(z, y, spec)
+    g1 = tf.concat([tf.sigmoid(za) - ta, 1.0 - tb], axis=1)
+    g2 = tf.concat([(tf.sigmoid(zc) - tc) * 0.5, tf.nn.softmax(zd) - td,
+                    tf.nn.softmax(ze) - tf.one_hot(ye, 2)[:, None, :]], axis=1)
     rows = tf.shape(z)[0]
     per_row = tf.math.divide_no_nan(1.0, tf.cast(rows, tf.float32))
     return tf.concat([g1, tf.reshape(g2, [rows, -1])], axis=1) * per_row
