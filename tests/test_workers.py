@@ -30,8 +30,11 @@ def test_four_workers_on_postgres_and_a_tracking_server_run_exactly_the_budget(
 
 
 def test_workers_on_one_machine_share_the_default_journal_storage(tmp_path, launch):
-    """``--workers 2`` with the default storage (a journal file) and a SQLite MLflow store."""
-    features, sweep, budget = tiny_study(tmp_path, n_seeds=3)
+    """``--workers 2`` with the default storage (a journal file) and a SQLite MLflow store.
+
+    20 epochs a trial keep the queue going until the second process has imported TensorFlow
+    and joined (with one epoch, a busy machine let the first finish the queue alone)."""
+    features, sweep, budget = tiny_study(tmp_path, n_seeds=3, epochs=20)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = launch(uri, "--features", features, "--sweep", sweep, "--workers", "2")
     assert proc.wait(timeout=300) == 0, proc.log_path.read_text()[-3000:]
