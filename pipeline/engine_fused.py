@@ -511,20 +511,32 @@ def _evaluate(x, y, val, kernel, bias, spec):
     return positive, loss, _correct(tf.gather(predicted, val), y_val)
 
 
-_BUILT: dict[tuple[str, float], threading.Thread] = {}  # graphs built or being built, per process
+_BUILT: dict[tuple[str, float], threading.Event] = {}  # set once built; present once started
 
 
 def _graphs(optimizer: str, rate: float, *, wait: bool) -> None:
     """Build (trace) the graphs of passes with this optimizer and dropout rate, once per process,
-    for inputs of any size; with ``wait``, return when they are built."""
+    for inputs of any size; with ``wait``, return when they are built.
+
+    The wait is on an event, not ``Thread.join``: Ctrl-C during a join can leave Python 3.11
+    taking the still running thread for stopped (python/cpython issue 90882), so that exit no
+    longer waits for the trace; a sweep interrupted there once hung instead of exiting.
+    """
     key = (optimizer, rate)
     if key not in _BUILT:
+        built = _BUILT[key] = threading.Event()
+
+        def build() -> None:
+            try:
+                _trace(optimizer, rate)
+            finally:
+                built.set()
+
         # Not a daemon: a process that exits (Ctrl-C) while TensorFlow traces on a daemon
         # thread aborts ("terminate called ..."); exit waits for the trace instead.
-        _BUILT[key] = threading.Thread(target=_trace, args=key, name="fused-graphs")
-        _BUILT[key].start()
+        threading.Thread(target=build, name="fused-graphs").start()
     if wait:
-        _BUILT[key].join()
+        _BUILT[key].wait()
 
 
 def _trace(optimizer: str, rate: float) -> None:
