@@ -383,9 +383,9 @@ def _outputs(z: tf.Tensor, spec: dict) -> tuple[tf.Tensor, tf.Tensor]:
     return positive, predicted
 
 
-def _head_loss(z: tf.Tensor, y: tf.Tensor, kernel: tf.Tensor, spec: dict) -> tf.Tensor:
+def _head_loss(z: tf.Tensor, y: tf.Tensor, kernel: tf.Tensor, spec: dict, has_l2: tf.Tensor) -> tf.Tensor:
     """Each head's loss over the rows of ``z`` (sum / rows, as Keras), plus its L2 penalty
-    (skipped when no head has one: it would add exactly 0)."""
+    (skipped unless ``has_l2``, whether any head has one: else it would add exactly 0)."""
     loss = tf.math.divide_no_nan(tf.reduce_sum(_losses(z, y, spec), axis=0),
                                  tf.cast(tf.shape(z)[0], tf.float32))
 
@@ -394,7 +394,7 @@ def _head_loss(z: tf.Tensor, y: tf.Tensor, kernel: tf.Tensor, spec: dict) -> tf.
         return loss + spec["l2"] * tf.math.unsorted_segment_sum(per_column, spec["col_head"],
                                                                 tf.shape(spec["l2"])[0])
 
-    return tf.cond(tf.reduce_any(spec["l2"] > 0), penalty, lambda: loss)
+    return tf.cond(has_l2, penalty, lambda: loss)
 
 
 def _logit_gradient(z: tf.Tensor, y: tf.Tensor, spec: dict) -> tf.Tensor:
@@ -426,15 +426,15 @@ def _dropout_seed(mask_seed: tf.Tensor, step: tf.Tensor) -> tf.Tensor:
 
 
 def _update(optimizer: str, var: tf.Tensor, grad: tf.Tensor, slots: dict, lr: tf.Tensor,
-            decay: tf.Tensor, step: tf.Tensor) -> tuple[tf.Tensor, dict]:
+            decay: tf.Tensor, has_decay: tf.Tensor, step: tf.Tensor) -> tuple[tf.Tensor, dict]:
     """One Keras 3 optimizer step on ``var`` (kernel or bias, heads side by side).
 
     ``lr`` and ``decay`` hold each column's learning rate and decoupled weight decay (skipped
-    when every column's is 0: ``var - var * 0 * lr`` is ``var``); ``step`` is the optimizer's iteration count
-    before this step. Constants are written as Keras writes them (e.g. ``1 - 0.9`` in double
+    unless ``has_decay``: ``var - var * 0 * lr`` is ``var``); ``step`` is the optimizer's
+    iteration count before this step. Constants are written as Keras writes them (e.g. ``1 - 0.9`` in double
     precision, then float32) so the arithmetic rounds as Keras's does.
     """
-    var = tf.cond(tf.reduce_any(decay > 0), lambda: var - var * decay * lr, lambda: var)
+    var = tf.cond(has_decay, lambda: var - var * decay * lr, lambda: var)
     if optimizer == "sgd":
         return var - grad * lr, {}
     if optimizer in ("momentum", "nesterov"):
@@ -468,7 +468,7 @@ def _train_epoch(x, y, order, batch_size, step0, mask_seed, state, spec, *, opti
     n = tf.shape(order)[0]
     steps = (n + batch_size - 1) // batch_size
     n_heads = tf.shape(spec["l2"])[0]
-    has_l2 = tf.reduce_any(spec["l2"] > 0)
+    has_l2, has_decay = tf.reduce_any(spec["l2"] > 0), tf.reduce_any(spec["decay"] > 0)
     l2_column = tf.gather(spec["l2"], spec["col_head"])  # the penalty's gradient: 2 * l2 * kernel
 
     def body(i, state, losses, correct):
@@ -479,16 +479,16 @@ def _train_epoch(x, y, order, batch_size, step0, mask_seed, state, spec, *, opti
             xb = tf.nn.experimental.stateless_dropout(xb, rate=rate, seed=_dropout_seed(mask_seed, step))
         kernel, bias = state["kernel"], state["bias"]
         z = tf.matmul(xb, kernel) + bias
-        loss = _head_loss(z, yb, kernel, spec)
+        loss = _head_loss(z, yb, kernel, spec, has_l2)
         dz = _logit_gradient(z, yb, spec)  # heads share no weights: each gets its own gradient
-        grads = [tf.cond(has_l2, lambda: tf.matmul(xb, dz, transpose_a=True) + l2_column * (kernel * 2.0),
-                         lambda: tf.matmul(xb, dz, transpose_a=True)),
+        g = tf.matmul(xb, dz, transpose_a=True)
+        grads = [tf.cond(has_l2, lambda: g + l2_column * (kernel * 2.0), lambda: g),
                  tf.reduce_sum(dz, axis=0)]
         new = {}
         for name, var, grad, lr, decay in (("kernel", kernel, grads[0], spec["lr"], spec["decay"]),
                                            ("bias", bias, grads[1], spec["lr"], spec["decay"])):
             slots = {s: state[f"{s}/{name}"] for s in SLOTS[optimizer]}
-            new[name], slots = _update(optimizer, var, grad, slots, lr, decay, step)
+            new[name], slots = _update(optimizer, var, grad, slots, lr, decay, has_decay, step)
             new.update({f"{s}/{name}": value for s, value in slots.items()})
         _, predicted = _outputs(z, spec)
         correct = tf.ensure_shape(correct + _correct(predicted, yb), correct.shape)
@@ -507,7 +507,7 @@ def _evaluate(x, y, val, kernel, bias, spec):
     z = tf.matmul(x, kernel) + bias
     positive, predicted = _outputs(z, spec)
     y_val = tf.gather(y, val)
-    loss = _head_loss(tf.gather(z, val), y_val, kernel, spec)
+    loss = _head_loss(tf.gather(z, val), y_val, kernel, spec, tf.reduce_any(spec["l2"] > 0))
     return positive, loss, _correct(tf.gather(predicted, val), y_val)
 
 

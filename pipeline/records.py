@@ -7,10 +7,11 @@ labels, the ``collapsed`` tag, and the training loss of every step in the artifa
 metric ``step_loss``, since the parity claim is about the step-by-step trajectory; a sweep
 trial does not, because MLflow stores a metric series point by point (one row and object each):
 625 points per trial made the records of a 64-trial sweep four times slower than the rest of
-its records together (docs/benchmarks.md). A head that can only
-collapse (a 1-unit softmax) or did collapse also gets the values a constant P(label 1) = 1
-must score, computed from the label counts, and the measured minus the expected value, so the
-collapse is checked in every run rather than asserted in prose.
+its records together (docs/benchmarks.md).
+
+A head that can only collapse (a 1-unit softmax) or did collapse also gets the values a
+constant P(label 1) = 1 must score, computed from the label counts, and the measured minus the
+expected value, so the collapse is checked in every run rather than asserted in prose.
 """
 
 from __future__ import annotations

@@ -37,32 +37,29 @@ def wait_for(condition, timeout: float = 120.0, every: float = 0.05):
     raise AssertionError(f"timed out after {timeout} s waiting for {condition.__doc__}")
 
 
+def trials_of(storage: str, study_name: str, pid: int) -> list:
+    """The trials process ``pid`` has worked on (none before the study exists)."""
+    try:
+        study = optuna.load_study(study_name=study_name, storage=studies.make_storage(storage))
+    except KeyError:  # not created yet
+        return []
+    return [t for t in study.get_trials() if t.user_attrs.get(studies.WORKER_ATTR, "").endswith(f":{pid}")]
+
+
 def running_trial_of(storage: str, study_name: str, pid: int):
     """A RUNNING trial of process ``pid`` whose MLflow run exists, or None."""
     def find():
         """a trial in training"""
-        try:
-            study = optuna.load_study(study_name=study_name, storage=studies.make_storage(storage))
-        except KeyError:  # not created yet
-            return None
-        for trial in study.get_trials(states=(TrialState.RUNNING,)):
-            if trial.user_attrs.get(studies.WORKER_ATTR, "").endswith(f":{pid}") and \
-                    studies.RUN_ATTR in trial.user_attrs:
-                return trial
-        return None
+        return next((t for t in trials_of(storage, study_name, pid)
+                     if t.state == TrialState.RUNNING and studies.RUN_ATTR in t.user_attrs), None)
     return find
 
 
 def finished_trial_of(storage: str, study_name: str, pid: int):
-    """A finished trial of process ``pid``, or None."""
+    """Whether process ``pid`` has finished a trial."""
     def find():
         """a trial finished by the process"""
-        try:
-            study = optuna.load_study(study_name=study_name, storage=studies.make_storage(storage))
-        except KeyError:  # not created yet
-            return False
-        return any(t.state.is_finished() and t.user_attrs.get(studies.WORKER_ATTR, "").endswith(f":{pid}")
-                   for t in study.get_trials())
+        return any(t.state.is_finished() for t in trials_of(storage, study_name, pid))
     return find
 
 
