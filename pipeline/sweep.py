@@ -378,8 +378,8 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective, j
                 value = objective.train_and_log(config, run_id, job.experiment, job.tags, reporter)
             except optuna.TrialPruned:
                 value = _log_pruned(run_id, reporter)
-            if value is not None and not math.isfinite(value):
-                raise FloatingPointError(f"{spec.objective_metric} is {value}: training diverged")
+            if value is not None:
+                _check_finite(value, spec.objective_metric)
     except KeyboardInterrupt:
         with tracking.deferred_interrupts():
             tracking.end_lost_run(run_id, "interrupted")
@@ -504,10 +504,14 @@ def _record_head(run_id: str, config: TrialConfig, outcome, reporter: _Reporter,
         if isinstance(outcome, Exception):
             raise outcome
         records.log_head(run_id, outcome, y_val, config)
-        value = outcome.final(metric)
-        if not math.isfinite(value):
-            raise FloatingPointError(f"{metric} is {value}: training diverged")
-        return value
+        return _check_finite(outcome.final(metric), metric)
+
+
+def _check_finite(value: float, metric: str) -> float:
+    """``value`` of the objective's ``metric``; FloatingPointError (a failed trial) if not finite."""
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{metric} is {value}: training diverged")
+    return value
 
 
 class _Reporter:
