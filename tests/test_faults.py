@@ -98,10 +98,11 @@ def test_sigkill_of_a_worker_mid_trial_is_failed_by_heartbeat_and_retried(
 def test_interrupt_fails_the_trial_kills_its_run_and_a_rerun_resumes(tmp_path, signum, engine,
                                                                      launch):
     """The trial in hand (the fused engine: the batch in hand) ends FAIL and is queued again,
-    its run KILLED; the rerun finishes the study. (A fused batch of one epoch is done within
-    moments of its runs opening; 300 epochs keep it training for the signal to land.)"""
+    its run KILLED; the rerun finishes the study. (A fused batch opens its runs while it trains,
+    and 300 epochs of the tiny study train in half a second, so the signal could come after the
+    sweep had ended; 2000 epochs keep it training for a few seconds.)"""
     features, sweep, budget = tiny_study(tmp_path, n_seeds=1, engine=engine,
-                                         epochs=300 if engine == "fused" else 1)
+                                         epochs=2000 if engine == "fused" else 1)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     journal = str(tmp_path / "optuna-journal.log")
     proc = launch(uri, "--features", features, "--sweep", sweep)
