@@ -65,7 +65,9 @@ def finished_trial_of(storage: str, study_name: str, pid: int):
 
 def test_sigkill_of_a_worker_mid_trial_is_failed_by_heartbeat_and_retried(
         tmp_path, postgres, mlflow_server, launch):
-    features, sweep, budget = tiny_study(tmp_path, n_seeds=2)
+    # 100 epochs a trial (a second or two): with one, the first process could run the whole
+    # queue before the second had imported TensorFlow, and the test waited for it in vain
+    features, sweep, budget = tiny_study(tmp_path, n_seeds=2, epochs=100)
     storage = postgres.create_database("optuna_kill")
     args = ("--features", features, "--sweep", sweep, "--storage", storage, "--study", "kill")
     victim = launch(mlflow_server.uri, *args, env=FAST_HEARTBEAT, log="victim")
