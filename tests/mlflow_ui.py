@@ -209,10 +209,12 @@ class MlflowPages:
         """*Compare* the ticked runs, then click ``metric`` on the comparison page: its chart."""
         from selenium.webdriver.common.by import By
 
-        self.wait_for(lambda d: next(b for b in d.find_elements(By.CSS_SELECTOR, "button")
-                                     if b.text == "Compare"), "the Compare button").click()
-        link = self.wait_for(lambda d: next(a for a in d.find_elements(By.CSS_SELECTOR, "a")
-                                            if (a.get_attribute("textContent") or "").strip() == metric),
+        # next(..., None): a StopIteration would end the wait at once instead of polling again
+        self.wait_for(lambda d: next((b for b in d.find_elements(By.CSS_SELECTOR, "button")
+                                      if b.text == "Compare"), None), "the Compare button").click()
+        link = self.wait_for(lambda d: next((a for a in d.find_elements(By.CSS_SELECTOR, "a")
+                                             if (a.get_attribute("textContent") or "").strip() == metric),
+                                            None),
                              f"a link to {metric!r}")
         self.driver.execute_script("arguments[0].scrollIntoView(); arguments[0].click()", link)
         self.wait_for(lambda d: "#/metric" in d.current_url and self.legend(), "the metric's chart")
