@@ -85,6 +85,26 @@ def test_workers_only_take_queued_trials_and_never_create_one(tmp_path):
     assert not studies.finish(b, claimed[0], TrialState.COMPLETE, 2.0)  # already told: not taken twice
 
 
+def test_grid_trials_are_queued_with_their_params_so_a_claim_writes_no_params(tmp_path):
+    from pipeline import studies
+    from pipeline.config import parse_sweep
+
+    spec = parse_sweep({"name": "g", "experiment": "g", "sampler": "grid", "seeds": [0, 1],
+                        "space": {"activation": ["sigmoid", "softmax"], "learning_rate": [0.01, 0.1]}})
+    journal = tmp_path / "j.log"
+    study = studies.open_study(spec, str(journal), None, "sha", lambda _: "parent-run")
+    assert [t.params for t in study.trials] == spec.grid()  # queued with params set, in grid order
+    assert {t.state for t in study.trials} == {TrialState.WAITING}
+    trial = studies.next_trial(study)
+    writes = journal.read_text().count("\n")
+    assert studies.suggest(trial, spec) == spec.grid()[trial.number]
+    assert journal.read_text().count("\n") == writes  # the five suggestions wrote nothing
+    assert studies.finish(study, trial, TrialState.COMPLETE, 0.5)
+    assert study.trials[trial.number].params == spec.grid()[trial.number]
+    again = studies.open_study(spec, str(journal), None, "sha", lambda _: "unused")
+    assert len(again.trials) == len(spec.grid())  # resuming queues nothing twice
+
+
 def test_trial_of_a_dead_local_worker_is_failed_requeued_and_its_run_reported(tmp_path):
     import subprocess
 
