@@ -26,6 +26,7 @@ against the features' size. It prints trials per second and the ratios.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -180,6 +181,7 @@ def part_floor(features: Path, folder: Path) -> dict:
     from pipeline.features import read_features
     from pipeline.split import stratified_split
 
+    gc.freeze()  # as run_sweep does: the libraries' objects out of the cyclic collector
     spec = load_sweep(SWEEP)
     configs = [spec.trial_config(point) for point in spec.grid()]
     data = read_features(features)
