@@ -356,9 +356,10 @@ def _by_kind(z: tf.Tensor, y: tf.Tensor, spec: dict) -> list[tuple[tf.Tensor, tf
             (z2[:, n_c + n_d:], y)]
 
 
-def _losses(z: tf.Tensor, y: tf.Tensor, spec: dict) -> tf.Tensor:
-    """Each head's loss on each row (rows x heads), as Keras computes it from the logits."""
-    (za, ta), (zb, tb), (zc, tc), (zd, td), (ze, ye) = _by_kind(z, y, spec)
+def _losses(kinds: list[tuple[tf.Tensor, tf.Tensor]]) -> tf.Tensor:
+    """Each head's loss on each row (rows x heads), as Keras computes it from the logits and
+    labels of each loss kind (:func:`_by_kind`)."""
+    (za, ta), (zb, tb), (zc, tc), (zd, td), (ze, ye) = kinds
     bce1 = tf.nn.sigmoid_cross_entropy_with_logits(labels=ta, logits=za)
     cce1 = tf.nn.softmax_cross_entropy_with_logits(labels=tb[..., None], logits=zb[..., None])
     bce2 = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=tc, logits=zc), axis=-1)
@@ -383,11 +384,12 @@ def _outputs(z: tf.Tensor, spec: dict) -> tuple[tf.Tensor, tf.Tensor]:
     return positive, predicted
 
 
-def _head_loss(z: tf.Tensor, y: tf.Tensor, kernel: tf.Tensor, spec: dict, has_l2: tf.Tensor) -> tf.Tensor:
-    """Each head's loss over the rows of ``z`` (sum / rows, as Keras), plus its L2 penalty
-    (skipped unless ``has_l2``, whether any head has one: else it would add exactly 0)."""
-    loss = tf.math.divide_no_nan(tf.reduce_sum(_losses(z, y, spec), axis=0),
-                                 tf.cast(tf.shape(z)[0], tf.float32))
+def _head_loss(kinds: list[tuple[tf.Tensor, tf.Tensor]], rows: tf.Tensor, kernel: tf.Tensor,
+               spec: dict, has_l2: tf.Tensor) -> tf.Tensor:
+    """Each head's loss over the ``rows`` rows of ``kinds`` (:func:`_by_kind`; sum / rows, as
+    Keras), plus its L2 penalty (skipped unless ``has_l2``, whether any head has one: else it
+    would add exactly 0)."""
+    loss = tf.math.divide_no_nan(tf.reduce_sum(_losses(kinds), axis=0), tf.cast(rows, tf.float32))
 
     def penalty():
         per_column = tf.reduce_sum(tf.square(kernel), axis=0)
@@ -397,21 +399,21 @@ def _head_loss(z: tf.Tensor, y: tf.Tensor, kernel: tf.Tensor, spec: dict, has_l2
     return tf.cond(has_l2, penalty, lambda: loss)
 
 
-def _logit_gradient(z: tf.Tensor, y: tf.Tensor, spec: dict) -> tf.Tensor:
+def _logit_gradient(kinds: list[tuple[tf.Tensor, tf.Tensor]], rows: tf.Tensor) -> tf.Tensor:
     """The gradient of the heads' summed :func:`_head_loss` (without penalty) with respect to
-    the logits ``z`` (rows x columns), in closed form: what TensorFlow's autodiff of
-    :func:`_losses` computes, up to rounding in the last bit, without its backward graph.
+    their logits (``rows`` x columns; ``kinds`` from :func:`_by_kind`), in closed form: what
+    TensorFlow's autodiff of :func:`_losses` computes, up to rounding in the last bit, without
+    its backward graph.
 
     Each cross-entropy's gradient is its output minus the (smoothed) labels: sigmoid for the
     sigmoid cross-entropies (a 2-unit binary cross-entropy averages its two, so half), softmax
     for the softmax ones (a softmax over one unit is 1), times 1 / rows for the mean over rows
     (multiplied, as autodiff applies the division's gradient).
     """
-    (za, ta), (zb, tb), (zc, tc), (zd, td), (ze, ye) = _by_kind(z, y, spec)
+    (za, ta), (zb, tb), (zc, tc), (zd, td), (ze, ye) = kinds
     g1 = tf.concat([tf.sigmoid(za) - ta, 1.0 - tb], axis=1)
     g2 = tf.concat([(tf.sigmoid(zc) - tc) * 0.5, tf.nn.softmax(zd) - td,
                     tf.nn.softmax(ze) - tf.one_hot(ye, 2)[:, None, :]], axis=1)
-    rows = tf.shape(z)[0]
     per_row = tf.math.divide_no_nan(1.0, tf.cast(rows, tf.float32))
     return tf.concat([g1, tf.reshape(g2, [rows, -1])], axis=1) * per_row
 
@@ -479,8 +481,9 @@ def _train_epoch(x, y, order, batch_size, step0, mask_seed, state, spec, *, opti
             xb = tf.nn.experimental.stateless_dropout(xb, rate=rate, seed=_dropout_seed(mask_seed, step))
         kernel, bias = state["kernel"], state["bias"]
         z = tf.matmul(xb, kernel) + bias
-        loss = _head_loss(z, yb, kernel, spec, has_l2)
-        dz = _logit_gradient(z, yb, spec)  # heads share no weights: each gets its own gradient
+        kinds, n_rows = _by_kind(z, yb, spec), tf.shape(z)[0]
+        loss = _head_loss(kinds, n_rows, kernel, spec, has_l2)
+        dz = _logit_gradient(kinds, n_rows)  # heads share no weights: each gets its own gradient
         g = tf.matmul(xb, dz, transpose_a=True)
         grads = [tf.cond(has_l2, lambda: g + l2_column * (kernel * 2.0), lambda: g),
                  tf.reduce_sum(dz, axis=0)]
@@ -507,7 +510,8 @@ def _evaluate(x, y, val, kernel, bias, spec):
     z = tf.matmul(x, kernel) + bias
     positive, predicted = _outputs(z, spec)
     y_val = tf.gather(y, val)
-    loss = _head_loss(tf.gather(z, val), y_val, kernel, spec, tf.reduce_any(spec["l2"] > 0))
+    loss = _head_loss(_by_kind(tf.gather(z, val), y_val, spec), tf.shape(val)[0], kernel, spec,
+                      tf.reduce_any(spec["l2"] > 0))
     return positive, loss, _correct(tf.gather(predicted, val), y_val)
 
 
