@@ -333,27 +333,29 @@ def _spec(heads: Sequence[TrialConfig], layout: _Layout) -> dict[str, tf.Tensor]
 # --- the computation (TensorFlow graphs) -------------------------------------------------------
 
 def _split_logits(z: tf.Tensor, counts: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    """Logits of the 1-unit heads (rows x n1) and of the 2-unit heads (rows x n2 x 2)."""
-    n1 = counts[0] + counts[1]
-    return z[:, :n1], tf.reshape(z[:, n1:], [tf.shape(z)[0], -1, 2])
+    """Logits of the 1-unit heads (rows x n1) and of the 2-unit heads (rows x n2 x 2).
+
+    Here and below, heads are taken apart with ``tf.split`` rather than slices: a slice with
+    tensor bounds is eight graph nodes, and tracing the graphs is on a sweep's critical path.
+    """
+    z1, z2 = tf.split(z, tf.stack([counts[0] + counts[1], -1]), num=2, axis=1)
+    return z1, tf.reshape(z2, [tf.shape(z)[0], -1, 2])
 
 
 def _by_kind(z: tf.Tensor, y: tf.Tensor, spec: dict) -> list[tuple[tf.Tensor, tf.Tensor]]:
     """The logits of each loss kind, in :data:`KINDS` order, with their labels as Keras smooths
     them (``y * keep + add``): rows x heads for the 1-unit kinds, rows x heads x 2 for the
     2-unit ones; the sparse kind's labels are the classes (rows), unsmoothed."""
-    counts, keep, add = spec["counts"], spec["keep"], spec["add"]
-    n_a, n_b, n_c, n_d = counts[0], counts[1], counts[2], counts[3]
-    n1 = n_a + n_b
+    counts = spec["counts"]
     z1, z2 = _split_logits(z, counts)
+    za, zb = tf.split(z1, counts[:2], num=2, axis=1)
+    zc, zd, ze = tf.split(z2, counts[2:], num=3, axis=1)
+    keep, add = tf.split(spec["keep"], counts, num=5), tf.split(spec["add"], counts, num=5)
     y1 = tf.cast(y, tf.float32)[:, None]
     y2 = tf.one_hot(y, 2)[:, None, :]
-    keep2, add2 = keep[n1:, None], add[n1:, None]
-    return [(z1[:, :n_a], y1 * keep[:n_a] + add[:n_a]),
-            (z1[:, n_a:], y1 * keep[n_a:n1] + add[n_a:n1]),
-            (z2[:, :n_c], y2 * keep2[:n_c] + add2[:n_c]),
-            (z2[:, n_c:n_c + n_d], y2 * keep2[n_c:n_c + n_d] + add2[n_c:n_c + n_d]),
-            (z2[:, n_c + n_d:], y)]
+    return [(za, y1 * keep[0] + add[0]), (zb, y1 * keep[1] + add[1]),
+            (zc, y2 * keep[2][:, None] + add[2][:, None]),
+            (zd, y2 * keep[3][:, None] + add[3][:, None]), (ze, y)]
 
 
 def _losses(kinds: list[tuple[tf.Tensor, tf.Tensor]]) -> tf.Tensor:
@@ -375,10 +377,11 @@ def _outputs(z: tf.Tensor, spec: dict) -> tuple[tf.Tensor, tf.Tensor]:
     Keras's ``accuracy`` is binary (output > 0.5) on one unit and categorical (argmax, ties to
     label 0) on two.
     """
-    n1 = spec["counts"][0] + spec["counts"][1]
-    z1, z2 = _split_logits(z, spec["counts"])
-    p1 = tf.where(spec["softmax"][:n1], tf.nn.softmax(z1[..., None], axis=-1)[..., 0], tf.sigmoid(z1))
-    p2 = tf.where(spec["softmax"][n1:, None], tf.nn.softmax(z2, axis=-1), tf.sigmoid(z2))
+    counts = spec["counts"]
+    z1, z2 = _split_logits(z, counts)
+    softmax1, softmax2 = tf.split(spec["softmax"], tf.stack([counts[0] + counts[1], -1]), num=2)
+    p1 = tf.where(softmax1, tf.nn.softmax(z1[..., None], axis=-1)[..., 0], tf.sigmoid(z1))
+    p2 = tf.where(softmax2[:, None], tf.nn.softmax(z2, axis=-1), tf.sigmoid(z2))
     positive = tf.concat([p1, p2[..., 1]], axis=1)
     predicted = tf.concat([p1 > 0.5, p2[..., 1] > p2[..., 0]], axis=1)
     return positive, predicted

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from pipeline.config import TrialConfig
-from pipeline.heads import build_head, head_weights, softmax_initial_weights, transfer_weights
+from pipeline.heads import (
+    build_head,
+    head_weights,
+    initial_weights,
+    softmax_initial_weights,
+    transfer_weights,
+)
 
 D = 16
 
@@ -60,6 +66,21 @@ def test_transfer_head_predicts_what_the_softmax_head_predicts():
     p_soft = np.asarray(softmax_model(x, training=False))[:, 1]
     p_sig = np.asarray(transfer_model(x, training=False))[:, 0]
     np.testing.assert_allclose(p_sig, p_soft, atol=1e-6)
+
+
+@pytest.mark.parametrize("config", [
+    TrialConfig(activation="sigmoid", units=1, init="he_normal", seed=3),
+    TrialConfig(activation="softmax", units=2, loss="categorical_crossentropy", seed=5),
+    TrialConfig(activation="sigmoid", units=2, bias_init="random_normal", seed=7),
+    TrialConfig(activation="softmax", units=1, init="zeros", dropout=0.0, seed=0),
+    TrialConfig(activation="softmax", units=2, init="he_normal", bias_init="random_normal", seed=2),
+])
+def test_initial_weights_are_the_built_heads_weights(config):
+    kernel, bias = head_weights(build_head(config, D))
+    expected_kernel, expected_bias = initial_weights(config, D)
+    np.testing.assert_array_equal(kernel, expected_kernel)
+    np.testing.assert_array_equal(bias, expected_bias)
+    assert expected_bias.any() == (config.bias_init != "zeros")
 
 
 def test_softmax_initial_weights_are_what_a_softmax_trial_starts_from():
