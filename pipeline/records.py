@@ -16,8 +16,6 @@ expected value, so the collapse is checked in every run rather than asserted in 
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 from mlflow.entities import Metric
 
@@ -70,13 +68,10 @@ def head_metrics(result: TrialResult, y_val: np.ndarray, config: TrialConfig,
 def step_loss_csv(result: TrialResult) -> str:
     """The per-step training losses of ``result`` as CSV text: ``step, epoch, loss``, one row
     per optimizer step (steps and epochs from 0; ``loss`` is the batch's mean loss)."""
-    losses = np.asarray(result.step_loss, dtype=np.float64)
+    losses = [float(v) for v in result.step_loss]
     per_epoch = len(losses) // len(result.history["loss"])
-    steps = np.arange(len(losses))
-    out = io.StringIO()
-    np.savetxt(out, np.column_stack([steps, steps // per_epoch, losses]), fmt=["%d", "%d", "%.9g"],
-               delimiter=",", header="step,epoch,loss", comments="")
-    return out.getvalue()
+    return "step,epoch,loss\n" + "".join(f"{step},{step // per_epoch},{loss:.9g}\n"
+                                          for step, loss in enumerate(losses))
 
 
 def log_head(run_id: str, result: TrialResult, y_val: np.ndarray, config: TrialConfig,
