@@ -26,7 +26,7 @@ import multiprocessing
 import sys
 import tempfile
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -420,8 +420,9 @@ def _run_batches(study: optuna.Study, objective: Objective, job: Job, bar,
     Every trial is recorded as :func:`_run_trial` records it: its own MLflow run with the same
     params, metrics and tags. The whole batch is claimed from Optuna first; then its runs are
     opened on one background thread while the batch trains (TensorFlow leaves Python's lock
-    free, so the two overlap; claiming and opening at once would contend for it), and written,
-    ended and told to Optuna on the same thread, in order, once the batch is trained. A batch
+    free, so the two overlap; claiming and opening at once would contend for it), and written
+    and ended on the same thread, in order, once the batch is trained, each told to Optuna
+    here as soon as it is written (the two overlap: a tell waits for its file's sync). A batch
     is the waiting trials up to :data:`BATCH_TRIALS` (and 1/``workers`` of them, see
     :func:`_ask_batch`); with a pruner, the first batch is its ``n_startup_trials`` alone, so
     that later ones have completed trials to be compared with. A sampler learns between
@@ -444,15 +445,17 @@ def _run_batches(study: optuna.Study, objective: Objective, job: Job, bar,
                 outcomes = objective.engine.train_many([config for _, config in batch],
                                                        objective.features.x, objective.features.y,
                                                        reporters)
-                for (trial, config), run, reporter, outcome in zip(batch, opened, reporters, outcomes,
-                                                                   strict=True):
-                    written.append(writer.submit(_record_and_tell, study, trial, run.result(), config,
-                                                 outcome, reporter, objective.validation_labels(config),
+                for (_, config), run, reporter, outcome in zip(batch, opened, reporters, outcomes,
+                                                               strict=True):
+                    written.append(writer.submit(_record_head, run.result(), config, outcome, reporter,
+                                                 objective.validation_labels(config),
                                                  spec.objective_metric))
-                for (trial, _), write in zip(batch, written, strict=True):
-                    write.result()
-                    told += 1
-                    beats.discard(trial)
+                for (trial, _), run, write in zip(batch, opened, written, strict=True):
+                    recorded = _recorded(write)
+                    with tracking.deferred_interrupts():
+                        _settle(study, trial, run.result(), recorded)
+                        told += 1
+                        beats.discard(trial)
                 _advance(bar, study)
             except KeyboardInterrupt:
                 with tracking.deferred_interrupts():
@@ -569,27 +572,32 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:2000]
 
 
-def _record_and_tell(study: optuna.Study, trial: optuna.Trial, run_id: str, config: TrialConfig,
-                     outcome, reporter: _Reporter, y_val: np.ndarray, metric: str) -> None:
-    """Record a batch trial's outcome (:func:`_record_head`), then tell Optuna how it ended (a
-    failure to record fails it)."""
+def _recorded(write: Future) -> float | None | Exception:
+    """What a batch trial's record came to (:func:`_record_head`, on the writer): the objective's
+    value, None when pruned, or the exception that failed it."""
     try:
-        value = _record_head(run_id, config, outcome, reporter, y_val, metric)
+        return write.result()
     except Exception as exc:
-        studies.finish(study, trial, TrialState.FAIL, reason=_reason(exc))
+        return exc
+
+
+def _settle(study: optuna.Study, trial: optuna.Trial, run_id: str, recorded) -> None:
+    """Tell Optuna how a recorded batch trial ended (see :func:`_recorded`)."""
+    if isinstance(recorded, Exception):
+        studies.finish(study, trial, TrialState.FAIL, reason=_reason(recorded))
     else:
-        _tell(study, trial, value, run_id)
+        _tell(study, trial, recorded, run_id)
 
 
 def _abandon(study: optuna.Study, writer: ThreadPoolExecutor, batch: list, opened: list,
              written: list) -> None:
     """Ctrl-C or SIGTERM in a batch: every trial not yet told ends. A record already being
-    written is finished and told (by the writer); the others' runs (those opened) end KILLED
-    and their trials FAIL and are queued again."""
+    written is finished and told; the others' runs (those opened) end KILLED and their trials
+    FAIL and are queued again."""
     for i, (trial, _) in enumerate(batch):
         run_id = opened[i].result() if i < len(opened) else None
         if i < len(written) and not written[i].cancel():
-            written[i].result()
+            _settle(study, trial, run_id, _recorded(written[i]))
             continue
         if run_id is not None:
             writer.submit(tracking.end_lost_run, run_id, "interrupted").result()
