@@ -76,9 +76,21 @@ def step_loss_csv(result: TrialResult) -> str:
 
 def log_head(run_id: str, result: TrialResult, y_val: np.ndarray, config: TrialConfig,
              step_series: bool = False) -> None:
-    """Log a trained head's metrics, final tags and ``step_loss.csv`` on ``run_id`` (its params
-    are logged when the run is created); ``y_val`` are the validation labels of its split;
-    ``step_series`` also logs the per-step losses as a metric series (parity heads)."""
+    """Log a trained head's record on ``run_id``: :func:`log_head_metrics` and
+    :func:`log_step_losses` (its params are logged when the run is created)."""
+    log_head_metrics(run_id, result, y_val, config, step_series)
+    log_step_losses(run_id, result)
+
+
+def log_head_metrics(run_id: str, result: TrialResult, y_val: np.ndarray, config: TrialConfig,
+                     step_series: bool = False) -> None:
+    """Log a trained head's metrics (:func:`head_metrics`) and final tags on ``run_id``; ``y_val``
+    are the validation labels of its split; ``step_series`` also logs the per-step losses as a
+    metric series (parity heads)."""
     tracking.log_batch(run_id, metrics=head_metrics(result, y_val, config, step_series),
                        tags={naming.COLLAPSED: str(result.collapsed).lower()})
+
+
+def log_step_losses(run_id: str, result: TrialResult) -> None:
+    """Write a trained head's ``step_loss.csv`` (:func:`step_loss_csv`) on ``run_id``."""
     tracking.log_text(run_id, step_loss_csv(result), STEP_LOSS_FILE)

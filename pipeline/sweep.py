@@ -255,6 +255,7 @@ def _work(study: optuna.Study, objective: Objective, job: Job, bar) -> None:
         while True:
             trial = None
             try:
+                tracking.raise_swallowed_interrupt()
                 with tracking.deferred_interrupts():
                     trial = studies.next_trial(study, _end_lost_run)
                     if trial is not None:
@@ -396,6 +397,9 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective, j
                 value = objective.train_and_log(config, run_id, job.experiment, job.tags, reporter)
             except optuna.TrialPruned:
                 value = _log_pruned(run_id, reporter)
+            except Exception:
+                tracking.raise_swallowed_interrupt()  # the error was an interrupt, turned into it
+                raise
             if value is not None:
                 _check_finite(value, spec.objective_metric)
     except KeyboardInterrupt:
@@ -445,8 +449,10 @@ def _run_batches(study: optuna.Study, objective: Objective, job: Job, bar,
                 outcomes = objective.engine.train_many([config for _, config in batch],
                                                        objective.features.x, objective.features.y,
                                                        reporters)
+                tracking.raise_swallowed_interrupt()  # heads failed by an interrupt, turned into errors
                 for (_, config), run, reporter, outcome in zip(batch, opened, reporters, outcomes,
                                                                strict=True):
+                    outcome = _write_step_losses(run.result(), outcome)
                     written.append(writer.submit(_record_head, run.result(), config, outcome, reporter,
                                                  objective.validation_labels(config),
                                                  spec.objective_metric))
@@ -514,17 +520,32 @@ def _open_run(experiment: str, parent: str, tags: dict, config, run_name: str,
     return run_id
 
 
+def _write_step_losses(run_id: str, outcome):
+    """Write a trained head's ``step_loss.csv`` on its run, on this thread, before its record is
+    handed to the writer: this thread is idle then, and its Python runs while the writer waits
+    for the database's syncs. Returns ``outcome``, or the error that kept the file from being
+    written (which then fails the trial, as a failure to record does)."""
+    if isinstance(outcome, Exception):
+        return outcome
+    try:
+        records.log_step_losses(run_id, outcome)
+    except Exception as exc:
+        return exc
+    return outcome
+
+
 def _record_head(run_id: str, config: TrialConfig, outcome, reporter: _Reporter, y_val: np.ndarray,
                  metric: str) -> float | None:
     """Record a head's outcome (TrialResult, TrialPruned or the exception that ended it) on its
-    run as :func:`_run_trial` does, and end the run. Returns the objective's value, None for a
+    run as :func:`_run_trial` does (its ``step_loss.csv`` is already written, see
+    :func:`_write_step_losses`), and end the run. Returns the objective's value, None for a
     pruned head; a failure is raised after the run ends FAILED with it as tag ``error``."""
     with tracking.terminal_run(run_id):
         if isinstance(outcome, optuna.TrialPruned):
             return _log_pruned(run_id, reporter)
         if isinstance(outcome, Exception):
             raise outcome
-        records.log_head(run_id, outcome, y_val, config)
+        records.log_head_metrics(run_id, outcome, y_val, config)
         return _check_finite(outcome.final(metric), metric)
 
 

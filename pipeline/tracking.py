@@ -33,14 +33,17 @@ class Terminated(KeyboardInterrupt):
     """Raised in the main thread on SIGTERM, so it unwinds like Ctrl-C."""
 
 
-_deferral = {"depth": 0, "pending": None}
+_deferral = {"depth": 0, "pending": None, "received": None}
 
 
 def install_sigterm_handler() -> None:
     """Turn SIGTERM into :class:`Terminated` (and SIGINT into KeyboardInterrupt, as usual), so
     runs and trials are closed on the way out; inside :func:`deferred_interrupts` both wait
-    until the block ends."""
+    until the block ends. The signal is also remembered, for :func:`raise_swallowed_interrupt`."""
+    _deferral["received"] = None
+
     def _raise(signum, frame):
+        _deferral["received"] = signum
         if _deferral["depth"]:
             _deferral["pending"] = signum
             return
@@ -62,6 +65,19 @@ def deferred_interrupts() -> Iterator[None]:
         if not _deferral["depth"] and _deferral["pending"] is not None:
             signum, _deferral["pending"] = _deferral["pending"], None
             _interrupt(signum)
+
+
+def raise_swallowed_interrupt() -> None:
+    """Raise the interrupt of a signal received since :func:`install_sigterm_handler` whose
+    exception never reached the sweep, if there was one.
+
+    The handler raises wherever the main thread is, and there it can come out of a C
+    extension's call back into Python and be turned into another error: TensorFlow's
+    ``nest.flatten`` made a SIGTERM a ``SystemError``, which failed the trial as an error and let
+    the sweep go on to finish. Called where such an error would be taken for a trial's own.
+    """
+    if _deferral["received"] is not None:
+        _interrupt(_deferral["received"])
 
 
 def _interrupt(signum: int) -> None:

@@ -100,11 +100,11 @@ def test_sigkill_of_a_worker_mid_trial_is_failed_by_heartbeat_and_retried(
 def test_interrupt_fails_the_trial_kills_its_run_and_a_rerun_resumes(tmp_path, signum, engine,
                                                                      launch):
     """The trial in hand (the fused engine: the batch in hand) ends FAIL and is queued again,
-    its run KILLED; the rerun finishes the study. (A fused batch opens its runs while it trains,
-    and 300 epochs of the tiny study train in half a second, so the signal could come after the
-    sweep had ended; 2000 epochs keep it training for a few seconds.)"""
+    its run KILLED; the rerun finishes the study. (The tiny study trains fast: at 300 epochs a
+    fused batch, at 1 epoch a Keras trial, could end before the signal came, and the sweep exit
+    0. 2000 epochs keep a batch, 200 a Keras trial, training for a second or more.)"""
     features, sweep, budget = tiny_study(tmp_path, n_seeds=1, engine=engine,
-                                         epochs=2000 if engine == "fused" else 1)
+                                         epochs=2000 if engine == "fused" else 200)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     journal = str(tmp_path / "optuna-journal.log")
     proc = launch(uri, "--features", features, "--sweep", sweep)
@@ -127,6 +127,44 @@ def test_interrupt_fails_the_trial_kills_its_run_and_a_rerun_resumes(tmp_path, s
     assert rerun.wait(timeout=300) == 0, rerun.log_path.read_text()[-3000:]
     result = audit(journal, "scale", uri, budget)
     assert result["retried"] == len(interrupted) and result["runs"] == budget + len(interrupted)
+
+
+@pytest.mark.parametrize("engine", ["keras", "fused"])
+def test_an_interrupt_turned_into_another_error_still_interrupts(tmp_path, tracking, monkeypatch, engine):
+    """A SIGTERM whose exception a library turned into another error (TensorFlow's nest.flatten
+    once made it a SystemError, which failed the trial and let the sweep finish with exit 0)
+    still interrupts: the trials in hand are queued again, not failed as errors."""
+    from pipeline import tracking as tracking_module
+    from pipeline.engine_fused import FusedEngine
+    from pipeline.engine_keras import KerasEngine
+    from pipeline.sweep import run_sweep
+
+    def swallowed():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises in here
+        except KeyboardInterrupt:
+            return SystemError("<built-in function __import__> returned a result with an exception set")
+        raise AssertionError("no SIGTERM came")
+
+    def train(self, config, split, on_epoch=None):
+        raise swallowed()
+
+    def train_many(self, configs, x, y, on_epoch=None):
+        return [swallowed()] * len(configs)
+
+    monkeypatch.setattr(KerasEngine, "train", train)
+    monkeypatch.setattr(FusedEngine, "train_many", train_many)
+    features, sweep, _ = tiny_study(tmp_path, n_seeds=1, engine=engine)
+    with pytest.raises(tracking_module.Terminated):
+        run_sweep(features, sweep, progress=False)
+    study = optuna.load_study(study_name="scale", storage=studies.make_storage(None))
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert failed and all(t.user_attrs[studies.REASON_ATTR] == "interrupted" for t in failed)
+    for t in failed:
+        assert mlflow.MlflowClient().get_run(t.user_attrs[studies.RUN_ATTR]).info.status == "KILLED"
+        assert any(w.system_attrs.get("failed_trial") == t.number for w in study.trials)
+    assert not [t for t in study.trials if t.state in (TrialState.RUNNING, TrialState.COMPLETE)]
 
 
 def test_killed_extraction_leaves_no_file_and_a_rerun_finishes(tmp_path):
