@@ -27,6 +27,7 @@ from pipeline.errors import UserError
 FEATURES_DATASET = "train"
 LABEL_DATASET = "label"
 FEATURES_ALIGNMENT = 64  # bytes: TensorFlow uses an array in place only on this boundary
+HASH_BLOCK = 16 << 20  # bytes hashed per call (see sha256_file); a multiple of the page size
 
 
 @dataclass(frozen=True)
@@ -145,9 +146,6 @@ def write_features(path: str | os.PathLike, x: np.ndarray, y: np.ndarray, attrs:
             os.unlink(tmp)
         raise
     return path
-
-
-HASH_BLOCK = 16 << 20  # bytes hashed per call; a multiple of the page size
 
 
 def sha256_file(path: str | os.PathLike) -> str:

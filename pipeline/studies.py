@@ -214,7 +214,7 @@ def _fill_queue(study: optuna.Study, spec: SweepSpec) -> None:
     trials = study.get_trials(deepcopy=False)
     if spec.sampler == "grid":
         queued = {freeze_params(t.system_attrs.get("fixed_params", t.params)) for t in trials}
-        space = distributions(spec)
+        space = _distributions(spec)
         for params in spec.grid()[:spec.budget()]:
             if freeze_params(params) not in queued:
                 study.add_trial(_grid_trial(params, space))
@@ -232,7 +232,7 @@ def _grid_trial(params: dict, space: dict[str, BaseDistribution]) -> FrozenTrial
                                      system_attrs={"fixed_params": params})
 
 
-def distributions(spec: SweepSpec) -> dict[str, BaseDistribution]:
+def _distributions(spec: SweepSpec) -> dict[str, BaseDistribution]:
     """The Optuna distribution of every searched field, as :func:`suggest` asks for it."""
     return {name: FloatDistribution(axis.low, axis.high, log=axis.log) if isinstance(axis, FloatRange)
             else CategoricalDistribution(list(axis)) for name, axis in spec.axes().items()}
