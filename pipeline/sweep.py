@@ -398,7 +398,7 @@ def _run_trial(study: optuna.Study, trial: optuna.Trial, objective: Objective, j
             except optuna.TrialPruned:
                 value = _log_pruned(run_id, reporter)
             except Exception:
-                tracking.raise_swallowed_interrupt()  # the error was an interrupt, turned into it
+                tracking.raise_swallowed_interrupt()  # the error may be an interrupt in disguise
                 raise
             if value is not None:
                 _check_finite(value, spec.objective_metric)
@@ -449,7 +449,7 @@ def _run_batches(study: optuna.Study, objective: Objective, job: Job, bar,
                 outcomes = objective.engine.train_many([config for _, config in batch],
                                                        objective.features.x, objective.features.y,
                                                        reporters)
-                tracking.raise_swallowed_interrupt()  # heads failed by an interrupt, turned into errors
+                tracking.raise_swallowed_interrupt()  # the heads' errors may be an interrupt in disguise
                 for (_, config), run, reporter, outcome in zip(batch, opened, reporters, outcomes,
                                                                strict=True):
                     outcome = _write_step_losses(run.result(), outcome)
