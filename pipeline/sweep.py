@@ -452,10 +452,11 @@ def _run_batches(study: optuna.Study, objective: Objective, job: Job, bar,
                 tracking.raise_swallowed_interrupt()  # the heads' errors may be an interrupt in disguise
                 for (_, config), run, reporter, outcome in zip(batch, opened, reporters, outcomes,
                                                                strict=True):
-                    outcome = _write_step_losses(run.result(), outcome)
-                    written.append(writer.submit(_record_head, run.result(), config, outcome, reporter,
-                                                 objective.validation_labels(config),
-                                                 spec.objective_metric))
+                    with tracking.deferred_interrupts():  # between trials, not in a GC callback
+                        outcome = _write_step_losses(run.result(), outcome)
+                        written.append(writer.submit(_record_head, run.result(), config, outcome,
+                                                     reporter, objective.validation_labels(config),
+                                                     spec.objective_metric))
                 for (trial, _), run, write in zip(batch, opened, written, strict=True):
                     recorded = _recorded(write)
                     with tracking.deferred_interrupts():
