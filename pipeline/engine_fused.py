@@ -338,8 +338,14 @@ def _split_logits(z: tf.Tensor, counts: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor
     Here and below, heads are taken apart with ``tf.split`` rather than slices: a slice with
     tensor bounds is eight graph nodes, and tracing the graphs is on a sweep's critical path.
     """
-    z1, z2 = tf.split(z, tf.stack([counts[0] + counts[1], -1]), num=2, axis=1)
+    z1, z2 = tf.split(z, _one_two(counts), num=2, axis=1)
     return z1, tf.reshape(z2, [tf.shape(z)[0], -1, 2])
+
+
+def _one_two(counts: tf.Tensor) -> tf.Tensor:
+    """``tf.split`` sizes that take the 1-unit heads (one column each) first, the rest after:
+    for logits (columns) and for per-head vectors alike."""
+    return tf.stack([counts[0] + counts[1], -1])
 
 
 def _by_kind(z: tf.Tensor, y: tf.Tensor, spec: dict) -> list[tuple[tf.Tensor, tf.Tensor]]:
@@ -379,7 +385,7 @@ def _outputs(z: tf.Tensor, spec: dict) -> tuple[tf.Tensor, tf.Tensor]:
     """
     counts = spec["counts"]
     z1, z2 = _split_logits(z, counts)
-    softmax1, softmax2 = tf.split(spec["softmax"], tf.stack([counts[0] + counts[1], -1]), num=2)
+    softmax1, softmax2 = tf.split(spec["softmax"], _one_two(counts), num=2)
     p1 = tf.where(softmax1, tf.nn.softmax(z1[..., None], axis=-1)[..., 0], tf.sigmoid(z1))
     p2 = tf.where(softmax2[:, None], tf.nn.softmax(z2, axis=-1), tf.sigmoid(z2))
     positive = tf.concat([p1, p2[..., 1]], axis=1)

@@ -73,8 +73,6 @@ def sci(value: float, tex: bool = False) -> str:
     return f"${mantissa}\\times10^{{{int(exponent)}}}$" if tex else f"{mantissa}e{int(exponent)}"
 
 
-
-
 # --- the collapse -------------------------------------------------------------------------
 
 def collapse_rows(trials: pd.DataFrame, tex: bool = False) -> tuple[list[str], list[list[str]]]:

@@ -233,7 +233,8 @@ def _grid_trial(params: dict, space: dict[str, BaseDistribution]) -> FrozenTrial
 
 
 def _distributions(spec: SweepSpec) -> dict[str, BaseDistribution]:
-    """The Optuna distribution of every searched field, as :func:`suggest` asks for it."""
+    """The Optuna distribution of every searched field: what :func:`suggest` asks for, and what
+    a queued grid point is stored with (the two must match, or Optuna refuses the claim)."""
     return {name: FloatDistribution(axis.low, axis.high, log=axis.log) if isinstance(axis, FloatRange)
             else CategoricalDistribution(list(axis)) for name, axis in spec.axes().items()}
 
@@ -440,11 +441,11 @@ def tally(study: optuna.Study) -> dict[str, int]:
 def suggest(trial: optuna.Trial, spec: SweepSpec) -> dict:
     """The searched params of ``trial``: fixed for a grid point, else drawn by the sampler."""
     params = {}
-    for name, axis in spec.axes().items():
-        if isinstance(axis, FloatRange):
-            params[name] = trial.suggest_float(name, axis.low, axis.high, log=axis.log)
+    for name, space in _distributions(spec).items():
+        if isinstance(space, FloatDistribution):
+            params[name] = trial.suggest_float(name, space.low, space.high, log=space.log)
         else:
-            params[name] = trial.suggest_categorical(name, list(axis))
+            params[name] = trial.suggest_categorical(name, list(space.choices))
     return params
 
 

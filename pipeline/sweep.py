@@ -453,9 +453,10 @@ def _run_batches(study: optuna.Study, objective: Objective, job: Job, bar,
                 for (_, config), run, reporter, outcome in zip(batch, opened, reporters, outcomes,
                                                                strict=True):
                     with tracking.deferred_interrupts():  # between trials, not in a GC callback
-                        outcome = _write_step_losses(run.result(), outcome)
-                        written.append(writer.submit(_record_head, run.result(), config, outcome,
-                                                     reporter, objective.validation_labels(config),
+                        run_id = run.result()
+                        outcome = _write_step_losses(run_id, outcome)
+                        written.append(writer.submit(_record_head, run_id, config, outcome, reporter,
+                                                     objective.validation_labels(config),
                                                      spec.objective_metric))
                 for (trial, _), run, write in zip(batch, opened, written, strict=True):
                     recorded = _recorded(write)
