@@ -193,7 +193,7 @@ def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: s
 
     with tracking.deferred_interrupts():
         the_study = studies.open_study(spec, storage, study, features_sha, make_parent, _end_lost_run)
-        parent = _reopen_parent(the_study, experiment, make_parent)
+        parent = _reopen_parent(the_study, experiment, make_parent, storage)
     the_study.pruner = make_pruner(spec)
     job = Job(str(features_path), sweep, n_trials, storage, the_study.study_name, experiment, parent,
               {naming.STUDY: the_study.study_name, naming.FEATURES_SHA: features_sha,
@@ -327,19 +327,33 @@ def _end_lost_run(trial: optuna.trial.FrozenTrial, reason: str) -> None:
     tracking.end_lost_run(trial.user_attrs.get(studies.RUN_ATTR), reason)
 
 
-def _reopen_parent(study: optuna.Study, experiment: str, make_parent) -> str:
-    """The study's parent run, set RUNNING again; a new one if it is not in this tracking
-    store's ``experiment`` (the store has changed since the study was made)."""
+def _reopen_parent(study: optuna.Study, experiment: str, make_parent, storage: str | None) -> str:
+    """The study's parent run, set RUNNING again.
+
+    If it is not in this tracking store's ``experiment`` (the store or the sweep file's
+    experiment has changed since the study was made), a study with no finished trial gets a
+    new parent run; one with finished trials raises UserError, since their runs are where its
+    parent is and a new parent would hold only the rest (e.g. ``mlflow.db`` deleted to start
+    over while the Optuna journal beside it stayed: nothing would run and nothing be found).
+    """
     client = mlflow.MlflowClient()
     parent = study.user_attrs.get(studies.PARENT_ATTR)
     try:
         run = client.get_run(parent)
-        if run.info.experiment_id == experiment:
-            if run.info.status != "RUNNING":
-                client.update_run(parent, status="RUNNING")
-            return parent
     except mlflow.exceptions.MlflowException:
-        pass
+        run = None
+    if run is not None and run.info.experiment_id == experiment:
+        if run.info.status != "RUNNING":
+            client.update_run(parent, status="RUNNING")
+        return parent
+    finished = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+    if parent and finished:
+        where = ("is not in this tracking store" if run is None
+                 else f"is in experiment {run.info.experiment_id}, not {experiment}")
+        raise UserError(f"study {studies.study_url(storage, study.study_name)} has {finished} finished "
+                        f"trials recorded under parent run {parent}, which {where} "
+                        f"({mlflow.get_tracking_uri()}): use that store, or start afresh (another "
+                        f"study name, or delete the study from its storage)")
     parent = make_parent(study)
     studies.patiently(study.set_user_attr, studies.PARENT_ATTR, parent)
     return parent

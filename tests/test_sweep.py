@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -166,6 +167,25 @@ def test_resume_with_another_space_is_refused(swept, tmp_path):
     changed = {**TINY, "seeds": [0, 1, 2]}
     with pytest.raises(UserError, match="different search space"):
         run_sweep(str(features_file), write_sweep(tmp_path, changed, "changed.yaml"), progress=False)
+
+
+def test_a_finished_study_whose_runs_are_elsewhere_is_refused(swept, tmp_path, tracking):
+    """mlflow.db deleted to start over while the Optuna journal beside it stayed: the study's
+    trials are finished, their runs gone; a sweep would run nothing and export nothing."""
+    outcome, _, sweep, features_file = swept
+    journal = str(Path(sweep).parent / "optuna-journal.log")
+    with pytest.raises(UserError, match=f"10 finished trials recorded under parent run "
+                                        f"{outcome.parent_run_id}, which is not in this tracking store"):
+        run_sweep(str(features_file), sweep, storage=journal, progress=False)
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+def test_a_finished_study_moved_to_another_experiment_is_refused(swept, tmp_path):
+    outcome, _, _, features_file = swept
+    moved = write_sweep(tmp_path, {**TINY, "experiment": "moved-exp"}, "moved.yaml")
+    with pytest.raises(UserError, match=f"is in experiment {outcome.experiment_id}, not "):
+        run_sweep(str(features_file), moved, progress=False)
+    assert mlflow.get_run(outcome.parent_run_id).info.status == "FINISHED"
 
 
 def test_tpe_sweep_runs_exactly_n_trials(tmp_path, tracking, features_file):
