@@ -46,12 +46,17 @@ def trials_of(storage: str, study_name: str, pid: int) -> list:
     return [t for t in study.get_trials() if t.user_attrs.get(studies.WORKER_ATTR, "").endswith(f":{pid}")]
 
 
-def running_trial_of(storage: str, study_name: str, pid: int):
-    """A RUNNING trial of process ``pid`` whose MLflow run exists, or None."""
+def running_trial_of(storage: str, study_name: str, pid: int, started_within: float | None = None):
+    """A RUNNING trial of process ``pid`` whose MLflow run exists (and, with ``started_within``,
+    that was claimed at most that many seconds ago, so that most of its training is still
+    ahead), or None."""
     def find():
         """a trial in training"""
+        now = datetime.now()
         return next((t for t in trials_of(storage, study_name, pid)
-                     if t.state == TrialState.RUNNING and studies.RUN_ATTR in t.user_attrs), None)
+                     if t.state == TrialState.RUNNING and studies.RUN_ATTR in t.user_attrs
+                     and (started_within is None
+                          or (now - t.datetime_start).total_seconds() < started_within)), None)
     return find
 
 
@@ -65,15 +70,17 @@ def finished_trial_of(storage: str, study_name: str, pid: int):
 
 def test_sigkill_of_a_worker_mid_trial_is_failed_by_heartbeat_and_retried(
         tmp_path, postgres, mlflow_server, launch):
-    # 100 epochs a trial (a second or two): with one, the first process could run the whole
-    # queue before the second had imported TensorFlow, and the test waited for it in vain
+    # 100 epochs a trial (~5 s here): with one, the first process could run the whole queue
+    # before the second had imported TensorFlow, and the test waited for it in vain. The victim
+    # is killed in a trial it began at most 1.5 s before: one seen RUNNING at any point could
+    # end before the kill (then nothing is lost and nothing retried; seen once in CI).
     features, sweep, budget = tiny_study(tmp_path, n_seeds=2, epochs=100)
     storage = postgres.create_database("optuna_kill")
     args = ("--features", features, "--sweep", sweep, "--storage", storage, "--study", "kill")
     victim = launch(mlflow_server.uri, *args, env=FAST_HEARTBEAT, log="victim")
     survivor = launch(mlflow_server.uri, *args, env=FAST_HEARTBEAT, log="survivor")
     wait_for(finished_trial_of(storage, "kill", survivor.pid))  # both are at work
-    lost = wait_for(running_trial_of(storage, "kill", victim.pid))
+    lost = wait_for(running_trial_of(storage, "kill", victim.pid, started_within=1.5))
     assert victim.poll() is None
     victim.kill()
     killed_at = datetime.now()
