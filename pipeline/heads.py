@@ -62,6 +62,12 @@ def _initializer(name: str, seed: int):
     return keras.initializers.get({"class_name": name, "config": {} if name == "zeros" else {"seed": seed}})
 
 
+def _initializers(config: TrialConfig, init: str):
+    """The seeded initializers of a head's kernel (``init``) and bias, both from ``config.seed``."""
+    kernel_seed, bias_seed, _ = layer_seeds(config.seed)
+    return _initializer(init, kernel_seed), _initializer(config.bias_init, bias_seed)
+
+
 def _build(config: TrialConfig, n_features: int, init: str):
     """The uncompiled model of ``config`` with kernel initializer ``init``, and its Dense layer.
 
@@ -69,7 +75,7 @@ def _build(config: TrialConfig, n_features: int, init: str):
     masks from ``config.dropout_seed``. Two heads of one seed therefore draw the same masks
     (the masks are drawn on the inputs, whose shape does not depend on the head).
     """
-    kernel_seed, bias_seed, _ = layer_seeds(config.seed)
+    kernel_init, bias_init = _initializers(config, init)
     inputs = keras.Input((n_features,), name="features")
     x = inputs
     if config.dropout > 0:
@@ -77,8 +83,7 @@ def _build(config: TrialConfig, n_features: int, init: str):
                                  name="dropout")(x)
     dense = keras.layers.Dense(
         config.units, activation=config.activation, name=HEAD_LAYER,
-        kernel_initializer=_initializer(init, kernel_seed),
-        bias_initializer=_initializer(config.bias_init, bias_seed),
+        kernel_initializer=kernel_init, bias_initializer=bias_init,
         kernel_regularizer=keras.regularizers.L2(config.l2) if config.l2 else None)
     return keras.Model(inputs, dense(x)), dense
 
@@ -87,9 +92,9 @@ def _start_weights(config: TrialConfig, n_features: int, init: str) -> tuple[np.
     """The kernel and bias the Dense layer of ``_build(config, n_features, init)`` starts with,
     drawn by the same seeded initializers without building a model (a Keras model per head
     cost a fused batch a tenth of a second before its first step)."""
-    kernel_seed, bias_seed, _ = layer_seeds(config.seed)
-    kernel = _initializer(init, kernel_seed)((n_features, config.units), dtype="float32")
-    bias = _initializer(config.bias_init, bias_seed)((config.units,), dtype="float32")
+    kernel_init, bias_init = _initializers(config, init)
+    kernel = kernel_init((n_features, config.units), dtype="float32")
+    bias = bias_init((config.units,), dtype="float32")
     return np.asarray(kernel), np.asarray(bias)
 
 

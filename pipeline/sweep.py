@@ -346,7 +346,8 @@ def _reopen_parent(study: optuna.Study, experiment: str, make_parent, storage: s
         if run.info.status != "RUNNING":
             client.update_run(parent, status="RUNNING")
         return parent
-    finished = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+    counts = studies.tally(study)
+    finished = counts["complete"] + counts["fail"] + counts["pruned"]
     if parent and finished:
         where = ("is not in this tracking store" if run is None
                  else f"is in experiment {run.info.experiment_id}, not {experiment}")
