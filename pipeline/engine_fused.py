@@ -131,10 +131,10 @@ class FusedEngine:
     def prepare(self, config: TrialConfig) -> None:
         """Start building the graphs that ``config``'s pass will run, on a background thread.
 
-        Building them takes about a second of Python; a sweep calls this as soon as it knows a
+        Building them takes nearly half a second of Python; a sweep calls this as soon as it knows a
         config, so the building overlaps its bookkeeping (Optuna, MLflow) instead of adding to it.
         """
-        _graphs(config.optimizer, float(config.dropout), wait=False)
+        _graphs(config.optimizer, float(config.dropout), wait=None)
 
     def train(self, config: TrialConfig, split: Split,
               on_epoch: EpochCallback | None = None) -> TrialResult:
@@ -221,7 +221,7 @@ def train_pass(configs: Sequence[TrialConfig], rows: Rows,
     state = _start_state(heads, layout, rows.x.shape[1], first.optimizer)
     spec = _spec(heads, layout)
     options = {"optimizer": first.optimizer, "rate": float(first.dropout)}
-    _graphs(**options, wait=True)
+    _graphs(**options, wait="train")
     mask_seed = layer_seeds(first.dropout_seed)[2]
     y_train, y_val = rows.y[rows.train], rows.y[rows.val]
     n_train = len(rows.train)
@@ -238,6 +238,7 @@ def train_pass(configs: Sequence[TrialConfig], rows: Rows,
                 x, y, tf.constant(order, tf.int32), tf.constant(first.batch_size, tf.int32),
                 tf.constant(epoch * len(sizes), tf.int64), tf.constant(mask_seed, tf.int64),
                 state, spec, **options)
+            _graphs(**options, wait="evaluate")
             p, val_loss, val_correct = _evaluate(x, y, tf.constant(rows.val, tf.int32), state["kernel"],
                                                  state["bias"], spec)
             losses, p = losses.numpy().astype(np.float64), p.numpy()
@@ -524,53 +525,63 @@ def _evaluate(x, y, val, kernel, bias, spec):
     return positive, loss, _correct(tf.gather(predicted, val), y_val)
 
 
-_BUILT: dict[tuple[str, float], threading.Event] = {}  # set once built; present once started
+GRAPHS = ("train", "evaluate")  # in the order they are built, and needed
+_BUILT: dict[tuple[str, float], dict[str, threading.Event]] = {}  # each set once built
 
 
-def _graphs(optimizer: str, rate: float, *, wait: bool) -> None:
+def _graphs(optimizer: str, rate: float, *, wait: str | None) -> None:
     """Build (trace) the graphs of passes with this optimizer and dropout rate, once per process,
-    for inputs of any size; with ``wait``, return when they are built.
+    for inputs of any size, on a background thread; with ``wait`` (one of :data:`GRAPHS`),
+    return once that graph is built.
 
-    The wait is on an event, not ``Thread.join``: Ctrl-C during a join can leave Python 3.11
-    taking the still running thread for stopped (python/cpython issue 90882), so that exit no
-    longer waits for the trace; a sweep interrupted there once hung instead of exiting.
+    The training graph is built first: a pass starts on it while the evaluation graph, needed
+    at the end of the first epoch, is still being built (a tenth of a second of Python off the
+    path to the first step). The wait is on an event, not ``Thread.join``: Ctrl-C during a join
+    can leave Python 3.11 taking the still running thread for stopped (python/cpython issue
+    90882), so that exit no longer waits for the trace; a sweep interrupted there once hung
+    instead of exiting.
     """
     key = (optimizer, rate)
     if key not in _BUILT:
-        built = _BUILT[key] = threading.Event()
+        built = _BUILT[key] = {name: threading.Event() for name in GRAPHS}
 
         def build() -> None:
             try:
-                _trace(optimizer, rate)
+                for name in GRAPHS:
+                    _trace(name, optimizer, rate)
+                    built[name].set()
             finally:
-                built.set()
+                for event in built.values():
+                    event.set()
 
         # Not a daemon: a process that exits (Ctrl-C) while TensorFlow traces on a daemon
         # thread aborts ("terminate called ..."); exit waits for the trace instead.
         threading.Thread(target=build, name="fused-graphs").start()
     if wait:
-        _BUILT[key].wait()
+        _BUILT[key][wait].wait()
 
 
-def _trace(optimizer: str, rate: float) -> None:
-    """Trace both graphs for inputs of any size, then run them once on two rows, which makes
-    TensorFlow optimise and instantiate them (another half second, spent here)."""
+def _trace(graph: str, optimizer: str, rate: float) -> None:
+    """Trace ``graph`` (``train``: :func:`_train_epoch`, ``evaluate``: :func:`_evaluate`) for
+    inputs of any size, then run it once on two rows, which makes TensorFlow optimise and
+    instantiate it (as long again as the trace, spent here)."""
     vector = tf.TensorSpec([None], tf.float32)
     matrix = tf.TensorSpec([None, None], tf.float32)
     rows = tf.TensorSpec([None], tf.int32)
     spec = {"counts": rows, "lr": vector, "decay": vector, "col_head": rows, "l2": vector,
             "keep": vector, "add": vector, "softmax": tf.TensorSpec([None], tf.bool)}
+    head = TrialConfig(optimizer=optimizer, dropout=rate)
+    two, x = tf.zeros([2], tf.int32), tf.zeros([2, 1])
+    if graph == "evaluate":
+        _evaluate.get_concrete_function(matrix, rows, rows, matrix, vector, spec)
+        _evaluate(x, two, two, tf.zeros([1, 1]), tf.zeros([1]), _spec([head], _Layout.of([head])))
+        return
     state = {"kernel": matrix, "bias": vector,
              **{f"{slot}/{name}": spec_ for slot in SLOTS[optimizer]
                 for name, spec_ in (("kernel", matrix), ("bias", vector))}}
     scalar = tf.TensorSpec([], tf.int64)
     _train_epoch.get_concrete_function(matrix, rows, rows, tf.TensorSpec([], tf.int32), scalar, scalar,
                                        state, spec, optimizer=optimizer, rate=rate)
-    _evaluate.get_concrete_function(matrix, rows, rows, matrix, vector, spec)
-    head = TrialConfig(optimizer=optimizer, dropout=rate)
-    layout = _Layout.of([head])
-    two, x = tf.zeros([2], tf.int32), tf.zeros([2, 1])
     state = {name: tf.zeros([1, 1] if name.endswith("kernel") else [1]) for name in state}
     _train_epoch(x, two, two, tf.constant(2), tf.constant(0, tf.int64), tf.constant(0, tf.int64), state,
-                 _spec([head], layout), optimizer=optimizer, rate=rate)
-    _evaluate(x, two, two, state["kernel"], state["bias"], _spec([head], layout))
+                 _spec([head], _Layout.of([head])), optimizer=optimizer, rate=rate)

@@ -181,11 +181,11 @@ def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: s
     _prepare_grid(engine, spec)
     with ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:  # hashing frees Python's lock
         features_sha = hasher.submit(sha256_file, features_path)
-        data = read_features(features_path)
+        data = read_features(features_path)  # checked before anything is written
+        experiment = tracking.experiment_id(spec.experiment)  # while the hash is computed
+        tracking.describe_experiment(experiment, spec.description)
         features_sha = features_sha.result()
     tracking.install_sigterm_handler()
-    experiment = tracking.experiment_id(spec.experiment)
-    tracking.describe_experiment(experiment, spec.description)
 
     def make_parent(the_study: optuna.Study) -> str:
         return _create_parent(the_study, spec, experiment, launcher_run_id, storage,
