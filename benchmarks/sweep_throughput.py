@@ -8,7 +8,9 @@ It writes a seed-sized features file (20,000 x 2,048 float32, half of each class
 split) to a temporary folder and times, each in a fresh Python process (TensorFlow imported
 before the clock starts; features read, trained, and every record written after):
 
-- ``fused``: ``run_sweep`` on ``sweeps/seed_grid64.yaml`` (64 trials), engine fused;
+- ``fused``: ``run_sweep`` on ``sweeps/seed_grid64.yaml`` (64 trials), engine fused, first
+  and again last (the machine's speed drifts over the minutes the others take; the ratios use
+  the mean of the two);
 - ``keras``: the same sweep with engine keras, its first ``--keras-trials`` trials;
 - ``peer``: the loop users write today: an Optuna objective written as Optuna's Keras
   example (optuna-examples ``keras/keras_simple.py``) writes it: ``clear_session``, build,
@@ -242,6 +244,7 @@ def main() -> None:
 
         folder, features = Path(args.folder), Path(args.folder) / "features.h5"
         part = {"fused": lambda: part_sweep(features, folder / "fused", "fused", None),
+                "fused-again": lambda: part_sweep(features, folder / "fused-again", "fused", None),
                 "keras": lambda: part_sweep(features, folder / "keras", "keras", args.keras_trials),
                 "peer": lambda: part_peer(features, folder / "peer", args.peer_trials),
                 "floor": lambda: part_floor(features, folder / "floor")}[args.part]
@@ -257,8 +260,15 @@ def main() -> None:
         common = ["--folder", tmp, "--keras-trials", str(args.keras_trials),
                   "--peer-trials", str(args.peer_trials)]
         results = {name: run_part(["--part", name, *common])
-                   for name in ("fused", "floor", "keras", "peer")}
+                   for name in ("fused", "floor", "keras", "peer", "fused-again")}
         load = max(load[0], os.getloadavg()[0])
+
+    # The fused sweep runs first and last: the machine's speed drifts over the minutes the others
+    # take (a VM's neighbours), and the ratios use the mean of the two.
+    first, again = results["fused"], results.pop("fused-again")
+    print(f"fused sweep: {first['seconds']:.2f} s first, {again['seconds']:.2f} s after the others")
+    for key in ("seconds", "cpu_seconds"):
+        first[key] = (first[key] + again[key]) / 2
 
     seconds = {name: r["seconds"] if r["trials"] == 64 else extrapolate(r)
                for name, r in results.items() if name != "floor"}

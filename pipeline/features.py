@@ -98,14 +98,17 @@ def _mapped(dataset: h5py.Dataset) -> np.ndarray | None:
     """``dataset`` as an array mapped copy-on-write from its file, or None if it is not stored
     as one: contiguous, unfiltered, native float32, on a 64-byte boundary, wholly in the file.
 
-    That is how h5py stores a dataset by default (and :func:`write_features` stores features):
-    a plain array at a fixed offset. Mapping it shares the operating system's cached pages of
-    the file instead of copying them into new memory, which the system must first zero (and a
-    virtual machine may first have to get from its host: on this project's 2-core VM, reading
-    seed-sized features took 0.02-0.4 s, mapping them a few milliseconds; docs/benchmarks.md).
+    That is how h5py stores a dataset by default, and how :func:`write_features` stores
+    features: a plain array at a fixed offset. Mapping it shares the operating system's cached
+    pages of the file instead of copying them into new memory, which the system must first zero
+    (and a virtual machine may first have to get from its host: on this project's 2-core VM,
+    reading seed-sized features took 0.02-0.4 s, mapping them a few milliseconds;
+    docs/benchmarks.md).
+
     The mapping is private: writing to the array changes this process's copy, never the file.
-    A file replaced meanwhile (as :func:`write_features` replaces one) keeps its old content
-    for this mapping.
+    A file replaced meanwhile (as :func:`write_features` replaces one) leaves the mapping with
+    the content it had; one rewritten in place (h5py's ``r+``) may show through, as it would
+    to a reader that had not yet read it.
     """
     offset = dataset.id.get_offset()
     if (offset is None or offset % FEATURES_ALIGNMENT or dataset.dtype != np.float32
@@ -149,9 +152,10 @@ def _check_labels(path: Path, y: np.ndarray, n: int) -> np.ndarray:
 def write_features(path: str | os.PathLike, x: np.ndarray, y: np.ndarray, attrs: dict) -> Path:
     """Write ``x``, ``y`` and ``attrs`` to ``path`` atomically and return the path.
 
-    The file is written to a temporary name in the same folder and renamed into place, so
-    ``path`` is either the complete old file, the complete new one, or absent. Non-scalar
-    attributes (lists, dicts) are stored as JSON strings.
+    The features are stored contiguously as float32 on a 64-byte boundary, so that reading
+    maps them (:func:`_mapped`). The file is written to a temporary name in the same folder
+    and renamed into place, so ``path`` is either the complete old file, the complete new one,
+    or absent. Non-scalar attributes (lists, dicts) are stored as JSON strings.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,7 +165,9 @@ def write_features(path: str | os.PathLike, x: np.ndarray, y: np.ndarray, attrs:
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a features file is for sharing
     try:
-        with h5py.File(tmp, "w") as h5:
+        # objects from 64 bytes on start on a 64-byte boundary, so the features can be mapped
+        with h5py.File(tmp, "w", alignment_threshold=FEATURES_ALIGNMENT,
+                       alignment_interval=FEATURES_ALIGNMENT) as h5:
             h5.create_dataset(FEATURES_DATASET, data=np.asarray(x, dtype=np.float32))
             h5.create_dataset(LABEL_DATASET, data=np.asarray(y, dtype=np.int64))
             for key, value in attrs.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import stat
 from pathlib import Path
@@ -243,3 +244,39 @@ def test_written_file_honours_umask(tmp_path, xy):
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+# --- mapped, not copied ------------------------------------------------------------------------
+
+def memory_owner(array: np.ndarray):
+    """What finally holds ``array``'s memory: an mmap when mapped, None when numpy owns it."""
+    while isinstance(array, (np.ndarray, memoryview)):
+        array = array.base if isinstance(array, np.ndarray) else array.obj
+    return array
+
+
+def test_written_features_are_mapped_from_the_file(tmp_path, xy):
+    x, y = xy
+    path = write_features(tmp_path / "f.h5", x, y, {})
+    data = read_features(path)
+    assert isinstance(memory_owner(data.x), mmap.mmap)
+    assert data.x.ctypes.data % 64 == 0 and data.x.flags.writeable
+    np.testing.assert_array_equal(data.x, x)
+    data.x[0, 0] = 99.0  # a private copy: the file keeps its values
+    np.testing.assert_array_equal(read_features(path).x, x)
+    write_features(path, x * 2, y, {})  # replaced: the mapping keeps what it read
+    assert data.x[1, 1] == x[1, 1]
+    np.testing.assert_array_equal(read_features(path).x, x * 2)
+
+
+@pytest.mark.parametrize("layout", [{"chunks": (8, 6)}, {"compression": "gzip"}, {"dtype": ">f4"},
+                                    {"dtype": "<f8"}], ids=["chunked", "gzip", "big-endian", "float64"])
+def test_other_layouts_are_read_into_memory(tmp_path, xy, layout):
+    x, y = xy
+    with h5py.File(tmp_path / "f.h5", "w") as h5:
+        h5.create_dataset("train", data=x, **layout)
+        h5.create_dataset("label", data=y)
+    data = read_features(tmp_path / "f.h5")
+    assert memory_owner(data.x) is None
+    assert data.x.dtype == np.float32 and data.x.ctypes.data % 64 == 0
+    np.testing.assert_array_equal(data.x, x)
