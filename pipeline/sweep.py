@@ -182,18 +182,19 @@ def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: s
     with ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:  # hashing frees Python's lock
         features_sha = hasher.submit(sha256_file, features_path)
         data = read_features(features_path)  # checked before anything is written
-        experiment = tracking.experiment_id(spec.experiment)  # while the hash is computed
-        tracking.describe_experiment(experiment, spec.description)
         features_sha = features_sha.result()
     tracking.install_sigterm_handler()
 
-    def make_parent(the_study: optuna.Study) -> str:
+    def make_parent(the_study: optuna.Study) -> str:  # the experiment is made with its first run
+        experiment = tracking.experiment_id(spec.experiment)
+        tracking.describe_experiment(experiment, spec.description)
         return _create_parent(the_study, spec, experiment, launcher_run_id, storage,
                               features_sha, str(features_path), sweep)
 
     with tracking.deferred_interrupts():
         the_study = studies.open_study(spec, storage, study, features_sha, make_parent, _end_lost_run)
-        parent = _reopen_parent(the_study, experiment, make_parent, storage)
+        parent = _reopen_parent(the_study, spec.experiment, make_parent, storage)
+    experiment = tracking.experiment_id(spec.experiment)  # the parent run's, made or found above
     the_study.pruner = make_pruner(spec)
     job = Job(str(features_path), sweep, n_trials, storage, the_study.study_name, experiment, parent,
               {naming.STUDY: the_study.study_name, naming.FEATURES_SHA: features_sha,
@@ -327,12 +328,13 @@ def _end_lost_run(trial: optuna.trial.FrozenTrial, reason: str) -> None:
     tracking.end_lost_run(trial.user_attrs.get(studies.RUN_ATTR), reason)
 
 
-def _reopen_parent(study: optuna.Study, experiment: str, make_parent, storage: str | None) -> str:
+def _reopen_parent(study: optuna.Study, experiment_name: str, make_parent, storage: str | None) -> str:
     """The study's parent run, set RUNNING again.
 
-    If it is not in this tracking store's ``experiment`` (the store or the sweep file's
-    experiment has changed since the study was made), a study with no finished trial gets a
-    new parent run; one with finished trials raises UserError, since their runs are where its
+    If it is not in this tracking store's experiment ``experiment_name`` (the store or the
+    sweep file's experiment has changed since the study was made), a study with no finished
+    trial gets a new parent run (``make_parent``, which makes the experiment if need be); one
+    with finished trials raises UserError, writing nothing, since their runs are where its
     parent is and a new parent would hold only the rest (e.g. ``mlflow.db`` deleted to start
     over while the Optuna journal beside it stayed: nothing would run and nothing be found).
     """
@@ -342,7 +344,10 @@ def _reopen_parent(study: optuna.Study, experiment: str, make_parent, storage: s
         run = client.get_run(parent)
     except mlflow.exceptions.MlflowException:
         run = None
+    # looked up now, after the study was opened: another command may have just made both
+    experiment = tracking.experiment_id(experiment_name, create=False)
     if run is not None and run.info.experiment_id == experiment:
+        tracking.experiment_id(experiment_name)  # restored, if it was deleted
         if run.info.status != "RUNNING":
             client.update_run(parent, status="RUNNING")
         return parent
@@ -350,7 +355,7 @@ def _reopen_parent(study: optuna.Study, experiment: str, make_parent, storage: s
     finished = counts["complete"] + counts["fail"] + counts["pruned"]
     if parent and finished:
         where = ("is not in this tracking store" if run is None
-                 else f"is in experiment {run.info.experiment_id}, not {experiment}")
+                 else f"is in experiment {run.info.experiment_id}, not in '{experiment_name}'")
         raise UserError(f"study {studies.study_url(storage, study.study_name)} has {finished} finished "
                         f"trials recorded under parent run {parent}, which {where} "
                         f"({mlflow.get_tracking_uri()}): use that store, or start afresh (another "

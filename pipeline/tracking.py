@@ -136,15 +136,16 @@ def versions() -> dict[str, str]:
     return out
 
 
-def experiment_id(name: str) -> str:
-    """The id of experiment ``name``, created if it does not exist."""
+def experiment_id(name: str, create: bool = True) -> str | None:
+    """The id of experiment ``name``, created if it does not exist and restored if deleted;
+    without ``create``, only looked up: None if it does not exist (nothing is written)."""
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        if experiment.lifecycle_stage == "deleted":
-            client.restore_experiment(experiment.experiment_id)
-        return experiment.experiment_id
-    return client.create_experiment(name)
+    if experiment is None:
+        return client.create_experiment(name) if create else None
+    if create and experiment.lifecycle_stage == "deleted":
+        client.restore_experiment(experiment.experiment_id)
+    return experiment.experiment_id
 
 
 def describe_experiment(experiment: str, description: str) -> None:

@@ -178,14 +178,16 @@ def test_a_finished_study_whose_runs_are_elsewhere_is_refused(swept, tmp_path, t
                                         f"{outcome.parent_run_id}, which is not in this tracking store"):
         run_sweep(str(features_file), sweep, storage=journal, progress=False)
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+    assert mlflow.get_experiment_by_name(TINY["experiment"]) is None  # nothing written
 
 
 def test_a_finished_study_moved_to_another_experiment_is_refused(swept, tmp_path):
     outcome, _, _, features_file = swept
     moved = write_sweep(tmp_path, {**TINY, "experiment": "moved-exp"}, "moved.yaml")
-    with pytest.raises(UserError, match=f"is in experiment {outcome.experiment_id}, not "):
+    with pytest.raises(UserError, match=f"is in experiment {outcome.experiment_id}, not in 'moved-exp'"):
         run_sweep(str(features_file), moved, progress=False)
     assert mlflow.get_run(outcome.parent_run_id).info.status == "FINISHED"
+    assert mlflow.get_experiment_by_name("moved-exp") is None  # nothing written
 
 
 def test_tpe_sweep_runs_exactly_n_trials(tmp_path, tracking, features_file):
@@ -205,6 +207,7 @@ def test_bad_features_create_nothing(tmp_path, tracking):
     with pytest.raises(UserError, match="not a readable HDF5"):
         run_sweep(str(bad), write_sweep(tmp_path), progress=False)
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+    assert mlflow.get_experiment_by_name(TINY["experiment"]) is None
     assert not (tmp_path / "optuna-journal.log").exists()
 
 
