@@ -193,8 +193,7 @@ def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: s
 
     with tracking.deferred_interrupts():
         the_study = studies.open_study(spec, storage, study, features_sha, make_parent, _end_lost_run)
-        parent = _reopen_parent(the_study, spec.experiment, make_parent, storage)
-    experiment = tracking.experiment_id(spec.experiment)  # the parent run's, made or found above
+        parent, experiment = _reopen_parent(the_study, spec.experiment, make_parent, storage)
     the_study.pruner = make_pruner(spec)
     job = Job(str(features_path), sweep, n_trials, storage, the_study.study_name, experiment, parent,
               {naming.STUDY: the_study.study_name, naming.FEATURES_SHA: features_sha,
@@ -328,8 +327,9 @@ def _end_lost_run(trial: optuna.trial.FrozenTrial, reason: str) -> None:
     tracking.end_lost_run(trial.user_attrs.get(studies.RUN_ATTR), reason)
 
 
-def _reopen_parent(study: optuna.Study, experiment_name: str, make_parent, storage: str | None) -> str:
-    """The study's parent run, set RUNNING again.
+def _reopen_parent(study: optuna.Study, experiment_name: str, make_parent,
+                   storage: str | None) -> tuple[str, str]:
+    """The study's parent run, set RUNNING again, and its experiment's id.
 
     If it is not in this tracking store's experiment ``experiment_name`` (the store or the
     sweep file's experiment has changed since the study was made), a study with no finished
@@ -347,10 +347,11 @@ def _reopen_parent(study: optuna.Study, experiment_name: str, make_parent, stora
     # looked up now, after the study was opened: another command may have just made both
     experiment = tracking.experiment_id(experiment_name, create=False)
     if run is not None and run.info.experiment_id == experiment:
-        tracking.experiment_id(experiment_name)  # restored, if it was deleted
+        if run.info.lifecycle_stage == "deleted":  # as deleting its experiment leaves it
+            tracking.experiment_id(experiment_name)  # restores the experiment and its runs
         if run.info.status != "RUNNING":
             client.update_run(parent, status="RUNNING")
-        return parent
+        return parent, experiment
     counts = studies.tally(study)
     finished = counts["complete"] + counts["fail"] + counts["pruned"]
     if parent and finished:
@@ -362,7 +363,7 @@ def _reopen_parent(study: optuna.Study, experiment_name: str, make_parent, stora
                         f"study name, or delete the study from its storage)")
     parent = make_parent(study)
     studies.patiently(study.set_user_attr, studies.PARENT_ATTR, parent)
-    return parent
+    return parent, tracking.experiment_id(experiment_name, create=False)
 
 
 def _create_parent(study: optuna.Study, spec: SweepSpec, experiment: str, launcher: str | None,
