@@ -46,17 +46,19 @@ def trials_of(storage: str, study_name: str, pid: int) -> list:
     return [t for t in study.get_trials() if t.user_attrs.get(studies.WORKER_ATTR, "").endswith(f":{pid}")]
 
 
-def running_trial_of(storage: str, study_name: str, pid: int, started_within: float | None = None):
-    """A RUNNING trial of process ``pid`` whose MLflow run exists (and, with ``started_within``,
-    that was claimed at most that many seconds ago, so that most of its training is still
-    ahead), or None."""
+def running_trial_of(storage: str, study_name: str, pid: int, started_within: float | None = None,
+                     started_before: float = 0.0):
+    """A RUNNING trial of process ``pid`` whose MLflow run exists, claimed at least
+    ``started_before`` seconds ago (so it is training, not one of the study's trials that fail
+    at once by design) and, with ``started_within``, at most that many (so that most of its
+    training is still ahead), or None."""
     def find():
         """a trial in training"""
         now = datetime.now()
         return next((t for t in trials_of(storage, study_name, pid)
                      if t.state == TrialState.RUNNING and studies.RUN_ATTR in t.user_attrs
-                     and (started_within is None
-                          or (now - t.datetime_start).total_seconds() < started_within)), None)
+                     and started_before <= (now - t.datetime_start).total_seconds()
+                     < (started_within or float("inf"))), None)
     return find
 
 
@@ -72,15 +74,16 @@ def test_sigkill_of_a_worker_mid_trial_is_failed_by_heartbeat_and_retried(
         tmp_path, postgres, mlflow_server, launch):
     # 100 epochs a trial (~5 s here): with one, the first process could run the whole queue
     # before the second had imported TensorFlow, and the test waited for it in vain. The victim
-    # is killed in a trial it began at most 1.5 s before: one seen RUNNING at any point could
-    # end before the kill (then nothing is lost and nothing retried; seen once in CI).
+    # is killed in a trial it began 0.5-1.5 s before: one seen RUNNING at any point could end
+    # before the kill (then nothing is lost and nothing retried; seen once in CI), as could one
+    # of the trials that fail at once by design.
     features, sweep, budget = tiny_study(tmp_path, n_seeds=2, epochs=100)
     storage = postgres.create_database("optuna_kill")
     args = ("--features", features, "--sweep", sweep, "--storage", storage, "--study", "kill")
     victim = launch(mlflow_server.uri, *args, env=FAST_HEARTBEAT, log="victim")
     survivor = launch(mlflow_server.uri, *args, env=FAST_HEARTBEAT, log="survivor")
     wait_for(finished_trial_of(storage, "kill", survivor.pid))  # both are at work
-    lost = wait_for(running_trial_of(storage, "kill", victim.pid, started_within=1.5))
+    lost = wait_for(running_trial_of(storage, "kill", victim.pid, started_before=0.5, started_within=1.5))
     assert victim.poll() is None
     victim.kill()
     killed_at = datetime.now()
@@ -109,13 +112,15 @@ def test_interrupt_fails_the_trial_kills_its_run_and_a_rerun_resumes(tmp_path, s
     """The trial in hand (the fused engine: the batch in hand) ends FAIL and is queued again,
     its run KILLED; the rerun finishes the study. (The tiny study trains fast: at 300 epochs a
     fused batch, at 1 epoch a Keras trial, could end before the signal came, and the sweep exit
-    0. 2000 epochs keep a batch, 200 a Keras trial, training for a second or more.)"""
+    0. 2000 epochs keep a batch, 200 a Keras trial, training for a second or more. The signal
+    goes to a trial claimed half a second before: a trial that fails at once by design, seen
+    RUNNING, could end before it, leaving none in hand; seen once.)"""
     features, sweep, budget = tiny_study(tmp_path, n_seeds=1, engine=engine,
                                          epochs=2000 if engine == "fused" else 200)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     journal = str(tmp_path / "optuna-journal.log")
     proc = launch(uri, "--features", features, "--sweep", sweep)
-    trial = wait_for(running_trial_of(journal, "scale", proc.pid))
+    trial = wait_for(running_trial_of(journal, "scale", proc.pid, started_before=0.5))
     proc.send_signal(signum)
     assert proc.wait(timeout=60) == 130
     log = proc.log_path.read_text()
