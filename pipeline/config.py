@@ -20,7 +20,7 @@ import itertools
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -57,42 +57,77 @@ def _none_from_text(value):
     return None if value in ("None", "") else value
 
 
-class TrialConfig(BaseModel):
-    """Everything that determines one trained head; two equal configs give equal numbers.
+class TrainingSettings(BaseModel):
+    """The settings every trial config has: how its heads train, and on which split.
 
-    Defaults are the seed notebook's: SGD, dropout 0.5, 5 epochs, batch 128, 20% validation.
     The fields after ``standardize`` are the settings that can break the sigmoid/softmax
     parity (see docs/parity.md): decoupled weight decay, an L2 kernel penalty, label
-    smoothing, a non-zero initial bias, dropout masks or batch order drawn from another seed
-    than the head's, and a transfer that leaves the bias out.
+    smoothing, a non-zero initial bias, and a transfer that leaves the bias out. A config
+    model also declares its trial kind's facts: ``KIND`` (the sweep file's ``kind``), the
+    metrics a trial reports (``METRICS``: what a study may optimise) and the default one.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    activation: Activation = "sigmoid"
-    units: Literal[1, 2] = 1
-    loss: Loss = "binary_crossentropy"
-    learning_rate: float = Field(1e-3, gt=0)
-    init: Init = "glorot_uniform"
-    seed: int = Field(0, ge=0)
+    KIND: ClassVar[str]
+    METRICS: ClassVar[tuple[str, ...]]
+    DEFAULT_METRIC: ClassVar[str]
+    PRUNABLE: ClassVar[bool]  # whether a trial trains one head epoch by epoch, so can be pruned
+
     optimizer: Optimizer = "sgd"
-    dropout: float = Field(0.5, ge=0, lt=1)
+    learning_rate: float = Field(1e-3, gt=0)
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(128, ge=1)
+    dropout: float = Field(0.5, ge=0, lt=1)
+    seed: int = Field(0, ge=0)
     validation_fraction: float = Field(0.2, gt=0, lt=1)
     standardize: bool = False
     weight_decay: float | None = Field(None, ge=0)
     l2: float = Field(0.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     bias_init: BiasInit = "zeros"
-    mask_seed: int | None = Field(None, ge=0)
-    order_seed: int | None = Field(None, ge=0)
     transfer_bias: bool = True
 
-    _numbers = field_validator("units", "learning_rate", "seed", "dropout", "epochs", "batch_size",
+    _numbers = field_validator("learning_rate", "seed", "dropout", "epochs", "batch_size",
                                "validation_fraction", "weight_decay", "l2", "label_smoothing",
-                               "mask_seed", "order_seed", mode="before")(_not_a_boolean)
-    _optional = field_validator("weight_decay", "mask_seed", "order_seed", mode="before")(_none_from_text)
+                               mode="before")(_not_a_boolean)
+    _optional = field_validator("weight_decay", mode="before")(_none_from_text)
+
+    @property
+    def decay(self) -> float:
+        """The decoupled weight decay the optimizer applies: ``weight_decay``, or Keras's default
+        for the optimizer when it is None (0.004 for AdamW, 0 for the others)."""
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return DEFAULT_WEIGHT_DECAY.get(self.optimizer, 0.0)
+
+    def params(self) -> dict[str, Any]:
+        """The config as MLflow/Optuna params, in field order."""
+        return self.model_dump()
+
+
+class TrialConfig(TrainingSettings):
+    """Everything that determines one trained head; two equal configs give equal numbers.
+
+    Defaults are the seed notebook's: SGD, dropout 0.5, 5 epochs, batch 128, 20% validation.
+    Beyond the shared settings, dropout masks or batch order may be drawn from another seed
+    than the head's (``mask_seed``, ``order_seed``), which breaks the parity too.
+    """
+
+    KIND: ClassVar[str] = "heads"
+    METRICS: ClassVar[tuple[str, ...]] = HEAD_METRICS
+    DEFAULT_METRIC: ClassVar[str] = "val_prob_loss"
+    PRUNABLE: ClassVar[bool] = True
+
+    activation: Activation = "sigmoid"
+    units: Literal[1, 2] = 1
+    loss: Loss = "binary_crossentropy"
+    init: Init = "glorot_uniform"
+    mask_seed: int | None = Field(None, ge=0)
+    order_seed: int | None = Field(None, ge=0)
+
+    _head_numbers = field_validator("units", "mask_seed", "order_seed", mode="before")(_not_a_boolean)
+    _head_optional = field_validator("mask_seed", "order_seed", mode="before")(_none_from_text)
 
     @field_validator("units", mode="before")
     @classmethod
@@ -116,15 +151,11 @@ class TrialConfig(BaseModel):
         """The seed of the batch order: ``order_seed``, else the head's ``seed``."""
         return self.seed if self.order_seed is None else self.order_seed
 
-    def params(self) -> dict[str, Any]:
-        """The config as MLflow/Optuna params, in field order."""
-        return self.model_dump()
-
 
 TRIAL_FIELDS = tuple(TrialConfig.model_fields)
 
 
-class ParityConfig(BaseModel):
+class ParityConfig(TrainingSettings):
     """One parity experiment: the seed's three heads, trained on one batch order.
 
     The 2-unit softmax (categorical cross-entropy) trains at ``learning_rate``; the 1-unit
@@ -137,32 +168,21 @@ class ParityConfig(BaseModel):
     starts the softmax at w0 = -w1 (``init: glorot_centered``, same beta = w1 - w0).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    KIND: ClassVar[str] = "parity"
+    METRICS: ClassVar[tuple[str, ...]] = PARITY_METRICS
+    DEFAULT_METRIC: ClassVar[str] = "max_gap_softmax_transfer"
+    PRUNABLE: ClassVar[bool] = False
 
-    optimizer: Optimizer = "sgd"
     learning_rate: float = Field(1e-2, gt=0)
     ratio: float = Field(2.0, gt=0)
-    epochs: int = Field(5, ge=1)
-    batch_size: int = Field(128, ge=1)
-    dropout: float = Field(0.5, ge=0, lt=1)
-    seed: int = Field(0, ge=0)
-    validation_fraction: float = Field(0.2, gt=0, lt=1)
-    standardize: bool = False
-    weight_decay: float | None = Field(None, ge=0)
     sigmoid_decay_scale: float = Field(1.0, ge=0)
-    l2: float = Field(0.0, ge=0)
     sigmoid_l2_scale: float = Field(1.0, ge=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    bias_init: BiasInit = "zeros"
     share_masks: bool = True
     share_batch_order: bool = True
-    transfer_bias: bool = True
     center_softmax: bool = False
 
-    _numbers = field_validator("learning_rate", "ratio", "epochs", "batch_size", "dropout", "seed",
-                               "validation_fraction", "weight_decay", "sigmoid_decay_scale", "l2",
-                               "sigmoid_l2_scale", "label_smoothing", mode="before")(_not_a_boolean)
-    _optional = field_validator("weight_decay", mode="before")(_none_from_text)
+    _parity_numbers = field_validator("ratio", "sigmoid_decay_scale", "sigmoid_l2_scale",
+                                      mode="before")(_not_a_boolean)
 
     def heads(self) -> dict[str, TrialConfig]:
         """The :class:`TrialConfig` of each role: ``softmax``, ``sigmoid_transfer``, ``sigmoid_random``."""
@@ -188,17 +208,10 @@ class ParityConfig(BaseModel):
     def _sigmoid_decay(self) -> float | None:
         if self.sigmoid_decay_scale == 1.0:
             return self.weight_decay
-        decay = self.weight_decay
-        if decay is None:  # the optimizer's default decay, scaled: only AdamW has one
-            decay = DEFAULT_WEIGHT_DECAY.get(self.optimizer, 0.0)
-        return decay * self.sigmoid_decay_scale
-
-    def params(self) -> dict[str, Any]:
-        """The config as MLflow/Optuna params, in field order."""
-        return self.model_dump()
+        return self.decay * self.sigmoid_decay_scale
 
 
-CONFIG_MODELS: dict[str, type[BaseModel]] = {"heads": TrialConfig, "parity": ParityConfig}
+CONFIG_MODELS: dict[str, type[TrainingSettings]] = {m.KIND: m for m in (TrialConfig, ParityConfig)}
 
 
 
@@ -281,7 +294,7 @@ class SweepSpec(BaseModel):
     @model_validator(mode="after")
     def _pruner_agrees_with_objective(self):
         if self.pruner.type != "none":
-            if self.kind != "heads":
+            if not self.config_model.PRUNABLE:
                 raise ValueError(f"pruner: only a heads sweep can be pruned (its trials train one head "
                                  f"epoch by epoch); this one is kind {self.kind}")
             maximized = self.pruner.metric in MAXIMIZED
@@ -316,15 +329,26 @@ class SweepSpec(BaseModel):
         axes["seed"] = self.seeds
         return axes
 
+    def values(self, name: str) -> tuple[Any, ...]:
+        """Every value the study's trials give setting ``name``: its axis, or its one base value."""
+        axis = self.axes().get(name)
+        if axis is None:
+            return (self.base()[name],)
+        return (axis.low, axis.high) if isinstance(axis, FloatRange) else axis
+
     @property
     def objective_metric(self) -> str:
         """The metric Optuna optimises (the kind's default unless the file names one)."""
-        default = "val_prob_loss" if self.kind == "heads" else "max_gap_softmax_transfer"
-        return self.objective.metric or default
+        return self.objective.metric or self.config_model.DEFAULT_METRIC
+
+    @property
+    def config_model(self) -> type[TrainingSettings]:
+        """The config model of the sweep's kind: :class:`TrialConfig` or :class:`ParityConfig`."""
+        return CONFIG_MODELS[self.kind]
 
     def base(self) -> dict[str, Any]:
         """The values of every trial field before the space applies: defaults, then ``fixed``."""
-        return {**CONFIG_MODELS[self.kind]().params(), **self.fixed}
+        return {**self.config_model().params(), **self.fixed}
 
     def grid(self) -> list[dict[str, Any]]:
         """Every grid point as the params Optuna fixes, sub-grids joined in order, x seeds."""
@@ -348,7 +372,7 @@ class SweepSpec(BaseModel):
     def trial_config(self, params: dict[str, Any]) -> TrialConfig | ParityConfig:
         """The config (:class:`TrialConfig`, or :class:`ParityConfig` for ``kind: parity``) of a
         trial whose searched params are ``params``."""
-        return CONFIG_MODELS[self.kind](**(self.base() | params))
+        return self.config_model(**(self.base() | params))
 
 
 def load_sweep(path: str | os.PathLike, n_trials: int | None = None) -> SweepSpec:
@@ -384,7 +408,7 @@ def parse_sweep(raw: Any, source: str = "sweep") -> SweepSpec:
         spec = SweepSpec(**raw)
     except ValidationError as exc:
         raise UserError(f"{source}: {_describe(exc)}") from None
-    allowed = HEAD_METRICS if spec.kind == "heads" else PARITY_METRICS
+    allowed = spec.config_model.METRICS
     if spec.objective.metric and spec.objective.metric not in allowed:
         raise UserError(f"{source}: objective.metric: {spec.objective.metric!r} is not a metric of "
                         f"kind {spec.kind} (allowed: {', '.join(allowed)})")

@@ -40,8 +40,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pipeline import metrics
-from pipeline.config import DEFAULT_WEIGHT_DECAY, TrialConfig
-from pipeline.engine_keras import EPOCH_METRICS, EpochCallback, KerasEngine, TrialResult, batch_order
+from pipeline.config import TrialConfig
+from pipeline.engine_keras import EPOCH_METRICS, KerasEngine, TrialResult, batch_order
+from pipeline.engines import Engine, EpochCallback
 from pipeline.features import FEATURES_ALIGNMENT
 from pipeline.heads import initial_weights, layer_seeds
 from pipeline.quiet import quiet_tensorflow
@@ -118,13 +119,13 @@ def shared_tensor(x: np.ndarray) -> tf.Tensor:
     return tf.convert_to_tensor(x, tf.float32)
 
 
-class FusedEngine:
+class FusedEngine(Engine):
     """Trains many heads per pass over the features; KerasEngine's numbers, far fewer passes."""
 
     name = "fused"
-    trains_many = True
+    batch_trials = 256
 
-    def engine_for(self, config: TrialConfig) -> str:
+    def trained_by(self, config: TrialConfig) -> str:
         """The engine that trains ``config``: see :func:`engine_for`."""
         return engine_for(config)
 
@@ -147,7 +148,7 @@ class FusedEngine:
         return outcome
 
     def train_many(self, configs: Sequence[TrialConfig], x: np.ndarray, y: np.ndarray,
-                   on_epoch: Sequence[EpochCallback | None] | None = None) -> list[Outcome]:
+                   callbacks: Sequence[EpochCallback | None] | None = None) -> list[Outcome]:
         """Train every config on features ``x`` and labels ``y``; an outcome per config, in order.
 
         An outcome is the config's :class:`TrialResult`, or the exception that ended it (from
@@ -155,7 +156,7 @@ class FusedEngine:
         head's failure does not stop the others. Heads are grouped into passes by
         :func:`pass_key`; splits are made once per seed and dropped when its passes are done.
         """
-        callbacks = list(on_epoch) if on_epoch is not None else [None] * len(configs)
+        callbacks = callbacks or [None] * len(configs)
         outcomes: list[Outcome | None] = [None] * len(configs)
         by_split: dict[tuple, dict[tuple, list[int]]] = defaultdict(lambda: defaultdict(list))
         for config in configs:
@@ -313,12 +314,9 @@ def _spec(heads: Sequence[TrialConfig], layout: _Layout) -> dict[str, tf.Tensor]
     """
     lr, decay, col_head = [], [], []
     for j, (head, cols) in enumerate(zip(heads, layout.columns, strict=True)):
-        wd = head.weight_decay
-        if wd is None:
-            wd = DEFAULT_WEIGHT_DECAY.get(head.optimizer, 0.0)
         n = cols.stop - cols.start
         lr += [head.learning_rate] * n
-        decay += [wd] * n
+        decay += [head.decay] * n
         col_head += [j] * n
     keep = [np.float32(1.0 - h.label_smoothing) for h in heads]
     add = [np.float32(0.5 * h.label_smoothing) if h.loss == "binary_crossentropy"

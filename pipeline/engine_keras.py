@@ -1,7 +1,8 @@
 """The reference trainer: one plain Keras ``model.fit`` per trial.
 
-Every engine takes a :class:`~pipeline.config.TrialConfig` and a :class:`~pipeline.split.Split`
-and returns a :class:`TrialResult`; the sweep knows engines only through that interface.
+It implements :class:`~pipeline.engines.Engine`: a :class:`~pipeline.config.TrialConfig` and a
+:class:`~pipeline.split.Split` in, a :class:`TrialResult` out; the sweep knows engines only
+through that interface.
 
 Per epoch it records Keras's own ``loss``/``val_loss`` (computed from cached logits) and, from
 the head's actual probabilities in inference mode, ``accuracy``, ``val_accuracy``,
@@ -13,18 +14,18 @@ also draw the same dropout masks.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from pipeline import metrics
 from pipeline.config import TrialConfig
+from pipeline.engines import Engine, EpochCallback
 from pipeline.heads import build_head, head_weights, keras
 from pipeline.labels import encode_labels
-from pipeline.split import Split
+from pipeline.split import Split, make_split
 
-EpochCallback = Callable[[int, dict[str, float]], None]
 EPOCH_METRICS = ("loss", "val_loss", "accuracy", "val_accuracy", "prob_loss", "val_prob_loss",
                  "keras_accuracy", "keras_val_accuracy")
 
@@ -117,10 +118,11 @@ class _Recorder(keras.callbacks.Callback):
         return metrics.positive_probability(keras.ops.convert_to_numpy(outputs))
 
 
-class KerasEngine:
+class KerasEngine(Engine):
     """The reference trainer: ``build_head`` then ``model.fit``, one trial at a time."""
 
     name = "keras"
+    batch_trials = 1
 
     def train(self, config: TrialConfig, split: Split,
               on_epoch: EpochCallback | None = None) -> TrialResult:
@@ -144,3 +146,15 @@ class KerasEngine:
         return TrialResult(history=recorder.history, step_loss=recorder.step_loss,
                            positive_fraction=split.positive_fraction,
                            collapsed=metrics.is_collapsed(p_val), kernel=kernel, bias=bias)
+
+    def train_many(self, configs: Sequence[TrialConfig], x: np.ndarray, y: np.ndarray,
+                   callbacks: Sequence[EpochCallback | None] | None = None) -> list[TrialResult | Exception]:
+        """Train the configs one after another, each on its own split (see :meth:`Engine.train_many`)."""
+        outcomes: list[TrialResult | Exception] = []
+        for config, callback in zip(configs, callbacks or [None] * len(configs), strict=True):
+            try:
+                split = make_split(x, y, config.validation_fraction, config.seed, config.standardize)
+                outcomes.append(self.train(config, split, callback))
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes

@@ -20,7 +20,7 @@ import mlflow
 import optuna
 import pandas as pd
 
-from pipeline import figures, findings, naming, tables
+from pipeline import figures, findings, naming, tables, tracking
 from pipeline.config import CONFIG_MODELS, PARITY_METRICS
 from pipeline.errors import UserError
 
@@ -264,13 +264,14 @@ def _optuna_pages(parent, out: Path) -> list[Path]:
     A study that cannot be opened (its storage moved, a redacted password) or a figure that
     cannot be drawn is reported on stderr and skipped: the tables and PNGs do not depend on it.
     """
-    from pipeline import studies
+    from pipeline import storages
 
     tags = parent.data.tags
     storage, _, name = tags.get(naming.STORAGE, "").rpartition("#study=")
     name = name or tags.get(naming.STUDY, "")
+    storage = storage or tracking.default_study_storage()
     try:
-        study = optuna.load_study(study_name=name, storage=studies.read_storage(storage))
+        study = optuna.load_study(study_name=name, storage=storages.read_storage(storage))
     except Exception as exc:  # a missing file, a server down, an unknown study: all the same here
         print(f"export: Optuna figures skipped: study '{name}' in '{storage}' cannot be opened "
               f"({' '.join(str(exc).split())[:200]})", file=sys.stderr)

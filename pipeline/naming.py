@@ -120,13 +120,16 @@ ROLE_NOTES = {
 }
 
 
-def trial_description(config: TrialConfig | ParityConfig, number: int, sweep_name: str) -> str:
-    """A trial run's description (the UI's run page): what was trained and what to look at."""
-    if isinstance(config, ParityConfig):
-        return (f"Trial {number} of sweep `{sweep_name}`: one parity experiment (the softmax at "
-                f"lr {format_lr(config.learning_rate)}, the transferred and the random sigmoid at "
-                f"{config.ratio:g}x it, nested under this run). `max_gap_softmax_transfer` is the "
-                f"largest per-epoch loss gap.")
+def parity_description(config: ParityConfig, number: int, sweep_name: str) -> str:
+    """A parity trial run's description (the UI's run page): what was trained and what to look at."""
+    return (f"Trial {number} of sweep `{sweep_name}`: one parity experiment (the softmax at "
+            f"lr {format_lr(config.learning_rate)}, the transferred and the random sigmoid at "
+            f"{config.ratio:g}x it, nested under this run). `max_gap_softmax_transfer` is the "
+            f"largest per-epoch loss gap.")
+
+
+def head_description(config: TrialConfig, number: int, sweep_name: str) -> str:
+    """A head trial run's description (the UI's run page): what was trained and what to look at."""
     units = "one unit" if config.units == 1 else f"{config.units} units"
     text = (f"Trial {number} of sweep `{sweep_name}`: a {config.activation} over {units} trained "
             f"with {config.loss} ({config.optimizer}, lr {format_lr(config.learning_rate)}, "
@@ -142,21 +145,25 @@ def safe_filename(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", text).lstrip(".") or "_"
 
 
-def parent_description(spec: SweepSpec) -> str:
-    """The parent run's description: the study's question, then how to read its runs."""
-    if spec.kind == "parity":
-        return (f"{spec.description.strip()}\n\n"
-                f"**How to read it.** Each nested run is one trial: a parity experiment (the "
-                f"softmax at lr, the transferred and the random sigmoid at ratio x lr, nested "
-                f"under it, tagged `parity.role`). Sort by `max_gap_softmax_transfer`; at ratio 2 "
-                f"it is float32 rounding. Expand a trial, select its three runs, *Compare*, then "
-                f"click `loss`: the softmax and the transferred sigmoid coincide.\n\n"
-                f"- Tables and figures: artifacts `export/` of this run "
-                f"(`python -m pipeline export`).").strip()
+def parity_parent_description(spec: SweepSpec) -> str:
+    """A parity sweep's parent run description: the study's question, then how to read its runs."""
+    return (f"{spec.description.strip()}\n\n"
+            f"**How to read it.** Each nested run is one trial: a parity experiment (the "
+            f"softmax at lr, the transferred and the random sigmoid at ratio x lr, nested "
+            f"under it, tagged `parity.role`). The study {spec.objective.direction}s "
+            f"`{spec.objective_metric}`. Sort by `max_gap_softmax_transfer`; at ratio 2 "
+            f"it is float32 rounding. Expand a trial, select its three runs, *Compare*, then "
+            f"click `loss`: the softmax and the transferred sigmoid coincide.\n\n"
+            f"- Tables and figures: artifacts `export/` of this run "
+            f"(`python -m pipeline export`).").strip()
+
+
+def heads_parent_description(spec: SweepSpec) -> str:
+    """A heads sweep's parent run description: the study's question, then how to read its runs."""
     return (f"{spec.description.strip()}\n\n"
             f"**How to read it.** Each nested run is one trial: a head trained with the config "
             f"in its name and params (activation, units, loss, learning_rate, init, seed). "
-            f"The study {spec.objective.direction}s `{spec.objective.metric}`.\n\n"
+            f"The study {spec.objective.direction}s `{spec.objective_metric}`.\n\n"
             f"- Collapse: compare `val_accuracy` with `positive_fraction`; filter "
             f"`tags.collapsed = 'true'` for heads whose prediction never varies, and compare "
             f"`val_prob_loss` (the loss of the actual probabilities) with `val_loss` (Keras's, "

@@ -7,6 +7,8 @@ come from the training split only, so validation numbers are honest.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,3 +60,32 @@ def make_split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int, standar
     if standardized:
         x_train, x_val = standardize(x_train, x_val)
     return Split(x_train=x_train, y_train=y[train], x_val=x_val, y_val=y[val])
+
+
+class Splits:
+    """The splits of one features file, made once per (seed, fraction, standardization) and shared
+    by every trial that asks for the same one; validation labels alone need no features copied."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray):
+        self.x, self.y = x, y
+        self._splits: dict[tuple, Split] = {}
+        self._labels: dict[tuple, np.ndarray] = {}
+
+    def of(self, fraction: float, seed: int, standardized: bool) -> Split:
+        """The :class:`Split` of these settings (see :func:`make_split`)."""
+        key = (fraction, seed, standardized)
+        if key not in self._splits:
+            self._splits[key] = make_split(self.x, self.y, fraction, seed, standardized)
+        return self._splits[key]
+
+    def validation_labels(self, fraction: float, seed: int) -> np.ndarray:
+        """The validation labels of the split of ``fraction`` and ``seed``."""
+        key = (fraction, seed)
+        if key not in self._labels:
+            self._labels[key] = self.y[stratified_split(self.y, fraction, seed)[1]]
+        return self._labels[key]
+
+    def check(self, fractions: Iterable[float], seeds: Iterable[int]) -> None:
+        """Raise :class:`UserError` unless every split of these fractions and seeds can be made."""
+        for fraction, seed in itertools.product(set(fractions), set(seeds)):
+            self.validation_labels(fraction, seed)

@@ -1,4 +1,4 @@
-"""Optuna studies: storage URLs, create-or-resume, and the trial budget as a queue.
+"""Optuna studies: create-or-resume, and the trial budget as a queue.
 
 A study's budget is put in its storage as WAITING trials when the study is created: one per
 grid point (params fixed), or ``n_trials`` blank ones that the sampler fills in. Workers only
@@ -12,7 +12,8 @@ by Optuna's heartbeat once its worker has been silent for the grace period; on a
 (one machine) as soon as its worker's process is gone; and at once when the worker is
 interrupted (Ctrl-C, SIGTERM). The failed attempt is then *retried*, not counted: a study is
 done when every queued trial has finished and was not retried, so ``complete + fail`` is the
-budget. Storage calls survive a database restart: they are retried for a while.
+budget. What a lost trial leaves elsewhere (its MLflow run) is the caller's: ``on_lost(trial,
+reason)`` is called for each. This module knows nothing of MLflow.
 """
 
 from __future__ import annotations
@@ -20,27 +21,21 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
-import re
-import socket
-import sys
-import threading
 import time
-import warnings
 from collections.abc import Callable
 from datetime import datetime
-from pathlib import Path
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
-from optuna.exceptions import DuplicatedStudyError, ExperimentalWarning, UpdateFinishedTrialError
+from optuna.exceptions import DuplicatedStudyError, UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from pipeline.config import FloatRange, SweepSpec, freeze_params
 from pipeline.errors import UserError
+from pipeline.heartbeats import keeps_heartbeats, local_worker_alive, worker_id
+from pipeline.optuna_internals import forget_cached_trials, pop_waiting_trial_id, storage_of, trial_id
+from pipeline.storages import experimental_ok, grace_seconds, make_storage, patiently
 
-JOURNAL_NAME = "optuna-journal.log"
-RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 SPACE_ATTR = "sweep_space"
 FEATURES_ATTR = "features_sha256"
 PARENT_ATTR = "mlflow_parent_run_id"
@@ -49,98 +44,10 @@ REASON_ATTR = "fail_reason"      # user attr: why a trial failed
 WORKER_ATTR = "worker"           # user attr: "host:pid" of the process running the trial
 ATTEMPT_ATTRS = (RUN_ATTR, REASON_ATTR, WORKER_ATTR, "collapsed")  # not carried over to a retry
 MAX_RETRIES = 3                  # a trial that loses its worker more often fails for good
-HEARTBEAT_ENV = "PIPELINE_HEARTBEAT_SECONDS"  # RDB heartbeat interval (default 10)
-GRACE_ENV = "PIPELINE_GRACE_SECONDS"          # silence after which a trial is lost (default 60)
-STORAGE_PATIENCE = 120.0         # seconds a storage call is retried while the database is down
 READY_WAIT = 30.0                # seconds a worker waits for another process to set a study up
 POLL = 1.0                       # seconds between looks at trials other workers run
 
 OnLost = Callable[[FrozenTrial, str], None]
-
-
-def make_storage(url: str | None, on_lost: OnLost | None = None) -> optuna.storages.BaseStorage:
-    """An Optuna storage from a URL.
-
-    ``sqlite:///f.db``, ``postgresql://...`` and ``mysql://...`` give an RDB storage with a
-    heartbeat (every ``$PIPELINE_HEARTBEAT_SECONDS``, default 10 s; a trial silent for
-    ``$PIPELINE_GRACE_SECONDS``, default 60 s, is lost: ``on_lost(trial, reason)`` is called and
-    the trial queued again). A path (``*.log``/``*.journal``, or ``journal:PATH``) gives a
-    journal file storage, which several local processes can share safely. ``None`` is
-    :func:`default_storage`.
-    """
-    url = url or default_storage()
-    scheme = url.split(":", 1)[0].split("+", 1)[0] if "://" in url else ""
-    if scheme in RDB_SCHEMES:
-        return _rdb_storage(url, on_lost)
-    if "://" in url:
-        raise UserError(f"storage '{redact(url)}': unknown scheme (use sqlite:///, postgresql://, "
-                        f"mysql:// or a journal file path)")
-    path = Path(url.removeprefix("journal:"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    backend = optuna.storages.journal.JournalFileBackend(
-        str(path), lock_obj=optuna.storages.journal.JournalFileOpenLock(str(path)))
-    return optuna.storages.JournalStorage(backend)
-
-
-def read_storage(url: str | None) -> optuna.storages.BaseStorage:
-    """An existing storage, opened to read a study without writing anything: no journal file or
-    folder is made, no table created (``url`` may come from a run's tag: see :func:`study_url`).
-    Raises FileNotFoundError for a journal file that does not exist."""
-    url = url or default_storage()
-    if "://" in url:
-        return optuna.storages.RDBStorage(url, skip_table_creation=True)
-    path = Path(url.removeprefix("journal:"))
-    if not path.is_file():
-        raise FileNotFoundError(f"no journal file {path}")
-    return make_storage(str(path))
-
-
-def _rdb_storage(url: str, on_lost: OnLost | None) -> optuna.storages.RDBStorage:
-    """An RDB storage with heartbeats; see :func:`make_storage`.
-
-    Workers that open a fresh database together race to create Optuna's tables; the losers
-    see a duplicate-key or duplicate-table error and simply open it again.
-    """
-    from sqlalchemy.exc import IntegrityError, ProgrammingError
-
-    for attempt in range(5):
-        try:
-            with _experimental_ok():
-                return optuna.storages.RDBStorage(
-                    url, engine_kwargs={"pool_pre_ping": True},
-                    heartbeat_interval=_seconds(HEARTBEAT_ENV, 10), grace_period=grace_seconds(),
-                    heartbeat_stale_trial_callback=Requeue(on_lost,
-                                                           "its worker stopped sending heartbeats"))
-        except (IntegrityError, ProgrammingError):
-            if attempt == 4:
-                raise
-            time.sleep(0.5 + attempt)
-        except Exception as exc:  # SQLAlchemy and the DB driver raise many types
-            raise UserError(f"storage '{redact(url)}': cannot be opened ({_short(exc)})") from None
-
-
-def default_storage() -> str:
-    """A journal file beside the MLflow store (so a fresh store starts fresh studies).
-
-    ``sqlite:///dir/mlflow.db`` and ``file:///dir`` give ``dir/optuna-journal.log``; a remote
-    tracking server gives ``./optuna-journal.log``.
-    """
-    from urllib.parse import urlparse
-
-    import mlflow
-
-    uri = mlflow.get_tracking_uri()
-    parsed = urlparse(uri)
-    if parsed.scheme == "sqlite":
-        return str(Path(uri.removeprefix("sqlite:///")).parent / JOURNAL_NAME)
-    if parsed.scheme in ("file", ""):
-        return str(Path(parsed.path) / JOURNAL_NAME)
-    return JOURNAL_NAME
-
-
-def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (safe to log as a tag)."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
 
 
 def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
@@ -150,46 +57,82 @@ def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=spec.sampler_seed)
 
 
-def open_study(spec: SweepSpec, storage: str | None, name: str | None, features_sha: str,
-               make_parent: Callable[[optuna.Study], str],
-               on_lost: OnLost | None = None) -> optuna.Study:
-    """Create the study ``name`` (default: the sweep's name) or resume it, with its queue.
+def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
+    """The Optuna pruner of a sweep file's ``pruner`` section."""
+    if spec.pruner.type == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=spec.pruner.n_startup_trials,
+                                           n_warmup_steps=spec.pruner.n_warmup_steps)
+    return optuna.pruners.NopPruner()
+
+
+def load_study(spec: SweepSpec, storage: str, name: str, on_lost: OnLost | None = None) -> optuna.Study:
+    """An existing study of ``spec`` (another process set it up), with its sampler and pruner."""
+    return _load(spec, _storage(storage, on_lost), name)
+
+
+def _load(spec: SweepSpec, storage: optuna.storages.BaseStorage, name: str) -> optuna.Study:
+    return patiently(optuna.load_study, study_name=name, storage=storage, sampler=make_sampler(spec),
+                     pruner=make_pruner(spec))
+
+
+def _storage(url: str, on_lost: OnLost | None) -> optuna.storages.BaseStorage:
+    return make_storage(url, Requeue(on_lost, "its worker stopped sending heartbeats"))
+
+
+def open_study(spec: SweepSpec, storage: str, name: str | None, features_sha: str,
+               on_lost: OnLost | None = None) -> tuple[optuna.Study, bool]:
+    """Create the study ``name`` (default: the sweep's name) or resume it, with its queue, and
+    say whether this process is to set it up: ``(study, setup)``.
 
     Exactly one process creates a study (the storage refuses a second study of the same name):
-    it records the search space, queues the budget, and last calls ``make_parent(study)`` for
-    the MLflow parent run whose id marks the study ready. Others wait for that mark (another
-    worker is setting the study up), and take the setup over if it does not come within
-    ``READY_WAIT`` seconds (its creator died). Resuming refuses a study made from a different
-    search space or features file, which would mix incomparable trials; ``n_trials`` may grow
-    a study: the missing trials are queued.
+    it records the search space and queues the budget; ``setup`` is then True, and the caller
+    marks the study ready with :func:`mark_ready` once the study's parent record exists. Others
+    wait for that mark (another worker is setting the study up), and take the setup over if it
+    does not come within ``READY_WAIT`` seconds (its creator died). Resuming refuses a study
+    made from a different search space or features file, which would mix incomparable trials;
+    ``n_trials`` may grow a study: the missing trials are queued.
     """
     name = name or spec.name
-    sampler, the_storage = make_sampler(spec), make_storage(storage, on_lost)
+    the_storage = _storage(storage, on_lost)
     try:
         study = patiently(optuna.create_study, study_name=name, storage=the_storage,
-                          sampler=sampler, direction=spec.objective.direction)
+                          sampler=make_sampler(spec), pruner=make_pruner(spec),
+                          direction=spec.objective.direction)
         created = True
     except DuplicatedStudyError:
-        study = patiently(optuna.load_study, study_name=name, storage=the_storage, sampler=sampler)
+        study = _load(spec, the_storage, name)
         created = False
-    space = json.dumps(describe_space(spec), sort_keys=True)
     ready = created or _wait_ready(study)
+    _check_or_record_space(study, spec, features_sha)
+    patiently(_fill_queue, study, spec)
+    return study, created or not ready
+
+
+def _check_or_record_space(study: optuna.Study, spec: SweepSpec, features_sha: str) -> None:
+    """Record what makes the study's trials comparable, or refuse a study made otherwise."""
+    space = json.dumps(describe_space(spec), sort_keys=True)
     attrs = study.user_attrs
-    if SPACE_ATTR in attrs:
-        if attrs[SPACE_ATTR] != space:
-            raise UserError(f"study '{name}' exists with a different search space; resume it with "
-                            f"the sweep file it was made from, or choose another --study")
-        if attrs.get(FEATURES_ATTR) != features_sha:
-            raise UserError(f"study '{name}' was run on another features file "
-                            f"(sha256 {str(attrs.get(FEATURES_ATTR))[:12]}...); choose another --study")
-    else:
+    if SPACE_ATTR not in attrs:
         for key, value in {SPACE_ATTR: space, FEATURES_ATTR: features_sha, "sweep": spec.name,
                            "objective": spec.objective_metric}.items():
             patiently(study.set_user_attr, key, value)
-    patiently(_fill_queue, study, spec)
-    if created or not ready:
-        patiently(study.set_user_attr, PARENT_ATTR, make_parent(study))
-    return study
+        return
+    if attrs[SPACE_ATTR] != space:
+        raise UserError(f"study '{study.study_name}' exists with a different search space; resume it "
+                        f"with the sweep file it was made from, or choose another --study")
+    if attrs.get(FEATURES_ATTR) != features_sha:
+        raise UserError(f"study '{study.study_name}' was run on another features file "
+                        f"(sha256 {str(attrs.get(FEATURES_ATTR))[:12]}...); choose another --study")
+
+
+def mark_ready(study: optuna.Study, parent: str) -> None:
+    """Record the study's parent record (its MLflow parent run), which marks the study set up."""
+    patiently(study.set_user_attr, PARENT_ATTR, parent)
+
+
+def parent_of(study: optuna.Study) -> str | None:
+    """The id of the study's parent record, None before it is set up."""
+    return study.user_attrs.get(PARENT_ATTR)
 
 
 def _wait_ready(study: optuna.Study) -> bool:
@@ -226,8 +169,8 @@ def _fill_queue(study: optuna.Study, spec: SweepSpec) -> None:
 def _grid_trial(params: dict, space: dict[str, BaseDistribution]) -> FrozenTrial:
     """A grid point to queue: WAITING with its params already set, as Optuna queues a retried
     trial (and marked ``fixed_params``, as ``enqueue_trial`` marks them). Claiming it then writes
-    no params: :func:`suggest` finds them set. On a journal file every write is a locked,
-    fsynced append, and a grid trial's five suggestions were most of its writes."""
+    no params: :func:`suggest` finds them set (on a journal file every write is a locked,
+    fsynced append)."""
     return optuna.trial.create_trial(state=TrialState.WAITING, params=params, distributions=space,
                                      system_attrs={"fixed_params": params})
 
@@ -239,74 +182,39 @@ def _distributions(spec: SweepSpec) -> dict[str, BaseDistribution]:
             else CategoricalDistribution(list(axis)) for name, axis in spec.axes().items()}
 
 
-def next_trial(study: optuna.Study, on_lost: OnLost | None = None,
-               wait: bool = True) -> optuna.Trial | None:
-    """Claim the next WAITING trial of the study, or None when its budget is used up.
+def claim(study: optuna.Study, n: int, on_lost: OnLost | None = None,
+          wait: bool = True) -> list[optuna.Trial]:
+    """Claim up to ``n`` WAITING trials of the study; an empty list when its budget is used up.
 
-    The claim is the storage's atomic WAITING -> RUNNING transition that ``study.ask()`` makes
-    first; unlike ``ask()``, this never creates a trial when the queue is empty. With ``wait``,
-    while other workers still run trials that could be lost (and so queued again), it waits for
-    them, failing and re-queueing those whose worker is gone, so that no trial is left behind.
-    The claimed trial's first heartbeat is recorded at once; keep it beating with
-    :class:`Heartbeats`.
+    A claim is the storage's atomic WAITING -> RUNNING transition that ``study.ask()`` makes
+    first; unlike ``ask()``, this never creates a trial when the queue is empty. Lost trials
+    are recovered first (:func:`_recover_lost`), once per call. With ``wait``, while the queue
+    is empty but other workers still run trials that could be lost (and so queued again), it
+    waits for them, so that no trial is left behind. A claimed trial's first heartbeat is
+    recorded at once; keep it beating with :class:`Heartbeats`.
     """
     while True:
         _recover_lost(study, on_lost)
-        trial_id = patiently(study._pop_waiting_trial_id)
-        if trial_id is not None:
-            if _beats(study):
-                patiently(study._storage.record_heartbeat, trial_id)
-            study._thread_local.cached_all_trials = None  # as ask() does: samplers see the latest
-            trial = patiently(optuna.Trial, study, trial_id)
-            patiently(trial.set_user_attr, WORKER_ATTR, worker_id())
-            return trial
-        if not wait or not any(_may_be_lost(study, t) for t in patiently(
+        trials = []
+        while len(trials) < n and (trial := _claim_one(study)) is not None:
+            trials.append(trial)
+        if trials or not wait or not any(_may_be_lost(study, t) for t in patiently(
                 study.get_trials, deepcopy=False, states=(TrialState.RUNNING,))):
-            return None
+            return trials
         time.sleep(POLL)
 
 
-class Heartbeats:
-    """Records the heartbeats of this worker's trials in the background (RDB storages only):
-    ``add`` a trial when it is claimed, ``discard`` it once told. Use as a context manager.
-
-    A failed beat (the database restarting) is skipped, not fatal: the grace period covers it.
-    """
-
-    def __init__(self, study: optuna.Study):
-        self.study = study
-        self._ids: set[int] = set()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def add(self, trial: optuna.Trial) -> None:
-        with self._lock:
-            self._ids.add(trial._trial_id)
-
-    def discard(self, trial: optuna.Trial) -> None:
-        with self._lock:
-            self._ids.discard(trial._trial_id)
-
-    def __enter__(self) -> Heartbeats:
-        if _beats(self.study):
-            self._thread = threading.Thread(target=self._beat, name="optuna-heartbeats", daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _beat(self) -> None:
-        storage = self.study._storage
-        while not self._stop.wait(storage.get_heartbeat_interval()):
-            with self._lock:
-                ids = sorted(self._ids)
-            for trial_id in ids:
-                with contextlib.suppress(Exception):
-                    storage.record_heartbeat(trial_id)
+def _claim_one(study: optuna.Study) -> optuna.Trial | None:
+    """Claim one WAITING trial and sign it with this worker, or None when none waits."""
+    claimed = patiently(pop_waiting_trial_id, study)
+    if claimed is None:
+        return None
+    if keeps_heartbeats(study):
+        patiently(storage_of(study).record_heartbeat, claimed)
+    forget_cached_trials(study)  # as ask() does: samplers see the latest trials
+    trial = patiently(optuna.Trial, study, claimed)
+    patiently(trial.set_user_attr, WORKER_ATTR, worker_id())
+    return trial
 
 
 def finish(study: optuna.Study, trial: optuna.Trial, state: TrialState, value: float | None = None,
@@ -350,7 +258,7 @@ def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
     """
     clean = copy.deepcopy(trial)
     clean.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in ATTEMPT_ATTRS}
-    with _experimental_ok():
+    with experimental_ok():
         patiently(optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES), study, clean)
 
 
@@ -362,23 +270,32 @@ def _recover_lost(study: optuna.Study, on_lost: OnLost | None) -> None:
     worker (one killed between claiming it and signing it, or an older version's) once it has
     run for the grace period.
     """
-    if _beats(study):
-        with _experimental_ok():
+    if keeps_heartbeats(study):
+        with experimental_ok():
             patiently(optuna.storages.fail_stale_trials, study)
-    grace = grace_seconds()
     for trial in patiently(study.get_trials, deepcopy=False, states=(TrialState.RUNNING,)):
-        if WORKER_ATTR not in trial.user_attrs:
-            started = trial.datetime_start
-            now = datetime.now(started.tzinfo) if started else None
-            reason = "no worker signed it" if started and (now - started).total_seconds() > grace else None
-        elif not _beats(study) and _local_worker_alive(trial) is False:
-            reason = "its worker process is gone"
-        else:
-            reason = None
-        if reason is not None:
-            with contextlib.suppress(UpdateFinishedTrialError):
-                if patiently(study._storage.set_trial_state_values, trial._trial_id, TrialState.FAIL):
-                    Requeue(on_lost, reason)(study, patiently(study._storage.get_trial, trial._trial_id))
+        if (reason := _lost_reason(study, trial)) is not None:
+            _fail_lost(study, trial, reason, on_lost)
+
+
+def _lost_reason(study: optuna.Study, trial: FrozenTrial) -> str | None:
+    """Why a RUNNING trial is lost, or None while it is not."""
+    if WORKER_ATTR not in trial.user_attrs:
+        started = trial.datetime_start
+        silent = started is not None and (datetime.now(started.tzinfo) - started).total_seconds()
+        return "no worker signed it" if silent and silent > grace_seconds() else None
+    worker = str(trial.user_attrs.get(WORKER_ATTR, ""))
+    if not keeps_heartbeats(study) and local_worker_alive(worker) is False:
+        return "its worker process is gone"
+    return None
+
+
+def _fail_lost(study: optuna.Study, trial: FrozenTrial, reason: str, on_lost: OnLost | None) -> None:
+    """Fail a lost trial (unless another worker did first) and queue it again."""
+    storage = storage_of(study)
+    with contextlib.suppress(UpdateFinishedTrialError):
+        if patiently(storage.set_trial_state_values, trial_id(trial), TrialState.FAIL):
+            Requeue(on_lost, reason)(study, patiently(storage.get_trial, trial_id(trial)))
 
 
 def _may_be_lost(study: optuna.Study, trial: FrozenTrial) -> bool:
@@ -388,39 +305,9 @@ def _may_be_lost(study: optuna.Study, trial: FrozenTrial) -> bool:
     """
     if trial.user_attrs.get(WORKER_ATTR) == worker_id():
         return False  # this process's own, which it is about to finish
-    if _beats(study) or WORKER_ATTR not in trial.user_attrs:
+    if keeps_heartbeats(study) or WORKER_ATTR not in trial.user_attrs:
         return True
-    return _local_worker_alive(trial) is True
-
-
-def grace_seconds() -> int:
-    """Seconds of silence after which a trial's worker is taken for lost: ``$PIPELINE_GRACE_SECONDS``,
-    default 60 (at least twice the heartbeat interval)."""
-    return _seconds(GRACE_ENV, max(60, 2 * _seconds(HEARTBEAT_ENV, 10)))
-
-
-def _local_worker_alive(trial: FrozenTrial) -> bool | None:
-    """Whether the trial's worker process is alive; None when it is not of this machine."""
-    host, _, pid = str(trial.user_attrs.get(WORKER_ATTR, "")).rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return None
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        pass
-    return True
-
-
-def _beats(study: optuna.Study) -> bool:
-    """Whether the study's storage keeps heartbeats (an RDB storage made by :func:`make_storage`)."""
-    return getattr(study._storage, "get_heartbeat_interval", lambda: None)() is not None
-
-
-def worker_id() -> str:
-    """This process as a trial's worker: ``host:pid``."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return local_worker_alive(str(trial.user_attrs[WORKER_ATTR])) is True
 
 
 def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
@@ -447,47 +334,3 @@ def suggest(trial: optuna.Trial, spec: SweepSpec) -> dict:
         else:
             params[name] = trial.suggest_categorical(name, list(space.choices))
     return params
-
-
-def patiently(fn: Callable, *args, **kwargs):
-    """``fn(*args, **kwargs)``, retried for up to ``STORAGE_PATIENCE`` seconds while the storage's
-    database cannot be reached (a restart, a network blip)."""
-    from sqlalchemy.exc import InterfaceError, OperationalError
-
-    deadline, delay = time.monotonic() + STORAGE_PATIENCE, 0.5
-    while True:
-        try:
-            return fn(*args, **kwargs)
-        except (optuna.exceptions.StorageInternalError, OperationalError, InterfaceError) as exc:
-            if time.monotonic() + delay > deadline:
-                raise
-            print(f"warning: Optuna storage unavailable ({_short(exc)}); retrying in {delay:g} s",
-                  file=sys.stderr)
-            time.sleep(delay)
-            delay = min(2 * delay, 8.0)
-
-
-def study_url(storage: str | None, name: str) -> str:
-    """How to open the study elsewhere: ``optuna-dashboard <storage>`` and the study name."""
-    storage = redact(storage or os.path.abspath(default_storage()))
-    return f"{storage}#study={name}"
-
-
-def _experimental_ok():
-    """Silence Optuna's ExperimentalWarning: the heartbeat API is used knowingly."""
-    return warnings.catch_warnings(action="ignore", category=ExperimentalWarning)
-
-
-def _seconds(env: str, default: int) -> int:
-    text = os.environ.get(env, "")
-    if not text:
-        return default
-    if not text.isdigit() or int(text) < 1:
-        raise UserError(f"{env}={text!r}: must be a whole number of seconds >= 1")
-    return int(text)
-
-
-def _short(exc: BaseException) -> str:
-    cause = exc.__cause__ or exc
-    lines = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {lines[0] if lines else ''}"[:300]

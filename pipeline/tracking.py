@@ -24,6 +24,7 @@ from mlflow.utils.time import get_current_time_millis
 from pipeline import naming
 from pipeline.errors import UserError
 
+STUDY_JOURNAL = "optuna-journal.log"  # the default Optuna storage's file, beside the store
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
 _ARTIFACT_URIS: dict[str, str] = {}  # run id -> artifact URI of runs created here (see log_text)
@@ -242,3 +243,21 @@ def _one_line(exc: BaseException, limit: int = 4000) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit // 4]} … {text[-(limit - limit // 4 - 3):]}"
+
+
+def default_study_storage() -> str:
+    """The default Optuna storage: a journal file beside the MLflow store, so a fresh store
+    starts fresh studies (``sqlite:///dir/mlflow.db`` and ``file:///dir`` give
+    ``dir/optuna-journal.log``; a tracking server gives ``./optuna-journal.log``), as an
+    absolute path."""
+    from urllib.parse import urlparse
+
+    uri = mlflow.get_tracking_uri()
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+    elif parsed.scheme in ("file", ""):
+        folder = Path(parsed.path)
+    else:
+        folder = Path()
+    return str((folder / STUDY_JOURNAL).absolute())

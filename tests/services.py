@@ -240,9 +240,9 @@ def audit(storage: str, study_name: str, tracking_uri: str, budget: int) -> dict
     import mlflow
     import optuna
 
-    from pipeline import naming, studies
+    from pipeline import naming, storages, studies
 
-    study = optuna.load_study(study_name=study_name, storage=studies.make_storage(storage))
+    study = optuna.load_study(study_name=study_name, storage=storages.make_storage(storage))
     trials = study.get_trials()
     counts = studies.tally(study)
     assert counts["complete"] + counts["fail"] == budget, counts

@@ -26,8 +26,9 @@ from pipeline.engine_keras import EPOCH_METRICS, KerasEngine
 from pipeline.features import read_features, write_features
 from pipeline.heads import initial_weights
 from pipeline.split import make_split
-from pipeline.studies import make_storage
+from pipeline.storages import make_storage
 from pipeline.sweep import run_sweep
+from pipeline.tracking import default_study_storage
 from tests.conftest import make_features
 from tests.test_sweep import TINY
 
@@ -265,7 +266,7 @@ def test_an_interrupted_batch_leaves_no_running_run(tmp_path, tracking, monkeypa
     for run in runs:
         statuses[run.data.tags.get(naming.STEP)].add(run.info.status)
     assert statuses == {"sweep": {"KILLED"}, "trial": {"KILLED"}}
-    study = optuna.load_study(study_name="tiny", storage=make_storage(None))
+    study = optuna.load_study(study_name="tiny", storage=make_storage(default_study_storage()))
     states = {t.state for t in study.trials}
     assert optuna.trial.TrialState.RUNNING not in states
 

@@ -19,11 +19,11 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from pipeline import naming, studies
+from pipeline import naming, storages, studies
 from pipeline.features import read_features
 from tests.services import ROOT, audit, free_port, tiny_study
 
-FAST_HEARTBEAT = {studies.HEARTBEAT_ENV: "1", studies.GRACE_ENV: "3"}
+FAST_HEARTBEAT = {storages.HEARTBEAT_ENV: "1", storages.GRACE_ENV: "3"}
 
 
 def wait_for(condition, timeout: float = 120.0, every: float = 0.05):
@@ -40,7 +40,7 @@ def wait_for(condition, timeout: float = 120.0, every: float = 0.05):
 def trials_of(storage: str, study_name: str, pid: int) -> list:
     """The trials process ``pid`` has worked on (none before the study exists)."""
     try:
-        study = optuna.load_study(study_name=study_name, storage=studies.make_storage(storage))
+        study = optuna.load_study(study_name=study_name, storage=storages.make_storage(storage))
     except KeyError:  # not created yet
         return []
     return [t for t in study.get_trials() if t.user_attrs.get(studies.WORKER_ATTR, "").endswith(f":{pid}")]
@@ -129,7 +129,7 @@ def test_interrupt_fails_the_trial_kills_its_run_and_a_rerun_resumes(tmp_path, s
     # callback, TensorFlow's when it lands in its nest.flatten; the sweep raises the interrupt
     # again: test_an_interrupt_turned_into_another_error_still_interrupts.)
     assert "interrupted" in log.strip().splitlines()[-1] and "Exception in thread" not in log
-    study = optuna.load_study(study_name="scale", storage=studies.make_storage(journal))
+    study = optuna.load_study(study_name="scale", storage=storages.make_storage(journal))
     interrupted = [t for t in study.trials if t.user_attrs.get(studies.REASON_ATTR) == "interrupted"]
     assert trial.number in {t.number for t in interrupted}
     for t in interrupted:
@@ -174,7 +174,8 @@ def test_an_interrupt_turned_into_another_error_still_interrupts(tmp_path, track
     features, sweep, _ = tiny_study(tmp_path, n_seeds=1, engine=engine)
     with pytest.raises(tracking_module.Terminated):
         run_sweep(features, sweep, progress=False)
-    study = optuna.load_study(study_name="scale", storage=studies.make_storage(None))
+    study = optuna.load_study(study_name="scale", storage=storages.make_storage(
+        tracking_module.default_study_storage()))
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
     assert failed and all(t.user_attrs[studies.REASON_ATTR] == "interrupted" for t in failed)
     for t in failed:
@@ -214,12 +215,12 @@ def test_postgres_restart_mid_sweep_loses_nothing(tmp_path, postgres, mlflow_ser
     storage = postgres.create_database("optuna_restart")
     proc = launch(mlflow_server.uri, "--features", features, "--sweep", sweep,
                        "--storage", storage, "--study", "restart", "--workers", "2",
-                       env={studies.HEARTBEAT_ENV: "1", studies.GRACE_ENV: "30"})
+                       env={storages.HEARTBEAT_ENV: "1", storages.GRACE_ENV: "30"})
 
     def some_done():
         """3 finished trials"""
         try:
-            study = optuna.load_study(study_name="restart", storage=studies.make_storage(storage))
+            study = optuna.load_study(study_name="restart", storage=storages.make_storage(storage))
         except KeyError:
             return None
         return sum(t.state.is_finished() for t in study.get_trials()) >= 3

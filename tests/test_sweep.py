@@ -17,8 +17,9 @@ from pipeline import naming
 from pipeline.errors import UserError
 from pipeline.export import export, trial_records
 from pipeline.features import write_features
-from pipeline.studies import make_storage
+from pipeline.storages import make_storage
 from pipeline.sweep import run_sweep
+from pipeline.tracking import default_study_storage
 from tests.conftest import SMALL_STUDY, make_features, private_store
 
 TINY = {**SMALL_STUDY, "name": "tiny", "experiment": "tiny-exp", "description": "a test study",
@@ -132,7 +133,7 @@ def test_rejected_combination_is_a_failed_trial_and_the_sweep_goes_on(swept):
     failed = [r for r in runs if r.info.status == "FAILED"]
     assert {r.data.params["loss"] for r in failed} == {"sparse_categorical_crossentropy"}
     assert all(r.data.tags[naming.ERROR] for r in failed)
-    study = optuna.load_study(study_name="tiny", storage=make_storage(None))
+    study = optuna.load_study(study_name="tiny", storage=make_storage(default_study_storage()))
     fails = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
     assert len(fails) == 2 and all(t.user_attrs["fail_reason"] for t in fails)
     run_ids = [t.user_attrs["mlflow_run_id"] for t in study.trials]

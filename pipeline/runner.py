@@ -1,0 +1,170 @@
+"""The trial path: claim a batch, train it, record it, tell Optuna; until the study's queue is empty.
+
+Every worker of every sweep runs :func:`work`, whatever the engine or the kind of trial: a
+batch is as many trials as the engine takes at once (256 for the fused engine, 1 for the Keras
+reference; 1 for parity trials), so a serial run is a batch of one. In a batch:
+
+1. the trials are claimed from Optuna (:func:`pipeline.studies.claim`), each a
+   :class:`~pipeline.trial.TrialLife`;
+2. their runs open on the writer thread while the batch trains here (TensorFlow leaves
+   Python's lock free, so the two overlap);
+3. each trained trial's files are written here, its metrics recorded and its run ended on the
+   writer thread, in order, and each is told to Optuna here as soon as it is recorded.
+
+Ctrl-C or SIGTERM ends every trial of the batch not yet told: a record already being written
+is finished and told; the others' runs end KILLED and their trials FAIL and are queued again.
+"""
+
+from __future__ import annotations
+
+import gc
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import TrialState
+
+from pipeline import studies, tracking
+from pipeline.config import SweepSpec
+from pipeline.engines import Engine
+from pipeline.heartbeats import Heartbeats
+from pipeline.kinds import Recording, TrialKind
+from pipeline.split import Splits
+from pipeline.storages import patiently
+from pipeline.trial import TrialLife
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a worker needs to run a study's trials; picklable, for worker processes."""
+
+    features: str
+    sweep: str
+    n_trials: int | None
+    storage: str
+    study: str
+    experiment: str
+    parent: str
+    tags: dict
+    tracking_uri: str
+    workers: int = 1  # this command's workers: a batch takes at most 1/workers of the queue
+
+
+@dataclass(frozen=True)
+class Worker:
+    """One process's share of a sweep: its job, the study, and what trains and records trials."""
+
+    job: Job
+    study: optuna.Study
+    spec: SweepSpec
+    kind: TrialKind
+    engine: Engine
+    splits: Splits
+
+    def recording(self, life: TrialLife) -> Recording:
+        return Recording(life.run_id, self.job.experiment, self.job.tags, self.splits,
+                         self.spec.objective_metric)
+
+
+def freeze_imports() -> None:
+    """Leave the objects that exist now, the imported libraries' (TensorFlow, MLflow: half a
+    million), out of Python's cyclic garbage collection, once per process: a full collection
+    walks every tracked object, and MLflow's SQLAlchemy store makes short-lived objects fast
+    enough to set several off per sweep. Objects made later are collected as usual, and frozen
+    ones are still freed when their last reference goes."""
+    if not gc.get_freeze_count():
+        gc.freeze()
+
+
+def end_lost_run(trial: optuna.trial.FrozenTrial, reason: str) -> None:
+    """A lost trial's MLflow run ends KILLED (the ``on_lost`` of :mod:`pipeline.studies`)."""
+    tracking.end_lost_run(trial.user_attrs.get(studies.RUN_ATTR), reason)
+
+
+def work(worker: Worker, bar=None) -> None:
+    """Run the study's trials batch by batch until none is left, keeping their heartbeats."""
+    with Heartbeats(worker.study) as beats, \
+            ThreadPoolExecutor(1, thread_name_prefix="mlflow-writer") as writer:
+        while True:
+            tracking.raise_swallowed_interrupt()
+            with tracking.deferred_interrupts():
+                batch = [TrialLife(worker.study, trial, worker.spec, worker.kind)
+                         for trial in studies.claim(worker.study, _batch_size(worker), end_lost_run)]
+                for life in batch:
+                    beats.add(life.trial)
+            if not batch:
+                break
+            _run_batch(worker, batch, writer, beats)
+            _advance(bar, worker.study)
+    if bar is not None:
+        bar.close()
+
+
+def _batch_size(worker: Worker) -> int:
+    """Trials to claim next: as many as the engine (or the kind) trains at once, at most
+    1/``workers`` of the waiting ones (the command's other workers get their share); with a
+    pruner, the first batch is its ``n_startup_trials`` alone, so that later trials have
+    completed ones to be compared with."""
+    size = worker.kind.batch_trials or worker.engine.batch_trials
+    if worker.job.workers > 1:
+        waiting = patiently(worker.study.get_trials, deepcopy=False, states=(TrialState.WAITING,))
+        size = min(size, max(1, -(-len(waiting) // worker.job.workers)))
+    if worker.spec.pruner.type != "none":
+        completed = patiently(worker.study.get_trials, deepcopy=False, states=(TrialState.COMPLETE,))
+        size = min(max(worker.spec.pruner.n_startup_trials - len(completed), 0) or size, size)
+    return size
+
+
+def _run_batch(worker: Worker, batch: list[TrialLife], writer: ThreadPoolExecutor,
+               beats: Heartbeats) -> None:
+    """Train, record and tell one claimed batch (see the module docstring)."""
+    job, told = worker.job, 0
+    opened = [writer.submit(life.open, job.experiment, job.parent, job.tags, worker.engine) for life in batch]
+    written: list[Future] = []
+    try:
+        trainable = [life for life in batch if life.config is not None]
+        outcomes = dict(zip(map(id, trainable), worker.kind.train(
+            worker.engine, [life.config for life in trainable], worker.splits,
+            [life.reporter for life in trainable]), strict=True))
+        tracking.raise_swallowed_interrupt()  # a head's error may be an interrupt in disguise
+        for life, run in zip(batch, opened, strict=True):
+            with tracking.deferred_interrupts():  # between trials, not in a GC callback
+                run.result()
+                outcome = life.write_files(outcomes.get(id(life), life.error))
+                written.append(writer.submit(life.record, outcome, worker.recording(life)))
+        for life, write in zip(batch, written, strict=True):
+            recorded = write.result()
+            with tracking.deferred_interrupts():
+                life.tell(recorded)
+                told += 1
+                beats.discard(life.trial)
+    except KeyboardInterrupt:
+        with tracking.deferred_interrupts():
+            _abandon(writer, batch[told:], opened[told:], written[told:])
+        raise
+
+
+def _abandon(writer: ThreadPoolExecutor, batch: list[TrialLife], opened: list[Future],
+             written: list[Future]) -> None:
+    """End the trials of a batch an interrupt cut short: a record already being written is
+    finished and told; the others' runs (those opened) end KILLED, their trials FAIL and are
+    queued again."""
+    for i, life in enumerate(batch):
+        if not opened[i].cancel():
+            opened[i].result()
+        if i < len(written) and not written[i].cancel():
+            life.tell(written[i].result())
+            continue
+        writer.submit(life.abandon).result()
+
+
+def _advance(bar, study: optuna.Study) -> None:
+    """Bring ``bar`` to the trials finished so far, by every worker."""
+    if bar is not None:
+        bar.update(done(study) - bar.n)
+
+
+def done(study: optuna.Study) -> int:
+    """Trials of the study's budget that have finished, by every worker."""
+    counts = studies.tally(study)
+    return counts["complete"] + counts["fail"] + counts["pruned"]

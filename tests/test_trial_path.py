@@ -1,0 +1,93 @@
+"""One trial path: the same input gets the same outcome under both engines.
+
+What can be checked before anything is written is bad input (one line, nothing written: no
+run, no experiment, no study); what can only fail inside a trial fails that trial the same way
+under both engines: FAIL in Optuna with the reason, its run FAILED with the reason, never
+RUNNING.
+"""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import optuna
+import pytest
+import yaml
+
+from pipeline import naming, studies
+from pipeline.errors import UserError
+from pipeline.features import write_features
+from pipeline.storages import make_storage
+from pipeline.sweep import run_sweep
+from pipeline.tracking import default_study_storage
+from tests.conftest import make_features
+
+ENGINES = ("fused", "keras")
+
+
+def sweep_file(folder, engine: str, **changes) -> str:
+    spec = {"name": "edge", "experiment": "edge-exp", "sampler": "grid", "engine": engine,
+            "seeds": [0], "fixed": {"epochs": 2, "batch_size": 16},
+            "space": {"activation": ["sigmoid"]}, **changes}
+    path = folder / f"edge-{engine}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def nothing_written(folder) -> None:
+    assert not mlflow.MlflowClient().search_experiments(filter_string="name = 'edge-exp'")
+    assert not mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert not (folder / "optuna-journal.log").exists()
+
+
+UNSPLITTABLE = {
+    "one positive in 60 rows": (60, {"positive_rows": 1}, {}),
+    "6 rows, validation_fraction 0.1": (6, {}, {"fixed": {"epochs": 2, "batch_size": 16,
+                                                          "validation_fraction": 0.1}}),
+}
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("case", UNSPLITTABLE)
+def test_an_unsplittable_file_is_bad_input_under_both_engines(tmp_path, tracking, case, engine):
+    rows, label_changes, sweep_changes = UNSPLITTABLE[case]
+    x, y = make_features(n=rows, d=4)
+    if "positive_rows" in label_changes:
+        y = np.zeros(rows, dtype=np.int64)
+        y[-label_changes["positive_rows"]:] = 1
+    features = write_features(tmp_path / "f.h5", x, y, {})
+    with pytest.raises(UserError, match="cannot split"):
+        run_sweep(str(features), sweep_file(tmp_path, engine, **sweep_changes), progress=False)
+    nothing_written(tmp_path)
+
+
+FAULTS = {  # each sub-grid a way for a trial to fail once it has started
+    "space": [{"activation": ["sigmoid"]},
+              {"units": [1], "loss": ["sparse_categorical_crossentropy"]},  # Keras refuses it
+              {"learning_rate": [1e30]}],                                    # diverges
+    "objective": {"metric": "val_loss"},
+}
+
+
+def outcomes(folder, engine: str) -> dict:
+    """Each trial's (params, Optuna state, run status, reason's exception type)."""
+    x, y = make_features(n=120, d=8)
+    features = write_features(folder / f"{engine}.h5", x, y, {})
+    run_sweep(str(features), sweep_file(folder, engine, **FAULTS), study=engine, progress=False)
+    study = optuna.load_study(study_name=engine, storage=make_storage(default_study_storage()))
+    client = mlflow.MlflowClient()
+    seen = {}
+    for trial in study.trials:
+        run = client.get_run(trial.user_attrs[studies.RUN_ATTR])
+        reason = trial.user_attrs.get(studies.REASON_ATTR, "")
+        assert reason.split(":")[0] == run.data.tags.get(naming.ERROR, "").split(":")[0]
+        seen[str(sorted(trial.params.items()))] = (trial.state.name, run.info.status,
+                                                    reason.split(":")[0])
+    return seen
+
+
+def test_trials_that_fail_inside_fail_the_same_way_under_both_engines(tmp_path, tracking):
+    fused, keras = outcomes(tmp_path, "fused"), outcomes(tmp_path, "keras")
+    assert fused == keras
+    assert sorted(fused.values()) == [("COMPLETE", "FINISHED", ""), ("FAIL", "FAILED", "FloatingPointError"),
+                                      ("FAIL", "FAILED", "ValueError")]
