@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import tracking
+from pipeline import lineage, tracking
 from pipeline.errors import UserError
-from pipeline.features import sha256_file, write_features
+from pipeline.features import read_features, sha256_file, write_features
 from pipeline.progress import progress_bar
 from pipeline.quiet import quiet_tensorflow
 from pipeline.sources import MIN_INPUT_SIZE, ImageSource, open_source
@@ -189,7 +189,7 @@ def run_extract(images: str, weights: str = "auto", input_size: str | int = "aut
                                      {naming.STEP: "extract"})
     else:
         mlflow.MlflowClient().set_tag(run_id, naming.STEP, "extract")
-    with tracking.terminal_run(run_id):
+    with tracking.terminal_run(run_id), tracking.system_metrics(run_id):
         result = extract(images, weights, input_size, batch_size, output, progress)
         client = mlflow.MlflowClient()
         tracking.log_new_params(run_id, {"images": images, "weights": weights,
@@ -204,6 +204,15 @@ def run_extract(images: str, weights: str = "auto", input_size: str | int = "aut
                   naming.FEATURES_SHA: sha256_file(result.output),
                   "class_names": ",".join(result.class_names), **tracking.versions()})
         client.log_artifact(run_id, str(result.output), FEATURES_ARTIFACT_DIR)
+        _log_dataset(run_id, result.output)
         client.log_text(run_id, "\n".join(result.skipped) + ("\n" if result.skipped else ""),
                         "skipped_images.txt")
     return run_id, result
+
+
+def _log_dataset(run_id: str, path: Path) -> None:
+    """The features file as the extract run's output dataset, its source the run's artifact."""
+    data = read_features(path)
+    source = f"runs:/{run_id}/{FEATURES_ARTIFACT_DIR}/{path.name}"
+    lineage.log_features(run_id, lineage.features_dataset(source, sha256_file(path), data.x.shape,
+                                                          data.class_names, float(data.y.mean())), "output")

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import mlflow
 import optuna
+from mlflow.entities import Dataset
 
-from pipeline import naming, storages, studies, tracking
+from pipeline import lineage, naming, storages, studies, tracking
 from pipeline.config import SweepSpec
 from pipeline.errors import UserError
 from pipeline.kinds import kind_of
@@ -33,6 +34,7 @@ class Origin:
     sweep_file: str
     features_path: str
     features_sha: str
+    dataset: Dataset  # the features file as an MLflow dataset: every run's input
     storage: str
     launcher: str | None  # the run of ``main`` or of ``mlflow run``, if any
 
@@ -118,6 +120,7 @@ def _create(study: optuna.Study, origin: Origin, experiment: str) -> str:
               "features": origin.features_path, "study": study.study_name,
               **{f"fixed.{k}": v for k, v in spec.fixed.items()}}
     tracking.log_batch(parent, params=params)
+    lineage.log_features(parent, origin.dataset)
     client.log_artifact(parent, origin.sweep_file, "sweep")
     return parent
 

@@ -20,7 +20,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from pipeline import figures, naming, records, tracking
+from pipeline import figures, lineage, naming, records, tracking
 from pipeline.config import ParityConfig
 from pipeline.engine_keras import KerasEngine, TrialResult
 from pipeline.split import Split, make_split
@@ -165,6 +165,8 @@ def run_parity(features: str, config: ParityConfig, experiment: str = EXPERIMENT
         tracking.describe_experiment(experiment, PARITY_QUESTION)
         run_id = tracking.create_run(experiment, naming.parity_run_name(config), None, tags)
         tracking.log_batch(run_id, params=config.params() | {"features": str(path)})
+    lineage.log_features(run_id, lineage.features_dataset(features, sha, data.x.shape, data.class_names,
+                                                          float(data.y.mean())))
     with tracking.terminal_run(run_id):
         summary = log_parity(run_id, experiment, train_parity(config, split), split,
                              {naming.FEATURES_SHA: sha})

@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import optuna
+from mlflow.entities import Dataset
 from optuna.trial import TrialState
 
 from pipeline import studies, tracking
@@ -38,7 +39,8 @@ from pipeline.trial import TrialLife
 class Job:
     """What a worker needs to run a study's trials; picklable, for worker processes."""
 
-    features: str
+    source: str  # the features as the user named them (a path or a runs:/ URI)
+    features: str  # ... as a local path
     sweep: str
     n_trials: int | None
     storage: str
@@ -60,6 +62,7 @@ class Worker:
     kind: TrialKind
     engine: Engine
     splits: Splits
+    dataset: Dataset  # the features file as an MLflow dataset (pipeline.lineage)
 
     def recording(self, life: TrialLife) -> Recording:
         return Recording(life.run_id, self.job.experiment, self.job.tags, self.splits,
@@ -119,7 +122,8 @@ def _run_batch(worker: Worker, batch: list[TrialLife], writer: ThreadPoolExecuto
                beats: Heartbeats) -> None:
     """Train, record and tell one claimed batch (see the module docstring)."""
     job, told = worker.job, 0
-    opened = [writer.submit(life.open, job.experiment, job.parent, job.tags, worker.engine) for life in batch]
+    opened = [writer.submit(life.open, job.experiment, job.parent, job.tags, worker.engine, worker.dataset)
+              for life in batch]
     written: list[Future] = []
     try:
         trainable = [life for life in batch if life.config is not None]

@@ -109,9 +109,13 @@ def open_study(spec: SweepSpec, storage: str, name: str | None, features_sha: st
 
 
 def _check_or_record_space(study: optuna.Study, spec: SweepSpec, features_sha: str) -> None:
-    """Record what makes the study's trials comparable, or refuse a study made otherwise."""
+    """Record what makes the study's trials comparable and the name of its objective (as Optuna's
+    clients show it), or refuse a study made otherwise."""
     space = json.dumps(describe_space(spec), sort_keys=True)
     attrs = study.user_attrs
+    if study.metric_names is None:
+        with experimental_ok():
+            patiently(study.set_metric_names, [spec.objective_metric])
     if SPACE_ATTR not in attrs:
         for key, value in {SPACE_ATTR: space, FEATURES_ATTR: features_sha, "sweep": spec.name,
                            "objective": spec.objective_metric}.items():

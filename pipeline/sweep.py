@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import mlflow
 import optuna
 
-from pipeline import naming, parent, runner, studies, tracking
+from pipeline import lineage, naming, parent, runner, studies, tracking
 from pipeline.config import SweepSpec, load_sweep
 from pipeline.engines import Engine, make_engine
 from pipeline.errors import UserError
@@ -70,17 +70,20 @@ def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: s
     _prepare(engine, spec)
     data, features_sha = _read_checked(features_path, spec)
     tracking.install_sigterm_handler()
-    origin = parent.Origin(spec, sweep, str(features_path), features_sha,
+    dataset = lineage.features_dataset(features, features_sha, data.x.shape, data.class_names,
+                                       float(data.y.mean()))
+    origin = parent.Origin(spec, sweep, str(features_path), features_sha, dataset,
                            storage or tracking.default_study_storage(), launcher_run_id)
     with tracking.deferred_interrupts():
         the_study, setup = studies.open_study(spec, origin.storage, study, features_sha, runner.end_lost_run)
         parent_run, experiment = parent.attach(the_study, origin, setup)
-    job = runner.Job(str(features_path), sweep, n_trials, origin.storage, the_study.study_name, experiment,
-                     parent_run, _trial_tags(the_study, origin, data), mlflow.get_tracking_uri(),
-                     max(workers, 1))
+    job = runner.Job(features, str(features_path), sweep, n_trials, origin.storage, the_study.study_name,
+                     experiment, parent_run, _trial_tags(the_study, origin, data),
+                     mlflow.get_tracking_uri(), max(workers, 1))
     with parent.closing(the_study, parent_run) as counts, started_workers(job, max(workers - 1, 0)):
         if workers:
-            worker = runner.Worker(job, the_study, spec, kind_of(spec), engine, Splits(data.x, data.y))
+            worker = runner.Worker(job, the_study, spec, kind_of(spec), engine, Splits(data.x, data.y),
+                                   dataset)
             runner.work(worker, _progress(spec.budget(), the_study, progress))
     return SweepOutcome(parent_run, experiment, the_study.study_name,
                         {k: counts[k] for k in ("complete", "fail", "pruned")}, counts["retried"])

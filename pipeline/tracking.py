@@ -21,7 +21,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.utils.time import get_current_time_millis
 
-from pipeline import naming
+from pipeline import lineage, naming
 from pipeline.errors import UserError
 
 STUDY_JOURNAL = "optuna-journal.log"  # the default Optuna storage's file, beside the store
@@ -162,8 +162,11 @@ def describe_experiment(experiment: str, description: str) -> None:
 
 def create_run(experiment: str, name: str, parent_run_id: str | None = None,
                tags: Mapping[str, str] | None = None) -> str:
-    """Create a RUNNING run (nested under ``parent_run_id`` if given) and return its id."""
-    all_tags = {naming.PARENT: parent_run_id} if parent_run_id else {}
+    """Create a RUNNING run (nested under ``parent_run_id`` if given) and return its id; it
+    carries MLflow's context tags (:func:`pipeline.lineage.context_tags`)."""
+    all_tags = dict(lineage.context_tags())
+    if parent_run_id:
+        all_tags[naming.PARENT] = parent_run_id
     all_tags.update(tags or {})
     run = mlflow.MlflowClient().create_run(experiment, run_name=name,
                                            tags={k: str(v) for k, v in all_tags.items()})
@@ -261,3 +264,22 @@ def default_study_storage() -> str:
     else:
         folder = Path()
     return str((folder / STUDY_JOURNAL).absolute())
+
+
+@contextlib.contextmanager
+def system_metrics(run_id: str, interval: float = 5.0) -> Iterator[None]:
+    """Record MLflow's system metrics (CPU, memory, disk, network: ``system/...``) on ``run_id``
+    every ``interval`` seconds while the block runs, and once more at its end (a block shorter
+    than ``interval`` gets one point), so a long stage shows its load in the UI."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, samples_before_logging=1)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+        with contextlib.suppress(Exception):  # the load record is best effort, never the stage's error
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()

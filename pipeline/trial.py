@@ -17,7 +17,7 @@ import math
 import optuna
 from optuna.trial import TrialState
 
-from pipeline import naming, studies, tracking
+from pipeline import lineage, naming, studies, tracking
 from pipeline.config import Pruner, SweepSpec, TrainingSettings
 from pipeline.kinds import Recording, TrialKind
 from pipeline.storages import patiently
@@ -55,9 +55,10 @@ class TrialLife:
         except Exception as exc:
             self.config, self.error = None, exc
 
-    def open(self, experiment: str, parent: str, tags: dict, engine) -> None:
-        """Create the trial's RUNNING run under ``parent``, with its config as params; the trial
-        records the run's id at once, so a worker that takes it for lost can end the run."""
+    def open(self, experiment: str, parent: str, tags: dict, engine, dataset) -> None:
+        """Create the trial's RUNNING run under ``parent``, with its config as params and the
+        features ``dataset`` as its input; the trial records the run's id at once, so a worker
+        that takes it for lost can end the run."""
         if self.config is None:
             return
         try:
@@ -68,6 +69,7 @@ class TrialLife:
             self.run_id = tracking.create_run(experiment, self.kind.run_name(self.config), parent, run_tags)
             patiently(self.trial.set_user_attr, studies.RUN_ATTR, self.run_id)
             tracking.log_batch(self.run_id, params=self.config.params())
+            lineage.log_features(self.run_id, dataset)
         except Exception as exc:
             self.error = exc
 

@@ -13,7 +13,7 @@ import sys
 
 import mlflow
 
-from pipeline import parent, runner, studies, tracking
+from pipeline import lineage, parent, runner, studies, tracking
 from pipeline.config import load_sweep
 from pipeline.engines import make_engine
 from pipeline.features import read_features
@@ -53,7 +53,9 @@ def load_worker(job: runner.Job) -> runner.Worker:
     study = studies.load_study(spec, job.storage, job.study, runner.end_lost_run)
     engine = make_engine(spec.engine)
     runner.freeze_imports()
-    return runner.Worker(job, study, spec, kind_of(spec), engine, Splits(data.x, data.y))
+    sha = study.user_attrs[studies.FEATURES_ATTR]
+    dataset = lineage.features_dataset(job.source, sha, data.x.shape, data.class_names, float(data.y.mean()))
+    return runner.Worker(job, study, spec, kind_of(spec), engine, Splits(data.x, data.y), dataset)
 
 
 def _worker_main(job: runner.Job) -> None:

@@ -98,3 +98,30 @@ def test_parity_entry_point_through_mlflow_run(mlflow_run_twice):
     assert all(r.info.status == "FINISHED" for r in runs)
     assert parent.data.metrics["max_gap_softmax_transfer"] <= 1e-5
     assert parent.data.params["optimizer"] == "momentum"
+
+
+def test_the_features_file_is_a_dataset_from_extraction_to_every_trial(mlflow_run_twice):
+    """Lineage: the extract run's output dataset is every sweep run's input, found by digest;
+    every run the project creates carries MLflow's source context tags."""
+    import hashlib
+
+    tmp, _ = mlflow_run_twice
+    digest = hashlib.sha256((tmp / "out" / "features.h5").read_bytes()).hexdigest()[:36]
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    by_digest = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                   filter_string=f"datasets.digest = '{digest}'")
+    steps = [r.data.tags[naming.STEP] for r in by_digest]
+    assert sorted(set(steps)) == ["extract", "sweep", "trial"] and steps.count("trial") == 4
+    extract = next(r for r in by_digest if r.data.tags[naming.STEP] == "extract")
+    (dataset_input,) = extract.inputs.dataset_inputs
+    assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "output"
+    source = yaml.safe_load(dataset_input.dataset.source)["uri"]
+    assert source.startswith(f"runs:/{extract.info.run_id}/")
+    fetched = Path(mlflow.artifacts.download_artifacts(source))
+    assert hashlib.sha256(fetched.read_bytes()).hexdigest()[:36] == digest
+    assert "system/cpu_utilization_percentage" in extract.data.metrics
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    for run in runs:
+        assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.type"], run.info.run_name
+        if commit.returncode == 0:
+            assert run.data.tags["mlflow.source.git.commit"] == commit.stdout.strip(), run.info.run_name

@@ -33,9 +33,13 @@ def optuna_cli(command: str, journal: Path) -> subprocess.CompletedProcess:
 def test_optuna_cli_lists_trials_and_the_best(small_study):
     trials = json.loads(optuna_cli("trials", small_study.journal).stdout)
     assert len(trials) == 8 and {t["state"] for t in trials} == {"COMPLETE"}
+    assert {tuple(t["value"]) for t in trials} == {("val_prob_loss",)}  # the objective, named
+    for t in trials:
+        t["value"] = t["value"]["val_prob_loss"]
     assert {(t["params"]["activation"], t["params"]["units"], t["params"]["seed"]) for t in trials} == {
         (a, u, s) for a, u in (("softmax", 1), ("softmax", 2), ("sigmoid", 1)) for s in (0, 1)}
     best = json.loads(optuna_cli("best-trial", small_study.journal).stdout)
+    best["value"] = best["value"]["val_prob_loss"]
     assert best["value"] == min(t["value"] for t in trials)
     mlflow.set_tracking_uri(small_study.store)
     try:
@@ -76,6 +80,7 @@ def test_optuna_dashboard_serves_the_study(small_study):
         assert [s["study_name"] for s in studies] == [SMALL_STUDY["name"]]
         detail = _get_json(f"{base}/api/studies/{studies[0]['study_id']}?after=0", time.monotonic() + 10)
         assert len(detail["trials"]) == 8 and {t["state"] for t in detail["trials"]} == {"Complete"}
+        assert detail["objective_names"] == ["val_prob_loss"]
         assert {a["key"]: a["value"] for a in detail["user_attrs"]}["mlflow_parent_run_id"] == (
             small_study.outcome.parent_run_id)
         assert {p["name"] for p in detail["trials"][0]["params"]} == {
