@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "workers", type=int, default=1,
           help="processes of this machine that run trials side by side (default 1); 0 sets the "
                "study and its parent run up for workers started elsewhere")
+    _flag(p, "register_model", type=_optional_str, default=None,
+          help="also register the best head (logged as the parent run's model best_head) in the "
+               "Model Registry under this name (default: log it only)")
 
     p = sub.add_parser("parity", help="the seed's parity experiment: softmax vs transferred sigmoid",
                        description="Train, under one parent run, the 2-unit softmax at "
@@ -125,7 +128,8 @@ def run(args: argparse.Namespace) -> None:
         from pipeline.sweep import run_sweep
 
         outcome = run_sweep(args.features, args.sweep, args.n_trials, args.storage, args.study,
-                            launcher_run_id=launcher, workers=args.workers)
+                            launcher_run_id=launcher, workers=args.workers,
+                            register_model=args.register_model)
         retried = f" ({outcome.retried} lost attempts re-run)" if outcome.retried else ""
         print(f"sweep: study '{outcome.study_name}' {outcome.counts}{retried}; parent run "
               f"{outcome.parent_run_id}", file=sys.stderr)

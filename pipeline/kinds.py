@@ -18,7 +18,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pipeline import naming, parity, records
+import mlflow
+from optuna.trial import FrozenTrial
+
+from pipeline import best_head, naming, parity, records, studies, tracking
 from pipeline.config import ParityConfig, SweepSpec, TrainingSettings, TrialConfig
 from pipeline.engines import Engine, EpochCallback
 from pipeline.split import Splits
@@ -78,6 +81,11 @@ class TrialKind(ABC):
     def record(self, where: Recording, config: TrainingSettings, result) -> float:
         """Record a trained trial's metrics and tags; return its objective value."""
 
+    def log_best(self, parent: str, best: FrozenTrial, splits: Splits,  # noqa: B027
+                 register_as: str | None) -> None:
+        """Log what the finished sweep's best trial ``best`` trained, as a model of the parent
+        run ``parent`` (and register it as ``register_as``); nothing here."""
+
 
 class HeadsKind(TrialKind):
     name = TrialConfig.KIND
@@ -110,7 +118,14 @@ class HeadsKind(TrialKind):
     def record(self, where: Recording, config: TrialConfig, result) -> float:
         y_val = where.splits.validation_labels(config.validation_fraction, config.seed)
         records.log_head_metrics(where.run_id, result, y_val, config)
+        stats = (where.splits.standardization(config.validation_fraction, config.seed)
+                 if config.standardize else None)
+        tracking.log_text(where.run_id, best_head.head_file(result, config, stats), best_head.HEAD_FILE)
         return result.final(where.metric)
+
+    def log_best(self, parent: str, best: FrozenTrial, splits: Splits, register_as: str | None) -> None:
+        run = mlflow.MlflowClient().get_run(best.user_attrs[studies.RUN_ATTR])
+        best_head.log_best_head(parent, run, best.number, splits.x[:2], register_as)
 
 
 class ParityKind(TrialKind):

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import optuna
 from mlflow.entities import Dataset
+from optuna.trial import FrozenTrial
 
 from pipeline import lineage, naming, storages, studies, tracking
 from pipeline.config import SweepSpec
@@ -126,11 +129,12 @@ def _create(study: optuna.Study, origin: Origin, experiment: str) -> str:
 
 
 @contextlib.contextmanager
-def closing(study: optuna.Study, parent: str):
+def closing(study: optuna.Study, parent: str, on_finished: Callable[[FrozenTrial], None] | None = None):
     """Yield a dict that holds the trial counts once the block is done; on the way out log them
     on the parent run and end it (FINISHED, KILLED on an interrupt, FAILED on an error) unless
     other workers still run trials: the last worker out ends it. Finished with trials still
-    queued (``workers 0``) it is SCHEDULED."""
+    queued (``workers 0``) it is SCHEDULED. The worker that ends a study whose every trial has
+    finished calls ``on_finished(best trial)`` first, if a trial completed."""
     counts: dict[str, int] = {}
     status = "FINISHED"
     try:
@@ -144,7 +148,19 @@ def closing(study: optuna.Study, parent: str):
     finally:
         with tracking.deferred_interrupts():
             counts.update(summarise(study, parent))
+            if on_finished and status == "FINISHED" and counts["complete"] and not (
+                    counts["running"] or counts["waiting"]):
+                _call_on_finished(on_finished, study)
             _end(parent, status, counts)
+
+
+def _call_on_finished(on_finished: Callable[[FrozenTrial], None], study: optuna.Study) -> None:
+    """``on_finished(best trial)``; a failure is a warning: the study's record stands without it."""
+    try:
+        on_finished(patiently(lambda: study.best_trial))
+    except Exception as exc:
+        print(f"warning: the best trial's model was not logged ({type(exc).__name__}: "
+              f"{' '.join(str(exc).split())[:300]})", file=sys.stderr)
 
 
 def _end(parent: str, status: str, counts: dict[str, int]) -> None:

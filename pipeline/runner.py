@@ -50,6 +50,7 @@ class Job:
     tags: dict
     tracking_uri: str
     workers: int = 1  # this command's workers: a batch takes at most 1/workers of the queue
+    register_model: str | None = None  # the Model Registry name of the best head, if any
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,10 @@ class Worker:
     engine: Engine
     splits: Splits
     dataset: Dataset  # the features file as an MLflow dataset (pipeline.lineage)
+
+    def log_best(self, best: optuna.trial.FrozenTrial) -> None:
+        """Log the finished study's best trial as the parent run's model (:meth:`TrialKind.log_best`)."""
+        self.kind.log_best(self.job.parent, best, self.splits, self.job.register_model)
 
     def recording(self, life: TrialLife) -> Recording:
         return Recording(life.run_id, self.job.experiment, self.job.tags, self.splits,

@@ -44,11 +44,17 @@ def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
     return np.sort(train), np.sort(val)
 
 
-def standardize(x_train: np.ndarray, x_val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Scale both splits by the training split's per-feature mean and std (std 0 -> 1)."""
+def standardization(x_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The training split's per-feature mean and std (std 0 -> 1), in float64."""
     mean = x_train.mean(axis=0, dtype=np.float64)
     std = x_train.std(axis=0, dtype=np.float64)
     std[std == 0] = 1.0
+    return mean, std
+
+
+def standardize(x_train: np.ndarray, x_val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scale both splits by the training split's per-feature mean and std (std 0 -> 1)."""
+    mean, std = standardization(x_train)
     scale = lambda x: ((x - mean) / std).astype(np.float32)  # noqa: E731
     return scale(x_train), scale(x_val)
 
@@ -84,6 +90,13 @@ class Splits:
         if key not in self._labels:
             self._labels[key] = self.y[stratified_split(self.y, fraction, seed)[1]]
         return self._labels[key]
+
+    def standardization(self, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """The mean and std the standardized split of ``fraction`` and ``seed`` is scaled by."""
+        key = ("stats", fraction, seed)
+        if key not in self._splits:
+            self._splits[key] = standardization(self.x[stratified_split(self.y, fraction, seed)[0]])
+        return self._splits[key]
 
     def check(self, fractions: Iterable[float], seeds: Iterable[int]) -> None:
         """Raise :class:`UserError` unless every split of these fractions and seeds can be made."""

@@ -48,7 +48,8 @@ class SweepOutcome:
 
 def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: str | None = None,
               study: str | None = None, launcher_run_id: str | None = None,
-              progress: bool | None = None, workers: int = 1) -> SweepOutcome:
+              progress: bool | None = None, workers: int = 1,
+              register_model: str | None = None) -> SweepOutcome:
     """Run (or resume) the study a sweep file describes, on a features file or ``runs:/`` URI.
 
     ``workers`` processes of this machine take the study's trials side by side (this one and
@@ -58,8 +59,10 @@ def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: s
     the one parent run, which the last worker out ends. ``storage`` defaults to a journal file
     beside the MLflow store. ``launcher_run_id`` is the run this sweep was started under
     (``main``'s, or the one ``mlflow run`` opened): the parent run nests under it when both are
-    in the study's experiment, and the two are linked by tags otherwise. Returns the parent run
-    and the trial counts.
+    in the study's experiment, and the two are linked by tags otherwise. Once every trial has
+    finished, a heads sweep's parent run logs the best trial's head as the MLflow model
+    ``best_head`` (:mod:`pipeline.best_head`), registered as ``register_model`` if given.
+    Returns the parent run and the trial counts.
     """
     if workers < 0:
         raise UserError(f"workers {workers}: must be >= 0 (0 sets the study up and runs nothing)")
@@ -79,11 +82,11 @@ def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: s
         parent_run, experiment = parent.attach(the_study, origin, setup)
     job = runner.Job(features, str(features_path), sweep, n_trials, origin.storage, the_study.study_name,
                      experiment, parent_run, _trial_tags(the_study, origin, data),
-                     mlflow.get_tracking_uri(), max(workers, 1))
-    with parent.closing(the_study, parent_run) as counts, started_workers(job, max(workers - 1, 0)):
+                     mlflow.get_tracking_uri(), max(workers, 1), register_model)
+    worker = runner.Worker(job, the_study, spec, kind_of(spec), engine, Splits(data.x, data.y), dataset)
+    with parent.closing(the_study, parent_run, worker.log_best) as counts, \
+            started_workers(job, max(workers - 1, 0)):
         if workers:
-            worker = runner.Worker(job, the_study, spec, kind_of(spec), engine, Splits(data.x, data.y),
-                                   dataset)
             runner.work(worker, _progress(spec.budget(), the_study, progress))
     return SweepOutcome(parent_run, experiment, the_study.study_name,
                         {k: counts[k] for k in ("complete", "fail", "pruned")}, counts["retried"])

@@ -207,17 +207,17 @@ def log_batch(run_id: str, params: Mapping | None = None, metrics: Sequence[Metr
         client.log_batch(run_id, metrics=metrics[i:i + MAX_METRICS_PER_BATCH])
 
 
-def log_text(run_id: str, text: str, artifact_file: str) -> None:
-    """Write ``text`` as the file ``artifact_file`` at the root of the run's artifacts.
+def log_text(run_id: str, text: str | bytes, artifact_file: str) -> None:
+    """Write ``text`` (or bytes) as the file ``artifact_file`` at the root of the run's artifacts.
 
     For a run made by :func:`create_run` the artifact location is already known, so this writes
     the file without asking the tracking store for the run (which ``MlflowClient.log_text``
     does for a run's first artifact: most of its cost for a sweep's small per-trial files).
     """
-    uri = _ARTIFACT_URIS.pop(run_id, None) or mlflow.MlflowClient().get_run(run_id).info.artifact_uri
+    uri = _ARTIFACT_URIS.get(run_id) or mlflow.MlflowClient().get_run(run_id).info.artifact_uri
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp, artifact_file)
-        path.write_text(text)
+        path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
         get_artifact_repository(uri, tracking_uri=mlflow.get_tracking_uri()).log_artifact(str(path))
 
 

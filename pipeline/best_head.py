@@ -1,0 +1,92 @@
+"""The sweep's best head as an MLflow model: features in, P(class 1) out.
+
+Every head trial leaves its trained weights on its run (``head.npz``: kernel, bias, activation,
+units and, for a standardized trial, the training split's mean and std). Once a heads sweep
+has finished, its parent run logs the best completed trial's head as a pyfunc model
+(:class:`HeadModel`, no TensorFlow needed to predict) with a signature and an input example,
+tagged with the trial and run it came from; ``register_as`` also registers it in the Model
+Registry. ``mlflow.pyfunc.load_model(uri).predict(features)`` gives P(class 1) per row, as the
+trial computed it in inference mode (dropout off).
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+
+from pipeline import naming, tracking
+from pipeline.metrics import positive_probability
+
+HEAD_FILE = "head.npz"
+MODEL_NAME = "best_head"
+
+
+def head_file(result, config, standardization: tuple[np.ndarray, np.ndarray] | None) -> bytes:
+    """A trained head's ``head.npz``: what :class:`HeadModel` needs to predict."""
+    arrays = {"kernel": result.kernel, "bias": result.bias, "activation": np.array(config.activation),
+              "units": np.array(config.units)}
+    if standardization is not None:
+        arrays["mean"], arrays["std"] = standardization
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def predict(head: dict, x: np.ndarray) -> np.ndarray:
+    """P(class 1) of a head (the arrays of ``head.npz``) for features ``x``."""
+    x = np.asarray(x, dtype=np.float64)
+    if "mean" in head:
+        x = (x - head["mean"]) / head["std"]
+    z = x @ head["kernel"].astype(np.float64) + head["bias"].astype(np.float64)
+    if str(head["activation"]) == "softmax":
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        outputs = e / e.sum(axis=1, keepdims=True)
+    else:
+        outputs = 1.0 / (1.0 + np.exp(-z))
+    return positive_probability(outputs)
+
+
+class HeadModel(mlflow.pyfunc.PythonModel):
+    """A trained head as a pyfunc model (see the module docstring)."""
+
+    def load_context(self, context) -> None:
+        with np.load(context.artifacts["head"]) as arrays:
+            self.head = {k: arrays[k] for k in arrays.files}
+
+    def predict(self, context, model_input, params=None) -> np.ndarray:
+        return predict(self.head, np.asarray(model_input))
+
+
+def log_best_head(parent: str, best: mlflow.entities.Run, trial_number: int, example: np.ndarray,
+                  register_as: str | None = None) -> str:
+    """Log the head of the best trial's run ``best`` as the model ``best_head`` of run ``parent``;
+    returns the model's URI."""
+    from mlflow.models import infer_signature
+
+    local = mlflow.artifacts.download_artifacts(run_id=best.info.run_id, artifact_path=HEAD_FILE)
+    with np.load(local) as arrays:
+        output = predict({k: arrays[k] for k in arrays.files}, example)
+    tags = {naming.TRIAL_NUMBER: trial_number, "best.run_id": best.info.run_id,
+            "best.run_name": best.info.run_name}
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=parent):
+        code = Path(tmp, "pipeline")
+        _copy_package(code)
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME, python_model=HeadModel(), artifacts={"head": local},
+            code_paths=[str(code)], signature=infer_signature(example.astype(np.float32), output),
+            input_example=example.astype(np.float32), registered_model_name=register_as,
+            tags={k: str(v) for k, v in tags.items()}, pip_requirements=["mlflow", "numpy"])
+    tracking.log_batch(parent, tags={"best.model_uri": info.model_uri})
+    return info.model_uri
+
+
+def _copy_package(to: Path) -> None:
+    """This package's modules the model imports (copied without caches), for a model that loads
+    where the project is not installed."""
+    import shutil
+
+    shutil.copytree(Path(__file__).parent, to, ignore=shutil.ignore_patterns("__pycache__"))

@@ -1,0 +1,46 @@
+"""A heads sweep ends with its best head as an MLflow model: features in, P(class 1) out."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import optuna
+import yaml
+
+from pipeline import naming, studies
+from pipeline.best_head import HEAD_FILE, MODEL_NAME
+from pipeline.features import write_features
+from pipeline.storages import make_storage
+from pipeline.sweep import run_sweep
+from pipeline.tracking import default_study_storage
+from tests.conftest import make_features
+
+
+def test_the_best_head_loads_and_predicts_as_its_trial_did(tmp_path, tracking):
+    x, y = make_features(n=160, d=8)
+    features = write_features(tmp_path / "f.h5", x, y, {})
+    sweep = tmp_path / "best.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "name": "best", "experiment": "best-exp", "sampler": "grid", "seeds": [0],
+        "fixed": {"epochs": 3, "batch_size": 32, "standardize": True},
+        "space": {"activation": ["sigmoid", "softmax"], "units": [2], "loss": ["categorical_crossentropy"]}}))
+    outcome = run_sweep(str(features), str(sweep), progress=False, register_model="best-head")
+    study = optuna.load_study(study_name="best", storage=make_storage(default_study_storage()))
+    best_run = mlflow.get_run(study.best_trial.user_attrs[studies.RUN_ATTR])
+    parent = mlflow.get_run(outcome.parent_run_id)
+    model = mlflow.pyfunc.load_model(parent.data.tags["best.model_uri"])
+    p = model.predict(x.astype(np.float32))
+    assert p.shape == (160,) and np.all((p >= 0) & (p <= 1))
+    # the trial's own val_accuracy, from the validation rows of its split
+    from pipeline.split import stratified_split
+
+    _, val = stratified_split(y, 0.2, 0)
+    accuracy = np.mean((p[val] >= 0.5) == y[val])
+    assert accuracy == best_run.data.metrics["val_accuracy"]
+    logged = mlflow.MlflowClient().get_logged_model(model.metadata.model_id)
+    assert logged.name == MODEL_NAME and logged.tags[naming.TRIAL_NUMBER] == str(study.best_trial.number)
+    assert logged.tags["best.run_id"] == best_run.info.run_id
+    assert model.metadata.get_input_schema().inputs[0].shape == (-1, 8)
+    versions = mlflow.MlflowClient().search_model_versions("name = 'best-head'")
+    assert len(versions) == 1
+    assert HEAD_FILE in {f.path for f in mlflow.MlflowClient().list_artifacts(best_run.info.run_id)}
