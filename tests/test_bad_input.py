@@ -7,6 +7,13 @@ names, params and tags hold, ``export`` writes only inside its output folder.
 
 from __future__ import annotations
 
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
 import mlflow
 import numpy as np
 import pytest
@@ -201,3 +208,107 @@ def test_export_writes_only_inside_its_folder_whatever_names_hold(tmp_path, trac
     assert not (tmp_path.parent / "escaped").exists()
     artifacts = {a.path for a in client.list_artifacts(parent, "export")}
     assert artifacts == {f"export/{p.name}" for p in result.files}
+
+
+# Values as an adversarial user gives them to `mlflow run -P name=value`. Each one must reach
+# the command as exactly one argument, unchanged, and none may run anything: those that would
+# (the last five) create the file M in the working directory if a shell ever read them.
+HOSTILE_VALUES = {
+    "spaces": "cats vs dogs",
+    "quotes": "it's a \"quoted\" value",
+    "empty": "",
+    "leading dash": "--help",
+    "newline": "first line\nsecond line",
+    "unicode": "猫 vs 狗, é",
+    "shell words": "$HOME ~ * {images} a\\b",
+    "semicolon": "x;touch M;#",
+    "command substitution": "$(touch M)",
+    "backticks": "`touch M`",
+    "closing quote": "'; touch M; echo '",
+    "closing double quote": "\"; touch M; echo \"",
+}
+ROOT = Path(__file__).resolve().parents[1]
+ECHO_ARGV = f"{shlex.quote(sys.executable)} -I -S -c 'import json, sys; print(json.dumps(sys.argv[1:]))'"
+
+
+def mlproject_command(entry: str, values: dict[str, str], storage_dir: Path) -> str:
+    """The shell command MLflow's launcher runs for ``entry`` with ``values`` (its own code)."""
+    from mlflow.projects import _project_spec
+
+    point = _project_spec.load_project(str(ROOT)).get_entry_point(entry)
+    return point.compute_command(values, str(storage_dir))
+
+
+@pytest.mark.parametrize("value", list(HOSTILE_VALUES.values()), ids=list(HOSTILE_VALUES))
+def test_mlproject_passes_every_parameter_as_one_verbatim_argument(value, tmp_path):
+    """Each entry point's command, built by MLflow and run by bash as ``mlflow run`` does, hands
+    ``python -m pipeline`` each parameter as the one argument ``--name=<value>``, and the CLI's
+    parser reads back the value itself."""
+    project = yaml.safe_load((ROOT / "MLproject").read_text())
+    parser = cli.build_parser()
+    for entry, spec in project["entry_points"].items():
+        template = spec["command"]
+        assert template.startswith("python -m pipeline "), entry
+        values = dict.fromkeys(spec["parameters"], value)
+        command = mlproject_command(entry, values, tmp_path)
+        shown = subprocess.run(["bash", "-c", command.replace("python -m pipeline", ECHO_ARGV, 1)],
+                               cwd=tmp_path, capture_output=True, text=True, check=True)
+        argv = json.loads(shown.stdout)
+        expected = [token.format(**values) for token in shlex.split(template)[3:]]
+        assert argv == expected, entry
+        for name in spec["parameters"]:
+            assert f"--{name}={value}" in argv, (entry, name)
+        _assert_parsed(parser, argv, values)
+        assert not (tmp_path / "M").exists(), entry
+
+
+def _assert_parsed(parser, argv: list[str], values: dict[str, str]) -> None:
+    """The CLI reads each string flag of ``argv`` back as its value ("" as unset where the flag
+    is optional); flags of whole numbers are given one, as argparse refuses other text."""
+    subparser = parser._subparsers._group_actions[0].choices[argv[0]]
+    types = {a.dest: a.type for a in subparser._actions}
+    numbers = {name for name in values if types.get(name) not in (None, cli._optional_str)}
+    given = [arg if arg.split("=", 1)[0][2:] not in numbers else arg.split("=", 1)[0] + "=3"
+             for arg in argv]
+    args = parser.parse_args(given)
+    for name, value in values.items():
+        if name not in numbers:
+            optional = types[name] is cli._optional_str
+            assert getattr(args, name) == (value or None if optional else value), name
+
+
+def mlflow_run(folder: Path, entry: str, params: dict[str, str]) -> subprocess.Popen:
+    """``mlflow run <this project> --env-manager local -e entry -P ...`` on a store of its own in
+    ``folder``, started in the background; its output goes to ``folder/log``."""
+    folder.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env |= {"MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}", "PYTHONPATH": str(ROOT),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
+    argv = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local", "-e", entry]
+    for name, value in params.items():
+        argv += ["-P", f"{name}={value}"]
+    return subprocess.Popen(argv, cwd=folder, env=env, stdin=subprocess.DEVNULL,
+                            stdout=(folder / "log").open("w"), stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_mlflow_run_passes_values_verbatim_and_runs_none_of_them(tmp_path):
+    """Through the real ``mlflow run``: the issue's ``run_id=x;touch ...;#`` on ``export``, and a
+    ``sweep`` whose features path holds every shell construct at once, its study a name with
+    spaces and its storage a value starting with "-". Both fail on the value, which their
+    error line shows unchanged; ``mlflow run`` exits non-zero; no marker file appears."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    run_id = f"x;touch {markers}/issue;#"
+    features = (f"a b 'q' \"dq\" $(touch {markers}/dollar) `touch {markers}/tick` "
+                f";touch {markers}/semicolon;# '; touch {markers}/quote; '\n猫 é")
+    export_run = mlflow_run(tmp_path / "export", "export", {"run_id": run_id})
+    sweep_run = mlflow_run(tmp_path / "sweep", "sweep", {"features": features, "study": "cats vs dogs",
+                                                        "storage": "--help", "n_trials": ""})
+    for process in (export_run, sweep_run):
+        assert process.wait(timeout=900) != 0
+    export_log = (tmp_path / "export" / "log").read_text()
+    sweep_log = (tmp_path / "sweep" / "log").read_text()
+    assert f"\nerror: no runs of sweep '{run_id}' in the tracking store (" in export_log, export_log
+    assert f"\nerror: features file not found: {features}\n" in sweep_log, sweep_log
+    assert list(markers.iterdir()) == []
