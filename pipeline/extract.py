@@ -97,7 +97,11 @@ def load_backbone(weights: str, input_size: int) -> tuple[keras.Model, str]:
 
 
 def image_dataset(source: ImageSource, input_size: int, batch_size: int) -> tf.data.Dataset:
-    """Batches of (row index, RGB image in 0..255 at ``input_size``); undecodable files dropped."""
+    """Batches of (row index, RGB image in 0..255 at ``input_size``).
+
+    A file decodes by its content, whatever its name; one that does not (another format, a
+    damaged image, an unreadable file) is left out, and its row index with it, so the caller
+    lists it as skipped."""
     size = (input_size, input_size)
     if source.pixels is not None:
         ds = tf.data.Dataset.from_tensor_slices((np.arange(len(source)), source.pixels))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import keras
 import mlflow
 import numpy as np
@@ -16,7 +18,8 @@ from pipeline.sources import digits_source
 
 
 def make_folder(root, counts=(4, 3), corrupt=1, size=80):
-    """root/cats and root/dogs with small random PNGs, plus ``corrupt`` undecodable .jpg files."""
+    """root/cats and root/dogs with small random PNGs, plus ``corrupt`` undecodable .jpg files
+    and a text file in dogs."""
     rng = np.random.default_rng(0)
     for label, (name, n) in enumerate(zip(("cats", "dogs"), counts, strict=True)):
         folder = root / name
@@ -26,7 +29,7 @@ def make_folder(root, counts=(4, 3), corrupt=1, size=80):
             Image.fromarray(pixels).save(folder / f"{i}.png")
     for i in range(corrupt):
         (root / "dogs" / f"broken{i}.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    (root / "dogs" / "notes.txt").write_text("ignored: not an image")
+    (root / "dogs" / "notes.txt").write_text("not an image: skipped and listed")
     return root
 
 
@@ -34,7 +37,7 @@ def test_folder_extraction_skips_undecodable_files(tmp_path):
     images = make_folder(tmp_path / "images")
     result = extract(str(images), "random", 71, 4, str(tmp_path / "f.h5"), progress=False)
     assert result.n_images == 7
-    assert [p.rsplit("/", 1)[-1] for p in result.skipped] == ["broken0.jpg"]
+    assert [p.rsplit("/", 1)[-1] for p in result.skipped] == ["broken0.jpg", "notes.txt"]
     features = read_features(tmp_path / "f.h5")
     assert features.x.shape == (7, 2048) and features.x.dtype == np.float32
     assert features.y.tolist() == [0, 0, 0, 0, 1, 1, 1]
@@ -42,6 +45,26 @@ def test_folder_extraction_skips_undecodable_files(tmp_path):
     assert features.attrs["weights"] == "random" and features.attrs["input_size"] == 71
     assert features.attrs["backbone"] == "keras.applications.Xception"
     assert "version.keras" in features.attrs["versions"]
+
+
+def test_every_file_is_decoded_or_listed_as_skipped(tmp_path, tracking):
+    """Whatever their extension: WebP and a PNG named .jpeg are decoded; TIFF, text, an empty
+    file and a hidden one are counted and listed in ``skipped_images.txt``."""
+    root = make_folder(tmp_path / "images", counts=(2, 2), corrupt=0)
+    pixels = np.random.default_rng(1).integers(0, 255, size=(80, 80, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(root / "cats" / "photo.webp")
+    Image.fromarray(pixels).save(root / "dogs" / "png-inside.jpeg", format="PNG")
+    Image.fromarray(pixels).save(root / "dogs" / "scan.tiff")
+    (root / "cats" / "empty.jpg").write_bytes(b"")
+    (root / "cats" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    run_id, result = run_extract(str(root), "random", 71, 4, str(tmp_path / "f.h5"), progress=False)
+    skipped = ["cats/.DS_Store", "cats/empty.jpg", "dogs/notes.txt", "dogs/scan.tiff"]
+    assert [str(Path(p).relative_to(root)) for p in result.skipped] == skipped
+    assert result.n_images == 6 and read_features(result.output).y.tolist() == [0, 0, 0, 1, 1, 1]
+    client = mlflow.MlflowClient()
+    assert client.get_run(run_id).data.metrics["n_skipped"] == 4
+    listed = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="skipped_images.txt"))
+    assert [str(Path(p).relative_to(root)) for p in listed.read_text().splitlines()] == skipped
 
 
 def test_features_match_a_direct_forward_pass(tmp_path):
@@ -100,7 +123,9 @@ def test_auto_falls_back_to_random_loudly(tmp_path, tracking, monkeypatch, capsy
     (lambda root: root.mkdir(), "needs exactly 2 class subfolders, found 0"),
     (lambda root: (root / "a").mkdir(parents=True), "found 1"),
     (lambda root: [(root / c).mkdir(parents=True) for c in "abc"], "found 3"),
-    (lambda root: [(root / c).mkdir(parents=True) for c in "ab"], "class folder 'a' has no images"),
+    (lambda root: [(root / c).mkdir(parents=True) for c in "ab"], "class folder 'a' is empty"),
+    (lambda root: make_folder(root, counts=(2, 0), corrupt=0),
+     r"class folder 'dogs' holds no JPEG, PNG, GIF, BMP or WebP image \(1 other files\)"),
 ])
 def test_bad_image_folders(tmp_path, setup, message):
     root = tmp_path / "images"
@@ -114,7 +139,7 @@ def test_nothing_decodable_writes_nothing(tmp_path, tracking):
     root = tmp_path / "images"
     for name in ("a", "b"):
         (root / name).mkdir(parents=True)
-        (root / name / "x.png").write_bytes(b"garbage")
+        (root / name / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n then garbage")  # a PNG, cut short
     with pytest.raises(UserError, match="none of the 2 files could be decoded"):
         run_extract(str(root), "random", 71, 4, str(tmp_path / "f.h5"), progress=False)
     assert list(tmp_path.glob("*.h5")) == [] and list(tmp_path.glob(".*tmp")) == []
