@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import keras
@@ -11,10 +16,13 @@ import pytest
 from PIL import Image
 
 from pipeline import naming
+from pipeline.cli import build_parser, interrupt_message
 from pipeline.errors import UserError
 from pipeline.extract import extract, load_backbone, run_extract
 from pipeline.features import read_features, resolve_features, sha256_file
 from pipeline.sources import digits_source
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_folder(root, counts=(4, 3), corrupt=1, size=80):
@@ -161,3 +169,50 @@ def test_random_weights_repeat():
     assert used == "random"
     for a, b in zip(first.get_weights(), second.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_extraction_says_nothing_was_written(tmp_path):
+    """Ctrl-C in the middle of ``python -m pipeline extract``: exit 130, one line saying that
+    nothing was written and the rerun starts over, no file (not even a temporary one), and the
+    run KILLED."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env |= {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "extract", "--images", "builtin:digits",
+                                "--weights", "random", "--batch_size", "1", "--output", "out.h5"],
+                               cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in process.stderr:  # the stage's first line: the images are being extracted
+        lines.append(line)
+        if line.startswith("extract: 357 images to go"):
+            break
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    lines += process.stderr.readlines()
+    assert process.wait(timeout=120) == 130, lines
+    assert lines[-1] == ("interrupted (Ctrl-C): nothing was written at out.h5; rerun to start the "
+                         "extraction over\n"), lines
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "mlruns") == ["mlflow.db"]
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    try:
+        (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+        assert run.info.status == "KILLED"
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_interrupt_message_says_what_the_extraction_left(tmp_path):
+    """The file at ``--output`` as it was: nothing written; replaced by a whole new one (the
+    interrupt came while the run was being finished): said so. Either way the rerun starts over."""
+    output = tmp_path / "out.h5"
+    args = build_parser().parse_args(["extract", "--images", "builtin:digits", "--output", str(output)])
+    assert interrupt_message(args, "Ctrl-C", None) == (
+        f"interrupted (Ctrl-C): nothing was written at {output}; rerun to start the extraction over")
+    output.write_bytes(b"new")
+    assert interrupt_message(args, "terminated by signal 15", None) == (
+        f"interrupted (terminated by signal 15): {output} was written whole but its run did not "
+        f"finish; rerun to start the extraction over")
+    sweep = build_parser().parse_args(["sweep", "--features", "f.h5", "--sweep", "s.yaml"])
+    assert interrupt_message(sweep, "Ctrl-C", None) == (
+        "interrupted (Ctrl-C): finished trials are kept; rerun the same command to resume")
