@@ -2,13 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import keras
 import mlflow
 import numpy as np
@@ -21,8 +14,6 @@ from pipeline.errors import UserError
 from pipeline.extract import extract, load_backbone, run_extract
 from pipeline.features import read_features, resolve_features, sha256_file
 from pipeline.sources import digits_source
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_folder(root, counts=(4, 3), corrupt=1, size=80):
@@ -53,26 +44,6 @@ def test_folder_extraction_skips_undecodable_files(tmp_path):
     assert features.attrs["weights"] == "random" and features.attrs["input_size"] == 71
     assert features.attrs["backbone"] == "keras.applications.Xception"
     assert "version.keras" in features.attrs["versions"]
-
-
-def test_every_file_is_decoded_or_listed_as_skipped(tmp_path, tracking):
-    """Whatever their extension: WebP and a PNG named .jpeg are decoded; TIFF, text, an empty
-    file and a hidden one are counted and listed in ``skipped_images.txt``."""
-    root = make_folder(tmp_path / "images", counts=(2, 2), corrupt=0)
-    pixels = np.random.default_rng(1).integers(0, 255, size=(80, 80, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(root / "cats" / "photo.webp")
-    Image.fromarray(pixels).save(root / "dogs" / "png-inside.jpeg", format="PNG")
-    Image.fromarray(pixels).save(root / "dogs" / "scan.tiff")
-    (root / "cats" / "empty.jpg").write_bytes(b"")
-    (root / "cats" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
-    run_id, result = run_extract(str(root), "random", 71, 4, str(tmp_path / "f.h5"), progress=False)
-    skipped = ["cats/.DS_Store", "cats/empty.jpg", "dogs/notes.txt", "dogs/scan.tiff"]
-    assert [str(Path(p).relative_to(root)) for p in result.skipped] == skipped
-    assert result.n_images == 6 and read_features(result.output).y.tolist() == [0, 0, 0, 1, 1, 1]
-    client = mlflow.MlflowClient()
-    assert client.get_run(run_id).data.metrics["n_skipped"] == 4
-    listed = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="skipped_images.txt"))
-    assert [str(Path(p).relative_to(root)) for p in listed.read_text().splitlines()] == skipped
 
 
 def test_features_match_a_direct_forward_pass(tmp_path):
@@ -169,37 +140,6 @@ def test_random_weights_repeat():
     assert used == "random"
     for a, b in zip(first.get_weights(), second.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
-
-
-@pytest.mark.slow
-def test_ctrl_c_during_extraction_says_nothing_was_written(tmp_path):
-    """Ctrl-C in the middle of ``python -m pipeline extract``: exit 130, one line saying that
-    nothing was written and the rerun starts over, no file (not even a temporary one), and the
-    run KILLED."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env |= {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([sys.executable, "-m", "pipeline", "extract", "--images", "builtin:digits",
-                                "--weights", "random", "--batch_size", "1", "--output", "out.h5"],
-                               cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-    lines = []
-    for line in process.stderr:  # the stage's first line: the images are being extracted
-        lines.append(line)
-        if line.startswith("extract: 357 images to go"):
-            break
-    time.sleep(1.0)
-    process.send_signal(signal.SIGINT)
-    lines += process.stderr.readlines()
-    assert process.wait(timeout=120) == 130, lines
-    assert lines[-1] == ("interrupted (Ctrl-C): nothing was written at out.h5; rerun to start the "
-                         "extraction over\n"), lines
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "mlruns") == ["mlflow.db"]
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    try:
-        (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
-        assert run.info.status == "KILLED"
-    finally:
-        mlflow.set_tracking_uri(None)
 
 
 def test_interrupt_message_says_what_the_extraction_left(tmp_path):
