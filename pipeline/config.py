@@ -416,8 +416,7 @@ def load_sweep(path: str | os.PathLike, n_trials: int | None = None) -> SweepSpe
     try:
         raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
     except DuplicateKeyError as exc:
-        raise UserError(f"{path}: line {exc.line}: key {exc.key!r} given twice (first on line "
-                        f"{exc.first_line})") from None
+        raise UserError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
     if n_trials is not None:

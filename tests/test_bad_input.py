@@ -25,6 +25,8 @@ import yaml
 from PIL import Image
 
 from pipeline import cli, naming
+from pipeline.config import load_sweep
+from pipeline.errors import UserError
 from pipeline.export import export
 from pipeline.features import write_features
 from pipeline.tracking import create_run, log_batch, series
@@ -205,6 +207,28 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(make, argv, line, tmp_p
         assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
         assert [e.name for e in client.search_experiments()] == ["Default"]
     mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.parametrize(("text", "line"), [
+    ("name: a\nname: b\n", "line 2: key 'name' given twice (first on line 1)"),
+    ("space:\n- {activation: [sigmoid]}\n- {units: [1], units: [2]}\n",
+     "line 3: key 'units' given twice (first on line 3)"),
+    ("objective:\n  metric: val_loss\n  direction: minimize\n  metric: val_accuracy\n",
+     "line 4: key 'metric' given twice (first on line 2)"),
+], ids=["top level", "flow mapping in a list", "nested block"])
+def test_a_key_given_twice_is_refused_at_any_depth(text, line, tmp_path):
+    (tmp_path / "s.yaml").write_text(text)
+    with pytest.raises(UserError) as refused:
+        load_sweep(tmp_path / "s.yaml")
+    assert str(refused.value) == f"{tmp_path / 's.yaml'}: {line}"
+
+
+def test_keys_merged_in_may_be_overridden(tmp_path):
+    """YAML's ``<<`` merge gives defaults that the mapping's own keys replace: not a repeat."""
+    (tmp_path / "s.yaml").write_text(
+        "name: a\nexperiment: e\nfixed:\n  <<: {epochs: 1, batch_size: 16}\n  epochs: 3\n"
+        "space: {activation: [sigmoid]}\n")
+    assert load_sweep(tmp_path / "s.yaml").fixed == {"epochs": 3, "batch_size": 16}
 
 
 def test_export_writes_only_inside_its_folder_whatever_names_hold(tmp_path, tracking, monkeypatch):
