@@ -151,16 +151,51 @@ def run(args: argparse.Namespace) -> None:
               file=sys.stderr)
 
 
+# What an interrupt leaves behind, per subcommand, and what a rerun does.
+AFTER_INTERRUPT = {
+    "sweep": "finished trials are kept; rerun the same command to resume",
+    "main": "a finished extraction and finished trials are kept; rerun the same command to resume",
+    "parity": "its run ends KILLED; rerun to start the experiment over",
+    "export": "the export is incomplete; rerun to write it whole",
+}
+
+
+def _file_state(path: str) -> tuple[int, int, int] | None:
+    """What identifies the file at ``path`` (inode, size, modification time), or None."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def interrupt_message(args: argparse.Namespace, reason: str, output_before) -> str:
+    """The line for an interrupted command: why, what is left, and what a rerun does.
+
+    An extraction writes its features file whole or not at all, so the file at ``--output`` is
+    either as it was before the command (``output_before``) or complete and new (the interrupt
+    came while the run was being finished); a rerun extracts again either way.
+    """
+    if args.command != "extract":
+        return f"interrupted ({reason}): {AFTER_INTERRUPT[args.command]}"
+    if _file_state(args.output) == output_before:
+        what = f"nothing was written at {args.output}"
+    else:
+        what = f"{args.output} was written whole but its run did not finish"
+    return f"interrupted ({reason}): {what}; rerun to start the extraction over"
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: parse, run, and turn a :class:`UserError` into one line and exit 2."""
+    """Entry point: parse, run, and turn a :class:`UserError` into one line and exit 2, an
+    interrupt (Ctrl-C, SIGTERM) into one line saying what is left and exit 130."""
     quiet_tensorflow()
     args = build_parser().parse_args(argv)
+    output_before = _file_state(args.output) if args.command == "extract" else None
     try:
         run(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as exc:
-        print(f"interrupted: {exc or 'Ctrl-C'}; finished trials are kept, rerun to resume",
-              file=sys.stderr)
+        print(interrupt_message(args, str(exc) or "Ctrl-C", output_before), file=sys.stderr)
         sys.exit(130)

@@ -57,6 +57,25 @@ def _none_from_text(value):
     return None if value in ("None", "") else value
 
 
+def _finite(value):
+    # Every number of a config is finite: a sweep file and the command line share this rule.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{value!r}: must be finite")
+    return value
+
+
+def _finite_sigmoid_settings(config):
+    # The sigmoids of a parity experiment train with products of two settings (their learning
+    # rate is ratio x learning_rate): each product is finite as well.
+    decay = config.weight_decay if config.weight_decay is not None else 0.0
+    for names, a, b in (("ratio x learning_rate", config.ratio, config.learning_rate),
+                        ("l2 x sigmoid_l2_scale", config.l2, config.sigmoid_l2_scale),
+                        ("weight_decay x sigmoid_decay_scale", decay, config.sigmoid_decay_scale)):
+        if not math.isfinite(a * b):
+            raise ValueError(f"{names}: {a!r} x {b!r} is not finite (the sigmoids train with it)")
+    return config
+
+
 class TrainingSettings(BaseModel):
     """The settings every trial config has: how its heads train, and on which split.
 
@@ -92,6 +111,7 @@ class TrainingSettings(BaseModel):
                                "validation_fraction", "weight_decay", "l2", "label_smoothing",
                                mode="before")(_not_a_boolean)
     _optional = field_validator("weight_decay", mode="before")(_none_from_text)
+    _finite_numbers = field_validator("*")(_finite)
 
     @property
     def decay(self) -> float:
@@ -183,6 +203,7 @@ class ParityConfig(TrainingSettings):
 
     _parity_numbers = field_validator("ratio", "sigmoid_decay_scale", "sigmoid_l2_scale",
                                       mode="before")(_not_a_boolean)
+    _sigmoid_settings = model_validator(mode="after")(_finite_sigmoid_settings)
 
     def heads(self) -> dict[str, TrialConfig]:
         """The :class:`TrialConfig` of each role: ``softmax``, ``sigmoid_transfer``, ``sigmoid_random``."""
@@ -375,6 +396,38 @@ class SweepSpec(BaseModel):
         return self.config_model(**(self.base() | params))
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping of a YAML document gives ``key`` twice: on ``first_line`` and on ``line``."""
+
+    def __init__(self, key: Any, first_line: int, line: int):
+        super().__init__(f"line {line}: key {key!r} given twice (first on line {first_line})")
+        self.key, self.first_line, self.line = key, first_line, line
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that gives a key twice at any depth.
+
+    The safe loader alone keeps the last value of a repeated key, so one of two settings would
+    be lost without a word. Keys merged in by ``<<`` may be overridden, as YAML intends.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first_lines: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in first_lines:
+                        raise DuplicateKeyError(key, first_lines[key], line)
+                    first_lines[key] = line
+                except TypeError:  # an unhashable key: the safe loader's own error names it
+                    continue
+        return super().construct_mapping(node, deep)
+
+
 def load_sweep(path: str | os.PathLike, n_trials: int | None = None) -> SweepSpec:
     """Read and validate a sweep file; ``n_trials`` overrides the file's value.
 
@@ -384,7 +437,9 @@ def load_sweep(path: str | os.PathLike, n_trials: int | None = None) -> SweepSpe
     if not path.is_file():
         raise UserError(f"sweep file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
+    except DuplicateKeyError as exc:
+        raise UserError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
     if n_trials is not None:

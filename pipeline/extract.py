@@ -97,7 +97,11 @@ def load_backbone(weights: str, input_size: int) -> tuple[keras.Model, str]:
 
 
 def image_dataset(source: ImageSource, input_size: int, batch_size: int) -> tf.data.Dataset:
-    """Batches of (row index, RGB image in 0..255 at ``input_size``); undecodable files dropped."""
+    """Batches of (row index, RGB image in 0..255 at ``input_size``).
+
+    A file decodes by its content, whatever its name; one that does not (another format, a
+    damaged image, an unreadable file) is left out, and its row index with it, so the caller
+    lists it as skipped."""
     size = (input_size, input_size)
     if source.pixels is not None:
         ds = tf.data.Dataset.from_tensor_slices((np.arange(len(source)), source.pixels))
@@ -176,13 +180,14 @@ def run_extract(images: str, weights: str = "auto", input_size: str | int = "aut
     run gets the parameters, the input's fingerprint, the weights actually used (tag
     ``backbone.weights``), the features file as artifact ``features/<name>`` (so
     ``runs:/<id>/features/<name>`` feeds a sweep) and the list of skipped files. It ends FAILED,
-    with nothing at ``output``, if extraction fails.
+    with nothing at ``output``, if extraction fails, and KILLED on Ctrl-C or SIGTERM.
     """
     import mlflow
 
     from pipeline import naming
 
     check_inputs(images, input_size, batch_size)  # bad input: no run, no file
+    tracking.install_sigterm_handler()  # SIGTERM ends the run KILLED, as Ctrl-C does
     if run_id is None:
         exp = experiment_id or tracking.experiment_id("features")
         run_id = tracking.create_run(exp, f"extract-{Path(output).stem}", parent_run_id,
@@ -190,7 +195,11 @@ def run_extract(images: str, weights: str = "auto", input_size: str | int = "aut
     else:
         mlflow.MlflowClient().set_tag(run_id, naming.STEP, "extract")
     with tracking.terminal_run(run_id), tracking.system_metrics(run_id):
-        result = extract(images, weights, input_size, batch_size, output, progress)
+        try:
+            result = extract(images, weights, input_size, batch_size, output, progress)
+        except Exception:
+            tracking.raise_swallowed_interrupt()  # a signal TensorFlow turned into another error
+            raise
         client = mlflow.MlflowClient()
         tracking.log_new_params(run_id, {"images": images, "weights": weights,
                                          "input_size": input_size, "batch_size": batch_size,

@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.labels import invalid_labels
 
 FEATURES_DATASET = "train"
 LABEL_DATASET = "label"
@@ -139,9 +140,10 @@ def _check_labels(path: Path, y: np.ndarray, n: int) -> np.ndarray:
         raise UserError(f"{path}: 'label' must be 1-D, got shape {y.shape}")
     if len(y) != n:
         raise UserError(f"{path}: 'train' has {n} rows but 'label' has {len(y)}")
-    if not np.issubdtype(y.dtype, np.number) or not np.isin(y, (0, 1)).all():
-        found = sorted(set(np.unique(y).tolist()) - {0, 1})[:5]
-        raise UserError(f"{path}: labels must be 0 or 1, found {found}")
+    found = invalid_labels(y)
+    if found:
+        kind = "" if y.dtype.kind in "iuf" else f" (dtype {y.dtype})"
+        raise UserError(f"{path}: labels must be 0 or 1, found {found}{kind}")
     counts = np.bincount(y.astype(np.int64), minlength=2)
     if counts.min() == 0:
         raise UserError(f"{path}: only one class present ({int(counts.max())} rows of label "

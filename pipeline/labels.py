@@ -19,3 +19,15 @@ def encode_labels(y: np.ndarray, units: int, loss: str) -> np.ndarray:
     if units == 1:
         return y.astype(np.float32).reshape(-1, 1)
     return np.eye(units, dtype=np.float32)[y]
+
+
+def invalid_labels(y: np.ndarray, limit: int = 5) -> list:
+    """Up to ``limit`` distinct values of ``y`` that are not the label 0 or 1, sorted.
+
+    Only integers and floats can be labels: every value of another dtype is invalid, booleans
+    included, though ``True == 1`` in Python.
+    """
+    values = np.unique(np.asarray(y)).tolist()
+    if np.asarray(y).dtype.kind in "iuf":
+        values = [v for v in values if v not in (0, 1)]
+    return values[:limit]

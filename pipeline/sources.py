@@ -18,7 +18,8 @@ from pipeline.errors import UserError
 
 BUILTIN_DIGITS = "builtin:digits"
 DIGITS_CLASSES = (3, 8)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif"}
+# The formats TensorFlow's decode_image reads, told by their first bytes as it tells them.
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WebP")
 MIN_INPUT_SIZE = 71  # Xception's smallest input
 FOLDER_INPUT_SIZE = 299  # Xception's ImageNet input
 
@@ -44,7 +45,10 @@ class ImageSource:
             digest.update(np.ascontiguousarray(self.pixels).tobytes())
         for path in self.paths:
             digest.update(path.encode())
-            digest.update(Path(path).read_bytes())
+            try:
+                digest.update(Path(path).read_bytes())
+            except OSError:  # an unreadable file is skipped by extraction; its name still counts
+                digest.update(b"\0unreadable")
         digest.update(self.labels.tobytes())
         return digest.hexdigest()
 
@@ -73,7 +77,11 @@ def digits_source() -> ImageSource:
 
 
 def folder_source(root: Path) -> ImageSource:
-    """Image files under ``root/<class>/``, classes in sorted order; exactly two classes."""
+    """Every file under ``root/<class>/``, classes in sorted order; exactly two classes.
+
+    Files are taken whatever their name or extension: what decodes is extracted and the rest is
+    skipped, counted and listed by the extract stage, so no file is left out unseen.
+    """
     if not root.is_dir():
         raise UserError(f"images folder not found: {root}")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -83,13 +91,30 @@ def folder_source(root: Path) -> ImageSource:
                         f"{len(classes)} ({found})")
     paths, labels = [], []
     for label, name in enumerate(classes):
-        files = sorted(str(p) for p in (root / name).rglob("*")
-                       if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(str(p) for p in (root / name).rglob("*") if p.is_file())
         if not files:
-            raise UserError(f"images folder {root}: class folder '{name}' has no images "
-                            f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise UserError(f"images folder {root}: class folder '{name}' is empty")
+        if not any(image_format(f) for f in files):
+            raise UserError(f"images folder {root}: class folder '{name}' holds no "
+                            f"{', '.join(IMAGE_FORMATS[:-1])} or {IMAGE_FORMATS[-1]} image "
+                            f"({len(files)} other files)")
         paths += files
         labels += [label] * len(files)
     return ImageSource(labels=np.asarray(labels, dtype=np.int64), class_names=tuple(classes),
                        description=str(root), default_input_size=FOLDER_INPUT_SIZE,
                        paths=tuple(paths))
+
+
+def image_format(path: str | Path) -> str | None:
+    """The format of the image file ``path`` by its first bytes (one of :data:`IMAGE_FORMATS`),
+    or None for any other file. A file named for a format but holding another is judged by its
+    bytes, as the decoder judges it; one that starts like an image may still fail to decode."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(12)
+    except OSError:  # unreadable: skipped like an undecodable file
+        return None
+    signatures = {"JPEG": head.startswith(b"\xff\xd8\xff"), "PNG": head.startswith(b"\x89PNG"),
+                  "GIF": head.startswith(b"GIF8"), "BMP": head.startswith(b"BM"),
+                  "WebP": head.startswith(b"RIFF") and head[8:12] == b"WEBP"}
+    return next((name for name, match in signatures.items() if match), None)

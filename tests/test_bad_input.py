@@ -1,11 +1,22 @@
 """Bad input through the real command line: one line naming the problem, exit 2, no traceback,
 and nothing written to the stores (no MLflow run or experiment, no Optuna study, no output file).
 
-One row per case of README's "Bad input" table, with the message it shows. Also: whatever run
-names, params and tags hold, ``export`` writes only inside its output folder.
+One row per case of README's "Bad input" table, with the message it shows, and a test for each
+row of the table after it (what is taken as it is, not refused: ``mlflow run`` parameter values,
+files of any kind in an image folder, an interrupted extraction). Also: whatever run names,
+params and tags hold, ``export`` writes only inside its output folder.
 """
 
 from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -14,6 +25,8 @@ import yaml
 from PIL import Image
 
 from pipeline import cli, naming
+from pipeline.config import load_sweep
+from pipeline.errors import UserError
 from pipeline.export import export
 from pipeline.features import write_features
 from pipeline.tracking import create_run, log_batch, series
@@ -47,13 +60,16 @@ def not_hdf5(path):
     path.write_text("train,label\n0.1,0\n")
 
 
-def image_folder(root, classes):
-    """``root`` with one subfolder per entry of ``classes`` holding that many PNGs."""
+def image_folder(root, classes, others=()):
+    """``root`` with one subfolder per entry of ``classes`` holding that many PNGs, and the
+    files ``others`` (paths under ``root``) holding text."""
     root.mkdir()
     for name, count in classes.items():
         (root / name).mkdir()
         for i in range(count):
             Image.new("RGB", (8, 8), (i, i, i)).save(root / name / f"{i}.png")
+    for other in others:
+        (root / other).write_text("not an image")
 
 
 SWEEP = {"name": "bad", "experiment": "bad-exp", "fixed": {"epochs": 1},
@@ -76,6 +92,8 @@ FEATURES_CASES = [
      "error: f.h5: 'train' must be 2-D (N x D), got shape (40, 2, 4)"),
     ("labels outside {0, 1}", lambda p: h5(p, train=X, label=np.array([0, 1, 2, 1] * 10)),
      "error: f.h5: labels must be 0 or 1, found [2]"),
+    ("labels stored as booleans", lambda p: h5(p, train=X, label=Y.astype(bool)),
+     "error: f.h5: labels must be 0 or 1, found [False, True] (dtype bool)"),
     ("only one class", lambda p: h5(p, train=X, label=np.zeros(40, dtype=int)),
      "error: f.h5: only one class present (40 rows of label 0); a binary classifier needs both"),
     ("NaN in the features", lambda p: h5(p, train=with_value(X, 3, 2, np.nan), label=Y),
@@ -84,11 +102,14 @@ FEATURES_CASES = [
      "error: f.h5: 'train' holds NaN or Inf in 1 rows (first: row 5)"),
 ]
 IMAGES_CASES = [
-    ("empty images folder", {},
+    ("empty images folder", {}, (),
      "error: images folder img: needs exactly 2 class subfolders, found 0 (none)"),
-    ("empty class folder", {"cats": 2, "dogs": 0},
-     "error: images folder img: class folder 'dogs' has no images (.bmp, .gif, .jpeg, .jpg, .png)"),
-    ("one class folder", {"cats": 2},
+    ("empty class folder", {"cats": 2, "dogs": 0}, (),
+     "error: images folder img: class folder 'dogs' is empty"),
+    ("no image in a class folder", {"cats": 2, "dogs": 0}, ("dogs/a.webp", "dogs/b.txt"),
+     "error: images folder img: class folder 'dogs' holds no JPEG, PNG, GIF, BMP or WebP image "
+     "(2 other files)"),
+    ("one class folder", {"cats": 2}, (),
      "error: images folder img: needs exactly 2 class subfolders, found 1 (cats)"),
 ]
 SWEEP_CASES = [
@@ -101,6 +122,8 @@ SWEEP_CASES = [
     ("empty space", {"space": {}}, "error: s.yaml: space: must be a non-empty mapping of axes"),
     ("learning rate <= 0", {"space": {"learning_rate": [0.01, 0]}},
      "error: s.yaml: space.learning_rate[1]: 0: input should be greater than 0"),
+    ("learning rate not finite", {"space": {"learning_rate": [float("inf")]}},
+     "error: s.yaml: space.learning_rate[0]: inf: must be finite"),
     ("unknown activation", {"space": {"activation": ["relu"]}},
      "error: s.yaml: space.activation[0]: 'relu' is not allowed (allowed: sigmoid, softmax)"),
     ("unknown loss", {"space": {"loss": ["mse"]}},
@@ -113,6 +136,21 @@ SWEEP_CASES = [
      "error: s.yaml: space.init[0]: 'ones' is not allowed (allowed: glorot_uniform, "
      "glorot_centered, zeros, he_normal, transfer)"),
 ]
+DUPLICATE_KEY = """\
+name: bad
+experiment: bad-exp
+fixed:
+  epochs: 1
+  batch_size: 32
+  batch_size: 64
+space: {activation: [sigmoid]}
+"""
+PARITY_CASES = [
+    ("parity: learning rate not finite", ["--learning_rate", "inf"],
+     "error: parity: learning_rate: inf: must be finite"),
+    ("parity: sigmoid learning rate not finite", ["--learning_rate", "10", "--ratio", "1e308"],
+     "error: parity: ratio x learning_rate: 1e+308 x 10.0 is not finite (the sigmoids train with it)"),
+]
 MISSING_RUN = "runs:/0123456789abcdef0123456789abcdef/features/f.h5"
 
 
@@ -121,14 +159,20 @@ def cases():
         yield pytest.param(
             lambda d, make=make: (make(d / "f.h5"), None)[1],
             ["sweep", "--features", "f.h5", "--sweep", "ok.yaml"], line, id=name)
-    for name, classes, line in IMAGES_CASES:
+    for name, classes, others, line in IMAGES_CASES:
         yield pytest.param(
-            lambda d, classes=classes: image_folder(d / "img", classes),
+            lambda d, classes=classes, others=others: image_folder(d / "img", classes, others),
             ["extract", "--images", "img", "--output", "out.h5"], line, id=name)
     for name, change, line in SWEEP_CASES:
         yield pytest.param(
             lambda d, change=change: (d / "s.yaml").write_text(yaml.safe_dump({**SWEEP, **change})),
             ["sweep", "--features", "good.h5", "--sweep", "s.yaml"], line, id=name)
+    yield pytest.param(
+        lambda d: (d / "s.yaml").write_text(DUPLICATE_KEY),
+        ["sweep", "--features", "good.h5", "--sweep", "s.yaml"],
+        "error: s.yaml: line 6: key 'batch_size' given twice (first on line 5)", id="key given twice")
+    for name, flags, line in PARITY_CASES:
+        yield pytest.param(lambda d: None, ["parity", "--features", "good.h5", *flags], line, id=name)
     yield pytest.param(
         lambda d: mlflow.MlflowClient().search_experiments(),  # an existing, empty store
         ["sweep", "--features", MISSING_RUN, "--sweep", "ok.yaml"],
@@ -163,6 +207,28 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(make, argv, line, tmp_p
         assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
         assert [e.name for e in client.search_experiments()] == ["Default"]
     mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.parametrize(("text", "line"), [
+    ("name: a\nname: b\n", "line 2: key 'name' given twice (first on line 1)"),
+    ("space:\n- {activation: [sigmoid]}\n- {units: [1], units: [2]}\n",
+     "line 3: key 'units' given twice (first on line 3)"),
+    ("objective:\n  metric: val_loss\n  direction: minimize\n  metric: val_accuracy\n",
+     "line 4: key 'metric' given twice (first on line 2)"),
+], ids=["top level", "flow mapping in a list", "nested block"])
+def test_a_key_given_twice_is_refused_at_any_depth(text, line, tmp_path):
+    (tmp_path / "s.yaml").write_text(text)
+    with pytest.raises(UserError) as refused:
+        load_sweep(tmp_path / "s.yaml")
+    assert str(refused.value) == f"{tmp_path / 's.yaml'}: {line}"
+
+
+def test_keys_merged_in_may_be_overridden(tmp_path):
+    """YAML's ``<<`` merge gives defaults that the mapping's own keys replace: not a repeat."""
+    (tmp_path / "s.yaml").write_text(
+        "name: a\nexperiment: e\nfixed:\n  <<: {epochs: 1, batch_size: 16}\n  epochs: 3\n"
+        "space: {activation: [sigmoid]}\n")
+    assert load_sweep(tmp_path / "s.yaml").fixed == {"epochs": 3, "batch_size": 16}
 
 
 def test_export_writes_only_inside_its_folder_whatever_names_hold(tmp_path, tracking, monkeypatch):
@@ -201,3 +267,170 @@ def test_export_writes_only_inside_its_folder_whatever_names_hold(tmp_path, trac
     assert not (tmp_path.parent / "escaped").exists()
     artifacts = {a.path for a in client.list_artifacts(parent, "export")}
     assert artifacts == {f"export/{p.name}" for p in result.files}
+
+
+# Values as an adversarial user gives them to `mlflow run -P name=value`. Each one must reach
+# the command as exactly one argument, unchanged, and none may run anything: those that would
+# (the last five) create the file M in the working directory if a shell ever read them.
+HOSTILE_VALUES = {
+    "spaces": "cats vs dogs",
+    "quotes": "it's a \"quoted\" value",
+    "empty": "",
+    "leading dash": "--help",
+    "newline": "first line\nsecond line",
+    "unicode": "猫 vs 狗, é",
+    "shell words": "$HOME ~ * {images} a\\b",
+    "semicolon": "x;touch M;#",
+    "command substitution": "$(touch M)",
+    "backticks": "`touch M`",
+    "closing quote": "'; touch M; echo '",
+    "closing double quote": "\"; touch M; echo \"",
+}
+ROOT = Path(__file__).resolve().parents[1]
+ECHO_ARGV = f"{shlex.quote(sys.executable)} -I -S -c 'import json, sys; print(json.dumps(sys.argv[1:]))'"
+
+
+def mlproject_command(entry: str, values: dict[str, str], storage_dir: Path) -> str:
+    """The shell command MLflow's launcher runs for ``entry`` with ``values`` (its own code)."""
+    from mlflow.projects import _project_spec
+
+    point = _project_spec.load_project(str(ROOT)).get_entry_point(entry)
+    return point.compute_command(values, str(storage_dir))
+
+
+@pytest.mark.parametrize("value", list(HOSTILE_VALUES.values()), ids=list(HOSTILE_VALUES))
+def test_mlproject_passes_every_parameter_as_one_verbatim_argument(value, tmp_path):
+    """Each entry point's command, built by MLflow and run by bash as ``mlflow run`` does, hands
+    ``python -m pipeline`` each parameter as the one argument ``--name=<value>``, and the CLI's
+    parser reads back the value itself."""
+    project = yaml.safe_load((ROOT / "MLproject").read_text())
+    parser = cli.build_parser()
+    for entry, spec in project["entry_points"].items():
+        template = spec["command"]
+        assert template.startswith("python -m pipeline "), entry
+        values = dict.fromkeys(spec["parameters"], value)
+        command = mlproject_command(entry, values, tmp_path)
+        shown = subprocess.run(["bash", "-c", command.replace("python -m pipeline", ECHO_ARGV, 1)],
+                               cwd=tmp_path, capture_output=True, text=True, check=True)
+        argv = json.loads(shown.stdout)
+        expected = [token.format(**values) for token in shlex.split(template)[3:]]
+        assert argv == expected, entry
+        for name in spec["parameters"]:
+            assert f"--{name}={value}" in argv, (entry, name)
+        _assert_parsed(parser, argv, values)
+        assert not (tmp_path / "M").exists(), entry
+
+
+def _assert_parsed(parser, argv: list[str], values: dict[str, str]) -> None:
+    """The CLI reads each string flag of ``argv`` back as its value ("" as unset where the flag
+    is optional); flags of whole numbers are given one, as argparse refuses other text."""
+    subparser = parser._subparsers._group_actions[0].choices[argv[0]]
+    types = {a.dest: a.type for a in subparser._actions}
+    numbers = {name for name in values if types.get(name) not in (None, cli._optional_str)}
+    given = [arg if arg.split("=", 1)[0][2:] not in numbers else arg.split("=", 1)[0] + "=3"
+             for arg in argv]
+    args = parser.parse_args(given)
+    for name, value in values.items():
+        if name not in numbers:
+            optional = types[name] is cli._optional_str
+            assert getattr(args, name) == (value or None if optional else value), name
+
+
+def test_the_project_hands_no_value_to_a_shell():
+    """Its own code starts processes with argument lists only: no shell, no os.system."""
+    shells = ("shell=True", "os.system(", "os.popen(", "subprocess.getoutput(", "subprocess.getstatusoutput(")
+    for path in sorted((ROOT / "pipeline").glob("*.py")):
+        text = path.read_text()
+        assert not [s for s in shells if s in text], path.name
+
+
+def mlflow_run(folder: Path, entry: str, params: dict[str, str]) -> subprocess.Popen:
+    """``mlflow run <this project> --env-manager local -e entry -P ...`` on a store of its own in
+    ``folder``, started in the background; its output goes to ``folder/log``."""
+    folder.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env |= {"MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}", "PYTHONPATH": str(ROOT),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
+    argv = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local", "-e", entry]
+    for name, value in params.items():
+        argv += ["-P", f"{name}={value}"]
+    return subprocess.Popen(argv, cwd=folder, env=env, stdin=subprocess.DEVNULL,
+                            stdout=(folder / "log").open("w"), stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_mlflow_run_passes_values_verbatim_and_runs_none_of_them(tmp_path):
+    """Through the real ``mlflow run``: the issue's ``run_id=x;touch ...;#`` on ``export``, and a
+    ``sweep`` whose features path holds every shell construct at once, its study a name with
+    spaces and its storage a value starting with "-". Both fail on the value, which their
+    error line shows unchanged; ``mlflow run`` exits non-zero; no marker file appears."""
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    run_id = f"x;touch {markers}/issue;#"
+    features = (f"a b 'q' \"dq\" $(touch {markers}/dollar) `touch {markers}/tick` "
+                f";touch {markers}/semicolon;# '; touch {markers}/quote; '\n猫 é")
+    export_run = mlflow_run(tmp_path / "export", "export", {"run_id": run_id})
+    sweep_run = mlflow_run(tmp_path / "sweep", "sweep", {"features": features, "study": "cats vs dogs",
+                                                        "storage": "--help", "n_trials": ""})
+    for process in (export_run, sweep_run):
+        assert process.wait(timeout=900) == 1  # mlflow run's status for a failed step
+    export_log = (tmp_path / "export" / "log").read_text()
+    sweep_log = (tmp_path / "sweep" / "log").read_text()
+    assert f"\nerror: no runs of sweep '{run_id}' in the tracking store (" in export_log, export_log
+    assert f"\nerror: features file not found: {features}\n" in sweep_log, sweep_log
+    assert list(markers.iterdir()) == []
+
+
+def test_every_file_of_a_class_folder_is_decoded_or_listed_as_skipped(tmp_path, tracking, monkeypatch):
+    """Whatever their extension: WebP beside PNG and a PNG named .jpeg are decoded; TIFF, text,
+    an empty file and a hidden one are counted (``n_skipped``) and listed in
+    ``skipped_images.txt``."""
+    monkeypatch.chdir(tmp_path)
+    image_folder(tmp_path / "img", {"cats": 2, "dogs": 2}, ["dogs/notes.txt"])
+    pixels = RNG.integers(0, 255, size=(80, 80, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "img" / "cats" / "photo.webp")
+    Image.fromarray(pixels).save(tmp_path / "img" / "dogs" / "png-inside.jpeg", format="PNG")
+    Image.fromarray(pixels).save(tmp_path / "img" / "dogs" / "scan.tiff")
+    (tmp_path / "img" / "cats" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "img" / "cats" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    cli.main(["extract", "--images", "img", "--weights", "random", "--input_size", "71",
+              "--batch_size", "4", "--output", "f.h5"])
+    skipped = ["img/cats/.DS_Store", "img/cats/empty.jpg", "img/dogs/notes.txt", "img/dogs/scan.tiff"]
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.data.metrics["n_images"] == 6 and run.data.metrics["n_skipped"] == 4
+    listed = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="skipped_images.txt")
+    assert Path(listed).read_text().splitlines() == skipped
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("signum", "reason"), [(signal.SIGINT, "Ctrl-C"),
+                                                (signal.SIGTERM, "terminated by signal 15")],
+                         ids=["Ctrl-C", "SIGTERM"])
+def test_interrupted_extraction_says_nothing_was_written(signum, reason, tmp_path):
+    """Ctrl-C or SIGTERM in the middle of ``python -m pipeline extract``: exit 130, one line
+    saying that nothing was written and the rerun starts over, no file (not even a temporary
+    one), and the run KILLED."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env |= {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "extract", "--images", "builtin:digits",
+                                "--weights", "random", "--batch_size", "1", "--output", "out.h5"],
+                               cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in process.stderr:  # the stage's first line: the images are being extracted
+        lines.append(line)
+        if line.startswith("extract: 357 images to go"):
+            break
+    time.sleep(1.0)
+    process.send_signal(signum)
+    lines += process.stderr.readlines()
+    assert process.wait(timeout=120) == 130, lines
+    assert lines[-1] == (f"interrupted ({reason}): nothing was written at out.h5; rerun to start "
+                         f"the extraction over\n"), lines
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "mlruns") == ["mlflow.db"]
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    try:
+        (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+        assert run.info.status == "KILLED"
+    finally:
+        mlflow.set_tracking_uri(None)

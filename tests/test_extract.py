@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from pipeline import naming
+from pipeline.cli import build_parser, interrupt_message
 from pipeline.errors import UserError
 from pipeline.extract import extract, load_backbone, run_extract
 from pipeline.features import read_features, resolve_features, sha256_file
@@ -16,7 +17,8 @@ from pipeline.sources import digits_source
 
 
 def make_folder(root, counts=(4, 3), corrupt=1, size=80):
-    """root/cats and root/dogs with small random PNGs, plus ``corrupt`` undecodable .jpg files."""
+    """root/cats and root/dogs with small random PNGs, plus ``corrupt`` undecodable .jpg files
+    and a text file in dogs."""
     rng = np.random.default_rng(0)
     for label, (name, n) in enumerate(zip(("cats", "dogs"), counts, strict=True)):
         folder = root / name
@@ -26,7 +28,7 @@ def make_folder(root, counts=(4, 3), corrupt=1, size=80):
             Image.fromarray(pixels).save(folder / f"{i}.png")
     for i in range(corrupt):
         (root / "dogs" / f"broken{i}.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    (root / "dogs" / "notes.txt").write_text("ignored: not an image")
+    (root / "dogs" / "notes.txt").write_text("not an image: skipped and listed")
     return root
 
 
@@ -34,7 +36,7 @@ def test_folder_extraction_skips_undecodable_files(tmp_path):
     images = make_folder(tmp_path / "images")
     result = extract(str(images), "random", 71, 4, str(tmp_path / "f.h5"), progress=False)
     assert result.n_images == 7
-    assert [p.rsplit("/", 1)[-1] for p in result.skipped] == ["broken0.jpg"]
+    assert [p.rsplit("/", 1)[-1] for p in result.skipped] == ["broken0.jpg", "notes.txt"]
     features = read_features(tmp_path / "f.h5")
     assert features.x.shape == (7, 2048) and features.x.dtype == np.float32
     assert features.y.tolist() == [0, 0, 0, 0, 1, 1, 1]
@@ -100,7 +102,9 @@ def test_auto_falls_back_to_random_loudly(tmp_path, tracking, monkeypatch, capsy
     (lambda root: root.mkdir(), "needs exactly 2 class subfolders, found 0"),
     (lambda root: (root / "a").mkdir(parents=True), "found 1"),
     (lambda root: [(root / c).mkdir(parents=True) for c in "abc"], "found 3"),
-    (lambda root: [(root / c).mkdir(parents=True) for c in "ab"], "class folder 'a' has no images"),
+    (lambda root: [(root / c).mkdir(parents=True) for c in "ab"], "class folder 'a' is empty"),
+    (lambda root: make_folder(root, counts=(2, 0), corrupt=0),
+     r"class folder 'dogs' holds no JPEG, PNG, GIF, BMP or WebP image \(1 other files\)"),
 ])
 def test_bad_image_folders(tmp_path, setup, message):
     root = tmp_path / "images"
@@ -114,7 +118,7 @@ def test_nothing_decodable_writes_nothing(tmp_path, tracking):
     root = tmp_path / "images"
     for name in ("a", "b"):
         (root / name).mkdir(parents=True)
-        (root / name / "x.png").write_bytes(b"garbage")
+        (root / name / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n then garbage")  # a PNG, cut short
     with pytest.raises(UserError, match="none of the 2 files could be decoded"):
         run_extract(str(root), "random", 71, 4, str(tmp_path / "f.h5"), progress=False)
     assert list(tmp_path.glob("*.h5")) == [] and list(tmp_path.glob(".*tmp")) == []
@@ -136,3 +140,19 @@ def test_random_weights_repeat():
     assert used == "random"
     for a, b in zip(first.get_weights(), second.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_interrupt_message_says_what_the_extraction_left(tmp_path):
+    """The file at ``--output`` as it was: nothing written; replaced by a whole new one (the
+    interrupt came while the run was being finished): said so. Either way the rerun starts over."""
+    output = tmp_path / "out.h5"
+    args = build_parser().parse_args(["extract", "--images", "builtin:digits", "--output", str(output)])
+    assert interrupt_message(args, "Ctrl-C", None) == (
+        f"interrupted (Ctrl-C): nothing was written at {output}; rerun to start the extraction over")
+    output.write_bytes(b"new")
+    assert interrupt_message(args, "terminated by signal 15", None) == (
+        f"interrupted (terminated by signal 15): {output} was written whole but its run did not "
+        f"finish; rerun to start the extraction over")
+    sweep = build_parser().parse_args(["sweep", "--features", "f.h5", "--sweep", "s.yaml"])
+    assert interrupt_message(sweep, "Ctrl-C", None) == (
+        "interrupted (Ctrl-C): finished trials are kept; rerun the same command to resume")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.labels import encode_labels
+from pipeline.labels import encode_labels, invalid_labels
 
 Y = np.array([0, 1, 1, 0, 1])
 
@@ -40,3 +40,16 @@ def test_accepts_list_and_bool_input():
     encoded = encode_labels(np.array([True, False, True]), 2, "categorical_crossentropy")
     np.testing.assert_array_equal(encoded, [[0, 1], [1, 0], [0, 1]])
     np.testing.assert_array_equal(encode_labels([1, 0], 1, "binary_crossentropy"), [[1.0], [0.0]])
+
+
+@pytest.mark.parametrize("y, found", [
+    (np.array([0, 1, 1, 0]), []),
+    (np.array([1.0, 0.0]), []),
+    (np.array([0, 1, 2, 1, -1]), [-1, 2]),
+    (np.array([0.0, 0.5, 1.0, np.nan]), [0.5, np.nan]),
+    (np.array([True, False, True]), [False, True]),  # not numbers, though True == 1
+    (np.array([b"cat", b"dog"]), [b"cat", b"dog"]),
+    (np.arange(10), [2, 3, 4, 5, 6]),  # at most five
+])
+def test_invalid_labels_are_shown_whatever_the_dtype(y, found):
+    np.testing.assert_equal(invalid_labels(y), found)
