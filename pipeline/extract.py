@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import tracking
+from pipeline import paths, tracking
 from pipeline.errors import UserError
 from pipeline.features import sha256_file, write_features
 from pipeline.progress import progress_bar
@@ -183,6 +183,7 @@ def run_extract(images: str, weights: str = "auto", input_size: str | int = "aut
     from pipeline import naming
 
     check_inputs(images, input_size, batch_size)  # bad input: no run, no file
+    paths.writable_file(output, "output")
     if run_id is None:
         exp = experiment_id or tracking.experiment_id("features")
         run_id = tracking.create_run(exp, f"extract-{Path(output).stem}", parent_run_id,

@@ -75,8 +75,9 @@ def make_storage(url: str | None, on_lost: OnLost | None = None) -> optuna.stora
     if "://" in url:
         raise UserError(f"storage '{redact(url)}': unknown scheme (use sqlite:///, postgresql://, "
                         f"mysql:// or a journal file path)")
-    path = Path(url.removeprefix("journal:"))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from pipeline.paths import writable_file
+
+    path = writable_file(url.removeprefix("journal:"), "storage")
     backend = optuna.storages.journal.JournalFileBackend(
         str(path), lock_obj=optuna.storages.journal.JournalFileOpenLock(str(path)))
     return optuna.storages.JournalStorage(backend)
