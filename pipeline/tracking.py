@@ -135,6 +135,7 @@ def prepare_store() -> None:
         paths.writable_file(database, "MLflow store")
     elif urlparse(uri).scheme in ("", "file"):
         paths.writable_dir(urlparse(uri).path, "MLflow store")
+    # MLflow's table of store builders by URI scheme (the one its tracking-store plugins join)
     from mlflow.tracking._tracking_service import utils as store_utils
 
     builder = store_utils._tracking_store_registry.get_store_builder("sqlite://")
@@ -150,7 +151,10 @@ def _folder_locked(builder):
         database = paths.database_file(store_uri)
         if database is None:
             return builder(store_uri=store_uri, artifact_uri=artifact_uri)
-        folder = os.open(database.parent, os.O_RDONLY)
+        try:
+            folder = os.open(database.parent, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:  # no folder to lock: MLflow reports the store's problem itself
+            return builder(store_uri=store_uri, artifact_uri=artifact_uri)
         try:
             fcntl.flock(folder, fcntl.LOCK_EX)
             return builder(store_uri=store_uri, artifact_uri=artifact_uri)
