@@ -116,9 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> None:
     """Dispatch parsed arguments to the stage functions."""
     launcher = os.environ.get("MLFLOW_RUN_ID") or None
-    from pipeline.tracking import check_reachable
+    from pipeline import paths
+    from pipeline.tracking import check_reachable, default_study_storage, prepare_store
 
     check_reachable()
+    prepare_store()
+    if args.command in ("sweep", "main"):
+        paths.writable_storage(args.storage or default_study_storage())
     if args.command == "extract":
         from pipeline.extract import run_extract
 

@@ -20,7 +20,7 @@ import mlflow
 import optuna
 import pandas as pd
 
-from pipeline import figures, findings, naming, tables, tracking
+from pipeline import figures, findings, naming, paths, tables, tracking
 from pipeline.config import CONFIG_MODELS, PARITY_METRICS
 from pipeline.errors import UserError
 
@@ -166,7 +166,7 @@ def export(run_id: str | None = None, output: str = "exports", formats: str = "c
         raise UserError(f"formats '{formats}': allowed: {', '.join(FORMATS)}")
     run_ids = resolve_run_ids(run_id)
     sweeps = [(rid, sweep_run(rid)) for rid in run_ids]
-    out = Path(output)
+    out = paths.writable_dir(output, "output")
     per_sweep: dict[str, list[Path]] = {}
     sections: list[findings.Section] = []
     for rid, parent in sweeps:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import lineage, tracking
+from pipeline import lineage, paths, tracking
 from pipeline.errors import UserError
 from pipeline.features import read_features, sha256_file, write_features
 from pipeline.progress import progress_bar
@@ -187,6 +187,7 @@ def run_extract(images: str, weights: str = "auto", input_size: str | int = "aut
     from pipeline import naming
 
     check_inputs(images, input_size, batch_size)  # bad input: no run, no file
+    paths.writable_file(output, "output")
     tracking.install_sigterm_handler()  # SIGTERM ends the run KILLED, as Ctrl-C does
     if run_id is None:
         exp = experiment_id or tracking.experiment_id("features")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import mlflow
 
-from pipeline import naming, tracking
+from pipeline import naming, paths, tracking
 from pipeline.config import load_sweep
 from pipeline.errors import UserError
 from pipeline.features import read_features, resolve_features, sha256_file
@@ -69,7 +69,8 @@ def run_main(images: str = "builtin:digits", weights: str = "auto",
     if features is not None:
         read_features(resolve_features(features))  # ... and on bad features
     source = open_source(images) if features is None else None
-    out = Path(output)
+    out = paths.writable_dir(output, "output")
+    paths.writable_dir(out / "export", "output")
     features_path = out / "features.h5"
     client = mlflow.MlflowClient()
     if launcher_run_id:

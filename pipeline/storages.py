@@ -21,6 +21,7 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial
 
 from pipeline.errors import UserError
+from pipeline.paths import writable_file
 
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 HEARTBEAT_ENV = "PIPELINE_HEARTBEAT_SECONDS"  # RDB heartbeat interval (default 10)
@@ -45,8 +46,7 @@ def make_storage(url: str, on_stale: OnStale | None = None) -> optuna.storages.B
     if "://" in url:
         raise UserError(f"storage '{redact(url)}': unknown scheme (use sqlite:///, postgresql://, "
                         f"mysql:// or a journal file path)")
-    path = Path(url.removeprefix("journal:"))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = writable_file(url.removeprefix("journal:"), "storage")
     backend = optuna.storages.journal.JournalFileBackend(
         str(path), lock_obj=optuna.storages.journal.JournalFileOpenLock(str(path)))
     return optuna.storages.JournalStorage(backend)
@@ -68,9 +68,9 @@ def _rdb_storage(url: str, on_stale: OnStale | None) -> optuna.storages.RDBStora
     """An RDB storage with heartbeats; see :func:`make_storage`.
 
     Workers that open a fresh database together race to create Optuna's tables; the losers
-    see a duplicate-key or duplicate-table error and simply open it again.
+    see a duplicate-key, duplicate-table or (SQLite) locked-database error and open it again.
     """
-    from sqlalchemy.exc import IntegrityError, ProgrammingError
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
     for attempt in range(5):
         try:
@@ -79,9 +79,11 @@ def _rdb_storage(url: str, on_stale: OnStale | None) -> optuna.storages.RDBStora
                     url, engine_kwargs={"pool_pre_ping": True},
                     heartbeat_interval=heartbeat_seconds(), grace_period=grace_seconds(),
                     heartbeat_stale_trial_callback=on_stale)
-        except (IntegrityError, ProgrammingError):
-            if attempt == 4:
-                raise
+        except (IntegrityError, ProgrammingError, OperationalError) as exc:
+            racing = not isinstance(exc, OperationalError) or any(
+                words in str(exc) for words in ("already exists", "database is locked"))
+            if attempt == 4 or not racing:
+                raise UserError(f"storage '{redact(url)}': cannot be opened ({_short(exc)})") from None
             time.sleep(0.5 + attempt)
         except Exception as exc:  # SQLAlchemy and the DB driver raise many types
             raise UserError(f"storage '{redact(url)}': cannot be opened ({_short(exc)})") from None

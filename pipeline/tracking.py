@@ -9,6 +9,8 @@ FAILED (an exception, with the message as the ``error`` tag) or KILLED (Ctrl-C o
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
 import importlib.metadata
 import os
 import signal
@@ -21,7 +23,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.utils.time import get_current_time_millis
 
-from pipeline import lineage, naming
+from pipeline import lineage, naming, paths
 from pipeline.errors import UserError
 
 STUDY_JOURNAL = "optuna-journal.log"  # the default Optuna storage's file, beside the store
@@ -112,6 +114,56 @@ def check_reachable(timeout: float = 3.0) -> None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def prepare_store() -> None:
+    """Check the place of a local MLflow store and make its creation safe to race; call once per
+    process, before the store is first used.
+
+    A ``sqlite:`` store's file and a file store's folder are checked as every written place is
+    (:mod:`pipeline.paths`: a missing folder is made, anything else unusable is a
+    :class:`UserError`). MLflow creates a fresh SQLite store's tables in the first process that
+    opens it, and processes doing that at the same moment break each other's migrations; so
+    from here on, opening a SQLite store holds an exclusive lock on its folder (``flock`` on
+    the folder itself: no lock file) until MLflow has created or checked the tables. The store
+    itself is not opened here, so a command that stops on bad input still leaves none.
+    """
+    from urllib.parse import urlparse
+
+    uri = mlflow.get_tracking_uri()
+    database = paths.database_file(uri)
+    if database is not None:
+        paths.writable_file(database, "MLflow store")
+    elif urlparse(uri).scheme in ("", "file"):
+        paths.writable_dir(urlparse(uri).path, "MLflow store")
+    # MLflow's table of store builders by URI scheme (the one its tracking-store plugins join)
+    from mlflow.tracking._tracking_service import utils as store_utils
+
+    builder = store_utils._tracking_store_registry.get_store_builder("sqlite://")
+    if not getattr(builder, "locks_folder", False):
+        store_utils._register("sqlite", _folder_locked(builder))
+
+
+def _folder_locked(builder):
+    """``builder`` (MLflow's SQLite store constructor) run under an exclusive lock on the
+    database's folder, so that one process at a time creates or checks the tables."""
+    @functools.wraps(builder)
+    def build(store_uri, artifact_uri=None):
+        database = paths.database_file(store_uri)
+        if database is None:
+            return builder(store_uri=store_uri, artifact_uri=artifact_uri)
+        try:
+            folder = os.open(database.parent, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:  # no folder to lock: MLflow reports the store's problem itself
+            return builder(store_uri=store_uri, artifact_uri=artifact_uri)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)
+            return builder(store_uri=store_uri, artifact_uri=artifact_uri)
+        finally:
+            os.close(folder)  # releases the lock
+
+    build.locks_folder = True
+    return build
 
 
 def end_lost_run(run_id: str | None, reason: str) -> None:
