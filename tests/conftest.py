@@ -1,19 +1,22 @@
-"""Shared fixtures: a quiet TensorFlow, a private MLflow store, small real features files."""
+"""Shared fixtures: a quiet TensorFlow, a private MLflow store, small real features files.
+
+The helpers they use live in ``tests/helpers.py``, which test modules import directly."""
 
 from __future__ import annotations
-
-import contextlib
 
 from pipeline.quiet import quiet_tensorflow
 
 quiet_tensorflow()
 
 import mlflow  # noqa: E402
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from pipeline.features import write_features  # noqa: E402
+from tests.helpers import SMALL_STUDY, make_features, private_store  # noqa: E402, F401 (see below)
 from tests.services import launch, mlflow_server, postgres  # noqa: E402, F401 (fixtures)
+
+# ``private_store`` (and the other two names) stay importable from here only for
+# tests/test_sweep.py, which is being rewritten elsewhere; new code imports tests.helpers.
 
 
 @pytest.fixture
@@ -30,54 +33,11 @@ def tracking(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(None)
 
 
-def make_features(n: int = 240, d: int = 32, seed: int = 0, positive: float = 0.5,
-                  sorted_labels: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """A linearly separable-ish two-class problem; labels sorted by class like a folder walk."""
-    rng = np.random.default_rng(seed)
-    y = (rng.random(n) < positive).astype(np.int64)
-    if sorted_labels:
-        y = np.sort(y)
-    direction = rng.normal(size=d)
-    x = rng.normal(size=(n, d)) + np.outer(2 * y - 1, direction) * 0.4
-    return x.astype(np.float32), y
-
-
-@contextlib.contextmanager
-def private_store(folder):
-    """MLflow pointed at a new SQLite store in ``folder`` for the block (for module- or
-    session-scoped fixtures, which cannot use ``monkeypatch``); yields its URI."""
-    with pytest.MonkeyPatch.context() as mp:
-        uri = f"sqlite:///{folder / 'mlflow.db'}"
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
-        mlflow.set_tracking_uri(uri)
-        try:
-            yield uri
-        finally:
-            mlflow.set_tracking_uri(None)
-
-
 @pytest.fixture
 def features_file(tmp_path):
     """A small features file in the seed's layout (only ``train`` and ``label``)."""
     x, y = make_features()
     return write_features(tmp_path / "features.h5", x, y, {})
-
-
-SMALL_STUDY = {
-    "name": "small",
-    "experiment": "small-study",
-    "description": "Does the 1-unit softmax collapse, and does the transferred sigmoid follow the softmax?",
-    "sampler": "grid",
-    "seeds": [0, 1],
-    "fixed": {"epochs": 3, "batch_size": 32, "dropout": 0.5, "optimizer": "sgd"},
-    "space": [
-        {"activation": "softmax", "units": 1, "loss": "binary_crossentropy", "learning_rate": 0.05},
-        {"activation": "softmax", "units": 2, "loss": "categorical_crossentropy", "learning_rate": 0.05},
-        {"activation": "sigmoid", "units": 1, "loss": "binary_crossentropy", "learning_rate": 0.1,
-         "init": ["transfer", "glorot_uniform"]},
-    ],
-}
 
 
 @pytest.fixture(scope="session")

@@ -28,8 +28,7 @@ from pipeline.heads import initial_weights
 from pipeline.split import make_split
 from pipeline.studies import make_storage
 from pipeline.sweep import run_sweep
-from tests.conftest import make_features
-from tests.test_sweep import TINY
+from tests.helpers import TINY, make_features
 
 TOLERANCE = 1e-4
 BASE = {"epochs": 3, "batch_size": 32, "learning_rate": 0.05, "dropout": 0.0}

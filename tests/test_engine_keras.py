@@ -13,7 +13,7 @@ from pipeline.config import TrialConfig
 from pipeline.engine_keras import KerasEngine, batch_order
 from pipeline.heads import build_head, head_weights
 from pipeline.split import make_split
-from tests.conftest import make_features
+from tests.helpers import make_features
 
 EPOCHS = 3
 BATCH = 32

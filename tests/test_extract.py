@@ -6,28 +6,13 @@ import keras
 import mlflow
 import numpy as np
 import pytest
-from PIL import Image
 
 from pipeline import naming
 from pipeline.errors import UserError
 from pipeline.extract import extract, load_backbone, run_extract
 from pipeline.features import read_features, resolve_features, sha256_file
 from pipeline.sources import digits_source
-
-
-def make_folder(root, counts=(4, 3), corrupt=1, size=80):
-    """root/cats and root/dogs with small random PNGs, plus ``corrupt`` undecodable .jpg files."""
-    rng = np.random.default_rng(0)
-    for label, (name, n) in enumerate(zip(("cats", "dogs"), counts, strict=True)):
-        folder = root / name
-        folder.mkdir(parents=True)
-        for i in range(n):
-            pixels = rng.integers(0, 255, size=(size, size + 10 * label, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(folder / f"{i}.png")
-    for i in range(corrupt):
-        (root / "dogs" / f"broken{i}.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    (root / "dogs" / "notes.txt").write_text("ignored: not an image")
-    return root
+from tests.helpers import make_folder
 
 
 def test_folder_extraction_skips_undecodable_files(tmp_path):

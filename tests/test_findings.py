@@ -14,7 +14,7 @@ from pipeline.export import export, trial_records
 from pipeline.features import write_features
 from pipeline.findings import parity_rows, sci
 from pipeline.sweep import run_sweep
-from tests.conftest import make_features, private_store
+from tests.helpers import make_features, private_store
 
 FAST = {"epochs": 2, "batch_size": 32, "dropout": 0.5}
 COLLAPSE = {"name": "collapse-t", "experiment": "collapse-exp", "report": "collapse", "seeds": [0, 1],

@@ -18,7 +18,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import SMALL_STUDY
+from tests.helpers import SMALL_STUDY
 
 BIN = Path(sys.executable).parent
 

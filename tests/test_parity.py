@@ -11,7 +11,7 @@ from pipeline.config import PARITY_METRICS, ParityConfig, load_sweep
 from pipeline.findings import BREAKERS, EXACT, matching
 from pipeline.parity import ROLES, train_parity
 from pipeline.split import make_split
-from tests.conftest import make_features
+from tests.helpers import make_features
 
 OPTIMIZERS = {"sgd": 0.05, "momentum": 0.05, "nesterov": 0.05, "adagrad": 0.05, "adam": 0.005,
               "rmsprop": 0.005, "adamw": 0.005, "adadelta": 1.0}
