@@ -12,17 +12,17 @@ import mlflow  # noqa: E402
 import pytest  # noqa: E402
 
 from pipeline.features import write_features  # noqa: E402
-from tests.helpers import SMALL_STUDY, make_features, private_store  # noqa: E402, F401 (see below)
+from tests.helpers import SMALL_STUDY, make_features, new_store, private_store  # noqa: E402, F401
 from tests.services import launch, mlflow_server, postgres  # noqa: E402, F401 (fixtures)
 
-# ``private_store`` (and the other two names) stay importable from here only for
+# ``private_store`` stays importable from here (with SMALL_STUDY and make_features) only for
 # tests/test_sweep.py, which is being rewritten elsewhere; new code imports tests.helpers.
 
 
 @pytest.fixture
 def tracking(tmp_path, monkeypatch):
     """A fresh SQLite MLflow store in ``tmp_path``; yields its URI."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
@@ -62,11 +62,11 @@ def small_study(tmp_path_factory):
     x, y = make_features()
     features = write_features(folder / "features.h5", x, y, {})
     (folder / "small.yaml").write_text(yaml.safe_dump(SMALL_STUDY))
-    store = f"sqlite:///{folder / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)  # the experiment's artifacts go beside the store, not into the repo
+        store = new_store(folder)
         mp.setenv("MLFLOW_TRACKING_URI", store)
         mp.delenv("MLFLOW_RUN_ID", raising=False)
-        mp.chdir(folder)  # the experiment's artifacts go beside the store, not into the repo
         mlflow.set_tracking_uri(store)
         outcome = run_sweep(str(features), str(folder / "small.yaml"), progress=False)
         export(outcome.parent_run_id, str(folder / "export"), "csv,md,tex,png,html")

@@ -6,7 +6,12 @@ fixtures that use them are in ``conftest.py``.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import shutil
+import sqlite3
+import tempfile
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -26,12 +31,38 @@ def make_features(n: int = 240, d: int = 32, seed: int = 0, positive: float = 0.
     return x.astype(np.float32), y
 
 
+_TEMPLATE: list[Path] = []  # the empty store new_store copies, made once per process
+
+
+def new_store(folder, name: str = "mlflow.db") -> str:
+    """The URI of an SQLite MLflow store ``folder/name``: new and empty, unless one is there.
+
+    MLflow makes a store by running its schema migrations (seconds of CPU each time); this
+    copies an empty store made once per process instead (milliseconds). Its Default
+    experiment keeps its artifacts where a store made here and now would: ``./mlruns/0``.
+    """
+    path = Path(folder) / name
+    if not path.exists():
+        if not _TEMPLATE:
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            template = Path(tempfile.mkdtemp(prefix="mlflow-template-"))
+            atexit.register(shutil.rmtree, template, True)
+            SqlAlchemyStore(f"sqlite:///{template / name}", str(template / "mlruns")).engine.dispose()
+            _TEMPLATE.append(template / name)
+        shutil.copyfile(_TEMPLATE[0], path)
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
+            db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                       (str(Path.cwd().resolve() / "mlruns" / "0"),))
+    return f"sqlite:///{path}"
+
+
 @contextlib.contextmanager
 def private_store(folder):
     """MLflow pointed at a new SQLite store in ``folder`` for the block (for module- or
     session-scoped fixtures, which cannot use ``monkeypatch``); yields its URI."""
     with pytest.MonkeyPatch.context() as mp:
-        uri = f"sqlite:///{folder / 'mlflow.db'}"
+        uri = new_store(folder)
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.delenv("MLFLOW_RUN_ID", raising=False)
         mlflow.set_tracking_uri(uri)
