@@ -29,6 +29,7 @@ def test_folder_extraction_skips_undecodable_files(tmp_path):
     assert "version.keras" in features.attrs["versions"]
 
 
+@pytest.mark.slow
 def test_features_match_a_direct_forward_pass(tmp_path):
     """The tf.data pipeline feeds Xception exactly what a direct call on the same pixels sees."""
     import tensorflow as tf
@@ -47,6 +48,7 @@ def test_features_match_a_direct_forward_pass(tmp_path):
     np.testing.assert_allclose(features.x[:40], direct, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_weights_file_is_loaded_and_recorded(tmp_path):
     model, _ = load_backbone("random", 71)
     path = tmp_path / "xception.weights.h5"
@@ -57,6 +59,7 @@ def test_weights_file_is_loaded_and_recorded(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_auto_falls_back_to_random_loudly(tmp_path, tracking, monkeypatch, capsys):
     import keras.src.applications.xception as xception_module
 
@@ -113,6 +116,7 @@ def test_bad_input_size(tmp_path, size, message):
         extract("builtin:digits", "random", size, 4, str(tmp_path / "f.h5"), progress=False)
 
 
+@pytest.mark.slow
 def test_random_weights_repeat():
     """Random-weight features are seeded: two extractions (and every number after) agree."""
     first, _ = load_backbone("random", 71)

@@ -47,6 +47,7 @@ def studies(tmp_path_factory):
         yield parents
 
 
+@pytest.mark.slow
 def test_findings_report_from_the_three_studies(studies, tmp_path):
     # -- the collapse, per run: tags, exact accuracy, expected values logged beside measured ones
     trials = trial_records(studies["collapse-t"])
@@ -87,6 +88,7 @@ def test_findings_report_from_the_three_studies(studies, tmp_path):
     assert "export/findings.md" in {a.path for a in logged}
 
 
+@pytest.mark.slow
 def test_parity_table_reads_optimizers_by_ratios(studies):
     trials = trial_records(studies["parity-t"])
     header, rows = parity_rows(trials)

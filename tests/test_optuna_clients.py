@@ -20,6 +20,8 @@ import pytest
 
 from tests.helpers import SMALL_STUDY
 
+pytestmark = pytest.mark.slow  # the small study's sweep, then the Optuna CLI and dashboard in subprocesses
+
 BIN = Path(sys.executable).parent
 
 

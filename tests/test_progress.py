@@ -70,6 +70,7 @@ def workdir(tmp_path_factory):
     return tmp
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "pipe"])
 def test_extract_and_sweep_report_progress(workdir, terminal):
     name = "tty" if terminal else "pipe"
