@@ -1,11 +1,12 @@
-# The two commands a newcomer needs: `make run` (the main job) and `make test` (the suite).
-# Both install into .venv first (once, and again when pyproject.toml changes).
+# The two commands a newcomer needs: `make run` (the main job) and `make test` (the suite);
+# `make test-fast` is the suite without the tests marked slow, for while you work.
+# Each installs into .venv first (once, and again when pyproject.toml changes).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: install run test lint ui
+.PHONY: install run test test-fast lint ui
 
 install: $(VENV)/.installed
 
@@ -23,6 +24,9 @@ lint: install
 
 test: lint
 	python -m pytest
+
+test-fast: lint
+	python -m pytest -m "not slow"
 
 ui: install
 	mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db

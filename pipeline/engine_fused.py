@@ -132,8 +132,8 @@ class FusedEngine(Engine):
     def prepare(self, config: TrialConfig) -> None:
         """Start building the graphs that ``config``'s pass will run, on a background thread.
 
-        Building them takes nearly half a second of Python; a sweep calls this as soon as it knows a
-        config, so the building overlaps its bookkeeping (Optuna, MLflow) instead of adding to it.
+        Building them is pure Python work; a sweep calls this as soon as it knows a config, so
+        the building overlaps its bookkeeping (Optuna, MLflow) instead of adding to it.
         """
         _graphs(config.optimizer, float(config.dropout), wait=None)
 
@@ -533,11 +533,10 @@ def _graphs(optimizer: str, rate: float, *, wait: str | None) -> None:
     return once that graph is built.
 
     The training graph is built first: a pass starts on it while the evaluation graph, needed
-    at the end of the first epoch, is still being built (a tenth of a second of Python off the
-    path to the first step). The wait is on an event, not ``Thread.join``: Ctrl-C during a join
-    can leave Python 3.11 taking the still running thread for stopped (python/cpython issue
-    90882), so that exit no longer waits for the trace; a sweep interrupted there once hung
-    instead of exiting.
+    at the end of the first epoch, is still being built, which takes that build off the path
+    to the first step. The wait is on an event, not ``Thread.join``: Ctrl-C during a join can
+    leave Python 3.11 taking the still running thread for stopped (python/cpython issue
+    90882), and then exit does not wait for the trace and the process can hang.
     """
     key = (optimizer, rate)
     if key not in _BUILT:
@@ -562,7 +561,7 @@ def _graphs(optimizer: str, rate: float, *, wait: str | None) -> None:
 def _trace(graph: str, optimizer: str, rate: float) -> None:
     """Trace ``graph`` (``train``: :func:`_train_epoch`, ``evaluate``: :func:`_evaluate`) for
     inputs of any size, then run it once on two rows, which makes TensorFlow optimise and
-    instantiate it (as long again as the trace, spent here)."""
+    instantiate it here rather than in the first pass."""
     vector = tf.TensorSpec([None], tf.float32)
     matrix = tf.TensorSpec([None, None], tf.float32)
     rows = tf.TensorSpec([None], tf.int32)

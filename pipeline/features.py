@@ -102,9 +102,7 @@ def _mapped(dataset: h5py.Dataset) -> np.ndarray | None:
     That is how h5py stores a dataset by default, and how :func:`write_features` stores
     features: a plain array at a fixed offset. Mapping it shares the operating system's cached
     pages of the file instead of copying them into new memory, which the system must first zero
-    (and a virtual machine may first have to get from its host: on this project's 2-core VM,
-    reading seed-sized features took 0.02-0.4 s, mapping them a few milliseconds;
-    docs/benchmarks.md).
+    (and a virtual machine may first have to get from its host).
 
     The mapping is private: writing to the array changes this process's copy, never the file.
     A file replaced meanwhile (as :func:`write_features` replaces one) leaves the mapping with
@@ -189,9 +187,9 @@ def sha256_file(path: str | os.PathLike) -> str:
 
     The file is mapped and hashed 16 MiB per call, each call letting other threads
     run: a sweep hashes while its graphs are traced (pure Python), and each call has to wait
-    for Python's lock again (in 1 MiB reads, seed-sized features took 0.2-0.3 s to hash in a
-    sweep instead of 0.09 s). Hashed pieces are let go of at once, so that the mapping does
-    not add the file's size to the process's memory.
+    for Python's lock again, so few large calls wait less than many small ones. Hashed pieces
+    are let go of at once, so that the mapping does not add the file's size to the process's
+    memory.
     """
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -5,9 +5,8 @@ params, every per-epoch metric (step = epoch), the ``positive_fraction`` of the 
 labels, the ``collapsed`` tag, and the training loss of every step in the artifact
 ``step_loss.csv`` (columns ``step, epoch, loss``). A parity head also charts that series as the
 metric ``step_loss``, since the parity claim is about the step-by-step trajectory; a sweep
-trial does not, because MLflow stores a metric series point by point (one row and object each):
-625 points per trial made the records of a 64-trial sweep four times slower than the rest of
-its records together (docs/benchmarks.md).
+trial does not, because MLflow stores a metric series point by point (one row and object
+each), and a series of every step would cost a sweep more than the rest of its records.
 
 A head that can only collapse (a 1-unit softmax) or did collapse also gets the values a
 constant P(label 1) = 1 must score, computed from the label counts, and the measured minus the

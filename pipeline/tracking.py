@@ -75,9 +75,10 @@ def raise_swallowed_interrupt() -> None:
     exception never reached the sweep, if there was one.
 
     The handler raises wherever the main thread is, and there it can come out of a C
-    extension's call back into Python and be turned into another error: TensorFlow's
-    ``nest.flatten`` made a SIGTERM a ``SystemError``, which failed the trial as an error and let
-    the sweep go on to finish. Called where such an error would be taken for a trial's own.
+    extension's call back into Python and be turned into another error (TensorFlow's
+    ``nest.flatten`` turns it into a ``SystemError``), which would fail the trial as an error
+    of its own and let the sweep go on. Called where such an error would be taken for a
+    trial's own.
     """
     if _deferral["received"] is not None:
         _interrupt(_deferral["received"])

@@ -1,25 +1,28 @@
-"""Shared fixtures: a quiet TensorFlow, a private MLflow store, small real features files."""
+"""Shared fixtures: a quiet TensorFlow, a private MLflow store, small real features files.
+
+The helpers they use live in ``tests/helpers.py``, which test modules import directly."""
 
 from __future__ import annotations
-
-import contextlib
 
 from pipeline.quiet import quiet_tensorflow
 
 quiet_tensorflow()
 
 import mlflow  # noqa: E402
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from pipeline.features import write_features  # noqa: E402
+from tests.helpers import SMALL_STUDY, make_features, new_store, private_store  # noqa: E402, F401
 from tests.services import launch, mlflow_server, postgres  # noqa: E402, F401 (fixtures)
+
+# ``private_store`` stays importable from here (with SMALL_STUDY and make_features) only for
+# tests/test_sweep.py, which is being rewritten elsewhere; new code imports tests.helpers.
 
 
 @pytest.fixture
 def tracking(tmp_path, monkeypatch):
     """A fresh SQLite MLflow store in ``tmp_path``; yields its URI."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
@@ -30,54 +33,11 @@ def tracking(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(None)
 
 
-def make_features(n: int = 240, d: int = 32, seed: int = 0, positive: float = 0.5,
-                  sorted_labels: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """A linearly separable-ish two-class problem; labels sorted by class like a folder walk."""
-    rng = np.random.default_rng(seed)
-    y = (rng.random(n) < positive).astype(np.int64)
-    if sorted_labels:
-        y = np.sort(y)
-    direction = rng.normal(size=d)
-    x = rng.normal(size=(n, d)) + np.outer(2 * y - 1, direction) * 0.4
-    return x.astype(np.float32), y
-
-
-@contextlib.contextmanager
-def private_store(folder):
-    """MLflow pointed at a new SQLite store in ``folder`` for the block (for module- or
-    session-scoped fixtures, which cannot use ``monkeypatch``); yields its URI."""
-    with pytest.MonkeyPatch.context() as mp:
-        uri = f"sqlite:///{folder / 'mlflow.db'}"
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.delenv("MLFLOW_RUN_ID", raising=False)
-        mlflow.set_tracking_uri(uri)
-        try:
-            yield uri
-        finally:
-            mlflow.set_tracking_uri(None)
-
-
 @pytest.fixture
 def features_file(tmp_path):
     """A small features file in the seed's layout (only ``train`` and ``label``)."""
     x, y = make_features()
     return write_features(tmp_path / "features.h5", x, y, {})
-
-
-SMALL_STUDY = {
-    "name": "small",
-    "experiment": "small-study",
-    "description": "Does the 1-unit softmax collapse, and does the transferred sigmoid follow the softmax?",
-    "sampler": "grid",
-    "seeds": [0, 1],
-    "fixed": {"epochs": 3, "batch_size": 32, "dropout": 0.5, "optimizer": "sgd"},
-    "space": [
-        {"activation": "softmax", "units": 1, "loss": "binary_crossentropy", "learning_rate": 0.05},
-        {"activation": "softmax", "units": 2, "loss": "categorical_crossentropy", "learning_rate": 0.05},
-        {"activation": "sigmoid", "units": 1, "loss": "binary_crossentropy", "learning_rate": 0.1,
-         "init": ["transfer", "glorot_uniform"]},
-    ],
-}
 
 
 @pytest.fixture(scope="session")
@@ -102,11 +62,11 @@ def small_study(tmp_path_factory):
     x, y = make_features()
     features = write_features(folder / "features.h5", x, y, {})
     (folder / "small.yaml").write_text(yaml.safe_dump(SMALL_STUDY))
-    store = f"sqlite:///{folder / 'mlflow.db'}"
     with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)  # the experiment's artifacts go beside the store, not into the repo
+        store = new_store(folder)
         mp.setenv("MLFLOW_TRACKING_URI", store)
         mp.delenv("MLFLOW_RUN_ID", raising=False)
-        mp.chdir(folder)  # the experiment's artifacts go beside the store, not into the repo
         mlflow.set_tracking_uri(store)
         outcome = run_sweep(str(features), str(folder / "small.yaml"), progress=False)
         export(outcome.parent_run_id, str(folder / "export"), "csv,md,tex,png,html")

@@ -187,7 +187,7 @@ def tiny_study(folder: Path, n_seeds: int, epochs: int = 1, name: str = "scale",
     import yaml
 
     from pipeline.features import write_features
-    from tests.conftest import make_features
+    from tests.helpers import make_features
 
     x, y = make_features(n=160, d=16)
     features = write_features(folder / "features.h5", x, y, {})

@@ -30,6 +30,7 @@ from pipeline.errors import UserError
 from pipeline.export import export
 from pipeline.features import write_features
 from pipeline.tracking import create_run, log_batch, series
+from tests.helpers import new_store
 
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(40, 8)).astype(np.float32)
@@ -174,7 +175,7 @@ def cases():
     for name, flags, line in PARITY_CASES:
         yield pytest.param(lambda d: None, ["parity", "--features", "good.h5", *flags], line, id=name)
     yield pytest.param(
-        lambda d: mlflow.MlflowClient().search_experiments(),  # an existing, empty store
+        lambda d: new_store(d),  # an existing, empty store
         ["sweep", "--features", MISSING_RUN, "--sweep", "ok.yaml"],
         f"error: features '{MISSING_RUN}': cannot be fetched (", id="runs:/ URI that does not exist")
 

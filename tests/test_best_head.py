@@ -13,7 +13,7 @@ from pipeline.features import write_features
 from pipeline.storages import make_storage
 from pipeline.sweep import run_sweep
 from pipeline.tracking import default_study_storage
-from tests.conftest import make_features
+from tests.helpers import make_features
 
 
 def test_the_best_head_loads_and_predicts_as_its_trial_did(tmp_path, tracking):

@@ -26,6 +26,7 @@ def test_help(stage, tmp_path):
     assert "usage: python -m pipeline " + stage in result.stdout
 
 
+@pytest.mark.slow
 def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path):
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     (tmp_path / "bad.yaml").write_text("name: x\nexperiment: e\nspace: {activation: [relu]}\n")

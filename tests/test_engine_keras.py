@@ -13,7 +13,7 @@ from pipeline.config import TrialConfig
 from pipeline.engine_keras import KerasEngine, batch_order
 from pipeline.heads import build_head, head_weights
 from pipeline.split import make_split
-from tests.conftest import make_features
+from tests.helpers import make_features
 
 EPOCHS = 3
 BATCH = 32
@@ -44,6 +44,7 @@ COLLAPSE = {"activation": "softmax", "units": 1, "loss": "binary_crossentropy", 
 
 # --- determinism -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_same_config_and_seed_give_identical_histories(split):
     cfg = config(optimizer="adam", learning_rate=0.01, seed=3)
     first = KerasEngine().train(cfg, split)
@@ -98,6 +99,7 @@ def test_collapsed_head_still_trains_on_the_logits_path(split):
 
 # --- the parity --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 def test_sigmoid_transfer_at_twice_lr_follows_two_unit_softmax(split, optimizer):
     lr = 0.01
@@ -116,6 +118,7 @@ def test_sigmoid_transfer_at_twice_lr_follows_two_unit_softmax(split, optimizer)
                                atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sigmoid_transfer_at_same_lr_does_not_follow(split):
     lr = 0.01
     softmax = train(split, activation="softmax", units=2, loss="categorical_crossentropy",

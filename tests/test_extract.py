@@ -6,7 +6,6 @@ import keras
 import mlflow
 import numpy as np
 import pytest
-from PIL import Image
 
 from pipeline import naming
 from pipeline.cli import build_parser, interrupt_message
@@ -14,22 +13,7 @@ from pipeline.errors import UserError
 from pipeline.extract import extract, load_backbone, run_extract
 from pipeline.features import read_features, resolve_features, sha256_file
 from pipeline.sources import digits_source
-
-
-def make_folder(root, counts=(4, 3), corrupt=1, size=80):
-    """root/cats and root/dogs with small random PNGs, plus ``corrupt`` undecodable .jpg files
-    and a text file in dogs."""
-    rng = np.random.default_rng(0)
-    for label, (name, n) in enumerate(zip(("cats", "dogs"), counts, strict=True)):
-        folder = root / name
-        folder.mkdir(parents=True)
-        for i in range(n):
-            pixels = rng.integers(0, 255, size=(size, size + 10 * label, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(folder / f"{i}.png")
-    for i in range(corrupt):
-        (root / "dogs" / f"broken{i}.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    (root / "dogs" / "notes.txt").write_text("not an image: skipped and listed")
-    return root
+from tests.helpers import make_folder
 
 
 def test_folder_extraction_skips_undecodable_files(tmp_path):
@@ -46,6 +30,7 @@ def test_folder_extraction_skips_undecodable_files(tmp_path):
     assert "version.keras" in features.attrs["versions"]
 
 
+@pytest.mark.slow
 def test_features_match_a_direct_forward_pass(tmp_path):
     """The tf.data pipeline feeds Xception exactly what a direct call on the same pixels sees."""
     import tensorflow as tf
@@ -64,6 +49,7 @@ def test_features_match_a_direct_forward_pass(tmp_path):
     np.testing.assert_allclose(features.x[:40], direct, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_weights_file_is_loaded_and_recorded(tmp_path):
     model, _ = load_backbone("random", 71)
     path = tmp_path / "xception.weights.h5"
@@ -74,6 +60,7 @@ def test_weights_file_is_loaded_and_recorded(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_auto_falls_back_to_random_loudly(tmp_path, tracking, monkeypatch, capsys):
     import keras.src.applications.xception as xception_module
 
@@ -132,6 +119,7 @@ def test_bad_input_size(tmp_path, size, message):
         extract("builtin:digits", "random", size, 4, str(tmp_path / "f.h5"), progress=False)
 
 
+@pytest.mark.slow
 def test_random_weights_repeat():
     """Random-weight features are seeded: two extractions (and every number after) agree."""
     first, _ = load_backbone("random", 71)

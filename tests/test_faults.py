@@ -23,6 +23,8 @@ from pipeline import naming, storages, studies
 from pipeline.features import read_features
 from tests.services import ROOT, audit, free_port, tiny_study
 
+pytestmark = pytest.mark.slow  # worker processes, PostgreSQL, signals and recovery timeouts
+
 FAST_HEARTBEAT = {storages.HEARTBEAT_ENV: "1", storages.GRACE_ENV: "3"}
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.errors import UserError
 from pipeline.features import read_features, write_features
-from tests.conftest import make_features
+from tests.helpers import make_features
 
 
 def write_raw(path: Path, **datasets) -> Path:

@@ -18,6 +18,7 @@ PNGS = ("loss_curves.png", "loss_gaps.png", "accuracy.png")
 PAGES = ("optimization_history.html", "param_importances.html", "parallel_coordinate.html")
 
 
+@pytest.mark.slow
 def test_export_writes_and_logs_every_figure(small_study):
     for name in PNGS:
         height, width, _ = matplotlib.image.imread(small_study.export / name).shape

@@ -14,7 +14,7 @@ from pipeline.export import export, trial_records
 from pipeline.features import write_features
 from pipeline.findings import parity_rows, sci
 from pipeline.sweep import run_sweep
-from tests.conftest import make_features, private_store
+from tests.helpers import make_features, private_store
 
 FAST = {"epochs": 2, "batch_size": 32, "dropout": 0.5}
 COLLAPSE = {"name": "collapse-t", "experiment": "collapse-exp", "report": "collapse", "seeds": [0, 1],
@@ -47,6 +47,7 @@ def studies(tmp_path_factory):
         yield parents
 
 
+@pytest.mark.slow
 def test_findings_report_from_the_three_studies(studies, tmp_path):
     # -- the collapse, per run: tags, exact accuracy, expected values logged beside measured ones
     trials = trial_records(studies["collapse-t"])
@@ -87,6 +88,7 @@ def test_findings_report_from_the_three_studies(studies, tmp_path):
     assert "export/findings.md" in {a.path for a in logged}
 
 
+@pytest.mark.slow
 def test_parity_table_reads_optimizers_by_ratios(studies):
     trials = trial_records(studies["parity-t"])
     header, rows = parity_rows(trials)

@@ -14,6 +14,8 @@ import yaml
 
 from pipeline import naming
 
+pytestmark = pytest.mark.slow  # `mlflow run .` twice, in subprocesses
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -18,7 +18,9 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import SMALL_STUDY
+from tests.helpers import SMALL_STUDY
+
+pytestmark = pytest.mark.slow  # the small study's sweep, then the Optuna CLI and dashboard in subprocesses
 
 BIN = Path(sys.executable).parent
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import tomllib
+import warnings
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,3 +31,11 @@ def test_mlproject_entry_points_and_parameters():
         assert set(points[name]["parameters"]) >= params, name
         for param in params:
             assert "{" + param + "}" in points[name]["command"], (name, param)
+
+
+@pytest.mark.parametrize("category", [DeprecationWarning, FutureWarning])
+def test_a_deprecated_call_of_ours_fails_the_tests_one_of_a_library_does_not(category):
+    """pyproject's filterwarnings: warnings attributed to pipeline.* are errors, a library's are not."""
+    with pytest.raises(category):
+        warnings.warn_explicit("deprecated", category, "pipeline/sweep.py", 1, module="pipeline.sweep")
+    warnings.warn_explicit("deprecated", category, "x.py", 1, module="mlflow.store.tracking.sqlalchemy_store")

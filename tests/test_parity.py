@@ -11,7 +11,7 @@ from pipeline.config import PARITY_METRICS, ParityConfig, load_sweep
 from pipeline.findings import BREAKERS, EXACT, matching
 from pipeline.parity import ROLES, train_parity
 from pipeline.split import make_split
-from tests.conftest import make_features
+from tests.helpers import make_features
 
 OPTIMIZERS = {"sgd": 0.05, "momentum": 0.05, "nesterov": 0.05, "adagrad": 0.05, "adam": 0.005,
               "rmsprop": 0.005, "adamw": 0.005, "adadelta": 1.0}
@@ -51,6 +51,7 @@ def test_heads_of_a_parity_config():
         "sigmoid_transfer"].weight_decay == pytest.approx(0.002)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_ratio_two_is_exact_for_every_optimizer(split, optimizer):
     # AdamW's decoupled decay is not scale-free: at equal decay it is a breaker (tested below),
@@ -66,6 +67,7 @@ def test_ratio_two_is_exact_for_every_optimizer(split, optimizer):
     assert exact["max_gap_transfer_random"] > 100 * EXACT
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
 @pytest.mark.parametrize("ratio", [1.0, 4.0])
 def test_other_ratios_are_not_exact(split, optimizer, ratio):
@@ -84,6 +86,7 @@ RESTORED = {  # what docs/parity.md claims for each row of findings.BREAKERS
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("breaker", BREAKERS, ids=lambda b: f"{b.name}-{b.optimizer}-{b.correction}")
 def test_breakers_break_and_corrections_restore_as_documented(split, breaker):
     lr = OPTIMIZERS[breaker.optimizer]

@@ -21,8 +21,7 @@ import pytest
 import yaml
 
 from pipeline.quiet import filter_absl
-from tests.test_extract import make_folder
-from tests.test_sweep import TINY
+from tests.helpers import TINY, make_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = {**TINY, "seeds": [0], "fixed": {**TINY["fixed"], "epochs": 2}, "space": TINY["space"][:3]}
@@ -71,6 +70,7 @@ def workdir(tmp_path_factory):
     return tmp
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "pipe"])
 def test_extract_and_sweep_report_progress(workdir, terminal):
     name = "tty" if terminal else "pipe"

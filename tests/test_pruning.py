@@ -52,7 +52,7 @@ def test_pruner_section_is_validated():
         parse_sweep({**parity, "pruner": "median"})
 
 
-@pytest.mark.parametrize("engine", ["keras", "fused"])
+@pytest.mark.parametrize("engine", [pytest.param("keras", marks=pytest.mark.slow), "fused"])
 def test_a_pruned_trial_is_pruned_in_optuna_and_finished_in_mlflow(engine, tmp_path, tracking,
                                                                    features_file):
     sweep = tmp_path / "pruned.yaml"

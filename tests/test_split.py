@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.errors import UserError
 from pipeline.split import make_split, standardize, stratified_split
-from tests.conftest import make_features
+from tests.helpers import make_features
 
 
 @pytest.fixture

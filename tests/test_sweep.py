@@ -20,12 +20,7 @@ from pipeline.features import write_features
 from pipeline.storages import make_storage
 from pipeline.sweep import run_sweep
 from pipeline.tracking import default_study_storage
-from tests.conftest import SMALL_STUDY, make_features, private_store
-
-TINY = {**SMALL_STUDY, "name": "tiny", "experiment": "tiny-exp", "description": "a test study",
-        "space": [*SMALL_STUDY["space"],
-                  {"activation": "softmax", "units": 1, "loss": "sparse_categorical_crossentropy",
-                   "learning_rate": 0.05}]}
+from tests.helpers import TINY, make_features, private_store
 
 
 def write_sweep(tmp_path, spec=TINY, name="tiny.yaml"):

@@ -20,7 +20,7 @@ from pipeline.features import write_features
 from pipeline.storages import make_storage
 from pipeline.sweep import run_sweep
 from pipeline.tracking import default_study_storage
-from tests.conftest import make_features
+from tests.helpers import make_features
 
 ENGINES = ("fused", "keras")
 

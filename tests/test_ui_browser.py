@@ -18,6 +18,8 @@ from pipeline import naming
 from pipeline.config import TRIAL_FIELDS, TrialConfig
 from tests.mlflow_ui import MlflowPages, chromium, mlflow_ui
 
+pytestmark = pytest.mark.slow  # a sweep, `mlflow ui` and chromium
+
 COMPARED = ("activation", "units", "loss", "learning_rate", "init", "val_accuracy", "val_prob_loss",
             "collapsed")
 

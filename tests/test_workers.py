@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from optuna.trial import TrialState
 
 from tests.services import audit, tiny_study
+
+pytestmark = pytest.mark.slow  # PostgreSQL, `mlflow server` and worker processes
 
 
 def test_four_workers_on_postgres_and_a_tracking_server_run_exactly_the_budget(

@@ -1,0 +1,119 @@
+"""Helpers shared by the test modules: small real data, private MLflow stores, study specs.
+
+Test modules import these from here (never from one another or from ``conftest``); the
+fixtures that use them are in ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import shutil
+import sqlite3
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+
+
+def make_features(n: int = 240, d: int = 32, seed: int = 0, positive: float = 0.5,
+                  sorted_labels: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """A linearly separable-ish two-class problem; labels sorted by class like a folder walk."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < positive).astype(np.int64)
+    if sorted_labels:
+        y = np.sort(y)
+    direction = rng.normal(size=d)
+    x = rng.normal(size=(n, d)) + np.outer(2 * y - 1, direction) * 0.4
+    return x.astype(np.float32), y
+
+
+_TEMPLATE: list[Path] = []  # the empty store new_store copies, made once per process
+
+
+def new_store(folder, name: str = "mlflow.db") -> str:
+    """The URI of an SQLite MLflow store ``folder/name``: new and empty, unless one is there.
+
+    MLflow makes a store by running its schema migrations (seconds of CPU each time); this
+    copies an empty store made once per process instead (milliseconds). Its Default
+    experiment keeps its artifacts where a store made here and now would: ``./mlruns/0``.
+    """
+    path = Path(folder) / name
+    if not path.exists():
+        if not _TEMPLATE:
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            template = Path(tempfile.mkdtemp(prefix="mlflow-template-"))
+            atexit.register(shutil.rmtree, template, True)
+            SqlAlchemyStore(f"sqlite:///{template / name}", str(template / "mlruns")).engine.dispose()
+            _TEMPLATE.append(template / name)
+        shutil.copyfile(_TEMPLATE[0], path)
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
+            db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                       (str(Path.cwd().resolve() / "mlruns" / "0"),))
+    return f"sqlite:///{path}"
+
+
+@contextlib.contextmanager
+def private_store(folder):
+    """MLflow pointed at a new SQLite store in ``folder`` for the block (for module- or
+    session-scoped fixtures, which cannot use ``monkeypatch``); yields its URI."""
+    with pytest.MonkeyPatch.context() as mp:
+        uri = new_store(folder)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.delenv("MLFLOW_RUN_ID", raising=False)
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield uri
+        finally:
+            mlflow.set_tracking_uri(None)
+
+
+def make_folder(root, counts=(4, 3), corrupt=1, size=80):
+    """root/cats and root/dogs with small random PNGs, plus ``corrupt`` undecodable .jpg files
+    and a text file in dogs."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label, (name, n) in enumerate(zip(("cats", "dogs"), counts, strict=True)):
+        folder = root / name
+        folder.mkdir(parents=True)
+        for i in range(n):
+            pixels = rng.integers(0, 255, size=(size, size + 10 * label, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(folder / f"{i}.png")
+    for i in range(corrupt):
+        (root / "dogs" / f"broken{i}.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (root / "dogs" / "notes.txt").write_text("not an image: skipped and listed")
+    return root
+
+
+def write_sweep(folder, spec, name="sweep.yaml") -> str:
+    """``spec`` written as the sweep file ``folder/name``; returns its path."""
+    path = folder / name
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+SMALL_STUDY = {
+    "name": "small",
+    "experiment": "small-study",
+    "description": "Does the 1-unit softmax collapse, and does the transferred sigmoid follow the softmax?",
+    "sampler": "grid",
+    "seeds": [0, 1],
+    "fixed": {"epochs": 3, "batch_size": 32, "dropout": 0.5, "optimizer": "sgd"},
+    "space": [
+        {"activation": "softmax", "units": 1, "loss": "binary_crossentropy", "learning_rate": 0.05},
+        {"activation": "softmax", "units": 2, "loss": "categorical_crossentropy", "learning_rate": 0.05},
+        {"activation": "sigmoid", "units": 1, "loss": "binary_crossentropy", "learning_rate": 0.1,
+         "init": ["transfer", "glorot_uniform"]},
+    ],
+}
+
+# SMALL_STUDY and a combination Keras rejects (sparse cross-entropy on one unit): 10 trials.
+TINY = {**SMALL_STUDY, "name": "tiny", "experiment": "tiny-exp", "description": "a test study",
+        "space": [*SMALL_STUDY["space"],
+                  {"activation": "softmax", "units": 1, "loss": "sparse_categorical_crossentropy",
+                   "learning_rate": 0.05}]}

@@ -1,0 +1,163 @@
+"""Export's tables on a small sweep store written run by run, and the table functions themselves.
+
+The store holds what a heads sweep leaves (a parent run tagged as a sweep, its trial runs
+nested under it with params, per-epoch metrics and tags), written with the project's own
+record functions, so export reads it as it reads a real sweep's, without training anything.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlflow
+import pandas as pd
+import pytest
+
+from pipeline import naming, tables
+from pipeline.errors import UserError
+from pipeline.export import epoch_records, export, parity_curves, resolve_run_ids, sweep_run, trial_records
+from pipeline.tracking import create_run, log_batch, scalars, series
+from tests.helpers import private_store
+
+HEADS = [  # activation, units, loss, learning rate, init, role, final val_accuracy
+    ("softmax", 1, "binary_crossentropy", 0.05, "glorot_uniform", "softmax_1unit", 0.5),
+    ("softmax", 2, "categorical_crossentropy", 0.05, "glorot_uniform", "softmax", 0.8),
+    ("sigmoid", 1, "binary_crossentropy", 0.1, "transfer", "sigmoid_transfer", 0.8),
+    ("sigmoid", 1, "binary_crossentropy", 0.1, "glorot_uniform", "sigmoid_random", 0.85),
+]
+EPOCHS = 3
+
+
+def val_loss(role: str, seed: int, epoch: int) -> float:
+    """The transferred sigmoid's curve equals the softmax's, as the parity says."""
+    offset = {"softmax_1unit": 0.3, "softmax": 0.0, "sigmoid_transfer": 0.0, "sigmoid_random": 0.05}[role]
+    return 0.7 - 0.1 * epoch - 0.01 * seed + offset
+
+
+def write_trial(client, experiment, parent, number, seed, head, status="FINISHED", tags=None):
+    activation, units, loss, lr, init, role, accuracy = head
+    run = create_run(experiment, f"{role}-s{seed}", parent, {
+        naming.STEP: "trial", naming.TRIAL_NUMBER: number, naming.ROLE: role,
+        naming.COLLAPSED: str(role == "softmax_1unit").lower(), **(tags or {})})
+    params = {"activation": activation, "units": units, "loss": loss, "learning_rate": lr,
+              "init": init, "seed": seed, "epochs": EPOCHS, "batch_size": 32}
+    history = {"val_loss": [val_loss(role, seed, e) for e in range(EPOCHS)],
+               "val_accuracy": [accuracy - 0.01 * (EPOCHS - 1 - e) + 0.01 * seed for e in range(EPOCHS)]}
+    for name in ("loss", "accuracy", "prob_loss", "val_prob_loss"):
+        history[name] = [0.5] * EPOCHS
+    points = [m for name, values in history.items() for m in series(name, values)]
+    log_batch(run, params=params, metrics=points + scalars({"positive_fraction": 0.5}))
+    if status == "FAILED":
+        client.set_tag(run, naming.ERROR, "ValueError: rejected")
+    client.set_terminated(run, status)
+    return run
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """A heads sweep's store: 2 seeds x 4 heads FINISHED, one FAILED and one pruned trial."""
+    folder = tmp_path_factory.mktemp("export_tables")
+    with pytest.MonkeyPatch.context() as mp, private_store(folder):
+        mp.chdir(folder)
+        client = mlflow.MlflowClient()
+        experiment = client.create_experiment("tables-exp")
+        other = create_run(experiment, "not-a-sweep", tags={naming.STEP: "extract"})
+        parent = create_run(experiment, "tables-20260101-0000", tags={
+            naming.STEP: "sweep", naming.SWEEP_NAME: "tables", naming.KIND: "heads",
+            naming.FEATURES_SHA: "ab" * 32})
+        number = 0
+        for seed in (0, 1):
+            for head in HEADS:
+                write_trial(client, experiment, parent, number, seed, head)
+                number += 1
+        write_trial(client, experiment, parent, number, 0,
+                    ("softmax", 1, "sparse_categorical_crossentropy", 0.05, "glorot_uniform", "softmax_1unit",
+                     0.5), status="FAILED")
+        write_trial(client, experiment, parent, number + 1, 2, HEADS[1], tags={naming.PRUNED: "true"})
+        yield {"folder": folder, "parent": parent, "other": other}
+
+
+def test_trial_records_are_one_typed_row_per_trial(sweep):
+    trials = trial_records(sweep["parent"])
+    assert list(trials["trial"]) == list(range(10))
+    assert trials["learning_rate"].dtype == float and trials["units"].dtype == int
+    first = trials.iloc[0]
+    assert (first["activation"], first["units"], first["loss"], first["role"]) == (
+        "softmax", 1, "binary_crossentropy", "softmax_1unit")
+    assert bool(first["collapsed"]) and first["status"] == "FINISHED"
+    assert first["final_val_loss"] == pytest.approx(val_loss("softmax_1unit", 0, EPOCHS - 1))
+    failed = trials[trials["status"] == "FAILED"].iloc[0]
+    assert failed["error"] == "ValueError: rejected"
+    assert trials["pruned"].sum() == 1
+    assert set(tables.completed(trials)["trial"]) == set(range(8))
+
+
+def test_summary_groups_the_seeds_of_each_config(sweep):
+    summary = tables.summarize(trial_records(sweep["parent"]))
+    assert list(summary["n"]) == [2, 2, 2, 2]
+    assert list(summary["collapsed"]) == [2, 0, 0, 0]
+    assert {"activation", "units", "loss", "learning_rate", "init"} <= set(summary.columns)
+    assert "seed" not in summary.columns
+    random = summary[summary["init"] == "glorot_uniform"].iloc[-1]
+    assert random["final_val_accuracy_mean"] == pytest.approx(0.855)
+    assert random["final_val_accuracy_std"] == pytest.approx(math.sqrt(0.00005))
+
+
+def test_markdown_and_latex_tables_of_the_summary(sweep):
+    summary = tables.summarize(trial_records(sweep["parent"]))
+    markdown = tables.to_markdown(summary).splitlines()
+    assert markdown[0] == ("| activation | units | loss | learning_rate | init | n | collapsed "
+                           "| val_accuracy | positive_fraction | val_prob_loss | val_loss (Keras) |")
+    assert markdown[2].startswith("| softmax | 1 | binary_crossentropy | 0.05 | glorot_uniform | 2 | 2 | "
+                                  "0.5050 ± 0.0071 | 0.5000 ± 0.0000 |")
+    assert len(markdown) == 2 + 4
+    latex = tables.to_latex(summary, caption="100% of 2 seeds", label="tab:t")
+    assert r"\toprule" in latex and r"\caption{100\% of 2 seeds}" in latex and r"\label{tab:t}" in latex
+    assert r"binary\_crossentropy" in latex and r"0.5050 $\pm$ 0.0071" in latex
+
+
+@pytest.mark.parametrize(("mean", "std", "tex", "text"), [
+    (0.80091, 0.00803, False, "0.8009 ± 0.0080"),
+    (4e-8, 1e-8, False, "4.0e-08 ± 1.0e-08"),
+    (0.0, 0.0, True, r"0.0000 $\pm$ 0.0000"),
+    (0.5, float("nan"), False, "0.5000"),
+    (float("nan"), 0.1, False, "–"),
+])
+def test_plus_minus(mean, std, tex, text):
+    assert tables.plus_minus(mean, std, 4, tex) == text
+
+
+def test_epoch_records_and_the_parity_curves_they_hold(sweep):
+    trials = trial_records(sweep["parent"])
+    epochs = epoch_records(trials)
+    assert len(epochs) == 8 * EPOCHS  # completed trials only
+    curves = parity_curves(trials, epochs)
+    assert set(curves["role"]) == {"softmax", "sigmoid_transfer", "sigmoid_random"}
+    assert len(curves) == 3 * 2 * EPOCHS
+    soft = curves[curves["role"] == "softmax"].sort_values(["seed", "epoch"])["val_loss"].to_numpy()
+    sig = curves[curves["role"] == "sigmoid_transfer"].sort_values(["seed", "epoch"])["val_loss"].to_numpy()
+    assert (soft == sig).all()
+    assert parity_curves(trials, epochs, ratio=4.0).empty  # no sigmoid at 4x a softmax's rate
+
+
+def test_export_writes_the_tables_and_logs_them(sweep):
+    out = sweep["folder"] / "out"
+    result = export(sweep["parent"], str(out), "csv,tex")
+    assert sorted(p.name for p in result.files) == ["epochs.csv", "summary.csv", "summary.tex", "trials.csv"]
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 10 and "final_val_accuracy" in trials
+    assert (out / "summary.tex").read_text().startswith(
+        f"% Regenerate with: python -m pipeline export --run_id {sweep['parent']} --output {out}\n")
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(sweep["parent"], "export")}
+    assert logged == {f"export/{p.name}" for p in result.files}
+
+
+def test_sweeps_are_found_by_name_and_other_runs_refused(sweep):
+    assert resolve_run_ids("tables") == [sweep["parent"]]
+    assert resolve_run_ids("") == [sweep["parent"]]
+    with pytest.raises(UserError, match="no runs of sweep 'nothing'"):
+        resolve_run_ids("nothing")
+    with pytest.raises(UserError, match="not a sweep's parent run"):
+        sweep_run(sweep["other"])
+    with pytest.raises(UserError, match="formats 'pdf'"):
+        export(sweep["parent"], str(sweep["folder"] / "no"), "pdf")

@@ -1,0 +1,183 @@
+"""MLflow plumbing on a real SQLite store: run lifecycle, batched logging, artifacts, experiments."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import mlflow
+import pytest
+
+import pipeline.tracking as track
+from pipeline import naming
+from pipeline.errors import UserError
+
+
+def client() -> mlflow.MlflowClient:
+    return mlflow.MlflowClient()
+
+
+@pytest.fixture
+def experiment(tracking):
+    return client().create_experiment("tracking-exp")
+
+
+def test_create_run_nests_under_its_parent_with_its_tags(experiment):
+    parent = track.create_run(experiment, "parent")
+    child = track.create_run(experiment, "child", parent_run_id=parent, tags={"seed": 3})
+    run = client().get_run(child)
+    assert run.info.status == "RUNNING" and run.info.run_name == "child"
+    assert run.data.tags[naming.PARENT] == parent
+    assert run.data.tags["seed"] == "3"
+    assert naming.PARENT not in client().get_run(parent).data.tags
+
+
+def test_terminal_run_finishes_a_run_whose_block_ends(experiment):
+    run_id = track.create_run(experiment, "ok")
+    with track.terminal_run(run_id) as yielded:
+        assert yielded == run_id
+    run = client().get_run(run_id)
+    assert run.info.status == "FINISHED" and naming.ERROR not in run.data.tags
+
+
+def test_terminal_run_fails_a_run_on_an_error_and_tags_it(experiment):
+    run_id = track.create_run(experiment, "broken")
+    with pytest.raises(ValueError, match="bad head"), track.terminal_run(run_id):
+        raise ValueError("bad head:\n  units   2")
+    run = client().get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags[naming.ERROR] == "ValueError: bad head: units 2"
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, track.Terminated])
+def test_terminal_run_kills_a_run_on_ctrl_c_or_sigterm(experiment, interrupt):
+    run_id = track.create_run(experiment, "interrupted")
+    with pytest.raises(interrupt), track.terminal_run(run_id):
+        raise interrupt()
+    run = client().get_run(run_id)
+    assert run.info.status == "KILLED" and naming.ERROR not in run.data.tags
+
+
+def test_end_lost_run_kills_it_with_the_reason_whatever_its_state(experiment):
+    run_id = track.create_run(experiment, "lost")
+    client().set_terminated(run_id, "FAILED")
+    track.end_lost_run(run_id, "worker 123 gone")
+    run = client().get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert run.data.tags[naming.ERROR] == "lost: worker 123 gone"
+    track.end_lost_run(None, "nothing to end")
+    track.end_lost_run("0" * 32, "a run of another store")  # no error
+
+
+def test_log_batch_splits_past_mlflows_limits(experiment, monkeypatch):
+    run_id = track.create_run(experiment, "big")
+    calls = []
+    original = mlflow.MlflowClient.log_batch
+
+    def counting(self, run_id, metrics=(), params=(), tags=(), **kwargs):
+        calls.append((len(metrics), len(params), len(tags)))
+        return original(self, run_id, metrics=metrics, params=params, tags=tags, **kwargs)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", counting)
+    params = {f"p{i:03d}": i for i in range(250)}
+    points = track.series("loss", [i / 10 for i in range(2500)])
+    track.log_batch(run_id, params=params, metrics=points, tags={"t": 1})
+    assert calls == [(1000, 100, 1), (0, 100, 0), (0, 50, 0), (1000, 0, 0), (500, 0, 0)]
+    run = client().get_run(run_id)
+    assert run.data.params == {k: str(v) for k, v in params.items()}
+    assert run.data.tags["t"] == "1"
+    history = client().get_metric_history(run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(2500))
+    assert {m.step: m.value for m in history}[2499] == pytest.approx(249.9)
+
+
+def test_log_batch_of_little_is_one_request(experiment, monkeypatch):
+    run_id = track.create_run(experiment, "small")
+    calls = []
+    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", lambda self, *a, **k: calls.append(k))
+    track.log_batch(run_id, params={"a": 1}, metrics=track.scalars({"m": 2.0}))
+    assert len(calls) == 1
+
+
+def test_series_and_scalars_are_metric_points():
+    points = track.series("val_loss", [0.5, 0.25], first_step=3)
+    assert [(m.key, m.value, m.step) for m in points] == [("val_loss", 0.5, 3), ("val_loss", 0.25, 4)]
+    assert [(m.key, m.value, m.step) for m in track.scalars({"positive_fraction": 0.5})] == [
+        ("positive_fraction", 0.5, 0)]
+
+
+@pytest.mark.parametrize("created_here", [True, False])
+def test_log_text_writes_an_artifact_at_the_runs_root(experiment, tmp_path, monkeypatch, created_here):
+    monkeypatch.chdir(tmp_path)  # the experiment's artifacts go beside the store
+    if created_here:
+        run_id = track.create_run(experiment, "with-file")
+    else:  # a run made elsewhere: its artifact location is asked of the store
+        run_id = client().create_run(experiment).info.run_id
+    track.log_text(run_id, "step,epoch,loss\n0,0,0.5\n", "step_loss.csv")
+    assert [f.path for f in client().list_artifacts(run_id)] == ["step_loss.csv"]
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="step_loss.csv",
+                                                dst_path=str(tmp_path / "down"))
+    with open(local) as fh:
+        assert fh.read() == "step,epoch,loss\n0,0,0.5\n"
+
+
+def test_log_new_params_keeps_the_params_a_run_has(experiment):
+    run_id = track.create_run(experiment, "params")
+    track.log_batch(run_id, params={"images": "builtin:digits"})
+    track.log_new_params(run_id, {"images": "other", "weights": "random"})
+    assert client().get_run(run_id).data.params == {"images": "builtin:digits", "weights": "random"}
+
+
+def test_experiment_id_creates_restores_or_only_looks_up(tracking):
+    assert track.experiment_id("new-exp", create=False) is None
+    assert mlflow.get_experiment_by_name("new-exp") is None  # nothing written
+    created = track.experiment_id("new-exp")
+    assert track.experiment_id("new-exp") == created
+    client().delete_experiment(created)
+    assert track.experiment_id("new-exp", create=False) == created
+    assert client().get_experiment(created).lifecycle_stage == "deleted"
+    assert track.experiment_id("new-exp") == created
+    assert client().get_experiment(created).lifecycle_stage == "active"
+
+
+def test_versions_name_the_libraries_the_numbers_depend_on():
+    versions = track.versions()
+    packages = ("tensorflow", "keras", "mlflow", "optuna", "numpy", "h5py")
+    assert set(versions) == {f"version.{p}" for p in packages}
+    assert versions["version.mlflow"] == mlflow.__version__
+
+
+def test_check_reachable_skips_local_stores_and_fails_fast_on_a_dead_server(tracking, monkeypatch):
+    track.check_reachable()  # sqlite: nothing to ask
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")
+    mlflow.set_tracking_uri("http://127.0.0.1:9")  # discard port: nothing listens
+    with pytest.raises(UserError, match=r"^tracking server http://127.0.0.1:9 cannot be reached \("):
+        track.check_reachable(timeout=2)
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "5"  # restored
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
+
+
+def test_one_line_keeps_the_start_and_end_of_a_long_error():
+    exc = RuntimeError("head\n" + "x " * 5000 + "what went wrong")
+    text = track._one_line(exc, limit=400)
+    assert len(text) <= 400 and "\n" not in text
+    assert text.startswith("RuntimeError: head x") and text.endswith("what went wrong")
+
+
+def test_signals_wait_for_a_deferred_block_then_raise():
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        track.install_sigterm_handler()
+        done = []
+        with pytest.raises(track.Terminated), track.deferred_interrupts():
+            os.kill(os.getpid(), signal.SIGTERM)
+            done.append("the block ran to its end")
+        assert done == ["the block ran to its end"]
+        with pytest.raises(track.Terminated):
+            track.raise_swallowed_interrupt()  # the signal is remembered
+        with pytest.raises(KeyboardInterrupt, match="Ctrl-C"):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+        track._deferral.update(received=None, pending=None)
