@@ -55,14 +55,16 @@ def latest_sweep_run(sweep_name: str | None = None) -> str:
     return runs[0].info.run_id
 
 
-def trial_records(parent_run_id: str) -> pd.DataFrame:
+def trial_records(parent_run_id: str, parent=None) -> pd.DataFrame:
     """One row per trial run under ``parent_run_id``: ids, status, ``pruned``, typed params,
     final metrics.
 
     Params keep their names (``loss`` is the loss function); the last epoch's value of metric
     ``m`` is the column ``final_m`` (a pruned trial's last epoch is the one it stopped after).
+    ``parent`` is the parent run if the caller has it already (:func:`sweep_run`). The runs
+    come from one search, read page by page.
     """
-    parent = sweep_run(parent_run_id)
+    parent = parent or sweep_run(parent_run_id)
     kind = parent.data.tags.get(naming.KIND, "heads")
     model = CONFIG_MODELS[kind]
     finals = CURVE_METRICS if kind == "heads" else PARITY_METRICS
@@ -114,37 +116,71 @@ def _is_run_id(text: str) -> bool:
 
 def epoch_records(trials: pd.DataFrame, metrics=CURVE_METRICS) -> pd.DataFrame:
     """Per-epoch metric histories of the completed trials (:func:`tables.completed`): run_id,
-    role, seed, epoch, metrics."""
-    client = mlflow.MlflowClient()
+    role, seed, epoch, metrics; rows in the trials' order, then by epoch."""
+    done = tables.completed(trials)
+    if done.empty:
+        return pd.DataFrame()
+    about = {row.run_id: {"run_id": row.run_id, "role": row.role, "seed": row.seed,
+                          "learning_rate": row.learning_rate}
+             for row in done[["run_id", "role", "seed", "learning_rate"]].itertuples(index=False)}
     rows: dict[tuple, dict] = {}
-    for _, trial in tables.completed(trials).iterrows():
-        for metric in metrics:
-            for point in client.get_metric_history(trial["run_id"], metric):
-                key = (trial["run_id"], point.step)
-                rows.setdefault(key, {"run_id": trial["run_id"], "role": trial["role"],
-                                      "seed": trial["seed"], "learning_rate": trial["learning_rate"],
-                                      "epoch": point.step})[metric] = point.value
-    return pd.DataFrame(list(rows.values()))
+    for metric in metrics:
+        for run_id, point in metric_histories(list(about), metric):
+            key = (run_id, point.step)
+            rows.setdefault(key, {**about[run_id], "epoch": point.step})[metric] = point.value
+    order = {run_id: i for i, run_id in enumerate(about)}
+    return pd.DataFrame([rows[key] for key in sorted(rows, key=lambda k: (order[k[0]], k[1]))])
 
 
-def parity_curves(trials: pd.DataFrame, epochs: pd.DataFrame, ratio: float = 2.0) -> pd.DataFrame:
-    """The per-epoch rows of the seed's comparison: softmax at lr, both sigmoids at ratio x lr.
+HISTORY_RUNS_PER_QUERY = 500  # run ids in one SQL ``IN (...)``: well below SQLite's limit
+
+
+def metric_histories(run_ids: list[str], metric: str):
+    """Yield ``(run_id, point)`` for every logged point of ``metric`` in the runs ``run_ids``.
+
+    A SQL store (SQLite, PostgreSQL) answers one query per :data:`HISTORY_RUNS_PER_QUERY`
+    runs; any other store (a tracking server) one request per run.
+    """
+    client = mlflow.MlflowClient()
+    store = client._tracking_client.store
+    if not hasattr(store, "get_metric_history_bulk"):
+        for run_id in run_ids:
+            for point in client.get_metric_history(run_id, metric):
+                yield run_id, point
+        return
+    for i in range(0, len(run_ids), HISTORY_RUNS_PER_QUERY):
+        for found in store.get_metric_history_bulk(run_ids[i:i + HISTORY_RUNS_PER_QUERY], metric,
+                                                   max_results=2**31 - 1):
+            yield found.run_id, found.metric
+
+
+def comparison_trials(trials: pd.DataFrame, ratio: float = 2.0) -> pd.DataFrame:
+    """The completed trials of the seed's comparison: the 2-unit softmax at a learning rate lr
+    and both sigmoids at ``ratio`` x lr.
 
     Chooses the smallest softmax learning rate for which a transferred sigmoid at ``ratio``
     times it exists; empty when the sweep holds no such pair.
     """
-    if epochs.empty:
-        return epochs
-    soft = sorted(trials.loc[trials["role"] == "softmax", "learning_rate"].unique())
-    sig = trials.loc[trials["role"] == "sigmoid_transfer", "learning_rate"].unique()
+    done = tables.completed(trials)
+    if done.empty or "role" not in done:
+        return done.iloc[0:0]
+    soft = sorted(done.loc[done["role"] == "softmax", "learning_rate"].unique())
+    sig = done.loc[done["role"] == "sigmoid_transfer", "learning_rate"].unique()
     for lr in soft:
         match = [s for s in sig if abs(s - ratio * lr) <= 1e-9 * max(1.0, s)]
         if match:
-            keep = ((epochs["role"] == "softmax") & (epochs["learning_rate"] == lr)) | (
-                epochs["role"].isin(["sigmoid_transfer", "sigmoid_random"])
-                & (epochs["learning_rate"] == match[0]))
-            return epochs[keep]
-    return epochs.iloc[0:0]
+            keep = ((done["role"] == "softmax") & (done["learning_rate"] == lr)) | (
+                done["role"].isin(["sigmoid_transfer", "sigmoid_random"])
+                & (done["learning_rate"] == match[0]))
+            return done[keep]
+    return done.iloc[0:0]
+
+
+def parity_curves(trials: pd.DataFrame, epochs: pd.DataFrame, ratio: float = 2.0) -> pd.DataFrame:
+    """The per-epoch rows of the seed's comparison (:func:`comparison_trials`) in ``epochs``."""
+    if epochs.empty:
+        return epochs
+    return epochs[epochs["run_id"].isin(comparison_trials(trials, ratio)["run_id"])]
 
 
 def export(run_id: str | None = None, output: str = "exports", formats: str = "csv,md,tex",
@@ -173,7 +209,7 @@ def export(run_id: str | None = None, output: str = "exports", formats: str = "c
         name = parent.data.tags.get(naming.SWEEP_NAME, "sweep")
         folder = out if len(sweeps) == 1 else out / naming.safe_filename(name)
         kind = parent.data.tags.get(naming.KIND, "heads")
-        per_sweep[rid], trials = _export_sweep(rid, name, kind, folder, wanted, output)
+        per_sweep[rid], trials = _export_sweep(parent, name, kind, folder, wanted, output)
         report = parent.data.tags.get(naming.REPORT, "summary")
         if report in findings.TITLES:
             sections.append(findings.Section(report, trials, _regenerate(parent, output),
@@ -192,10 +228,13 @@ def export(run_id: str | None = None, output: str = "exports", formats: str = "c
     return ExportResult(run_id=run_ids[0], run_ids=tuple(run_ids), files=tuple(written))
 
 
-def _export_sweep(run_id: str, sweep: str, kind: str, out: Path, wanted: set[str],
+def _export_sweep(parent, sweep: str, kind: str, out: Path, wanted: set[str],
                   output: str) -> tuple[list[Path], pd.DataFrame]:
-    """One sweep's trials.csv, summary.{csv,md,tex}, epochs.csv and figures, in ``out``."""
-    trials = trial_records(run_id)
+    """One sweep's trials.csv, summary.{csv,md,tex}, epochs.csv and figures, in ``out``.
+
+    The runs are read once; metric histories only for the trials the loss curves show."""
+    run_id = parent.info.run_id
+    trials = trial_records(run_id, parent)
     if trials.empty:
         raise UserError(f"run_id {run_id}: the sweep has no trial runs")
     out.mkdir(parents=True, exist_ok=True)
@@ -205,7 +244,7 @@ def _export_sweep(run_id: str, sweep: str, kind: str, out: Path, wanted: set[str
     if "csv" in wanted:
         written.append(_write(out / "trials.csv", trials.to_csv(index=False)))
         written.append(_write(out / "summary.csv", summary.to_csv(index=False)))
-    curves = parity_curves(trials, epoch_records(trials)) if "role" in trials else pd.DataFrame()
+    curves = epoch_records(comparison_trials(trials))
     if "csv" in wanted and not curves.empty:
         written.append(_write(out / "epochs.csv", curves.to_csv(index=False)))
     pngs, pages = [], []
@@ -218,7 +257,7 @@ def _export_sweep(run_id: str, sweep: str, kind: str, out: Path, wanted: set[str
                                                      f"{sweep}: accuracy of collapsed and healthy heads"))
         written += pngs
     if {"html", "md"} & wanted:
-        pages = _optuna_pages(mlflow.MlflowClient().get_run(run_id), out)
+        pages = _optuna_pages(parent, out)
         written += pages
     command = f"python -m pipeline export --run_id {run_id} --output {output}"
     if "md" in wanted:
