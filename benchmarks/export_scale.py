@@ -263,9 +263,11 @@ def time_command(argv: list[str], cwd: Path, env: dict, timeout: float) -> dict:
                 "stdout": out.read().decode(errors="replace"), "stderr": err.read().decode(errors="replace")}
 
 
-def time_export(folder: Path, parent: str, tree: Path, timeout: float, profile: bool) -> dict:
-    """``python -m pipeline export`` of the sweep in ``folder``, with the code in ``tree``."""
-    output = folder / f"export-{abs(hash(str(tree))) % 10_000}"
+def time_export(folder: Path, parent: str, tree: Path, timeout: float, profile: bool,
+                label: str) -> dict:
+    """``python -m pipeline export`` of the sweep in ``folder``, with the code in ``tree``, into
+    ``folder/export-<label>``."""
+    output = folder / f"export-{label.replace(' ', '-')}"
     prof = folder / "export.prof"
     python = [sys.executable] + (["-m", "cProfile", "-o", str(prof)] if profile else [])
     result = time_command(python + ["-m", "pipeline", "export", "--run_id", parent, "--output",
@@ -315,7 +317,10 @@ def run_export(args) -> None:
         for label, tree in trees:
             if label == "before" and n not in before_sizes:
                 continue
-            result = time_export(folder, parent, tree, args.timeout, args.profile and label == "this tree")
+            result = time_export(folder, parent, tree, args.timeout, False, label)
+            if args.profile and label == "this tree":
+                result["profile"] = time_export(folder, parent, tree, args.timeout, True,
+                                                "profiled")["profile"]
             rows.append((n, label, result))
             done = f"stopped after {result['wall']:.0f} s" if result["stopped"] else \
                 f"{result['wall']:.1f} s wall, {result['cpu']:.1f} s CPU, {result['rss_mb']:.0f} MiB peak"
@@ -382,7 +387,8 @@ def main() -> None:
     parser.add_argument("--before-sizes", default="64,256,1024",
                         help="the sizes also timed with --before (its fANOVA takes minutes at 1,024)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds before an export stops")
-    parser.add_argument("--profile", action="store_true", help="profile this tree's exports")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile this tree's exports (a second, untimed run each)")
     parser.add_argument("--repeat", type=int, default=5, help="startup: runs of each command")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))

@@ -151,7 +151,7 @@ def metric_histories(run_ids: list[str], metric: str):
     for i in range(0, len(run_ids), HISTORY_RUNS_PER_QUERY):
         for found in store.get_metric_history_bulk(run_ids[i:i + HISTORY_RUNS_PER_QUERY], metric,
                                                    max_results=2**31 - 1):
-            yield found.run_id, found.metric
+            yield found.run_id, found
 
 
 def comparison_trials(trials: pd.DataFrame, ratio: float = 2.0) -> pd.DataFrame:
