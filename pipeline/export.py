@@ -23,6 +23,7 @@ import pandas as pd
 from pipeline import figures, findings, naming, tables
 from pipeline.config import CONFIG_MODELS, PARITY_METRICS
 from pipeline.errors import UserError
+from pipeline.progress import progress_bar
 
 FORMATS = ("csv", "md", "tex", "png", "html")
 CURVE_METRICS = ("loss", "val_loss", "accuracy", "val_accuracy", "prob_loss", "val_prob_loss")
@@ -232,33 +233,76 @@ def _export_sweep(parent, sweep: str, kind: str, out: Path, wanted: set[str],
                   output: str) -> tuple[list[Path], pd.DataFrame]:
     """One sweep's trials.csv, summary.{csv,md,tex}, epochs.csv and figures, in ``out``.
 
-    The runs are read once; metric histories only for the trials the loss curves show."""
+    The runs are read once; metric histories only for the trials the loss curves show. A bar
+    on a terminal counts the stages (:func:`_stages`): a 4,096-trial sweep takes a while."""
     run_id = parent.info.run_id
-    trials = trial_records(run_id, parent)
-    if trials.empty:
-        raise UserError(f"run_id {run_id}: the sweep has no trial runs")
-    out.mkdir(parents=True, exist_ok=True)
-    kind_metrics = tables.SUMMARY_METRICS if kind == "heads" else tables.PARITY_SUMMARY_METRICS
-    summary = tables.summarize(trials, kind_metrics)
+    with progress_bar("export", len(_stages(wanted)), "stage") as bar:
+        _stage(bar, "reading the runs")
+        trials = trial_records(run_id, parent)
+        if trials.empty:
+            raise UserError(f"run_id {run_id}: the sweep has no trial runs")
+        out.mkdir(parents=True, exist_ok=True)
+        kind_metrics = tables.SUMMARY_METRICS if kind == "heads" else tables.PARITY_SUMMARY_METRICS
+        summary = tables.summarize(trials, kind_metrics)
+        _stage(bar, "reading the loss curves")
+        curves = epoch_records(comparison_trials(trials))
+        pngs, pages = [], []
+        if {"png", "md"} & wanted:
+            _stage(bar, "drawing the figures")
+            pngs = _pngs(trials, curves, sweep, out)
+        if {"html", "md"} & wanted:
+            pages = _optuna_pages(parent, out, lambda name: _stage(bar, f"Optuna: {name}"))
+        _stage(bar, "writing the tables")
+        written = _tables(trials, summary, curves, kind_metrics, wanted, sweep, run_id, output,
+                          out, pngs, pages)
+        bar.update(bar.total - bar.n)  # stages skipped (a figure Optuna cannot draw) count as done
+    print(f"export: {len(trials)} trials of run {run_id} -> {out} "
+          f"({', '.join(p.name for p in written)})", file=sys.stderr)
+    return written, trials
+
+
+def _stages(wanted: set[str]) -> list[str]:
+    """What one sweep's export does, in order, as its progress bar counts it."""
+    stages = ["runs", "loss curves"]
+    if {"png", "md"} & wanted:
+        stages.append("figures")
+    if {"html", "md"} & wanted:
+        stages += list(figures.OPTUNA_FIGURES)
+    return stages + ["tables"]
+
+
+def _stage(bar, name: str) -> None:
+    """Count the stage under way done (if one is) and show ``name`` as the one under way."""
+    if getattr(bar, "stage", None):
+        bar.update()
+    bar.stage = name
+    bar.set_postfix_str(name)
+
+
+def _pngs(trials: pd.DataFrame, curves: pd.DataFrame, sweep: str, out: Path) -> list[Path]:
+    """The PNG figures: loss curves and gaps when the sweep holds the seed's comparison, accuracy
+    against the positive fraction for sweeps of heads."""
+    pngs = []
+    if not curves.empty:
+        pngs = [figures.loss_curves(curves, out / "loss_curves.png", f"{sweep}: loss per epoch"),
+                figures.loss_gaps(curves, out / "loss_gaps.png", f"{sweep}: loss differences")]
+    if "final_val_accuracy" in trials and not tables.completed(trials).empty:
+        pngs.append(figures.accuracy_vs_collapse(trials, out / "accuracy.png",
+                                                 f"{sweep}: accuracy of collapsed and healthy heads"))
+    return pngs
+
+
+def _tables(trials: pd.DataFrame, summary: pd.DataFrame, curves: pd.DataFrame, kind_metrics,
+            wanted: set[str], sweep: str, run_id: str, output: str, out: Path, pngs: list[Path],
+            pages: list[Path]) -> list[Path]:
+    """The tables in the formats ``wanted``, then the figures: the files written, in order."""
     written: list[Path] = []
     if "csv" in wanted:
         written.append(_write(out / "trials.csv", trials.to_csv(index=False)))
         written.append(_write(out / "summary.csv", summary.to_csv(index=False)))
-    curves = epoch_records(comparison_trials(trials))
-    if "csv" in wanted and not curves.empty:
-        written.append(_write(out / "epochs.csv", curves.to_csv(index=False)))
-    pngs, pages = [], []
-    if {"png", "md"} & wanted:
         if not curves.empty:
-            pngs = [figures.loss_curves(curves, out / "loss_curves.png", f"{sweep}: loss per epoch"),
-                    figures.loss_gaps(curves, out / "loss_gaps.png", f"{sweep}: loss differences")]
-        if "final_val_accuracy" in trials and not tables.completed(trials).empty:
-            pngs.append(figures.accuracy_vs_collapse(trials, out / "accuracy.png",
-                                                     f"{sweep}: accuracy of collapsed and healthy heads"))
-        written += pngs
-    if {"html", "md"} & wanted:
-        pages = _optuna_pages(parent, out)
-        written += pages
+            written.append(_write(out / "epochs.csv", curves.to_csv(index=False)))
+    written += pngs + pages
     command = f"python -m pipeline export --run_id {run_id} --output {output}"
     if "md" in wanted:
         images = "".join(f"\n![{p.stem}]({p.name})\n" for p in pngs)
@@ -273,9 +317,7 @@ def _export_sweep(parent, sweep: str, kind: str, out: Path, wanted: set[str],
                               f"% Regenerate with: {command}\n"
                               + tables.to_latex(summary, kind_metrics, caption=caption,
                                                 label=f"tab:{naming.safe_filename(sweep)}")))
-    print(f"export: {len(trials)} trials of run {run_id} -> {out} "
-          f"({', '.join(p.name for p in written)})", file=sys.stderr)
-    return written, trials
+    return written
 
 
 def _regenerate(parent, output: str) -> str:
@@ -297,8 +339,9 @@ def _context(parent, trials: pd.DataFrame) -> str:
             f"`{tags.get(naming.FEATURES_SHA, '?')[:12]}`.\n")
 
 
-def _optuna_pages(parent, out: Path) -> list[Path]:
-    """Optuna's HTML figures of the study behind sweep run ``parent`` (tags ``optuna.*``).
+def _optuna_pages(parent, out: Path, on_figure=None) -> list[Path]:
+    """Optuna's HTML figures of the study behind sweep run ``parent`` (tags ``optuna.*``);
+    ``on_figure(name)`` is called as each figure starts.
 
     A study that cannot be opened (its storage moved, a redacted password) or a figure that
     cannot be drawn is reported on stderr and skipped: the tables and PNGs do not depend on it.
@@ -314,7 +357,7 @@ def _optuna_pages(parent, out: Path) -> list[Path]:
         print(f"export: Optuna figures skipped: study '{name}' in '{storage}' cannot be opened "
               f"({' '.join(str(exc).split())[:200]})", file=sys.stderr)
         return []
-    written, skipped = figures.optuna_figures(study, out)
+    written, skipped = figures.optuna_figures(study, out, on_figure)
     for figure, reason in skipped.items():
         print(f"export: {figure}.html skipped: {reason}", file=sys.stderr)
     return written

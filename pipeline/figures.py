@@ -10,6 +10,7 @@ plots of the study as self-contained HTML.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -141,13 +142,15 @@ def accuracy_vs_collapse(trials: pd.DataFrame, path: Path, title: str = "") -> P
     return _finish(fig, path)
 
 
-def optuna_figures(study: optuna.Study, folder: Path) -> tuple[list[Path], dict[str, str]]:
+def optuna_figures(study: optuna.Study, folder: Path,
+                   on_figure: Callable[[str], None] | None = None) -> tuple[list[Path], dict[str, str]]:
     """Optuna's optimization history, parameter importances and parallel coordinates as HTML.
 
     Each file embeds plotly.js, so it opens offline and from MLflow's artifact view; the
     importances are PED-ANOVA's (:data:`IMPORTANCE_METHOD`, named in the page's title). Returns
     the files written and, for each figure that cannot be drawn (no completed trial; fewer than
-    two params that vary, for importances), the reason.
+    two params that vary, for importances), the reason. ``on_figure(name)`` is called as each
+    figure that can be drawn starts (for a progress bar).
     """
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not completed:
@@ -171,6 +174,8 @@ def optuna_figures(study: optuna.Study, folder: Path) -> tuple[list[Path], dict[
     for name, plot in plots.items():
         if name in skipped:
             continue
+        if on_figure is not None:
+            on_figure(name)
         try:
             fig = plot()
         except (ValueError, RuntimeError) as exc:  # Optuna's way of saying it cannot draw this
