@@ -102,18 +102,40 @@ def config_label(run_name: str) -> str:
     return re.sub(r"-s\d+$", "", run_name)
 
 
+MAX_BARS = 64  # bars of the accuracy chart: a 64-head grid has one per config
+
+
+def bar_labels(run_names: pd.Series) -> tuple[pd.Series, str]:
+    """The accuracy chart's bar of each trial, and a note when bars pool several configs.
+
+    A bar is a config (the run name without its seed); when that gives more than
+    :data:`MAX_BARS` bars (a sampled, continuous learning rate makes every trial its own
+    config), a bar is a head with its learning rates pooled (``-lr*``).
+    """
+    labels = run_names.map(config_label)
+    if labels.nunique() <= MAX_BARS:
+        return labels, ""
+    return labels.str.replace(r"-lr[\d.]+e-?\d+", "-lr*", regex=True), "learning rates pooled"
+
+
 def accuracy_vs_collapse(trials: pd.DataFrame, path: Path, title: str = "") -> Path:
     """Final validation accuracy of every head config against the positive fraction.
 
     One horizontal bar per config (mean over seeds, each seed a dot), red when a seed of it
     collapsed (its prediction never varies), blue otherwise. The dashed line is the positive
     fraction of the validation split: the accuracy of always answering class 1, where a
-    collapsed head sits.
+    collapsed head sits. At most :data:`MAX_BARS` bars (:func:`bar_labels`; beyond that even
+    with pooled learning rates, the first ones), so the figure's size stays bounded; the title
+    says what was pooled or left out.
     """
     done = trials[trials["status"] == "FINISHED"].copy()
-    done["config"] = done["run_name"].map(config_label)
+    done["config"], note = bar_labels(done["run_name"])
     grouped = done.groupby("config", sort=False)
     configs = list(grouped.groups)
+    if len(configs) > MAX_BARS:
+        note = f"{note}; the first {MAX_BARS} of {len(configs)} heads"
+        configs = configs[:MAX_BARS]
+    title = f"{title} ({note})" if note and title else title or note
     fig, ax = plt.subplots(figsize=(PAPER_SIZE[0], 1.6 + 0.45 * len(configs)))
     for y, config in enumerate(configs):
         part = grouped.get_group(config)

@@ -13,6 +13,7 @@ import types
 import mlflow
 import numpy as np
 import optuna
+import pandas as pd
 import pytest
 
 from pipeline import figures, naming, records, studies, tracking
@@ -151,3 +152,21 @@ def test_loss_curves_read_one_query_per_metric(tracking_at, tmp_path, monkeypatc
     assert reads == ["bulk"] * len(CURVE_METRICS)
     assert len(epochs) == len(shown) * EPOCHS
     assert list(epochs["run_id"].drop_duplicates()) == list(shown["run_id"])  # the trials' order
+
+
+def test_accuracy_chart_stays_bounded_for_a_sampled_learning_rate(tmp_path, monkeypatch):
+    n = 1000  # a TPE sweep's continuous learning rate: every trial its own config
+    rng = np.random.default_rng(0)
+    trials = pd.DataFrame({
+        "run_name": [f"{'softmax' if i % 2 else 'sigmoid'}-1u-bce-lr{naming.format_lr(lr)}-glorot-s0"
+                     for i, lr in enumerate(rng.uniform(1e-4, 1e-1, n))],
+        "status": "FINISHED", "collapsed": [bool(i % 2) for i in range(n)],
+        "final_val_accuracy": rng.uniform(0.4, 0.9, n), "positive_fraction": 0.5})
+    shown = []
+    monkeypatch.setattr(figures, "_finish", lambda fig, path: shown.append(fig) or path)
+    figures.accuracy_vs_collapse(trials, tmp_path / "accuracy.png", "tpe")
+    ax = shown[0].axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["sigmoid-1u-bce-lr*-glorot",
+                                                            "softmax-1u-bce-lr*-glorot"]
+    assert ax.get_title() == "tpe (learning rates pooled)"
+    assert len(ax.patches) == 2 and shown[0].get_size_inches()[1] < 10
