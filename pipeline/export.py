@@ -140,7 +140,8 @@ def metric_histories(run_ids: list[str], metric: str):
     """Yield ``(run_id, point)`` for every logged point of ``metric`` in the runs ``run_ids``.
 
     A SQL store (SQLite, PostgreSQL) answers one query per :data:`HISTORY_RUNS_PER_QUERY`
-    runs; any other store (a tracking server) one request per run.
+    runs (its ``get_metric_history_bulk``, which MLflow's own server serves the UI's charts
+    with); any other store (a tracking server) one request per run.
     """
     client = mlflow.MlflowClient()
     store = client._tracking_client.store
@@ -175,13 +176,6 @@ def comparison_trials(trials: pd.DataFrame, ratio: float = 2.0) -> pd.DataFrame:
                 & (done["learning_rate"] == match[0]))
             return done[keep]
     return done.iloc[0:0]
-
-
-def parity_curves(trials: pd.DataFrame, epochs: pd.DataFrame, ratio: float = 2.0) -> pd.DataFrame:
-    """The per-epoch rows of the seed's comparison (:func:`comparison_trials`) in ``epochs``."""
-    if epochs.empty:
-        return epochs
-    return epochs[epochs["run_id"].isin(comparison_trials(trials, ratio)["run_id"])]
 
 
 def export(run_id: str | None = None, output: str = "exports", formats: str = "csv,md,tex",
