@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import tempfile
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -50,15 +51,18 @@ def predict(head: dict, x: np.ndarray) -> np.ndarray:
     return positive_probability(outputs)
 
 
-class HeadModel(mlflow.pyfunc.PythonModel):
-    """A trained head as a pyfunc model (see the module docstring)."""
+with warnings.catch_warnings():  # MLflow asks for type hints: the signature's tensor spec checks input
+    warnings.simplefilter("ignore", UserWarning)
 
-    def load_context(self, context) -> None:
-        with np.load(context.artifacts["head"]) as arrays:
-            self.head = {k: arrays[k] for k in arrays.files}
+    class HeadModel(mlflow.pyfunc.PythonModel):
+        """A trained head as a pyfunc model (see the module docstring)."""
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
-        return predict(self.head, np.asarray(model_input))
+        def load_context(self, context) -> None:
+            with np.load(context.artifacts["head"]) as arrays:
+                self.head = {k: arrays[k] for k in arrays.files}
+
+        def predict(self, context, model_input, params=None) -> np.ndarray:
+            return predict(self.head, np.asarray(model_input))
 
 
 def log_best_head(parent: str, best: mlflow.entities.Run, trial_number: int, example: np.ndarray,

@@ -42,10 +42,11 @@ import numpy as np
 from pipeline import metrics
 from pipeline.config import TrialConfig
 from pipeline.engine_keras import EPOCH_METRICS, KerasEngine, TrialResult, batch_order
-from pipeline.engines import Engine, EpochCallback
+from pipeline.engines import Engine
 from pipeline.features import FEATURES_ALIGNMENT
 from pipeline.heads import initial_weights, layer_seeds
 from pipeline.quiet import quiet_tensorflow
+from pipeline.results import EpochCallback
 from pipeline.split import Split, make_split, standardize, stratified_split
 
 quiet_tensorflow()

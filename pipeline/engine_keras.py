@@ -15,37 +15,16 @@ also draw the same dropout masks.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from pipeline import metrics
 from pipeline.config import TrialConfig
-from pipeline.engines import Engine, EpochCallback
+from pipeline.engines import Engine
 from pipeline.heads import build_head, head_weights, keras
 from pipeline.labels import encode_labels
+from pipeline.results import EPOCH_METRICS, EpochCallback, TrialResult
 from pipeline.split import Split, make_split
-
-EPOCH_METRICS = ("loss", "val_loss", "accuracy", "val_accuracy", "prob_loss", "val_prob_loss",
-                 "keras_accuracy", "keras_val_accuracy")
-
-
-@dataclass
-class TrialResult:
-    """What one trained head leaves: per-epoch metrics, per-step training loss, end state."""
-
-    history: dict[str, list[float]]
-    step_loss: list[float]
-    positive_fraction: float
-    collapsed: bool
-    kernel: np.ndarray
-    bias: np.ndarray
-    extra: dict[str, float] = field(default_factory=dict)
-    engine: str = "keras"  # the engine that trained it
-
-    def final(self, name: str) -> float:
-        """The last epoch's value of metric ``name``."""
-        return self.history[name][-1]
 
 
 def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:

@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from pipeline.config import TrialConfig
+from pipeline.results import EpochCallback, TrialResult
 
 if TYPE_CHECKING:
-    from pipeline.engine_keras import TrialResult
     from pipeline.split import Split
-
-EpochCallback = Callable[[int, dict[str, float]], None]
 
 
 class Engine(ABC):

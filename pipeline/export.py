@@ -23,6 +23,7 @@ import pandas as pd
 from pipeline import figures, findings, naming, paths, tables, tracking
 from pipeline.config import CONFIG_MODELS, PARITY_METRICS
 from pipeline.errors import UserError
+from pipeline.progress import progress_bar
 
 FORMATS = ("csv", "md", "tex", "png", "html")
 CURVE_METRICS = ("loss", "val_loss", "accuracy", "val_accuracy", "prob_loss", "val_prob_loss")
@@ -55,14 +56,16 @@ def latest_sweep_run(sweep_name: str | None = None) -> str:
     return runs[0].info.run_id
 
 
-def trial_records(parent_run_id: str) -> pd.DataFrame:
+def trial_records(parent_run_id: str, parent=None) -> pd.DataFrame:
     """One row per trial run under ``parent_run_id``: ids, status, ``pruned``, typed params,
     final metrics.
 
     Params keep their names (``loss`` is the loss function); the last epoch's value of metric
     ``m`` is the column ``final_m`` (a pruned trial's last epoch is the one it stopped after).
+    ``parent`` is the parent run if the caller has it already (:func:`sweep_run`). The runs
+    come from one search, read page by page.
     """
-    parent = sweep_run(parent_run_id)
+    parent = parent or sweep_run(parent_run_id)
     kind = parent.data.tags.get(naming.KIND, "heads")
     model = CONFIG_MODELS[kind]
     finals = CURVE_METRICS if kind == "heads" else PARITY_METRICS
@@ -114,37 +117,65 @@ def _is_run_id(text: str) -> bool:
 
 def epoch_records(trials: pd.DataFrame, metrics=CURVE_METRICS) -> pd.DataFrame:
     """Per-epoch metric histories of the completed trials (:func:`tables.completed`): run_id,
-    role, seed, epoch, metrics."""
-    client = mlflow.MlflowClient()
+    role, seed, epoch, metrics; rows in the trials' order, then by epoch."""
+    done = tables.completed(trials)
+    if done.empty:
+        return pd.DataFrame()
+    about = {row.run_id: {"run_id": row.run_id, "role": row.role, "seed": row.seed,
+                          "learning_rate": row.learning_rate}
+             for row in done[["run_id", "role", "seed", "learning_rate"]].itertuples(index=False)}
     rows: dict[tuple, dict] = {}
-    for _, trial in tables.completed(trials).iterrows():
-        for metric in metrics:
-            for point in client.get_metric_history(trial["run_id"], metric):
-                key = (trial["run_id"], point.step)
-                rows.setdefault(key, {"run_id": trial["run_id"], "role": trial["role"],
-                                      "seed": trial["seed"], "learning_rate": trial["learning_rate"],
-                                      "epoch": point.step})[metric] = point.value
-    return pd.DataFrame(list(rows.values()))
+    for metric in metrics:
+        for run_id, point in metric_histories(list(about), metric):
+            key = (run_id, point.step)
+            rows.setdefault(key, {**about[run_id], "epoch": point.step})[metric] = point.value
+    order = {run_id: i for i, run_id in enumerate(about)}
+    return pd.DataFrame([rows[key] for key in sorted(rows, key=lambda k: (order[k[0]], k[1]))])
 
 
-def parity_curves(trials: pd.DataFrame, epochs: pd.DataFrame, ratio: float = 2.0) -> pd.DataFrame:
-    """The per-epoch rows of the seed's comparison: softmax at lr, both sigmoids at ratio x lr.
+HISTORY_RUNS_PER_QUERY = 500  # run ids in one SQL ``IN (...)``: well below SQLite's limit
+
+
+def metric_histories(run_ids: list[str], metric: str):
+    """Yield ``(run_id, point)`` for every logged point of ``metric`` in the runs ``run_ids``.
+
+    A SQL store (SQLite, PostgreSQL) answers one query per :data:`HISTORY_RUNS_PER_QUERY`
+    runs (its ``get_metric_history_bulk``, which MLflow's own server serves the UI's charts
+    with); any other store (a tracking server) one request per run.
+    """
+    client = mlflow.MlflowClient()
+    store = client._tracking_client.store
+    if not hasattr(store, "get_metric_history_bulk"):
+        for run_id in run_ids:
+            for point in client.get_metric_history(run_id, metric):
+                yield run_id, point
+        return
+    for i in range(0, len(run_ids), HISTORY_RUNS_PER_QUERY):
+        for found in store.get_metric_history_bulk(run_ids[i:i + HISTORY_RUNS_PER_QUERY], metric,
+                                                   max_results=2**31 - 1):
+            yield found.run_id, found
+
+
+def comparison_trials(trials: pd.DataFrame, ratio: float = 2.0) -> pd.DataFrame:
+    """The completed trials of the seed's comparison: the 2-unit softmax at a learning rate lr
+    and both sigmoids at ``ratio`` x lr.
 
     Chooses the smallest softmax learning rate for which a transferred sigmoid at ``ratio``
     times it exists; empty when the sweep holds no such pair.
     """
-    if epochs.empty:
-        return epochs
-    soft = sorted(trials.loc[trials["role"] == "softmax", "learning_rate"].unique())
-    sig = trials.loc[trials["role"] == "sigmoid_transfer", "learning_rate"].unique()
+    done = tables.completed(trials)
+    if done.empty or "role" not in done:
+        return done.iloc[0:0]
+    soft = sorted(done.loc[done["role"] == "softmax", "learning_rate"].unique())
+    sig = done.loc[done["role"] == "sigmoid_transfer", "learning_rate"].unique()
     for lr in soft:
         match = [s for s in sig if abs(s - ratio * lr) <= 1e-9 * max(1.0, s)]
         if match:
-            keep = ((epochs["role"] == "softmax") & (epochs["learning_rate"] == lr)) | (
-                epochs["role"].isin(["sigmoid_transfer", "sigmoid_random"])
-                & (epochs["learning_rate"] == match[0]))
-            return epochs[keep]
-    return epochs.iloc[0:0]
+            keep = ((done["role"] == "softmax") & (done["learning_rate"] == lr)) | (
+                done["role"].isin(["sigmoid_transfer", "sigmoid_random"])
+                & (done["learning_rate"] == match[0]))
+            return done[keep]
+    return done.iloc[0:0]
 
 
 def export(run_id: str | None = None, output: str = "exports", formats: str = "csv,md,tex",
@@ -173,7 +204,7 @@ def export(run_id: str | None = None, output: str = "exports", formats: str = "c
         name = parent.data.tags.get(naming.SWEEP_NAME, "sweep")
         folder = out if len(sweeps) == 1 else out / naming.safe_filename(name)
         kind = parent.data.tags.get(naming.KIND, "heads")
-        per_sweep[rid], trials = _export_sweep(rid, name, kind, folder, wanted, output)
+        per_sweep[rid], trials = _export_sweep(parent, name, kind, folder, wanted, output)
         report = parent.data.tags.get(naming.REPORT, "summary")
         if report in findings.TITLES:
             sections.append(findings.Section(report, trials, _regenerate(parent, output),
@@ -192,34 +223,80 @@ def export(run_id: str | None = None, output: str = "exports", formats: str = "c
     return ExportResult(run_id=run_ids[0], run_ids=tuple(run_ids), files=tuple(written))
 
 
-def _export_sweep(run_id: str, sweep: str, kind: str, out: Path, wanted: set[str],
+def _export_sweep(parent, sweep: str, kind: str, out: Path, wanted: set[str],
                   output: str) -> tuple[list[Path], pd.DataFrame]:
-    """One sweep's trials.csv, summary.{csv,md,tex}, epochs.csv and figures, in ``out``."""
-    trials = trial_records(run_id)
-    if trials.empty:
-        raise UserError(f"run_id {run_id}: the sweep has no trial runs")
-    out.mkdir(parents=True, exist_ok=True)
-    kind_metrics = tables.SUMMARY_METRICS if kind == "heads" else tables.PARITY_SUMMARY_METRICS
-    summary = tables.summarize(trials, kind_metrics)
+    """One sweep's trials.csv, summary.{csv,md,tex}, epochs.csv and figures, in ``out``.
+
+    The runs are read once; metric histories only for the trials the loss curves show. A bar
+    on a terminal counts the stages (:func:`_stages`): a 4,096-trial sweep takes a while."""
+    run_id = parent.info.run_id
+    with progress_bar("export", len(_stages(wanted)), "stage") as bar:
+        _stage(bar, "reading the runs")
+        trials = trial_records(run_id, parent)
+        if trials.empty:
+            raise UserError(f"run_id {run_id}: the sweep has no trial runs")
+        out.mkdir(parents=True, exist_ok=True)
+        kind_metrics = tables.SUMMARY_METRICS if kind == "heads" else tables.PARITY_SUMMARY_METRICS
+        summary = tables.summarize(trials, kind_metrics)
+        _stage(bar, "reading the loss curves")
+        curves = epoch_records(comparison_trials(trials))
+        pngs, pages = [], []
+        if {"png", "md"} & wanted:
+            _stage(bar, "drawing the figures")
+            pngs = _pngs(trials, curves, sweep, out)
+        if {"html", "md"} & wanted:
+            pages = _optuna_pages(parent, out, lambda name: _stage(bar, f"Optuna: {name}"))
+        _stage(bar, "writing the tables")
+        written = _tables(trials, summary, curves, kind_metrics, wanted, sweep, run_id, output,
+                          out, pngs, pages)
+        bar.update(bar.total - bar.n)  # stages skipped (a figure Optuna cannot draw) count as done
+    print(f"export: {len(trials)} trials of run {run_id} -> {out} "
+          f"({', '.join(p.name for p in written)})", file=sys.stderr)
+    return written, trials
+
+
+def _stages(wanted: set[str]) -> list[str]:
+    """What one sweep's export does, in order, as its progress bar counts it."""
+    stages = ["runs", "loss curves"]
+    if {"png", "md"} & wanted:
+        stages.append("figures")
+    if {"html", "md"} & wanted:
+        stages += list(figures.OPTUNA_FIGURES)
+    return stages + ["tables"]
+
+
+def _stage(bar, name: str) -> None:
+    """Count the stage under way done (if one is) and show ``name`` as the one under way."""
+    if getattr(bar, "stage", None):
+        bar.update()
+    bar.stage = name
+    bar.set_postfix_str(name)
+
+
+def _pngs(trials: pd.DataFrame, curves: pd.DataFrame, sweep: str, out: Path) -> list[Path]:
+    """The PNG figures: loss curves and gaps when the sweep holds the seed's comparison, accuracy
+    against the positive fraction for sweeps of heads."""
+    pngs = []
+    if not curves.empty:
+        pngs = [figures.loss_curves(curves, out / "loss_curves.png", f"{sweep}: loss per epoch"),
+                figures.loss_gaps(curves, out / "loss_gaps.png", f"{sweep}: loss differences")]
+    if "final_val_accuracy" in trials and not tables.completed(trials).empty:
+        pngs.append(figures.accuracy_vs_collapse(trials, out / "accuracy.png",
+                                                 f"{sweep}: accuracy of collapsed and healthy heads"))
+    return pngs
+
+
+def _tables(trials: pd.DataFrame, summary: pd.DataFrame, curves: pd.DataFrame, kind_metrics,
+            wanted: set[str], sweep: str, run_id: str, output: str, out: Path, pngs: list[Path],
+            pages: list[Path]) -> list[Path]:
+    """The tables in the formats ``wanted``, then the figures: the files written, in order."""
     written: list[Path] = []
     if "csv" in wanted:
         written.append(_write(out / "trials.csv", trials.to_csv(index=False)))
         written.append(_write(out / "summary.csv", summary.to_csv(index=False)))
-    curves = parity_curves(trials, epoch_records(trials)) if "role" in trials else pd.DataFrame()
-    if "csv" in wanted and not curves.empty:
-        written.append(_write(out / "epochs.csv", curves.to_csv(index=False)))
-    pngs, pages = [], []
-    if {"png", "md"} & wanted:
         if not curves.empty:
-            pngs = [figures.loss_curves(curves, out / "loss_curves.png", f"{sweep}: loss per epoch"),
-                    figures.loss_gaps(curves, out / "loss_gaps.png", f"{sweep}: loss differences")]
-        if "final_val_accuracy" in trials and not tables.completed(trials).empty:
-            pngs.append(figures.accuracy_vs_collapse(trials, out / "accuracy.png",
-                                                     f"{sweep}: accuracy of collapsed and healthy heads"))
-        written += pngs
-    if {"html", "md"} & wanted:
-        pages = _optuna_pages(mlflow.MlflowClient().get_run(run_id), out)
-        written += pages
+            written.append(_write(out / "epochs.csv", curves.to_csv(index=False)))
+    written += pngs + pages
     command = f"python -m pipeline export --run_id {run_id} --output {output}"
     if "md" in wanted:
         images = "".join(f"\n![{p.stem}]({p.name})\n" for p in pngs)
@@ -234,9 +311,7 @@ def _export_sweep(run_id: str, sweep: str, kind: str, out: Path, wanted: set[str
                               f"% Regenerate with: {command}\n"
                               + tables.to_latex(summary, kind_metrics, caption=caption,
                                                 label=f"tab:{naming.safe_filename(sweep)}")))
-    print(f"export: {len(trials)} trials of run {run_id} -> {out} "
-          f"({', '.join(p.name for p in written)})", file=sys.stderr)
-    return written, trials
+    return written
 
 
 def _regenerate(parent, output: str) -> str:
@@ -258,8 +333,9 @@ def _context(parent, trials: pd.DataFrame) -> str:
             f"`{tags.get(naming.FEATURES_SHA, '?')[:12]}`.\n")
 
 
-def _optuna_pages(parent, out: Path) -> list[Path]:
-    """Optuna's HTML figures of the study behind sweep run ``parent`` (tags ``optuna.*``).
+def _optuna_pages(parent, out: Path, on_figure=None) -> list[Path]:
+    """Optuna's HTML figures of the study behind sweep run ``parent`` (tags ``optuna.*``);
+    ``on_figure(name)`` is called as each figure starts.
 
     A study that cannot be opened (its storage moved, a redacted password) or a figure that
     cannot be drawn is reported on stderr and skipped: the tables and PNGs do not depend on it.
@@ -276,7 +352,7 @@ def _optuna_pages(parent, out: Path) -> list[Path]:
         print(f"export: Optuna figures skipped: study '{name}' in '{storage}' cannot be opened "
               f"({' '.join(str(exc).split())[:200]})", file=sys.stderr)
         return []
-    written, skipped = figures.optuna_figures(study, out)
+    written, skipped = figures.optuna_figures(study, out, on_figure)
     for figure, reason in skipped.items():
         print(f"export: {figure}.html skipped: {reason}", file=sys.stderr)
     return written

@@ -10,6 +10,7 @@ plots of the study as self-contained HTML.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -23,7 +24,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from matplotlib.transforms import offset_copy  # noqa: E402
-from optuna.importance import FanovaImportanceEvaluator  # noqa: E402
+from optuna.importance import PedAnovaImportanceEvaluator  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 ROLE_STYLE = {
@@ -34,6 +35,11 @@ ROLE_STYLE = {
 PAPER_SIZE = (6.0, 3.6)  # inches: one column of a two-column paper, at 200 dpi
 COLLAPSED_COLOR, HEALTHY_COLOR = "tab:red", "tab:blue"
 OPTUNA_FIGURES = ("optimization_history", "param_importances", "parallel_coordinate")
+# Parameter importances by PED-ANOVA: how much each param's distribution among the best trials
+# differs from its distribution among all of them. It is linear in the trials, where fANOVA's
+# random forest runs for minutes on a thousand; the title of the page names the method.
+IMPORTANCE_QUANTILE = 0.1
+IMPORTANCE_METHOD = f"PED-ANOVA, best {IMPORTANCE_QUANTILE:.0%} of trials against all"
 
 
 def _finish(fig, path: Path) -> Path:
@@ -96,18 +102,40 @@ def config_label(run_name: str) -> str:
     return re.sub(r"-s\d+$", "", run_name)
 
 
+MAX_BARS = 64  # bars of the accuracy chart: a 64-head grid has one per config
+
+
+def bar_labels(run_names: pd.Series) -> tuple[pd.Series, str]:
+    """The accuracy chart's bar of each trial, and a note when bars pool several configs.
+
+    A bar is a config (the run name without its seed); when that gives more than
+    :data:`MAX_BARS` bars (a sampled, continuous learning rate makes every trial its own
+    config), a bar is a head with its learning rates pooled (``-lr*``).
+    """
+    labels = run_names.map(config_label)
+    if labels.nunique() <= MAX_BARS:
+        return labels, ""
+    return labels.str.replace(r"-lr[\d.]+e-?\d+", "-lr*", regex=True), "learning rates pooled"
+
+
 def accuracy_vs_collapse(trials: pd.DataFrame, path: Path, title: str = "") -> Path:
     """Final validation accuracy of every head config against the positive fraction.
 
     One horizontal bar per config (mean over seeds, each seed a dot), red when a seed of it
     collapsed (its prediction never varies), blue otherwise. The dashed line is the positive
     fraction of the validation split: the accuracy of always answering class 1, where a
-    collapsed head sits.
+    collapsed head sits. At most :data:`MAX_BARS` bars (:func:`bar_labels`; beyond that even
+    with pooled learning rates, the first ones), so the figure's size stays bounded; the title
+    says what was pooled or left out.
     """
     done = trials[trials["status"] == "FINISHED"].copy()
-    done["config"] = done["run_name"].map(config_label)
+    done["config"], note = bar_labels(done["run_name"])
     grouped = done.groupby("config", sort=False)
     configs = list(grouped.groups)
+    if len(configs) > MAX_BARS:
+        note = f"{note}; the first {MAX_BARS} of {len(configs)} heads"
+        configs = configs[:MAX_BARS]
+    title = f"{title} ({note})" if note and title else title or note
     fig, ax = plt.subplots(figsize=(PAPER_SIZE[0], 1.6 + 0.45 * len(configs)))
     for y, config in enumerate(configs):
         part = grouped.get_group(config)
@@ -136,23 +164,28 @@ def accuracy_vs_collapse(trials: pd.DataFrame, path: Path, title: str = "") -> P
     return _finish(fig, path)
 
 
-def optuna_figures(study: optuna.Study, folder: Path) -> tuple[list[Path], dict[str, str]]:
+def optuna_figures(study: optuna.Study, folder: Path,
+                   on_figure: Callable[[str], None] | None = None) -> tuple[list[Path], dict[str, str]]:
     """Optuna's optimization history, parameter importances and parallel coordinates as HTML.
 
-    Each file embeds plotly.js, so it opens offline and from MLflow's artifact view. Returns
+    Each file embeds plotly.js, so it opens offline and from MLflow's artifact view; the
+    importances are PED-ANOVA's (:data:`IMPORTANCE_METHOD`, named in the page's title). Returns
     the files written and, for each figure that cannot be drawn (no completed trial; fewer than
-    two params that vary, for importances), the reason.
+    two params that vary, for importances), the reason. ``on_figure(name)`` is called as each
+    figure that can be drawn starts (for a progress bar).
     """
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not completed:
         return [], {name: "no completed trial" for name in OPTUNA_FIGURES}
     target = study.user_attrs.get("objective", "objective value")
+    study = _ReadOnlyStudy(study)
     varying = sorted(name for name in {p for t in completed for p in t.params}
                      if len({repr(t.params.get(name)) for t in completed}) > 1)
     plots = {
         "optimization_history": lambda: vis.plot_optimization_history(study, target_name=target),
         "param_importances": lambda: vis.plot_param_importances(
-            study, evaluator=FanovaImportanceEvaluator(seed=0), params=varying, target_name=target),
+            study, evaluator=PedAnovaImportanceEvaluator(target_quantile=IMPORTANCE_QUANTILE),
+            params=varying, target_name=target),
         "parallel_coordinate": lambda: vis.plot_parallel_coordinate(study, params=varying,
                                                                      target_name=target),
     }
@@ -164,14 +197,40 @@ def optuna_figures(study: optuna.Study, folder: Path) -> tuple[list[Path], dict[
     for name, plot in plots.items():
         if name in skipped:
             continue
+        if on_figure is not None:
+            on_figure(name)
         try:
             fig = plot()
         except (ValueError, RuntimeError) as exc:  # Optuna's way of saying it cannot draw this
             skipped[name] = " ".join(str(exc).split())
             continue
-        fig.update_layout(title=f"{study.study_name}: {fig.layout.title.text or name}",
+        fig.update_layout(title=_title(study.study_name, name, fig.layout.title.text, len(completed)),
                           font={"size": 14})
         path = folder / f"{name}.html"
         fig.write_html(path, include_plotlyjs=True, full_html=True)
         written.append(path)
     return written, skipped
+
+
+class _ReadOnlyStudy(optuna.Study):
+    """A study as Optuna's plots read it: the same study, its ``trials`` not copied.
+
+    ``Study.trials`` deep-copies every trial on each read, and the importances plot reads it
+    once per parameter (to name the parameter's distribution): at 4,096 trials, more time than
+    the importances themselves. The plots only read the trials, so the storage's own serve.
+    """
+
+    def __init__(self, study: optuna.Study):  # the same study: its storage, id and sampler
+        self.__dict__.update(study.__dict__)
+
+    @property
+    def trials(self) -> list[optuna.trial.FrozenTrial]:
+        return self.get_trials(deepcopy=False)
+
+
+def _title(study: str, figure: str, optuna_title: str | None, trials: int) -> str:
+    """A page's title: the study, Optuna's title and, for importances, the method and sample."""
+    title = f"{study}: {optuna_title or figure}"
+    if figure == "param_importances":
+        title += f" ({IMPORTANCE_METHOD}, {trials} completed trials)"
+    return title

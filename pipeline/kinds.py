@@ -23,7 +23,8 @@ from optuna.trial import FrozenTrial
 
 from pipeline import best_head, naming, parity, records, studies, tracking
 from pipeline.config import ParityConfig, SweepSpec, TrainingSettings, TrialConfig
-from pipeline.engines import Engine, EpochCallback
+from pipeline.engines import Engine
+from pipeline.results import EpochCallback
 from pipeline.split import Splits
 
 

@@ -22,7 +22,7 @@ import pandas as pd
 
 from pipeline import figures, lineage, naming, records, tracking
 from pipeline.config import ParityConfig
-from pipeline.engine_keras import KerasEngine, TrialResult
+from pipeline.results import TrialResult
 from pipeline.split import Split, make_split
 
 ROLES = ("softmax", "sigmoid_transfer", "sigmoid_random")
@@ -94,7 +94,10 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 
 def train_parity(config: ParityConfig, split: Split, engine=None) -> ParityResult:
     """Train the three heads of ``config`` on ``split`` (with ``engine``, Keras by default)."""
-    engine = engine or KerasEngine()
+    if engine is None:
+        from pipeline.engine_keras import KerasEngine  # TensorFlow only once a head trains
+
+        engine = KerasEngine()
     heads = config.heads()
     results = {role: engine.train(heads[role], split) for role in ROLES}
     return ParityResult(config=config, results=results, x_val=split.x_val)

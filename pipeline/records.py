@@ -20,7 +20,7 @@ from mlflow.entities import Metric
 
 from pipeline import metrics, naming, tracking
 from pipeline.config import TrialConfig
-from pipeline.engine_keras import TrialResult
+from pipeline.results import TrialResult
 
 STEP_LOSS_FILE = "step_loss.csv"
 

@@ -1,0 +1,99 @@
+"""Commands that train nothing do not import TensorFlow.
+
+``--help``, ``export`` and an error on bad input answer without the seconds ``import
+tensorflow`` takes. Each command runs in a fresh interpreter, as a user runs it, and reports at
+exit whether ``tensorflow`` or ``keras`` was ever imported.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_export_scale import make_sweep
+
+ROOT = Path(__file__).resolve().parent.parent
+REPORT = "imported at exit:"
+PROBE = f"""
+import atexit, runpy, sys
+
+def report():
+    print({REPORT!r}, sorted({{"tensorflow", "keras"}} & set(sys.modules)), file=sys.stderr)
+
+atexit.register(report)
+sys.argv = ["pipeline", *sys.argv[1:]]
+runpy.run_module("pipeline", run_name="__main__")
+"""
+
+
+def run_pipeline(args: list[str], cwd: Path, store: str) -> subprocess.CompletedProcess:
+    """``python -m pipeline ARGS`` in a fresh interpreter, MLflow pointed at ``store``."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": store}
+    env.pop("MLFLOW_RUN_ID", None)
+    return subprocess.run([sys.executable, "-c", PROBE, *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def imported(proc: subprocess.CompletedProcess) -> str:
+    """What the probe reported at exit: ``[]`` when neither TensorFlow nor Keras was imported."""
+    lines = [line for line in proc.stderr.splitlines() if line.startswith(REPORT)]
+    assert lines, proc.stderr[-2000:]
+    return lines[-1].removeprefix(REPORT).strip()
+
+
+@pytest.fixture
+def store(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["sweep", "--help"], ["export", "--help"]],
+                         ids=["help", "sweep-help", "export-help"])
+def test_help_imports_no_tensorflow(args, tmp_path, store):
+    proc = run_pipeline(args, tmp_path, store)
+    assert proc.returncode == 0 and "usage:" in proc.stdout
+    assert imported(proc) == "[]"
+
+
+def test_missing_sweep_file_imports_no_tensorflow(tmp_path, store):
+    proc = run_pipeline(["sweep", "--features", "features.h5", "--sweep", "missing.yaml"],
+                        tmp_path, store)
+    assert proc.returncode == 2 and "error: sweep file not found: missing.yaml" in proc.stderr
+    assert imported(proc) == "[]"
+
+
+def test_bad_sweep_file_imports_no_tensorflow(tmp_path, store):
+    (tmp_path / "bad.yaml").write_text("name: bad\nepochz: 3\nspace: {units: [1, 2]}\n")
+    proc = run_pipeline(["sweep", "--features", "features.h5", "--sweep", "bad.yaml"],
+                        tmp_path, store)
+    assert proc.returncode == 2 and "epochz: unknown key" in proc.stderr
+    assert imported(proc) == "[]"
+
+
+def test_export_without_sweeps_imports_no_tensorflow(tmp_path, store):
+    proc = run_pipeline(["export", "--output", "out"], tmp_path, store)
+    assert proc.returncode == 2 and "error: no sweep runs" in proc.stderr
+    assert imported(proc) == "[]"
+
+
+def test_export_of_a_sweep_imports_no_tensorflow(tmp_path):
+    grid = {"activation": ["sigmoid", "softmax"], "units": [2], "loss": ["categorical_crossentropy"],
+            "learning_rate": [0.01, 0.1], "init": ["glorot_uniform"]}
+    sweep = make_sweep(tmp_path, grid=grid)
+    proc = run_pipeline(["export", "--run_id", sweep.parent, "--output", "out",
+                         "--formats", "csv,md,tex,png"], tmp_path, sweep.store)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "out" / "param_importances.html").exists()
+    assert imported(proc) == "[]"
+
+
+def test_sweep_and_records_modules_import_no_tensorflow(tmp_path):
+    code = ("import sys; import pipeline.sweep, pipeline.records, pipeline.parity, pipeline.export, "
+            "pipeline.results; print(sorted({'tensorflow', 'keras'} & set(sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"  # TensorFlow comes with an engine, when a sweep trains
