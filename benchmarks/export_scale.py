@@ -96,7 +96,7 @@ def read_template(folder: Path) -> dict:
     """The template sweep: its store's rows of the parent and trial runs, and its Optuna study."""
     import optuna
 
-    from pipeline import naming, studies
+    from pipeline import naming, storages
 
     db = sqlite3.connect(folder / "mlflow.db")
     parent = db.execute("SELECT run_uuid FROM tags WHERE key = ? AND value = 'sweep'",
@@ -109,7 +109,7 @@ def read_template(folder: Path) -> dict:
     trial_ids.sort(key=number.get)
     study_name = dict(db.execute("SELECT key, value FROM tags WHERE run_uuid = ?", (parent,)))[naming.STUDY]
     study = optuna.load_study(study_name=study_name,
-                              storage=studies.read_storage(str(folder / "optuna-journal.log")))
+                              storage=storages.read_storage(str(folder / "optuna-journal.log")))
     db.close()
     return {"folder": folder, "parent": parent, "trials": trial_ids, "study": study}
 
@@ -123,7 +123,7 @@ def fabricate(template: dict, n: int, folder: Path) -> str:
     The store is the template's, copied, with the new trial runs' rows written into its tables
     directly (the template's own rows with new ids and the changes above): MLflow's client would
     take ~0.3 s a run on this machine, and the export reads the same rows either way."""
-    from pipeline import naming, studies
+    from pipeline import naming, storages
 
     folder.mkdir(parents=True, exist_ok=True)
     source = template["folder"]
@@ -136,7 +136,7 @@ def fabricate(template: dict, n: int, folder: Path) -> str:
         parent = template["parent"]
         study_name = template["study"].study_name
         db.execute("UPDATE tags SET value = ? WHERE run_uuid = ? AND key = ?",
-                   (studies.study_url(str(journal), study_name), parent, naming.STORAGE))
+                   (storages.study_url(str(journal), study_name), parent, naming.STORAGE))
         for key, value in (("n_trials", str(n)), ("seeds", str(list(range(replicas))))):
             db.execute("UPDATE params SET value = ? WHERE run_uuid = ? AND key = ?", (value, parent, key))
         run_ids = list(template["trials"])
@@ -228,9 +228,9 @@ def _new_study(source, journal: str, parent: str, replicas: int):
     """An Optuna study like ``source`` (name, directions, user attributes) in ``journal``."""
     import optuna
 
-    from pipeline import studies
+    from pipeline import storages, studies
 
-    storage = studies.make_storage(journal)
+    storage = storages.make_storage(journal)
     study = optuna.create_study(study_name=source.study_name, storage=storage,
                                 directions=source.directions)
     for key, value in source.user_attrs.items():

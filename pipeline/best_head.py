@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import tempfile
-import warnings
 from pathlib import Path
 
 import mlflow
@@ -51,18 +50,20 @@ def predict(head: dict, x: np.ndarray) -> np.ndarray:
     return positive_probability(outputs)
 
 
-with warnings.catch_warnings():  # MLflow asks for type hints: the signature's tensor spec checks input
-    warnings.simplefilter("ignore", UserWarning)
+class HeadModel:
+    """A trained head as a pyfunc model (see the module docstring): MLflow loads it with
+    :func:`_load_pyfunc`, this module being the model's loader module."""
 
-    class HeadModel(mlflow.pyfunc.PythonModel):
-        """A trained head as a pyfunc model (see the module docstring)."""
+    def __init__(self, head: dict):
+        self.head = head
 
-        def load_context(self, context) -> None:
-            with np.load(context.artifacts["head"]) as arrays:
-                self.head = {k: arrays[k] for k in arrays.files}
+    def predict(self, model_input, params=None) -> np.ndarray:
+        return predict(self.head, np.asarray(model_input))
 
-        def predict(self, context, model_input, params=None) -> np.ndarray:
-            return predict(self.head, np.asarray(model_input))
+
+def _load_pyfunc(data_path: str) -> HeadModel:
+    with np.load(data_path) as arrays:
+        return HeadModel({k: arrays[k] for k in arrays.files})
 
 
 def log_best_head(parent: str, best: mlflow.entities.Run, trial_number: int, example: np.ndarray,
@@ -80,8 +81,8 @@ def log_best_head(parent: str, best: mlflow.entities.Run, trial_number: int, exa
         code = Path(tmp, "pipeline")
         _copy_package(code)
         info = mlflow.pyfunc.log_model(
-            name=MODEL_NAME, python_model=HeadModel(), artifacts={"head": local},
-            code_paths=[str(code)], signature=infer_signature(example.astype(np.float32), output),
+            name=MODEL_NAME, loader_module=__name__, data_path=local, code_paths=[str(code)],
+            signature=infer_signature(example.astype(np.float32), output),
             input_example=example.astype(np.float32), registered_model_name=register_as,
             tags={k: str(v) for k, v in tags.items()}, pip_requirements=["mlflow", "numpy"])
     tracking.log_batch(parent, tags={"best.model_uri": info.model_uri})

@@ -1,14 +1,11 @@
 """Export of large sweeps: importances by a method that scales, named; histories read in bulk.
 
-The sweeps here are written without training (:func:`make_sweep`): every trial run carries
-what a trained head's run carries (params, tags, per-epoch metrics from the project's own
-record functions), and the Optuna study holds the trials COMPLETE.
+The sweeps here are written without training (:func:`tests.helpers.make_sweep`): every trial
+run carries what a trained head's run carries (params, tags, per-epoch metrics from the
+project's own record functions), and the Optuna study holds the trials COMPLETE.
 """
 
 from __future__ import annotations
-
-import itertools
-import types
 
 import mlflow
 import numpy as np
@@ -16,64 +13,9 @@ import optuna
 import pandas as pd
 import pytest
 
-from pipeline import figures, naming, records, studies, tracking
-from pipeline.config import TrialConfig
+from pipeline import figures, naming
 from pipeline.export import CURVE_METRICS, comparison_trials, epoch_records, export, trial_records
-from pipeline.results import EPOCH_METRICS, TrialResult
-
-SEED_GRID = {"activation": ["sigmoid", "softmax"], "units": [1, 2],
-             "loss": ["binary_crossentropy", "categorical_crossentropy"],
-             "learning_rate": [0.01], "init": ["glorot_uniform", "he_normal"]}
-EPOCHS = 3
-
-
-def _result(config: TrialConfig, rng: np.random.Generator) -> TrialResult:
-    """A plausible trained head: losses falling over the epochs, accuracies around 0.8."""
-    history = {name: list(np.sort(rng.uniform(0.3, 0.9, EPOCHS))[::-1] if "loss" in name
-                          else rng.uniform(0.7, 0.9, EPOCHS)) for name in EPOCH_METRICS}
-    return TrialResult(history=history, step_loss=list(rng.uniform(0.3, 0.9, 4 * EPOCHS)),
-                       positive_fraction=0.5, collapsed=naming.role_of(config) == "softmax_1unit",
-                       kernel=np.zeros((2, config.units)), bias=np.zeros(config.units))
-
-
-def make_sweep(folder, seeds=(0,), grid=None) -> types.SimpleNamespace:
-    """A finished ``heads`` sweep over ``grid`` x ``seeds`` in ``folder`` (its own SQLite store and
-    journal), recorded as the sweep records one. Returns ``store``, ``parent``, ``n``; MLflow's
-    tracking URI is left as it was."""
-    grid = grid or SEED_GRID
-    store, journal = f"sqlite:///{folder / 'mlflow.db'}", str(folder / "optuna-journal.log")
-    rng = np.random.default_rng(0)
-    mlflow.set_tracking_uri(store)
-    try:
-        study = optuna.create_study(study_name="scale", storage=studies.make_storage(journal))
-        study.set_user_attr("objective", "val_prob_loss")
-        experiment = mlflow.MlflowClient().create_experiment(
-            "scale", artifact_location=str(folder / "mlruns"))
-        parent = tracking.create_run(experiment, "scale-run", tags={
-            naming.STEP: "sweep", naming.SWEEP_NAME: "scale", naming.STUDY: "scale",
-            naming.KIND: "heads", naming.REPORT: "summary",
-            naming.STORAGE: studies.study_url(journal, "scale")})
-        axes = {**grid, "seed": list(seeds)}
-        distributions = {k: optuna.distributions.CategoricalDistribution(v) for k, v in axes.items()}
-        trials = []
-        for number, values in enumerate(itertools.product(*axes.values())):
-            params = dict(zip(axes, values, strict=True))
-            config = TrialConfig(**params, epochs=EPOCHS)
-            run = tracking.create_run(experiment, naming.trial_run_name(config), parent,
-                                      {**records.head_tags(config), naming.STEP: "trial",
-                                       naming.TRIAL_NUMBER: str(number), naming.ENGINE: "fused"})
-            result = _result(config, rng)
-            tracking.log_batch(run, params=config.params())
-            records.log_head_metrics(run, result, np.array([0, 1]), config)
-            mlflow.MlflowClient().set_terminated(run, "FINISHED")
-            trials.append(optuna.trial.create_trial(params=params, distributions=distributions,
-                                                    value=result.final("val_prob_loss"),
-                                                    user_attrs={studies.RUN_ATTR: run}))
-        study.add_trials(trials)
-        mlflow.MlflowClient().set_terminated(parent, "FINISHED")
-    finally:
-        mlflow.set_tracking_uri(None)
-    return types.SimpleNamespace(store=store, parent=parent, n=len(trials))
+from tests.helpers import EPOCHS, make_sweep
 
 
 @pytest.fixture(scope="module")

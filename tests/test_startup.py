@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_export_scale import make_sweep
+from tests.helpers import make_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORT = "imported at exit:"
