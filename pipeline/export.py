@@ -25,7 +25,8 @@ from pipeline.config import CONFIG_MODELS, PARITY_METRICS
 from pipeline.errors import UserError
 from pipeline.progress import progress_bar
 
-FORMATS = ("csv", "md", "tex", "png", "html")
+FORMATS = ("csv", "md", "tex", "png", "pdf", "svg", "html")
+FIGURE_FORMATS = {"png", "pdf", "svg", "md"}  # formats that bring the figures
 CURVE_METRICS = ("loss", "val_loss", "accuracy", "val_accuracy", "prob_loss", "val_prob_loss")
 
 
@@ -186,9 +187,10 @@ def export(run_id: str | None = None, output: str = "exports", formats: str = "c
     each), or empty for the latest sweep. One sweep's files go into ``output`` itself, several
     sweeps' into ``output/<sweep name>/``. Sweeps whose file sets ``report`` (collapse, parity,
     breakers) also make ``findings.md`` / ``findings.tex`` in ``output``, one table each.
-    ``formats`` is a comma list of csv, md, tex, png, html. PNG figures (loss curves and gaps
-    when the sweep holds the seed's softmax/sigmoid comparison; accuracy against the positive
-    fraction for sweeps of heads) come with png or md, Optuna's HTML figures with html or md,
+    ``formats`` is a comma list of csv, md, tex, png, pdf, svg, html. PNG figures (loss curves
+    and gaps when the sweep holds the seed's softmax/sigmoid comparison; accuracy against the
+    positive fraction for sweeps of heads) come with png, pdf, svg or md, the same figures as
+    vector PDF or SVG (fonts embedded) with pdf or svg, Optuna's HTML figures with html or md,
     since the Markdown report shows or links them.
     """
     wanted = {f.strip() for f in formats.split(",") if f.strip()}
@@ -241,9 +243,9 @@ def _export_sweep(parent, sweep: str, kind: str, out: Path, wanted: set[str],
         _stage(bar, "reading the loss curves")
         curves = epoch_records(comparison_trials(trials))
         pngs, pages = [], []
-        if {"png", "md"} & wanted:
+        if FIGURE_FORMATS & wanted:
             _stage(bar, "drawing the figures")
-            pngs = _pngs(trials, curves, sweep, out)
+            pngs = _pngs(trials, curves, sweep, out, [f for f in figures.VECTOR_FORMATS if f in wanted])
         if {"html", "md"} & wanted:
             pages = _optuna_pages(parent, out, lambda name: _stage(bar, f"Optuna: {name}"))
         _stage(bar, "writing the tables")
@@ -258,7 +260,7 @@ def _export_sweep(parent, sweep: str, kind: str, out: Path, wanted: set[str],
 def _stages(wanted: set[str]) -> list[str]:
     """What one sweep's export does, in order, as its progress bar counts it."""
     stages = ["runs", "loss curves"]
-    if {"png", "md"} & wanted:
+    if FIGURE_FORMATS & wanted:
         stages.append("figures")
     if {"html", "md"} & wanted:
         stages += list(figures.OPTUNA_FIGURES)
@@ -273,17 +275,19 @@ def _stage(bar, name: str) -> None:
     bar.set_postfix_str(name)
 
 
-def _pngs(trials: pd.DataFrame, curves: pd.DataFrame, sweep: str, out: Path) -> list[Path]:
-    """The PNG figures: loss curves and gaps when the sweep holds the seed's comparison, accuracy
-    against the positive fraction for sweeps of heads."""
+def _pngs(trials: pd.DataFrame, curves: pd.DataFrame, sweep: str, out: Path,
+          vector: list[str]) -> list[Path]:
+    """The PNG figures (and their ``vector`` copies, listed after them): loss curves and gaps
+    when the sweep holds the seed's comparison, accuracy against the positive fraction for
+    sweeps of heads."""
     pngs = []
     if not curves.empty:
-        pngs = [figures.loss_curves(curves, out / "loss_curves.png", f"{sweep}: loss per epoch"),
-                figures.loss_gaps(curves, out / "loss_gaps.png", f"{sweep}: loss differences")]
+        pngs = [figures.loss_curves(curves, out / "loss_curves.png", f"{sweep}: loss per epoch", vector),
+                figures.loss_gaps(curves, out / "loss_gaps.png", f"{sweep}: loss differences", vector)]
     if "final_val_accuracy" in trials and not tables.completed(trials).empty:
         pngs.append(figures.accuracy_vs_collapse(trials, out / "accuracy.png",
-                                                 f"{sweep}: accuracy of collapsed and healthy heads"))
-    return pngs
+                                                 f"{sweep}: accuracy of collapsed and healthy heads", vector))
+    return pngs + [p.with_suffix(f".{suffix}") for suffix in vector for p in pngs]
 
 
 def _tables(trials: pd.DataFrame, summary: pd.DataFrame, curves: pd.DataFrame, kind_metrics,
@@ -299,7 +303,7 @@ def _tables(trials: pd.DataFrame, summary: pd.DataFrame, curves: pd.DataFrame, k
     written += pngs + pages
     command = f"python -m pipeline export --run_id {run_id} --output {output}"
     if "md" in wanted:
-        images = "".join(f"\n![{p.stem}]({p.name})\n" for p in pngs)
+        images = "".join(f"\n![{p.stem}]({p.name})\n" for p in pngs if p.suffix == ".png")
         links = "".join(f"- [{p.stem.replace('_', ' ')}]({p.name}) (Optuna, interactive)\n" for p in pages)
         written.append(_write(out / "summary.md",
                               f"# Sweep `{sweep}` (parent run `{run_id}`)\n\nRegenerate with:\n\n"

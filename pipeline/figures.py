@@ -1,16 +1,17 @@
 """Figures of a sweep: the seed's loss curves and gaps, the collapse chart, Optuna's plots.
 
-The PNG functions take tidy data (per-epoch rows with ``role``, ``seed``, ``epoch`` and metric
-columns, or one row per trial) and write one figure at paper size (one column of a
-two-column paper at 200 dpi, labels and legends readable when printed); the caller decides
-where. Matplotlib runs headless (Agg). :func:`optuna_figures` writes Optuna's interactive
+The figure functions take tidy data (per-epoch rows with ``role``, ``seed``, ``epoch`` and
+metric columns, or one row per trial) and write one figure at paper size (6 inches wide, the
+width of a two-column paper's text, 200 dpi; labels and legends readable when printed) as PNG,
+and on request as PDF and SVG with their fonts embedded; the caller decides where.
+Matplotlib runs headless (Agg). :func:`optuna_figures` writes Optuna's interactive
 plots of the study as self-contained HTML.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -42,14 +43,25 @@ IMPORTANCE_QUANTILE = 0.1
 IMPORTANCE_METHOD = f"PED-ANOVA, best {IMPORTANCE_QUANTILE:.0%} of trials against all"
 
 
-def _finish(fig, path: Path) -> Path:
+VECTOR_FORMATS = ("pdf", "svg")
+# Vector figures embed their fonts: TrueType in PDF (Type 3 bitmaps are refused by some
+# publishers), glyph outlines in SVG, so they print as drawn without the fonts installed.
+VECTOR_STYLE = {"pdf.fonttype": 42, "svg.fonttype": "path"}
+
+
+def _finish(fig, path: Path, vector: Sequence[str] = ()) -> Path:
+    """Save ``fig`` as ``path`` (PNG, 200 dpi) and beside it in each of the ``vector`` formats
+    (``pdf``, ``svg``: same name, that suffix); return ``path``."""
     fig.tight_layout()
     fig.savefig(path, dpi=200, bbox_inches="tight")  # keeps legends placed outside the axes
+    with matplotlib.rc_context(VECTOR_STYLE):
+        for suffix in vector:
+            fig.savefig(path.with_suffix(f".{suffix}"), bbox_inches="tight")
     plt.close(fig)
     return path
 
 
-def loss_curves(curves: pd.DataFrame, path: Path, title: str = "") -> Path:
+def loss_curves(curves: pd.DataFrame, path: Path, title: str = "", vector: Sequence[str] = ()) -> Path:
     """Training (solid markers) and validation loss per epoch for each role, mean over seeds."""
     fig, axes = plt.subplots(1, 2, figsize=(PAPER_SIZE[0] * 1.6, PAPER_SIZE[1]), sharey=True)
     mean = curves.groupby(["role", "epoch"]).mean(numeric_only=True).reset_index()
@@ -67,10 +79,10 @@ def loss_curves(curves: pd.DataFrame, path: Path, title: str = "") -> Path:
     axes[1].legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
-    return _finish(fig, path)
+    return _finish(fig, path, vector)
 
 
-def loss_gaps(curves: pd.DataFrame, path: Path, title: str = "") -> Path:
+def loss_gaps(curves: pd.DataFrame, path: Path, title: str = "", vector: Sequence[str] = ()) -> Path:
     """The seed's second figure: val-loss differences per epoch, |.| on a log scale.
 
     ``sigmoid_transfer - softmax`` (near 0: the parity) and ``sigmoid_transfer -
@@ -94,7 +106,7 @@ def loss_gaps(curves: pd.DataFrame, path: Path, title: str = "") -> Path:
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
-    return _finish(fig, path)
+    return _finish(fig, path, vector)
 
 
 def config_label(run_name: str) -> str:
@@ -118,7 +130,8 @@ def bar_labels(run_names: pd.Series) -> tuple[pd.Series, str]:
     return labels.str.replace(r"-lr[\d.]+e-?\d+", "-lr*", regex=True), "learning rates pooled"
 
 
-def accuracy_vs_collapse(trials: pd.DataFrame, path: Path, title: str = "") -> Path:
+def accuracy_vs_collapse(trials: pd.DataFrame, path: Path, title: str = "",
+                         vector: Sequence[str] = ()) -> Path:
     """Final validation accuracy of every head config against the positive fraction.
 
     One horizontal bar per config (mean over seeds, each seed a dot), red when a seed of it
@@ -161,7 +174,7 @@ def accuracy_vs_collapse(trials: pd.DataFrame, path: Path, title: str = "") -> P
               bbox_transform=below_label, ncol=2, frameon=False)
     if title:
         ax.set_title(title, fontsize=10)
-    return _finish(fig, path)
+    return _finish(fig, path, vector)
 
 
 def optuna_figures(study: optuna.Study, folder: Path,

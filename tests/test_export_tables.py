@@ -15,7 +15,14 @@ import pytest
 
 from pipeline import naming, tables
 from pipeline.errors import UserError
-from pipeline.export import epoch_records, export, parity_curves, resolve_run_ids, sweep_run, trial_records
+from pipeline.export import (
+    comparison_trials,
+    epoch_records,
+    export,
+    resolve_run_ids,
+    sweep_run,
+    trial_records,
+)
 from pipeline.tracking import create_run, log_batch, scalars, series
 from tests.helpers import private_store
 
@@ -131,13 +138,13 @@ def test_epoch_records_and_the_parity_curves_they_hold(sweep):
     trials = trial_records(sweep["parent"])
     epochs = epoch_records(trials)
     assert len(epochs) == 8 * EPOCHS  # completed trials only
-    curves = parity_curves(trials, epochs)
+    curves = epoch_records(comparison_trials(trials))
     assert set(curves["role"]) == {"softmax", "sigmoid_transfer", "sigmoid_random"}
     assert len(curves) == 3 * 2 * EPOCHS
     soft = curves[curves["role"] == "softmax"].sort_values(["seed", "epoch"])["val_loss"].to_numpy()
     sig = curves[curves["role"] == "sigmoid_transfer"].sort_values(["seed", "epoch"])["val_loss"].to_numpy()
     assert (soft == sig).all()
-    assert parity_curves(trials, epochs, ratio=4.0).empty  # no sigmoid at 4x a softmax's rate
+    assert comparison_trials(trials, ratio=4.0).empty  # no sigmoid at 4x a softmax's rate
 
 
 def test_export_writes_the_tables_and_logs_them(sweep):

@@ -107,3 +107,34 @@ def test_study_that_cannot_be_opened_is_reported_not_fatal(tmp_path, capsys):
         "optuna.storage": f"{missing}#study=lost", "optuna.study": "lost"}})})
     assert _optuna_pages(parent, tmp_path) == []
     assert "Optuna figures skipped: study 'lost'" in capsys.readouterr().err
+
+
+def test_vector_figures_embed_their_fonts(tmp_path):
+    """pdf and svg: the same figure beside the PNG, text as embedded TrueType (PDF) or outlines
+    (SVG), so it prints as drawn where the fonts are not installed."""
+    trials = pd.DataFrame({"run_name": ["softmax-1u-bce-lr1e-3-glorot-s0", "sigmoid-1u-bce-lr2e-3-zeros-s0"],
+                           "status": ["FINISHED"] * 2, "collapsed": [True, False],
+                           "final_val_accuracy": [0.45, 0.8], "positive_fraction": [0.45] * 2})
+    png = figures.accuracy_vs_collapse(trials, tmp_path / "accuracy.png", "t", vector=("pdf", "svg"))
+    assert png == tmp_path / "accuracy.png" and png.is_file()
+    pdf = (tmp_path / "accuracy.pdf").read_bytes()
+    assert pdf.startswith(b"%PDF") and b"/FontFile2" in pdf and b"/Type3" not in pdf
+    svg = (tmp_path / "accuracy.svg").read_text()
+    assert svg.lstrip().startswith("<?xml") and "<text" not in svg and "<path" in svg
+    assert re.search(r'<svg[^>]* width="4\d\d(\.\d+)?pt"', svg)  # about 6 in (432 pt) wide
+
+
+def test_export_writes_and_logs_vector_figures(tmp_path):
+    from pipeline.export import export
+    from tests.helpers import make_sweep
+
+    sweep = make_sweep(tmp_path)
+    mlflow.set_tracking_uri(sweep.store)
+    try:
+        result = export(sweep.parent, str(tmp_path / "out"), "pdf,svg")
+        logged = {f.path for f in mlflow.MlflowClient().list_artifacts(sweep.parent, "export")}
+    finally:
+        mlflow.set_tracking_uri(None)
+    names = {p.name for p in result.files}
+    assert {"accuracy.pdf", "accuracy.svg"} <= names
+    assert {"export/accuracy.pdf", "export/accuracy.svg"} <= logged
