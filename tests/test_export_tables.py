@@ -166,5 +166,5 @@ def test_sweeps_are_found_by_name_and_other_runs_refused(sweep):
         resolve_run_ids("nothing")
     with pytest.raises(UserError, match="not a sweep's parent run"):
         sweep_run(sweep["other"])
-    with pytest.raises(UserError, match="formats 'pdf'"):
-        export(sweep["parent"], str(sweep["folder"] / "no"), "pdf")
+    with pytest.raises(UserError, match="formats 'gif'"):
+        export(sweep["parent"], str(sweep["folder"] / "no"), "gif")
