@@ -1,4 +1,5 @@
-"""Command line: ``python -m pipeline {extract,sweep,parity,export,main}``, flags named as the params.
+"""Command line: ``python -m pipeline SUBCOMMAND``, one per MLproject entry point (extract, sweep,
+parity, export, main, findings), flags named as its parameters.
 
 Each subcommand is a thin wrapper over the stage's function. When ``mlflow run`` launched the
 command (``MLFLOW_RUN_ID`` is set), the stage records into that run. Bad input ends with one
@@ -11,9 +12,13 @@ import argparse
 import os
 import sys
 
+from pipeline import __version__
 from pipeline.config import ParityConfig, parse_config
 from pipeline.errors import UserError
 from pipeline.quiet import quiet_tensorflow
+
+# The findings report's three studies, run in order on one features file and exported together.
+FINDINGS_SWEEPS = "sweeps/collapse.yaml,sweeps/parity.yaml,sweeps/breakers.yaml"
 
 
 def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
@@ -42,7 +47,11 @@ def parity_config(values: dict[str, str | None]) -> ParityConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description="Reproduce the 1-unit softmax collapse and the sigmoid/softmax parity on your own "
+                    "data: one subcommand per MLproject entry point, flags named as its parameters.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("extract", help="images -> Xception features (HDF5)",
@@ -110,6 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
           help="use this features file (or runs:/ URI) instead of extracting images")
     _flag(p, "output", default="outputs", help="folder for features.h5 and export/")
     _flag(p, "storage", type=_optional_str, default=None, help="Optuna storage (see sweep)")
+
+    p = sub.add_parser("findings", help="the collapse, parity and breakers studies, exported together",
+                       description="The three studies of the findings report on one features file "
+                                   "(extracted, or given), exported together: OUTPUT/export/findings.md "
+                                   "and findings.tex.")
+    _flag(p, "images", default="builtin:digits", help="image folder or builtin:digits")
+    _flag(p, "weights", default="auto", help="imagenet, random, auto or a weights file")
+    _flag(p, "features", type=_optional_str, default=None,
+          help="use this features file (e.g. gap_Xception.h5) instead of extracting images")
+    _flag(p, "output", default="outputs/findings", help="folder for features.h5 and export/")
+    p.set_defaults(sweep=FINDINGS_SWEEPS, storage=None)
     return parser
 
 
@@ -146,12 +166,12 @@ def run(args: argparse.Namespace) -> None:
         from pipeline.export import export
 
         export(args.run_id, args.output, args.formats)
-    elif args.command == "main":
+    elif args.command in ("main", "findings"):
         from pipeline.main import run_main
 
-        outcome = run_main(args.images, args.weights, args.sweep, args.output,
-                           launcher_run_id=launcher, storage=args.storage, features=args.features)
-        print(f"main: done; sweep run {outcome.sweep_run_id}; files in {args.output}",
+        outcome = run_main(args.images, args.weights, args.sweep, args.output, launcher_run_id=launcher,
+                           storage=args.storage, features=args.features)
+        print(f"{args.command}: done; sweep run {outcome.sweep_run_id}; files in {args.output}",
               file=sys.stderr)
 
 
@@ -159,6 +179,7 @@ def run(args: argparse.Namespace) -> None:
 AFTER_INTERRUPT = {
     "sweep": "finished trials are kept; rerun the same command to resume",
     "main": "a finished extraction and finished trials are kept; rerun the same command to resume",
+    "findings": "a finished extraction and finished trials are kept; rerun the same command to resume",
     "parity": "its run ends KILLED; rerun to start the experiment over",
     "export": "the export is incomplete; rerun to write it whole",
 }

@@ -47,3 +47,27 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path):
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "out.h5").exists() and not (tmp_path / "ex").exists()
     assert not (tmp_path / "optuna-journal.log").exists()
+
+
+def test_every_mlproject_entry_point_is_a_subcommand_with_its_parameters():
+    import yaml
+
+    from pipeline.cli import build_parser
+
+    entry_points = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"]
+    subcommands = build_parser()._subparsers._group_actions[0].choices
+    assert set(entry_points) <= set(subcommands)
+    for name, entry in entry_points.items():
+        flags = {a.dest for a in subcommands[name]._actions if a.option_strings and a.dest != "help"}
+        assert set(entry["parameters"]) <= flags, name
+        assert entry["command"].startswith(f"python -m pipeline {name} "), name
+
+
+def test_version_and_help_read_plainly(tmp_path):
+    import pipeline
+
+    version = cli("--version", cwd=tmp_path)
+    assert version.returncode == 0 and version.stdout.strip() == f"python -m pipeline {pipeline.__version__}"
+    for args in (("--help",), ("findings", "--help")):
+        text = cli(*args, cwd=tmp_path).stdout
+        assert "``" not in text and ":func:" not in text and "usage: python -m pipeline" in text
