@@ -147,24 +147,23 @@ def _run_batch(worker: Worker, batch: list[TrialLife], writer: ThreadPoolExecuto
                 life.tell(recorded)
                 told += 1
                 beats.discard(life.trial)
-    except KeyboardInterrupt:
+    except BaseException as error:  # an interrupt, or an error of the sweep's own: no trial stays RUNNING
         with tracking.deferred_interrupts():
-            _abandon(writer, batch[told:], opened[told:], written[told:])
+            _abandon(writer, batch[told:], opened[told:], written[told:], error)
         raise
 
 
 def _abandon(writer: ThreadPoolExecutor, batch: list[TrialLife], opened: list[Future],
-             written: list[Future]) -> None:
-    """End the trials of a batch an interrupt cut short: a record already being written is
-    finished and told; the others' runs (those opened) end KILLED, their trials FAIL and are
-    queued again."""
+             written: list[Future], error: BaseException) -> None:
+    """End the trials of a batch that ``error`` cut short: a record already being written is
+    finished and told; the others end as :meth:`TrialLife.abandon` ends them."""
     for i, life in enumerate(batch):
         if not opened[i].cancel():
             opened[i].result()
         if i < len(written) and not written[i].cancel():
             life.tell(written[i].result())
             continue
-        writer.submit(life.abandon).result()
+        writer.submit(life.abandon, error).result()
 
 
 def _advance(bar, study: optuna.Study) -> None:

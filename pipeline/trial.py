@@ -12,6 +12,7 @@ KILLED, the trial FAIL and queued again). No run or trial is left RUNNING.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import optuna
@@ -117,10 +118,18 @@ class TrialLife:
         if not studies.finish(self.study, self.trial, state, recorded):
             tracking.end_lost_run(self.run_id, "its worker was taken for lost before it reported")
 
-    def abandon(self) -> None:
-        """End a trial an interrupt cut short: its run KILLED, the trial FAIL and queued again."""
-        tracking.end_lost_run(self.run_id, "interrupted")
-        studies.finish(self.study, self.trial, TrialState.FAIL, reason="interrupted", retry=True)
+    def abandon(self, error: BaseException) -> None:
+        """End a trial cut short by ``error`` outside it: an interrupt ends its run KILLED and
+        queues the trial again (FAIL "interrupted"); any other error, the sweep's own, ends the
+        run FAILED and the trial FAIL with it as the reason."""
+        if isinstance(error, KeyboardInterrupt):
+            tracking.end_lost_run(self.run_id, "interrupted")
+            studies.finish(self.study, self.trial, TrialState.FAIL, reason="interrupted", retry=True)
+            return
+        if self.run_id is not None:
+            with contextlib.suppress(BaseException), tracking.terminal_run(self.run_id):
+                raise error
+        studies.finish(self.study, self.trial, TrialState.FAIL, reason=_reason(error))
 
 
 def _finite(value: float, metric: str) -> float:

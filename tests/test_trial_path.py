@@ -92,3 +92,25 @@ def test_trials_that_fail_inside_fail_the_same_way_under_both_engines(tmp_path, 
     assert fused == keras
     assert sorted(fused.values()) == [("COMPLETE", "FINISHED", ""), ("FAIL", "FAILED", "FloatingPointError"),
                                       ("FAIL", "FAILED", "InvalidArgumentError")]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_an_error_of_the_sweep_itself_leaves_nothing_running(tmp_path, tracking, monkeypatch, engine):
+    """An error outside any one trial (here the engine breaks) ends the sweep with it; the trials
+    in hand FAIL with the reason, their runs and the parent run end FAILED, none RUNNING."""
+    from pipeline.engine_fused import FusedEngine
+    from pipeline.engine_keras import KerasEngine
+
+    def broken(self, configs, x, y, callbacks=None):
+        raise RuntimeError("the engine broke")
+
+    monkeypatch.setattr({"fused": FusedEngine, "keras": KerasEngine}[engine], "train_many", broken)
+    x, y = make_features(n=120, d=8)
+    features = write_features(tmp_path / "f.h5", x, y, {})
+    with pytest.raises(RuntimeError, match="the engine broke"):
+        run_sweep(str(features), sweep_file(tmp_path, engine), progress=False)
+    study = optuna.load_study(study_name="edge", storage=make_storage(default_study_storage()))
+    assert [t.state.name for t in study.trials] == ["FAIL"]
+    assert study.trials[0].user_attrs[studies.REASON_ATTR] == "RuntimeError: the engine broke"
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert {r.info.status for r in runs} == {"FAILED"} and len(runs) == 2  # the parent and the trial
