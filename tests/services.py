@@ -177,6 +177,20 @@ HEADS = [
 ]
 
 
+@contextlib.contextmanager
+def unreachable_server(kind: str):
+    """The URL of a tracking server that does not answer, for the block: ``refusing`` (nothing
+    listens on its port) or ``silent`` (it accepts connections and never answers)."""
+    with socket.socket() as listener:
+        if kind == "silent":
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            port = listener.getsockname()[1]
+        else:
+            port = free_port()
+        yield f"http://127.0.0.1:{port}"
+
+
 def tiny_study(folder: Path, n_seeds: int, epochs: int = 1, name: str = "scale",
                engine: str = "keras") -> tuple[str, str, int]:
     """A small features file and a grid sweep of 4 heads x ``n_seeds`` seeds, one epoch each.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from optuna.trial import TrialState
 
 from pipeline import naming, storages, studies
 from pipeline.features import read_features
-from tests.services import ROOT, audit, free_port, tiny_study
+from tests.services import ROOT, audit, tiny_study, unreachable_server
 
 pytestmark = pytest.mark.slow  # worker processes, PostgreSQL, signals and recovery timeouts
 
@@ -242,14 +241,7 @@ def test_postgres_restart_mid_sweep_loses_nothing(tmp_path, postgres, mlflow_ser
 @pytest.mark.parametrize("server", ["refusing", "silent"])
 def test_unreachable_tracking_server_fails_fast_and_creates_no_trial(tmp_path, server):
     features, sweep, _ = tiny_study(tmp_path, n_seeds=1)
-    with socket.socket() as listener:
-        if server == "silent":  # accepts connections, never answers
-            listener.bind(("127.0.0.1", 0))
-            listener.listen()
-            port = listener.getsockname()[1]
-        else:
-            port = free_port()
-        uri = f"http://127.0.0.1:{port}"
+    with unreachable_server(server) as uri:
         started = time.monotonic()
         result = subprocess.run(
             [sys.executable, "-m", "pipeline", "sweep", "--features", features, "--sweep", sweep,

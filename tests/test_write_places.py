@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ import yaml
 from pipeline import cli, naming
 from pipeline.features import write_features
 from pipeline.tracking import create_run, log_batch, series
-from tests.services import ROOT, audit, free_port, tiny_study
+from tests.services import ROOT, audit, tiny_study, unreachable_server
 
 SWEEP = {"name": "places", "experiment": "places-exp", "fixed": {"epochs": 1},
          "space": {"activation": ["sigmoid"]}}
@@ -366,14 +365,8 @@ def test_mlflow_run_fails_fast_with_mlflow_http_settings(tmp_path, server):
     retries it for minutes by default; with ``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0`` and
     ``MLFLOW_HTTP_REQUEST_TIMEOUT=5`` it gives up at once (refused) or after 5 s (silent)."""
     features, sweep, _ = tiny_study(tmp_path, n_seeds=1)
-    with socket.socket() as listener:
-        if server == "silent":  # accepts connections, never answers
-            listener.bind(("127.0.0.1", 0))
-            listener.listen()
-            port = listener.getsockname()[1]
-        else:
-            port = free_port()
-        env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
+    with unreachable_server(server) as uri:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
                "PYTHONPATH": str(ROOT), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
                "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
         env.pop("MLFLOW_RUN_ID", None)
