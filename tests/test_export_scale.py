@@ -105,7 +105,7 @@ def test_accuracy_chart_stays_bounded_for_a_sampled_learning_rate(tmp_path, monk
         "status": "FINISHED", "collapsed": [bool(i % 2) for i in range(n)],
         "final_val_accuracy": rng.uniform(0.4, 0.9, n), "positive_fraction": 0.5})
     shown = []
-    monkeypatch.setattr(figures, "_finish", lambda fig, path: shown.append(fig) or path)
+    monkeypatch.setattr(figures, "_finish", lambda fig, path, vector=(): shown.append(fig) or path)
     figures.accuracy_vs_collapse(trials, tmp_path / "accuracy.png", "tpe")
     ax = shown[0].axes[0]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["sigmoid-1u-bce-lr*-glorot",

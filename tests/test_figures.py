@@ -44,7 +44,7 @@ def test_export_writes_and_logs_every_figure(small_study):
 def _captured(monkeypatch):
     """Make the figure functions hand over their matplotlib figure instead of closing it."""
     shown = []
-    monkeypatch.setattr(figures, "_finish", lambda fig, path: shown.append(fig) or path)
+    monkeypatch.setattr(figures, "_finish", lambda fig, path, vector=(): shown.append(fig) or path)
     return shown
 
 
