@@ -1,0 +1,120 @@
+"""The Optuna queue (pipeline/studies.py) in-process: two "workers" are two storages on one
+journal file. Workers only take queued trials and never create one, grid points are queued with
+their params, and a trial whose worker is gone is failed, queued again and reported."""
+
+from __future__ import annotations
+
+import time
+
+from optuna.trial import TrialState
+
+
+def queue_study(path, n: int, grace: str | None = None, monkeypatch=None):
+    import optuna
+
+    from pipeline import storages
+
+    if grace is not None:
+        monkeypatch.setenv(storages.GRACE_ENV, grace)
+    storage = storages.make_storage(str(path))
+    study = optuna.create_study(study_name="q", storage=storage)
+    for _ in range(n):
+        study.enqueue_trial({})
+    return study
+
+
+def other_worker(path):
+    import optuna
+
+    from pipeline import storages
+
+    return optuna.load_study(study_name="q", storage=storages.make_storage(str(path)))
+
+
+def next_trial(study, on_lost=None):
+    """One claimed trial of ``study``, or None when its queue is empty."""
+    from pipeline import studies
+
+    claimed = studies.claim(study, 1, on_lost)
+    return claimed[0] if claimed else None
+
+
+def test_workers_only_take_queued_trials_and_never_create_one(tmp_path):
+    from pipeline import studies
+    from pipeline.heartbeats import worker_id
+
+    a = queue_study(tmp_path / "j.log", 5)
+    b = other_worker(tmp_path / "j.log")
+    claimed = [next_trial(w) for w in (a, b, a, b, a)]
+    assert sorted(t.number for t in claimed) == [0, 1, 2, 3, 4]
+    assert all(t.user_attrs[studies.WORKER_ATTR] == worker_id() for t in
+               (a.trials[t.number] for t in claimed))
+    for trial in claimed:
+        assert studies.finish(a, trial, TrialState.COMPLETE, 1.0)
+    assert next_trial(a) is None and next_trial(b) is None
+    assert len(b.trials) == 5
+    assert studies.tally(b) == {"complete": 5, "fail": 0, "pruned": 0, "running": 0, "waiting": 0,
+                                "retried": 0}
+    assert not studies.finish(b, claimed[0], TrialState.COMPLETE, 2.0)  # already told: not taken twice
+
+
+def test_grid_trials_are_queued_with_their_params_so_a_claim_writes_no_params(tmp_path):
+    from pipeline import studies
+    from pipeline.config import parse_sweep
+
+    spec = parse_sweep({"name": "g", "experiment": "g", "sampler": "grid", "seeds": [0, 1],
+                        "space": {"activation": ["sigmoid", "softmax"], "learning_rate": [0.01, 0.1]}})
+    journal = tmp_path / "j.log"
+    study, setup = studies.open_study(spec, str(journal), None, "sha")
+    assert setup
+    assert [t.params for t in study.trials] == spec.grid()  # queued with params set, in grid order
+    assert {t.state for t in study.trials} == {TrialState.WAITING}
+    trial = next_trial(study)
+    writes = journal.read_text().count("\n")
+    assert studies.suggest(trial, spec) == spec.grid()[trial.number]
+    assert journal.read_text().count("\n") == writes  # the five suggestions wrote nothing
+    assert studies.finish(study, trial, TrialState.COMPLETE, 0.5)
+    assert study.trials[trial.number].params == spec.grid()[trial.number]
+    studies.mark_ready(study, "parent-run")
+    again, setup = studies.open_study(spec, str(journal), None, "sha")
+    assert not setup and studies.parent_of(again) == "parent-run"
+    assert len(again.trials) == len(spec.grid())  # resuming queues nothing twice
+
+
+def test_trial_of_a_dead_local_worker_is_failed_requeued_and_its_run_reported(tmp_path):
+    import subprocess
+
+    from pipeline import studies
+    from pipeline.heartbeats import worker_id
+
+    a = queue_study(tmp_path / "j.log", 2)
+    lost = next_trial(a)
+    lost.set_user_attr(studies.RUN_ATTR, "run-of-the-dead")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lost.set_user_attr(studies.WORKER_ATTR, f"{worker_id().rpartition(':')[0]}:{dead.pid}")
+    reported = []
+    b = other_worker(tmp_path / "j.log")
+    first = next_trial(b, lambda trial, why: reported.append((trial.user_attrs[studies.RUN_ATTR], why)))
+    assert reported == [("run-of-the-dead", "its worker process is gone")]
+    studies.finish(b, first, TrialState.COMPLETE, 1.0)
+    retry = next_trial(b)
+    assert b.trials[lost.number].state.name == "FAIL"
+    frozen = b.trials[retry.number]
+    assert frozen.system_attrs["failed_trial"] == lost.number and studies.RUN_ATTR not in frozen.user_attrs
+    studies.finish(b, retry, TrialState.COMPLETE, 1.0)
+    assert next_trial(b) is None
+    assert studies.tally(b) == {"complete": 2, "fail": 0, "pruned": 0, "running": 0, "waiting": 0,
+                                "retried": 1}
+
+
+def test_trial_claimed_but_never_signed_is_requeued_after_the_grace_period(tmp_path, monkeypatch):
+    from pipeline.optuna_internals import pop_waiting_trial_id
+
+    a = queue_study(tmp_path / "j.log", 1, grace="1", monkeypatch=monkeypatch)
+    assert pop_waiting_trial_id(a) == 0  # a worker killed right after its claim
+    started = time.monotonic()
+    retry = next_trial(other_worker(tmp_path / "j.log"))
+    assert time.monotonic() - started >= 0.9
+    assert a.trials[retry.number].system_attrs["failed_trial"] == 0
+    assert [t.state.name for t in a.trials] == ["FAIL", "RUNNING"]
