@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import functools
 import importlib.metadata
+import logging
 import os
 import signal
 import tempfile
@@ -326,6 +327,7 @@ def system_metrics(run_id: str, interval: float = 5.0) -> Iterator[None]:
     than ``interval`` gets one point), so a long stage shows its load in the UI."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop notices
     monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, samples_before_logging=1)
     monitor.start()
     try:
