@@ -141,11 +141,12 @@ def extract(images: str, weights: str = "auto", input_size: str | int = "auto",
                                           training=False),
                           input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
     rows, chunks = [], []
-    with progress_bar("extract", len(source), "image", enabled=progress) as bar:
+    with progress_bar("extract", len(source), "file", enabled=progress) as bar:
         for idx, batch in image_dataset(source, size, batch_size):
             chunks.append(forward(batch).numpy())
             rows.append(idx.numpy())
             bar.update(len(idx))
+        bar.update(len(source) - bar.n)  # the files that could not be decoded are done too
     kept = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
     skipped = tuple(source.paths[i] for i in sorted(set(range(len(source))) - set(kept.tolist())))
     if len(kept) == 0:

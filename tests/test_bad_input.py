@@ -420,7 +420,7 @@ def test_interrupted_extraction_says_nothing_was_written(signum, reason, tmp_pat
     lines = []
     for line in process.stderr:  # the stage's first line: the images are being extracted
         lines.append(line)
-        if line.startswith("extract: 357 images to go"):
+        if line.startswith("extract: 357 files to go"):
             break
     time.sleep(1.0)
     process.send_signal(signum)

@@ -83,12 +83,12 @@ def test_extract_and_sweep_report_progress(workdir, terminal):
     for noise in NOISE:
         assert noise not in err + sweep_err
     if terminal:  # bars: the count out of the total, the time left, redrawn with \r
-        assert "extract: 100%" in err and "24/24" in err and ETA.search(err)
+        assert "extract: 100%" in err and "25/25" in err and ETA.search(err)  # 24 images, 1 other file
         assert "sweep: 100%" in sweep_err and "4/4" in sweep_err and ETA.search(sweep_err)
         assert "\r" in err and "\r" in sweep_err
     else:  # a line saying what starts and the stage's summary; no bar, no carriage return
         lines = err.splitlines()
-        assert "extract: 24 images to go" in lines
+        assert "extract: 25 files to go" in lines
         assert any(line.startswith("extract: 24 images -> ") for line in lines)
         assert "sweep: 4 trials to go" in sweep_err.splitlines()
         assert any(line.startswith(f"sweep: study '{name}'") for line in sweep_err.splitlines())
