@@ -11,7 +11,10 @@ trial computed it in inference mode (dropout off).
 
 from __future__ import annotations
 
+import contextlib
 import io
+import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -69,7 +72,34 @@ def _load_pyfunc(data_path: str) -> HeadModel:
 def log_best_head(parent: str, best: mlflow.entities.Run, trial_number: int, example: np.ndarray,
                   register_as: str | None = None) -> str:
     """Log the head of the best trial's run ``best`` as the model ``best_head`` of run ``parent``;
-    returns the model's URI."""
+    returns the model's URI. MLflow's own progress bars and notices stay off: the sweep's last
+    line is its summary."""
+    with _quiet():
+        return _log_best_head(parent, best, trial_number, example, register_as)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """No artifact progress bar, no INFO notices from MLflow's model logging, for the block."""
+    loggers = [logging.getLogger(name) for name in ("mlflow.pyfunc", "mlflow.models", "mlflow.store")]
+    levels = [logger.level for logger in loggers]
+    saved = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+        if saved is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = saved
+
+
+def _log_best_head(parent: str, best: mlflow.entities.Run, trial_number: int, example: np.ndarray,
+                   register_as: str | None) -> str:
     from mlflow.models import infer_signature
 
     local = mlflow.artifacts.download_artifacts(run_id=best.info.run_id, artifact_path=HEAD_FILE)
