@@ -76,6 +76,7 @@ class Splits:
         self.x, self.y = x, y
         self._splits: dict[tuple, Split] = {}
         self._labels: dict[tuple, np.ndarray] = {}
+        self._stats: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
     def of(self, fraction: float, seed: int, standardized: bool) -> Split:
         """The :class:`Split` of these settings (see :func:`make_split`)."""
@@ -93,10 +94,10 @@ class Splits:
 
     def standardization(self, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """The mean and std the standardized split of ``fraction`` and ``seed`` is scaled by."""
-        key = ("stats", fraction, seed)
-        if key not in self._splits:
-            self._splits[key] = standardization(self.x[stratified_split(self.y, fraction, seed)[0]])
-        return self._splits[key]
+        key = (fraction, seed)
+        if key not in self._stats:
+            self._stats[key] = standardization(self.x[stratified_split(self.y, fraction, seed)[0]])
+        return self._stats[key]
 
     def check(self, fractions: Iterable[float], seeds: Iterable[int]) -> None:
         """Raise :class:`UserError` unless every split of these fractions and seeds can be made."""
