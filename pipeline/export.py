@@ -20,7 +20,7 @@ import mlflow
 import optuna
 import pandas as pd
 
-from pipeline import figures, findings, naming, paths, tables, tracking
+from pipeline import figures, findings, naming, paths, study_figures, tables, tracking
 from pipeline.config import CONFIG_MODELS, PARITY_METRICS
 from pipeline.errors import UserError
 from pipeline.progress import progress_bar
@@ -263,7 +263,7 @@ def _stages(wanted: set[str]) -> list[str]:
     if FIGURE_FORMATS & wanted:
         stages.append("figures")
     if {"html", "md"} & wanted:
-        stages += list(figures.OPTUNA_FIGURES)
+        stages += list(study_figures.OPTUNA_FIGURES)
     return stages + ["tables"]
 
 
@@ -356,7 +356,7 @@ def _optuna_pages(parent, out: Path, on_figure=None) -> list[Path]:
         print(f"export: Optuna figures skipped: study '{name}' in '{storage}' cannot be opened "
               f"({' '.join(str(exc).split())[:200]})", file=sys.stderr)
         return []
-    written, skipped = figures.optuna_figures(study, out, on_figure)
+    written, skipped = study_figures.optuna_figures(study, out, on_figure)
     for figure, reason in skipped.items():
         print(f"export: {figure}.html skipped: {reason}", file=sys.stderr)
     return written

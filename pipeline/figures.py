@@ -1,32 +1,28 @@
-"""Figures of a sweep: the seed's loss curves and gaps, the collapse chart, Optuna's plots.
+"""Figures of a sweep: the seed's loss curves and gaps, the collapse chart.
 
 The figure functions take tidy data (per-epoch rows with ``role``, ``seed``, ``epoch`` and
 metric columns, or one row per trial) and write one figure at paper size (6 inches wide, the
 width of a two-column paper's text, 200 dpi; labels and legends readable when printed) as PNG,
 and on request as PDF and SVG with their fonts embedded; the caller decides where.
-Matplotlib runs headless (Agg). :func:`optuna_figures` writes Optuna's interactive
-plots of the study as self-contained HTML.
+Matplotlib runs headless (Agg). Optuna's interactive plots of a study are
+:mod:`pipeline.study_figures`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import optuna  # noqa: E402
-import optuna.visualization as vis  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from matplotlib.transforms import offset_copy  # noqa: E402
-from optuna.importance import PedAnovaImportanceEvaluator  # noqa: E402
-from optuna.trial import TrialState  # noqa: E402
 
 ROLE_STYLE = {
     "softmax": ("2-unit softmax (lr)", "tab:blue", "-"),
@@ -35,12 +31,6 @@ ROLE_STYLE = {
 }
 PAPER_SIZE = (6.0, 3.6)  # inches: one column of a two-column paper, at 200 dpi
 COLLAPSED_COLOR, HEALTHY_COLOR = "tab:red", "tab:blue"
-OPTUNA_FIGURES = ("optimization_history", "param_importances", "parallel_coordinate")
-# Parameter importances by PED-ANOVA: how much each param's distribution among the best trials
-# differs from its distribution among all of them. It is linear in the trials, where fANOVA's
-# random forest runs for minutes on a thousand; the title of the page names the method.
-IMPORTANCE_QUANTILE = 0.1
-IMPORTANCE_METHOD = f"PED-ANOVA, best {IMPORTANCE_QUANTILE:.0%} of trials against all"
 
 
 VECTOR_FORMATS = ("pdf", "svg")
@@ -175,75 +165,3 @@ def accuracy_vs_collapse(trials: pd.DataFrame, path: Path, title: str = "",
     if title:
         ax.set_title(title, fontsize=10)
     return _finish(fig, path, vector)
-
-
-def optuna_figures(study: optuna.Study, folder: Path,
-                   on_figure: Callable[[str], None] | None = None) -> tuple[list[Path], dict[str, str]]:
-    """Optuna's optimization history, parameter importances and parallel coordinates as HTML.
-
-    Each file embeds plotly.js, so it opens offline and from MLflow's artifact view; the
-    importances are PED-ANOVA's (:data:`IMPORTANCE_METHOD`, named in the page's title). Returns
-    the files written and, for each figure that cannot be drawn (no completed trial; fewer than
-    two params that vary, for importances), the reason. ``on_figure(name)`` is called as each
-    figure that can be drawn starts (for a progress bar).
-    """
-    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if not completed:
-        return [], {name: "no completed trial" for name in OPTUNA_FIGURES}
-    target = study.user_attrs.get("objective", "objective value")
-    study = _ReadOnlyStudy(study)
-    varying = sorted(name for name in {p for t in completed for p in t.params}
-                     if len({repr(t.params.get(name)) for t in completed}) > 1)
-    plots = {
-        "optimization_history": lambda: vis.plot_optimization_history(study, target_name=target),
-        "param_importances": lambda: vis.plot_param_importances(
-            study, evaluator=PedAnovaImportanceEvaluator(target_quantile=IMPORTANCE_QUANTILE),
-            params=varying, target_name=target),
-        "parallel_coordinate": lambda: vis.plot_parallel_coordinate(study, params=varying,
-                                                                     target_name=target),
-    }
-    written, skipped = [], {}
-    if len(varying) < 2:
-        skipped["param_importances"] = f"needs two or more params that vary, has {varying or 'none'}"
-    if not varying:
-        skipped["parallel_coordinate"] = "no param varies"
-    for name, plot in plots.items():
-        if name in skipped:
-            continue
-        if on_figure is not None:
-            on_figure(name)
-        try:
-            fig = plot()
-        except (ValueError, RuntimeError) as exc:  # Optuna's way of saying it cannot draw this
-            skipped[name] = " ".join(str(exc).split())
-            continue
-        fig.update_layout(title=_title(study.study_name, name, fig.layout.title.text, len(completed)),
-                          font={"size": 14})
-        path = folder / f"{name}.html"
-        fig.write_html(path, include_plotlyjs=True, full_html=True)
-        written.append(path)
-    return written, skipped
-
-
-class _ReadOnlyStudy(optuna.Study):
-    """A study as Optuna's plots read it: the same study, its ``trials`` not copied.
-
-    ``Study.trials`` deep-copies every trial on each read, and the importances plot reads it
-    once per parameter (to name the parameter's distribution): at 4,096 trials, more time than
-    the importances themselves. The plots only read the trials, so the storage's own serve.
-    """
-
-    def __init__(self, study: optuna.Study):  # the same study: its storage, id and sampler
-        self.__dict__.update(study.__dict__)
-
-    @property
-    def trials(self) -> list[optuna.trial.FrozenTrial]:
-        return self.get_trials(deepcopy=False)
-
-
-def _title(study: str, figure: str, optuna_title: str | None, trials: int) -> str:
-    """A page's title: the study, Optuna's title and, for importances, the method and sample."""
-    title = f"{study}: {optuna_title or figure}"
-    if figure == "param_importances":
-        title += f" ({IMPORTANCE_METHOD}, {trials} completed trials)"
-    return title

@@ -13,7 +13,7 @@ import optuna
 import pandas as pd
 import pytest
 
-from pipeline import figures, naming
+from pipeline import figures, naming, study_figures
 from pipeline.export import CURVE_METRICS, comparison_trials, epoch_records, export, trial_records
 from tests.helpers import EPOCHS, make_sweep
 
@@ -53,9 +53,9 @@ def test_export_draws_importances_by_ped_anova_and_says_so(sweep_store, tracking
     export(sweep_store.parent, str(tmp_path / "out"), "md")
     page = (tmp_path / "out" / "param_importances.html").read_text()
     assert evaluated, "the importances come from PED-ANOVA"
-    assert (f"scale: Hyperparameter Importances ({figures.IMPORTANCE_METHOD}, "
+    assert (f"scale: Hyperparameter Importances ({study_figures.IMPORTANCE_METHOD}, "
             f"{sweep_store.n} completed trials)") in page
-    assert "PED-ANOVA" in figures.IMPORTANCE_METHOD
+    assert "PED-ANOVA" in study_figures.IMPORTANCE_METHOD
     for param in ("activation", "units", "loss", "init"):  # the params that vary
         assert f'"{param}"' in page
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from matplotlib.colors import to_rgba
 
-from pipeline import figures
+from pipeline import figures, study_figures
 from pipeline.export import _optuna_pages
 
 PNGS = ("loss_curves.png", "loss_gaps.png", "accuracy.png")
@@ -88,7 +88,7 @@ def _study(params_of_trials, values):
 def test_importances_need_two_varying_params(tmp_path):
     study = _study([{"units": 1, "seed": 0}, {"units": 2, "seed": 0}, {"units": 1, "seed": 0}],
                    [0.5, 0.4, 0.6])
-    written, skipped = figures.optuna_figures(study, tmp_path)
+    written, skipped = study_figures.optuna_figures(study, tmp_path)
     assert [p.name for p in written] == ["optimization_history.html", "parallel_coordinate.html"]
     assert re.search(r"two or more params that vary, has \['units'\]", skipped["param_importances"])
 
@@ -96,8 +96,8 @@ def test_importances_need_two_varying_params(tmp_path):
 def test_no_completed_trial_no_optuna_figure(tmp_path):
     study = optuna.create_study()
     study.enqueue_trial({"units": 1})
-    written, skipped = figures.optuna_figures(study, tmp_path)
-    assert written == [] and set(skipped) == set(figures.OPTUNA_FIGURES)
+    written, skipped = study_figures.optuna_figures(study, tmp_path)
+    assert written == [] and set(skipped) == set(study_figures.OPTUNA_FIGURES)
     assert list(tmp_path.iterdir()) == []
 
 
