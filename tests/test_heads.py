@@ -190,7 +190,7 @@ def test_heads_of_one_seed_start_from_the_same_hidden_layer():
                                np.asarray(soft(x, training=False))[:, 1], atol=1e-6)
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("optimizer", ["sgd", pytest.param("adam", marks=pytest.mark.slow)])
 def test_a_body_at_its_own_rate_equals_a_plain_fit_when_the_rates_are_equal(optimizer):
     from pipeline.engine_keras import KerasEngine
     from pipeline.split import make_split
