@@ -1,7 +1,8 @@
 """The sweep's best head as an MLflow model: features in, P(class 1) out.
 
 Every head trial leaves its trained weights on its run (``head.npz``: kernel, bias, activation,
-units and, for a standardized trial, the training split's mean and std). Once a heads sweep
+units, for a head with a hidden layer its kernel, bias and activation, and for a standardized
+trial the training split's mean and std). Once a heads sweep
 has finished, its parent run logs the best completed trial's head as a pyfunc model
 (:class:`HeadModel`, no TensorFlow needed to predict) with a signature and an input example,
 tagged with the trial and run it came from; ``register_as`` also registers it in the Model
@@ -23,6 +24,7 @@ import numpy as np
 
 from pipeline import naming, tracking
 from pipeline.metrics import positive_probability
+from pipeline.results import hidden_output
 
 HEAD_FILE = "head.npz"
 MODEL_NAME = "best_head"
@@ -32,6 +34,9 @@ def head_file(result, config, standardization: tuple[np.ndarray, np.ndarray] | N
     """A trained head's ``head.npz``: what :class:`HeadModel` needs to predict."""
     arrays = {"kernel": result.kernel, "bias": result.bias, "activation": np.array(config.activation),
               "units": np.array(config.units)}
+    if result.hidden_kernel is not None:
+        arrays |= {"hidden_kernel": result.hidden_kernel, "hidden_bias": result.hidden_bias,
+                   "hidden_activation": np.array(config.hidden_activation)}
     if standardization is not None:
         arrays["mean"], arrays["std"] = standardization
     buffer = io.BytesIO()
@@ -44,6 +49,8 @@ def predict(head: dict, x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     if "mean" in head:
         x = (x - head["mean"]) / head["std"]
+    if "hidden_kernel" in head:
+        x = hidden_output(x, head["hidden_kernel"], head["hidden_bias"], str(head["hidden_activation"]))
     z = x @ head["kernel"].astype(np.float64) + head["bias"].astype(np.float64)
     if str(head["activation"]) == "softmax":
         e = np.exp(z - z.max(axis=1, keepdims=True))

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.errors import UserError
 
 Activation = Literal["sigmoid", "softmax"]
+HiddenActivation = Literal["relu", "tanh", "sigmoid", "linear"]
 Loss = Literal["binary_crossentropy", "categorical_crossentropy", "sparse_categorical_crossentropy"]
 Init = Literal["glorot_uniform", "glorot_centered", "zeros", "he_normal", "transfer"]
 BiasInit = Literal["zeros", "random_normal"]
@@ -35,7 +36,7 @@ Optimizer = Literal["sgd", "momentum", "nesterov", "adam", "rmsprop", "adagrad",
 Sampler = Literal["grid", "tpe", "random"]
 Engine = Literal["fused", "keras"]
 Kind = Literal["heads", "parity"]
-Report = Literal["summary", "collapse", "parity", "breakers"]
+Report = Literal["summary", "collapse", "parity", "breakers", "parity_deep"]
 HEAD_METRICS = ("val_prob_loss", "val_loss", "val_accuracy", "prob_loss", "loss", "accuracy")
 PARITY_METRICS = ("max_gap_softmax_transfer", "max_val_gap_softmax_transfer", "max_gap_transfer_random",
                   "max_val_gap_transfer_random", "max_step_gap_softmax_transfer", "beta_distance",
@@ -79,9 +80,12 @@ def _finite_sigmoid_settings(config):
 class TrainingSettings(BaseModel):
     """The settings every trial config has: how its heads train, and on which split.
 
+    ``hidden_units`` > 0 puts a hidden layer (``hidden_units`` units, ``hidden_activation``)
+    between the dropout and the output layer: the head's *body*, which every head of one seed
+    starts from the same weights (0: no hidden layer, the output layer reads the features).
     The fields after ``standardize`` are the settings that can break the sigmoid/softmax
-    parity (see docs/parity.md): decoupled weight decay, an L2 kernel penalty, label
-    smoothing, a non-zero initial bias, and a transfer that leaves the bias out. A config
+    parity (see docs/parity.md): decoupled weight decay, an L2 kernel penalty on the output
+    layer, label smoothing, a non-zero initial bias, and a transfer that leaves the bias out. A config
     model also declares its trial kind's facts: ``KIND`` (the sweep file's ``kind``), the
     metrics a trial reports (``METRICS``: what a study may optimise) and the default one.
     """
@@ -100,6 +104,8 @@ class TrainingSettings(BaseModel):
     dropout: float = Field(0.5, ge=0, lt=1)
     seed: int = Field(0, ge=0)
     validation_fraction: float = Field(0.2, gt=0, lt=1)
+    hidden_units: int = Field(0, ge=0)
+    hidden_activation: HiddenActivation = "relu"
     standardize: bool = False
     weight_decay: float | None = Field(None, ge=0)
     l2: float = Field(0.0, ge=0)
@@ -108,8 +114,8 @@ class TrainingSettings(BaseModel):
     transfer_bias: bool = True
 
     _numbers = field_validator("learning_rate", "seed", "dropout", "epochs", "batch_size",
-                               "validation_fraction", "weight_decay", "l2", "label_smoothing",
-                               mode="before")(_not_a_boolean)
+                               "validation_fraction", "hidden_units", "weight_decay", "l2",
+                               "label_smoothing", mode="before")(_not_a_boolean)
     _optional = field_validator("weight_decay", mode="before")(_none_from_text)
     _finite_numbers = field_validator("*")(_finite)
 
@@ -131,7 +137,10 @@ class TrialConfig(TrainingSettings):
 
     Defaults are the seed notebook's: SGD, dropout 0.5, 5 epochs, batch 128, 20% validation.
     Beyond the shared settings, dropout masks or batch order may be drawn from another seed
-    than the head's (``mask_seed``, ``order_seed``), which breaks the parity too.
+    than the head's (``mask_seed``, ``order_seed``), which breaks the parity too, and a head
+    with a hidden layer may train it at its own rate, ``body_learning_rate`` (None: at
+    ``learning_rate``, which the output layer trains at; a head without a hidden layer has
+    no body, and the setting does not apply).
     """
 
     KIND: ClassVar[str] = "heads"
@@ -145,9 +154,12 @@ class TrialConfig(TrainingSettings):
     init: Init = "glorot_uniform"
     mask_seed: int | None = Field(None, ge=0)
     order_seed: int | None = Field(None, ge=0)
+    body_learning_rate: float | None = Field(None, gt=0)
 
-    _head_numbers = field_validator("units", "mask_seed", "order_seed", mode="before")(_not_a_boolean)
-    _head_optional = field_validator("mask_seed", "order_seed", mode="before")(_none_from_text)
+    _head_numbers = field_validator("units", "mask_seed", "order_seed", "body_learning_rate",
+                                    mode="before")(_not_a_boolean)
+    _head_optional = field_validator("mask_seed", "order_seed", "body_learning_rate",
+                                     mode="before")(_none_from_text)
 
     @field_validator("units", mode="before")
     @classmethod
@@ -160,6 +172,20 @@ class TrialConfig(TrainingSettings):
         if self.label_smoothing and self.loss == "sparse_categorical_crossentropy":
             raise ValueError("label_smoothing: sparse_categorical_crossentropy has no label smoothing")
         return self
+
+    @property
+    def body_rate(self) -> float | None:
+        """The learning rate of the hidden layer: ``body_learning_rate``, else ``learning_rate``;
+        None for a head without one."""
+        if not self.hidden_units:
+            return None
+        return self.learning_rate if self.body_learning_rate is None else self.body_learning_rate
+
+    @property
+    def two_rates(self) -> bool:
+        """Whether the head's body trains with an optimizer of its own (``body_learning_rate``
+        given, on a head with a hidden layer)."""
+        return bool(self.hidden_units) and self.body_learning_rate is not None
 
     @property
     def dropout_seed(self) -> int:
@@ -180,7 +206,11 @@ class ParityConfig(TrainingSettings):
 
     The 2-unit softmax (categorical cross-entropy) trains at ``learning_rate``; the 1-unit
     sigmoid started from its initial weights (beta = w1 - w0, b = b1 - b0) and a 1-unit
-    sigmoid with glorot init train at ``ratio`` x ``learning_rate``. The remaining fields are
+    sigmoid with glorot init train at ``ratio`` x ``learning_rate``. With a hidden layer
+    (``hidden_units`` > 0) all three start from the same body weights, and ``ratio_scope``
+    says which layers of the sigmoids train at the ratio: ``output`` (the output layer, the
+    body at ``learning_rate``) or ``all``; without one the output layer is the whole head and
+    both scopes are the same experiment. The remaining fields are
     the settings that can break the parity and their corrections: ``sigmoid_decay_scale`` and
     ``sigmoid_l2_scale`` scale the sigmoid's weight decay and L2 penalty against the
     softmax's; ``share_masks``/``share_batch_order`` off give the sigmoids their own dropout
@@ -195,6 +225,7 @@ class ParityConfig(TrainingSettings):
 
     learning_rate: float = Field(1e-2, gt=0)
     ratio: float = Field(2.0, gt=0)
+    ratio_scope: Literal["output", "all"] = "output"
     sigmoid_decay_scale: float = Field(1.0, ge=0)
     sigmoid_l2_scale: float = Field(1.0, ge=0)
     share_masks: bool = True
@@ -210,13 +241,16 @@ class ParityConfig(TrainingSettings):
         common = {"optimizer": self.optimizer, "epochs": self.epochs, "batch_size": self.batch_size,
                   "dropout": self.dropout, "seed": self.seed, "standardize": self.standardize,
                   "validation_fraction": self.validation_fraction, "bias_init": self.bias_init,
-                  "label_smoothing": self.label_smoothing}
+                  "label_smoothing": self.label_smoothing, "hidden_units": self.hidden_units,
+                  "hidden_activation": self.hidden_activation}
         other = self.seed + 1  # a seed the softmax does not use, for unshared masks or order
         sigmoid = {**common, "activation": "sigmoid", "units": 1, "loss": "binary_crossentropy",
                    "learning_rate": self.ratio * self.learning_rate, "l2": self.l2 * self.sigmoid_l2_scale,
                    "weight_decay": self._sigmoid_decay(),
                    "mask_seed": None if self.share_masks else other,
-                   "order_seed": None if self.share_batch_order else other}
+                   "order_seed": None if self.share_batch_order else other,
+                   "body_learning_rate": (self.learning_rate if self.hidden_units
+                                          and self.ratio_scope == "output" else None)}
         return {
             "softmax": TrialConfig(**common, activation="softmax", units=2,
                                    loss="categorical_crossentropy", learning_rate=self.learning_rate,

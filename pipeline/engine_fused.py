@@ -27,7 +27,9 @@ It reproduces the reference step for step rather than approximately
   probabilities in inference mode (:mod:`pipeline.metrics`).
 
 Heads Keras refuses (sparse cross-entropy on one unit, a transfer onto anything but a 1-unit
-sigmoid) are trained by KerasEngine, which raises the reference's error (:func:`engine_for`).
+sigmoid) are trained by KerasEngine, which raises the reference's error, and so are heads with
+a hidden layer (``hidden_units`` > 0, whatever their body's rate): a pass holds single-layer
+heads only (:func:`engine_for`).
 """
 
 from __future__ import annotations
@@ -65,10 +67,11 @@ Outcome = TrialResult | Exception
 
 
 def engine_for(config: TrialConfig) -> str:
-    """``"fused"`` for a head this engine trains, ``"keras"`` for one it leaves to KerasEngine."""
+    """``"fused"`` for a head this engine trains, ``"keras"`` for one it leaves to KerasEngine:
+    one Keras refuses, or one with a hidden layer."""
     sparse_one_unit = config.units == 1 and config.loss == "sparse_categorical_crossentropy"
     bad_transfer = config.init == "transfer" and (config.units, config.activation) != (1, "sigmoid")
-    return "keras" if sparse_one_unit or bad_transfer else "fused"
+    return "keras" if sparse_one_unit or bad_transfer or config.hidden_units else "fused"
 
 
 def pass_key(config: TrialConfig) -> tuple:

@@ -21,7 +21,7 @@ import numpy as np
 from pipeline import metrics
 from pipeline.config import TrialConfig
 from pipeline.engines import Engine
-from pipeline.heads import build_head, head_weights, keras
+from pipeline.heads import body_weights, build_head, head_weights, keras
 from pipeline.labels import encode_labels
 from pipeline.results import EPOCH_METRICS, EpochCallback, TrialResult
 from pipeline.split import Split, make_split
@@ -121,10 +121,12 @@ class KerasEngine(Engine):
                   validation_batch_size=max(config.batch_size, 1024), shuffle=False,
                   callbacks=[recorder], verbose=0)
         kernel, bias = head_weights(model)
+        hidden_kernel, hidden_bias = body_weights(model) or (None, None)
         p_val = recorder.probabilities(split.x_val)
         return TrialResult(history=recorder.history, step_loss=recorder.step_loss,
                            positive_fraction=split.positive_fraction,
-                           collapsed=metrics.is_collapsed(p_val), kernel=kernel, bias=bias)
+                           collapsed=metrics.is_collapsed(p_val), kernel=kernel, bias=bias,
+                           hidden_kernel=hidden_kernel, hidden_bias=hidden_bias)
 
     def train_many(self, configs: Sequence[TrialConfig], x: np.ndarray, y: np.ndarray,
                    callbacks: Sequence[EpochCallback | None] | None = None) -> list[TrialResult | Exception]:

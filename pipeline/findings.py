@@ -1,9 +1,10 @@
-"""The findings report: the collapse, parity and breakers tables, from their studies' trials.
+"""The findings report: the collapse, parity, deep-parity and breakers tables, from their
+studies' trials.
 
 Pure functions from :func:`pipeline.export.trial_records` frames to table cells, and the
 assembly of ``findings.md`` / ``findings.tex`` with each table under the command that
 regenerates it. Which table a study makes is its sweep file's ``report`` (``collapse``,
-``parity`` or ``breakers``). :data:`BREAKERS` is the one list of breaker/correction pairs;
+``parity``, ``parity_deep`` or ``breakers``). :data:`BREAKERS` is the one list of breaker/correction pairs;
 ``sweeps/breakers.yaml`` holds a grid point for each (a test checks).
 """
 
@@ -143,6 +144,30 @@ def parity_rows(trials: pd.DataFrame, metric: str = "final_max_gap_softmax_trans
     return header, rows
 
 
+def parity_deep_rows(trials: pd.DataFrame, tex: bool = False) -> tuple[list[str], list[list[str]]]:
+    """Heads with a hidden layer: one row per optimizer and hidden layer, one column per ratio
+    and ratio scope; each cell the largest per-epoch training-loss gap over the seeds."""
+    done = tables.completed(trials)
+    columns = sorted({(float(r), s) for r, s in zip(done["ratio"], done["ratio_scope"], strict=True)},
+                     key=lambda c: (c[0], c[1] != "output"))
+    header = ["optimizer", "softmax lr", "hidden layer",
+              *[f"ratio {r:g}, {'output layer' if s == 'output' else 'all layers'}" for r, s in columns],
+              "seeds"]
+    order = [o for o in ParityConfig.model_fields["optimizer"].annotation.__args__
+             if o in set(done["optimizer"])]
+    rows = []
+    for optimizer in order:
+        part = done[done["optimizer"] == optimizer]
+        for (units, activation), body in part.groupby(["hidden_units", "hidden_activation"], sort=True):
+            cells = [body.loc[np.isclose(body["ratio"], r) & (body["ratio_scope"] == s),
+                              "final_max_gap_softmax_transfer"] for r, s in columns]
+            lrs = ", ".join(f"{lr:g}" for lr in sorted(body["learning_rate"].unique()))
+            rows.append([optimizer, lrs, f"{units} {activation}" if units else "none",
+                         *[sci(float(c.max()), tex) if len(c) else "–" for c in cells],
+                         str(body["seed"].nunique())])
+    return header, rows
+
+
 # --- the breakers -------------------------------------------------------------------------
 
 def matching(trials: pd.DataFrame, optimizer: str, settings: dict) -> pd.DataFrame:
@@ -194,12 +219,17 @@ BREAKERS_NOTE = (
     "penalties, which differ between the heads unless w0 = -w1. docs/parity.md derives each row.\n")
 
 TITLES = {"collapse": "The 1-unit softmax collapse", "parity": "The sigmoid/softmax parity",
+          "parity_deep": "The parity for heads with a hidden layer",
           "breakers": "What breaks the parity"}
 CAPTIONS = {
     "collapse": "Final-epoch validation metrics per head, mean and standard deviation over seeds. "
                 "A 1-unit softmax outputs 1.0 for every input.",
     "parity": "Largest per-epoch |training loss(softmax) - loss(transferred sigmoid)| over 5 epochs, "
               "mean over seeds, for the sigmoid at ratio x the softmax's learning rate.",
+    "parity_deep": "Max per-epoch |training loss(softmax) - loss(transferred sigmoid)| over 5 "
+                   "epochs, the largest over seeds, for heads with a hidden layer: the sigmoid's "
+                   "output layer (or all its layers) at ratio x the softmax's learning rate, the "
+                   "rest at 1x.",
     "breakers": "Parity at ratio 2 under settings that may break it, without and with a correction "
                 "(means over seeds).",
 }
@@ -217,7 +247,8 @@ class Section:
 
 def rows_for(section: Section, tex: bool) -> tuple[list[str], list[list[str]]]:
     """The table cells of ``section``."""
-    make = {"collapse": collapse_rows, "parity": parity_rows, "breakers": breaker_rows}[section.report]
+    make = {"collapse": collapse_rows, "parity": parity_rows, "parity_deep": parity_deep_rows,
+            "breakers": breaker_rows}[section.report]
     return make(section.trials, tex=tex)
 
 

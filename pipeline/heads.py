@@ -1,9 +1,12 @@
-"""Keras classifier heads: optional ``Dropout``, then one ``Dense``, as in the seed notebook.
+"""Keras classifier heads: optional ``Dropout``, then one ``Dense``, as in the seed notebook,
+or with ``hidden_units`` a hidden ``Dense`` layer (the body) before the output one.
 
 Construction is seeded explicitly (kernel, bias and dropout masks each from their own seed
 derived from the head's), so two heads built with the same seed draw the same dropout masks,
 and the 2-unit softmax that :func:`softmax_initial_weights` rebuilds is exactly the one a
-softmax trial starts from.
+softmax trial starts from. The hidden layer's kernel (glorot uniform) and bias (zeros) have
+seeds of their own too, independent of the output layer's init, so every head of one seed,
+softmax or sigmoid, starts from the same body.
 Import this module only after :func:`pipeline.quiet.quiet_tensorflow`.
 """
 
@@ -18,6 +21,7 @@ quiet_tensorflow()
 import keras  # noqa: E402
 
 HEAD_LAYER = "head"
+HIDDEN_LAYER = "hidden"
 
 
 LOSSES = {"binary_crossentropy": keras.losses.BinaryCrossentropy,
@@ -58,6 +62,13 @@ def layer_seeds(seed: int) -> tuple[int, int, int]:
     return kernel, bias, mask
 
 
+def hidden_seeds(seed: int) -> tuple[int, int]:
+    """Seeds for the hidden layer's kernel and bias of head seed ``seed``, independent of
+    :func:`layer_seeds` (the next two of the same seed sequence)."""
+    kernel, bias = (int(s) for s in np.random.SeedSequence(seed).generate_state(5)[3:] % 2**31)
+    return kernel, bias
+
+
 def _initializer(name: str, seed: int):
     return keras.initializers.get({"class_name": name, "config": {} if name == "zeros" else {"seed": seed}})
 
@@ -69,11 +80,14 @@ def _initializers(config: TrialConfig, init: str):
 
 
 def _build(config: TrialConfig, n_features: int, init: str):
-    """The uncompiled model of ``config`` with kernel initializer ``init``, and its Dense layer.
+    """The uncompiled model of ``config`` with output kernel initializer ``init``, and its
+    output Dense layer.
 
-    Every random draw is seeded explicitly: kernel and bias from ``config.seed``, dropout
+    Every random draw is seeded explicitly: kernels and biases from ``config.seed``, dropout
     masks from ``config.dropout_seed``. Two heads of one seed therefore draw the same masks
-    (the masks are drawn on the inputs, whose shape does not depend on the head).
+    (the masks are drawn on the inputs, whose shape does not depend on the head) and start
+    from the same hidden layer. A head whose body trains at its own rate is a
+    :class:`TwoRateModel`.
     """
     kernel_init, bias_init = _initializers(config, init)
     inputs = keras.Input((n_features,), name="features")
@@ -81,11 +95,18 @@ def _build(config: TrialConfig, n_features: int, init: str):
     if config.dropout > 0:
         x = keras.layers.Dropout(config.dropout, seed=layer_seeds(config.dropout_seed)[2],
                                  name="dropout")(x)
+    if config.hidden_units:
+        kernel_seed, bias_seed = hidden_seeds(config.seed)
+        x = keras.layers.Dense(config.hidden_units, activation=config.hidden_activation,
+                               name=HIDDEN_LAYER,
+                               kernel_initializer=_initializer("glorot_uniform", kernel_seed),
+                               bias_initializer=_initializer("zeros", bias_seed))(x)
     dense = keras.layers.Dense(
         config.units, activation=config.activation, name=HEAD_LAYER,
         kernel_initializer=kernel_init, bias_initializer=bias_init,
         kernel_regularizer=keras.regularizers.L2(config.l2) if config.l2 else None)
-    return keras.Model(inputs, dense(x)), dense
+    model = (TwoRateModel if config.two_rates else keras.Model)(inputs, dense(x))
+    return model, dense
 
 
 def _start_weights(config: TrialConfig, n_features: int, init: str) -> tuple[np.ndarray, np.ndarray]:
@@ -93,7 +114,7 @@ def _start_weights(config: TrialConfig, n_features: int, init: str) -> tuple[np.
     drawn by the same seeded initializers without building a model (a Keras model per head
     cost a fused batch a tenth of a second before its first step)."""
     kernel_init, bias_init = _initializers(config, init)
-    kernel = kernel_init((n_features, config.units), dtype="float32")
+    kernel = kernel_init((config.hidden_units or n_features, config.units), dtype="float32")
     bias = bias_init((config.units,), dtype="float32")
     return np.asarray(kernel), np.asarray(bias)
 
@@ -105,7 +126,8 @@ def softmax_partner(config: TrialConfig) -> TrialConfig:
 
 
 def softmax_initial_weights(config: TrialConfig, n_features: int) -> tuple[np.ndarray, np.ndarray]:
-    """Kernel (D x 2) and bias (2,) that the 2-unit softmax :func:`softmax_partner` starts from."""
+    """Output kernel (D or hidden_units x 2) and bias (2,) that the 2-unit softmax
+    :func:`softmax_partner` starts from (its body starts where every head of the seed does)."""
     return _start_weights(softmax_partner(config), n_features, "glorot_uniform")
 
 
@@ -120,7 +142,8 @@ def transfer_weights(kernel: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, 
 
 
 def initial_weights(config: TrialConfig, n_features: int) -> tuple[np.ndarray, np.ndarray]:
-    """The kernel (D x units) and bias (units,) the head of ``config`` starts training from.
+    """The output kernel (D x units, or hidden_units x units) and bias (units,) the head of
+    ``config`` starts training from.
 
     The weights :func:`build_head`'s model holds before its first step, drawn by the same
     seeded Keras initializers; engines that train heads outside Keras start from these.
@@ -153,10 +176,51 @@ def build_head(config: TrialConfig, n_features: int) -> keras.Model:
         model, dense = _build(config, n_features, config.init)
     model.compile(optimizer=make_optimizer(config.optimizer, config.learning_rate, config.weight_decay),
                   loss=make_loss(config), metrics=["accuracy"])
+    if isinstance(model, TwoRateModel):
+        model.body_optimizer = make_optimizer(config.optimizer, config.body_rate, config.weight_decay)
+        model.body_optimizer.build(model.get_layer(HIDDEN_LAYER).trainable_variables)
+        model.optimizer.build(dense.trainable_variables)
     return model
 
 
 def head_weights(model: keras.Model) -> tuple[np.ndarray, np.ndarray]:
-    """The head's current kernel and bias."""
+    """The head's current output kernel and bias."""
     kernel, bias = model.get_layer(HEAD_LAYER).get_weights()
     return kernel, bias
+
+
+def body_weights(model: keras.Model) -> tuple[np.ndarray, np.ndarray] | None:
+    """The current kernel and bias of the head's hidden layer, or None for a head without one."""
+    if HIDDEN_LAYER not in {layer.name for layer in model.layers}:
+        return None
+    kernel, bias = model.get_layer(HIDDEN_LAYER).get_weights()
+    return kernel, bias
+
+
+class TwoRateModel(keras.Model):
+    """A head whose hidden layer trains with an optimizer of its own (``body_optimizer``, the
+    same kind at ``body_learning_rate``) and its output layer with the compiled one.
+
+    Keras 3 optimizers have one learning rate for every variable, so the step is Keras's own
+    ``train_step`` (TensorFlow backend) with the gradients handed to two optimizers: each
+    variable's update, and each optimizer's step count, are what one optimizer would give at
+    that variable's rate. The loss is tracked weighted by batch size, as Keras's step does.
+    """
+
+    body_optimizer: keras.optimizers.Optimizer
+
+    def train_step(self, data):
+        import tensorflow as tf
+
+        x, y = data
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self.compute_loss(x=x, y=y, y_pred=y_pred, training=True)
+        variables = self.trainable_variables
+        gradients = tape.gradient(loss, variables)
+        body = {id(v) for v in self.get_layer(HIDDEN_LAYER).trainable_variables}
+        for optimizer, in_body in ((self.body_optimizer, True), (self.optimizer, False)):
+            pairs = [(g, v) for g, v in zip(gradients, variables, strict=True) if (id(v) in body) == in_body]
+            optimizer.apply([g for g, _ in pairs], [v for _, v in pairs])
+        next(m for m in self.metrics if m.name == "loss").update_state(loss, sample_weight=tf.shape(x)[0])
+        return self.compute_metrics(x, y, y_pred)

@@ -142,6 +142,11 @@ class ParityKind(TrialKind):
     def parent_description(self, spec: SweepSpec) -> str:
         return naming.parity_parent_description(spec)
 
+    def trained_by(self, engine: Engine, config: ParityConfig) -> str:
+        """The engines that train the experiment's heads (the fused engine hands heads with a
+        hidden layer to Keras), ``+``-joined if they were ever more than one."""
+        return "+".join(sorted({engine.trained_by(head) for head in config.heads().values()}))
+
     def train(self, engine: Engine, configs: Sequence[ParityConfig], splits: Splits,
               callbacks: Sequence[EpochCallback]) -> list:
         outcomes = []

@@ -55,10 +55,21 @@ def format_lr(value: float) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
+def hidden_part(hidden_units: int, hidden_activation: str) -> str:
+    """``h32relu`` for a hidden layer of 32 relu units (names leave out a head without one)."""
+    return f"h{hidden_units}{hidden_activation}"
+
+
 def trial_run_name(config: TrialConfig) -> str:
-    """A trial's run name: activation, units, loss, learning rate, init, optimizer, seed."""
-    parts = [config.activation, f"{config.units}u", LOSS_ABBREV[config.loss],
-             f"lr{format_lr(config.learning_rate)}", INIT_ABBREV[config.init]]
+    """A trial's run name: activation, units, hidden layer if any, loss, learning rate (and the
+    body's when it has its own), init, optimizer, seed."""
+    parts = [config.activation, f"{config.units}u"]
+    if config.hidden_units:
+        parts.append(hidden_part(config.hidden_units, config.hidden_activation))
+    parts += [LOSS_ABBREV[config.loss], f"lr{format_lr(config.learning_rate)}"]
+    if config.two_rates:
+        parts.append(f"body{format_lr(config.body_learning_rate)}")
+    parts.append(INIT_ABBREV[config.init])
     if config.optimizer != "sgd":
         parts.append(config.optimizer)
     parts.append(f"s{config.seed}")
@@ -69,9 +80,14 @@ def parity_run_name(config: ParityConfig) -> str:
     """A parity experiment's run name: optimizer, softmax lr, ratio, what deviates, seed.
 
     ``parity-adamw-lr1e-3-x2-decay0.5-s0``: settings off their defaults (the parity breakers
-    and their corrections) are spelled out, so each row of the breakers study reads apart.
+    and their corrections) are spelled out, so each row of the breakers study reads apart; a
+    hidden layer reads ``h32relu`` after the optimizer, and ``scope-all`` says the sigmoids'
+    body trains at the ratio too.
     """
-    parts = ["parity", config.optimizer, f"lr{format_lr(config.learning_rate)}", f"x{config.ratio:g}"]
+    parts = ["parity", config.optimizer]
+    if config.hidden_units:
+        parts.append(hidden_part(config.hidden_units, config.hidden_activation))
+    parts += [f"lr{format_lr(config.learning_rate)}", f"x{config.ratio:g}"]
     defaults = ParityConfig()
     flags = {"weight_decay": f"wd{config.weight_decay:g}" if config.weight_decay is not None else "",
              "sigmoid_decay_scale": f"decay{config.sigmoid_decay_scale:g}",
@@ -79,7 +95,8 @@ def parity_run_name(config: ParityConfig) -> str:
              "label_smoothing": f"smooth{config.label_smoothing:g}",
              "bias_init": f"bias-{config.bias_init}", "share_masks": "own-masks",
              "share_batch_order": "own-order", "transfer_bias": "no-bias-transfer",
-             "center_softmax": "centered"}
+             "center_softmax": "centered",
+             "ratio_scope": f"scope-{config.ratio_scope}" if config.hidden_units else ""}
     parts += [text for name, text in flags.items()
               if getattr(config, name) != getattr(defaults, name) and text]
     parts.append(f"s{config.seed}")
@@ -122,15 +139,24 @@ ROLE_NOTES = {
 
 def parity_description(config: ParityConfig, number: int, sweep_name: str) -> str:
     """A parity trial run's description (the UI's run page): what was trained and what to look at."""
+    body = ""
+    if config.hidden_units:
+        layers = "output layer" if config.ratio_scope == "output" else "every layer"
+        body = (f"; all three with a hidden layer of {config.hidden_units} "
+                f"{config.hidden_activation} units, the sigmoids' {layers} at the ratio")
     return (f"Trial {number} of sweep `{sweep_name}`: one parity experiment (the softmax at "
             f"lr {format_lr(config.learning_rate)}, the transferred and the random sigmoid at "
-            f"{config.ratio:g}x it, nested under this run). `max_gap_softmax_transfer` is the "
-            f"largest per-epoch loss gap.")
+            f"{config.ratio:g}x it{body}, nested under this run). `max_gap_softmax_transfer` is "
+            f"the largest per-epoch loss gap.")
 
 
 def head_description(config: TrialConfig, number: int, sweep_name: str) -> str:
     """A head trial run's description (the UI's run page): what was trained and what to look at."""
     units = "one unit" if config.units == 1 else f"{config.units} units"
+    if config.hidden_units:
+        units += f" on a hidden layer of {config.hidden_units} {config.hidden_activation} units"
+        if config.two_rates:
+            units += f" (at lr {format_lr(config.body_learning_rate)})"
     text = (f"Trial {number} of sweep `{sweep_name}`: a {config.activation} over {units} trained "
             f"with {config.loss} ({config.optimizer}, lr {format_lr(config.learning_rate)}, "
             f"{config.init} init, seed {config.seed}, {config.epochs} epochs). Per-epoch metrics "

@@ -3,7 +3,9 @@
 A 2-unit softmax trained with categorical cross-entropy at learning rate ``lr`` and a 1-unit
 sigmoid started from beta = w1 - w0, b = b1 - b0 at ``ratio`` x ``lr`` are the same model when
 ``ratio`` is 2 (docs/parity.md derives why, for every optimizer here); a sigmoid with its own
-random start shows how much the start matters. :func:`train_parity` trains the three
+random start shows how much the start matters. With a hidden layer all three start from the
+same body, and the parity asks the ratio of the sigmoid's output layer only (``ratio_scope:
+output``), not of its body too (``all``). :func:`train_parity` trains the three
 (:meth:`ParityConfig.heads`) and :class:`ParityResult` measures the gaps; :func:`log_parity`
 records them as a run with one nested run per head; :func:`run_parity` is the ``parity`` entry
 point.
@@ -61,8 +63,9 @@ class ParityResult:
 
         ``max_gap_*``/``max_val_gap_*``: the largest per-epoch gaps; ``max_step_gap_softmax_transfer``:
         the largest per-step training-loss gap; ``beta_distance``/``bias_distance``: max |sigmoid's
-        final beta - softmax's final (w1 - w0)| and |b - (b1 - b0)|; ``max_prob_gap``: max over the
-        validation set of |P_softmax(1) - P_sigmoid(1)| at the end.
+        final beta - softmax's final (w1 - w0)| and |b - (b1 - b0)| (of the output layers);
+        ``max_prob_gap``: max over the validation set of |P_softmax(1) - P_sigmoid(1)| at the
+        end, each through its own body when the heads have one.
         """
         out = {f"max_{name}": float(max(values)) for name, values in self.gaps().items()}
         soft, sig = self.results["softmax"], self.results["sigmoid_transfer"]
@@ -72,9 +75,11 @@ class ParityResult:
         diff_bias = soft.bias[1] - soft.bias[0]
         out["beta_distance"] = float(np.abs(sig.kernel[:, 0] - diff_kernel).max())
         out["bias_distance"] = float(abs(sig.bias[0] - diff_bias))
-        x = self.x_val.astype(np.float64)
-        p_soft = _sigmoid(x @ diff_kernel.astype(np.float64) + diff_bias)
-        p_sig = _sigmoid(x @ sig.kernel[:, 0].astype(np.float64) + sig.bias[0])
+        hidden = self.config.hidden_activation
+        p_soft = _sigmoid(soft.output_inputs(self.x_val, hidden) @ diff_kernel.astype(np.float64)
+                          + diff_bias)
+        p_sig = _sigmoid(sig.output_inputs(self.x_val, hidden) @ sig.kernel[:, 0].astype(np.float64)
+                         + sig.bias[0])
         out["max_prob_gap"] = float(np.abs(p_soft - p_sig).max())
         return out
 
@@ -107,16 +112,16 @@ def log_parity(run_id: str, experiment: str, result: ParityResult, split: Split,
                tags: dict[str, str] | None = None) -> dict[str, float]:
     """Record ``result`` on run ``run_id``: a nested run per head, gaps and figures on ``run_id``.
 
-    Each head's run is tagged ``parity.role`` and holds its per-epoch metrics and per-step
-    losses, as the series ``step_loss`` and in ``step_loss.csv``
-    (:func:`pipeline.records.log_head`); ``run_id`` gets the per-epoch gaps, their
-    maxima (:meth:`ParityResult.summary`) and the loss-curve and loss-gap figures. ``tags``
-    go on every head's run. Returns the summary.
+    Each head's run is tagged ``parity.role`` and ``engine`` (the engine that trained it) and
+    holds its per-epoch metrics and per-step losses, as the series ``step_loss`` and in
+    ``step_loss.csv`` (:func:`pipeline.records.log_head`); ``run_id`` gets the per-epoch
+    gaps, their maxima (:meth:`ParityResult.summary`) and the loss-curve and loss-gap
+    figures. ``tags`` go on every head's run. Returns the summary.
     """
     heads = result.config.heads()
     for role in ROLES:
         head_tags = {**(tags or {}), **records.head_tags(heads[role]), naming.ROLE: role,
-                     naming.STEP: "parity-head"}
+                     naming.STEP: "parity-head", naming.ENGINE: result.results[role].engine}
         child = tracking.create_run(experiment, f"{role}-{naming.trial_run_name(heads[role])}",
                                     run_id, head_tags)
         with tracking.terminal_run(child):
@@ -181,9 +186,15 @@ def run_parity(features: str, config: ParityConfig, experiment: str = EXPERIMENT
 
 
 def _description(config: ParityConfig) -> str:
+    body = ""
+    if config.hidden_units:
+        layers = "output layer" if config.ratio_scope == "output" else "every layer"
+        body = (f" (each with a hidden layer of {config.hidden_units} {config.hidden_activation} "
+                f"units, from the same start; the sigmoids' {layers} at the ratio)")
     return (f"The seed's parity experiment with {config.optimizer}: a 2-unit softmax at lr "
-            f"{config.learning_rate:g}, and 1-unit sigmoids at {config.ratio:g} x lr, one started "
-            f"from the softmax's weights (beta = w1 - w0, b = b1 - b0), one from a random init. "
+            f"{config.learning_rate:g}, and 1-unit sigmoids at {config.ratio:g} x lr{body}, one "
+            f"started from the softmax's weights (beta = w1 - w0, b = b1 - b0), one from a random "
+            f"init. "
             f"Select the three nested runs and compare `loss`: at ratio 2 the softmax and the "
             f"transferred sigmoid coincide (`max_gap_softmax_transfer`, `beta_distance` on this "
             f"run; see docs/parity.md).")

@@ -44,3 +44,22 @@ def test_the_best_head_loads_and_predicts_as_its_trial_did(tmp_path, tracking):
     versions = mlflow.MlflowClient().search_model_versions("name = 'best-head'")
     assert len(versions) == 1
     assert HEAD_FILE in {f.path for f in mlflow.MlflowClient().list_artifacts(best_run.info.run_id)}
+
+
+def test_a_head_with_a_hidden_layer_predicts_through_it():
+    import io
+    from types import SimpleNamespace
+
+    from pipeline.best_head import head_file, predict
+    from pipeline.config import TrialConfig
+    from pipeline.heads import body_weights, build_head, head_weights
+
+    config = TrialConfig(activation="softmax", units=2, loss="categorical_crossentropy",
+                         hidden_units=5, hidden_activation="tanh", seed=3)
+    model = build_head(config, 12)
+    (kernel, bias), (hidden_kernel, hidden_bias) = head_weights(model), body_weights(model)
+    result = SimpleNamespace(kernel=kernel, bias=bias, hidden_kernel=hidden_kernel, hidden_bias=hidden_bias)
+    with np.load(io.BytesIO(head_file(result, config, None))) as arrays:
+        head = {k: arrays[k] for k in arrays.files}
+    x = np.random.default_rng(0).normal(size=(20, 12)).astype(np.float32)
+    np.testing.assert_allclose(predict(head, x), np.asarray(model(x, training=False))[:, 1], atol=1e-6)

@@ -20,11 +20,12 @@ import tensorflow as tf
 import yaml
 
 from pipeline import naming
-from pipeline.config import TrialConfig
+from pipeline.config import ParityConfig, TrialConfig
 from pipeline.engine_fused import FusedEngine, Rows, engine_for, pass_key, shared_tensor
 from pipeline.engine_keras import EPOCH_METRICS, KerasEngine
 from pipeline.features import read_features, write_features
 from pipeline.heads import initial_weights
+from pipeline.kinds import KINDS
 from pipeline.split import make_split
 from pipeline.storages import make_storage
 from pipeline.sweep import run_sweep
@@ -147,6 +148,21 @@ def test_heads_keras_refuses_fall_back_to_keras_and_raise_its_error(data):
     split = make_split(x, y, 0.2, 0, False)
     with pytest.raises(tf.errors.InvalidArgumentError):
         FusedEngine().train(sparse, split)
+
+
+def test_heads_with_a_hidden_layer_are_trained_by_keras_and_tagged_so(data):
+    x, y = data
+    deep = TrialConfig(**BASE, hidden_units=4, hidden_activation="tanh")
+    two_rates = deep.model_copy(update={"body_learning_rate": 0.5 * deep.learning_rate})
+    assert engine_for(deep) == engine_for(two_rates) == FusedEngine().trained_by(deep) == "keras"
+    fused, reference = FusedEngine().train_many([deep, TrialConfig(**BASE)], x, y)
+    assert (fused.engine, reference.engine) == ("keras", "fused")
+    assert fused.hidden_kernel.shape == (x.shape[1], 4) and fused.kernel.shape == (4, 1)
+    assert_same(fused, KerasEngine().train(deep, make_split(x, y, 0.2, deep.seed, False)))
+    # a parity trial's tag names the engine of its heads
+    parity = ParityConfig(**{k: v for k, v in BASE.items() if k in ParityConfig.model_fields})
+    assert KINDS["parity"].trained_by(FusedEngine(), parity) == "fused"
+    assert KINDS["parity"].trained_by(FusedEngine(), parity.model_copy(update={"hidden_units": 4})) == "keras"
 
 
 def test_train_of_one_head_equals_its_place_in_a_pass(fused, data):

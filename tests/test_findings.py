@@ -12,7 +12,7 @@ import yaml
 from pipeline import naming
 from pipeline.export import export, trial_records
 from pipeline.features import write_features
-from pipeline.findings import parity_rows, sci
+from pipeline.findings import Section, latex, markdown, parity_deep_rows, parity_rows, sci
 from pipeline.sweep import run_sweep
 from tests.helpers import make_features, private_store
 
@@ -138,3 +138,20 @@ def test_main_on_a_users_features_file_writes_the_findings(tracking, features_fi
     mains = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                filter_string=f"tags.`{naming.STEP}` = 'main'")
     assert len(mains) == 1 and mains[0].info.status == "FINISHED"
+
+
+def test_deep_parity_table_reads_optimizers_by_ratio_and_scope():
+    cells = [("sgd", 2.0, "output", 0, 1e-7), ("sgd", 2.0, "output", 1, 3e-7), ("sgd", 2.0, "all", 0, 0.2),
+             ("sgd", 1.0, "output", 0, 0.05), ("adam", 2.0, "output", 0, 1e-7), ("adam", 2.0, "all", 0, 0.3)]
+    frame = pd.DataFrame([{"status": "FINISHED", "optimizer": o, "ratio": r, "ratio_scope": s, "seed": seed,
+                           "learning_rate": 0.01, "hidden_units": 32, "hidden_activation": "relu",
+                           "final_max_gap_softmax_transfer": gap} for o, r, s, seed, gap in cells])
+    header, rows = parity_deep_rows(frame)
+    assert header == ["optimizer", "softmax lr", "hidden layer", "ratio 1, output layer",
+                      "ratio 2, output layer", "ratio 2, all layers", "seeds"]
+    # the largest gap over seeds; a cell no trial ran is a dash
+    assert rows == [["sgd", "0.01", "32 relu", "5.0e-2", "3.0e-7", "2.0e-1", "2"],
+                    ["adam", "0.01", "32 relu", "–", "1.0e-7", "3.0e-1", "1"]]
+    text = markdown([Section("parity_deep", frame, "python -m pipeline export --run_id parity_deep")])
+    assert "## The parity for heads with a hidden layer" in text and "| sgd | 0.01 | 32 relu |" in text
+    assert "ratio 2, all layers" in latex([Section("parity_deep", frame, "cmd")])

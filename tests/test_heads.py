@@ -7,6 +7,7 @@ import pytest
 
 from pipeline.config import TrialConfig
 from pipeline.heads import (
+    body_weights,
     build_head,
     head_weights,
     initial_weights,
@@ -170,3 +171,41 @@ def test_default_weight_decay_is_keras_own():
     for name in ("sgd", "momentum", "nesterov", "adam", "rmsprop", "adagrad", "adadelta", "adamw"):
         assert (make_optimizer(name, 0.1).weight_decay or 0.0) == pytest.approx(
             DEFAULT_WEIGHT_DECAY.get(name, 0.0))
+
+
+def test_heads_of_one_seed_start_from_the_same_hidden_layer():
+    deep = {"hidden_units": 6, "hidden_activation": "tanh", "seed": 4}
+    soft = build_head(TrialConfig(**deep, activation="softmax", units=2, loss="categorical_crossentropy"), D)
+    sig = build_head(TrialConfig(**deep, activation="sigmoid", units=1, init="transfer"), D)
+    other = build_head(TrialConfig(**deep | {"seed": 5}), D)
+    assert body_weights(build_head(TrialConfig(), D)) is None
+    for a, b in zip(body_weights(soft), body_weights(sig), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert body_weights(soft)[0].shape == (D, 6) and np.abs(body_weights(soft)[0]).max() > 0
+    assert not np.array_equal(body_weights(soft)[0], body_weights(other)[0])
+    # the output layer reads the hidden layer, and the transfer predicts what the softmax does
+    assert head_weights(sig)[0].shape == (6, 1)
+    x = np.random.default_rng(1).normal(size=(64, D)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(sig(x, training=False))[:, 0],
+                               np.asarray(soft(x, training=False))[:, 1], atol=1e-6)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", pytest.param("adam", marks=pytest.mark.slow)])
+def test_a_body_at_its_own_rate_equals_a_plain_fit_when_the_rates_are_equal(optimizer):
+    from pipeline.engine_keras import KerasEngine
+    from pipeline.split import make_split
+    from tests.helpers import make_features
+
+    split = make_split(*make_features(n=120, d=D, seed=2), 0.2, seed=0, standardized=True)
+    base = TrialConfig(optimizer=optimizer, learning_rate=0.01, hidden_units=4, epochs=2, batch_size=32)
+    two = base.model_copy(update={"body_learning_rate": 0.01})
+    assert two.two_rates and not base.two_rates
+    plain, split_rates = (KerasEngine().train(c, split) for c in (base, two))
+    assert split_rates.history == plain.history and split_rates.step_loss == plain.step_loss
+    np.testing.assert_array_equal(split_rates.hidden_kernel, plain.hidden_kernel)
+    np.testing.assert_array_equal(split_rates.kernel, plain.kernel)
+    # and the body's rate is its own: a body at a vanishing rate stays where it started
+    still = KerasEngine().train(base.model_copy(update={"body_learning_rate": 1e-12}), split)
+    start = body_weights(build_head(base, D))[0]
+    assert np.abs(still.hidden_kernel - start).max() < 1e-9 < np.abs(plain.hidden_kernel - start).max()
+    assert np.abs(still.kernel - plain.kernel).max() > 1e-4

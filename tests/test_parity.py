@@ -165,3 +165,81 @@ def test_parity_entry_point_rejects_a_bad_setting_before_any_run(tracking, featu
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: parity: optimizer: 'lbfgs' is not allowed (allowed: sgd,")
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+# --- heads with a hidden layer ---------------------------------------------------------------
+
+DEEP = {"hidden_units": 8, "hidden_activation": "relu"}
+
+
+def test_deep_heads_train_their_output_layer_at_the_ratio_and_their_body_by_scope():
+    output = ParityConfig(**DEEP, learning_rate=0.01, ratio=2).heads()
+    every = ParityConfig(**DEEP, learning_rate=0.01, ratio=2, ratio_scope="all").heads()
+    for heads in (output, every):
+        assert {h.hidden_units for h in heads.values()} == {8}
+        assert heads["softmax"].body_rate == pytest.approx(0.01)
+        assert heads["sigmoid_transfer"].learning_rate == pytest.approx(0.02)
+    assert output["sigmoid_transfer"].body_rate == pytest.approx(0.01)
+    assert output["sigmoid_random"].body_rate == pytest.approx(0.01)
+    assert every["sigmoid_transfer"].body_rate == pytest.approx(0.02)
+    assert not every["sigmoid_transfer"].two_rates  # one optimizer, as a linear head has
+    # without a hidden layer the scope changes nothing: the same heads, the same names
+    flat = ParityConfig(learning_rate=0.01, ratio_scope="all")
+    assert flat.heads() == ParityConfig(learning_rate=0.01).heads()
+    assert naming.parity_run_name(flat) == "parity-sgd-lr1e-2-x2-s0"
+    assert naming.parity_run_name(ParityConfig(**DEEP, ratio_scope="all")) == \
+        "parity-sgd-h8relu-lr1e-2-x2-scope-all-s0"
+
+
+@pytest.mark.parametrize("settings", [{"hidden_units": -1}, {"hidden_units": True},
+                                      {"hidden_activation": "softmax"}, {"ratio_scope": "body"}])
+def test_deep_settings_are_validated(settings):
+    with pytest.raises(ValueError):
+        ParityConfig(**settings)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_deep_parity_doubles_the_output_layer_only(split, optimizer):
+    lr = OPTIMIZERS[optimizer]
+    exact = summary(split, optimizer=optimizer, learning_rate=lr, **DEEP)
+    assert exact["max_gap_softmax_transfer"] <= EXACT and exact["max_step_gap_softmax_transfer"] <= EXACT
+    assert exact["beta_distance"] <= EXACT and exact["max_prob_gap"] <= EXACT
+    assert exact["max_gap_transfer_random"] > 100 * EXACT
+    doubled = summary(split, optimizer=optimizer, learning_rate=lr, ratio_scope="all", **DEEP)
+    assert doubled["max_gap_softmax_transfer"] > 1000 * EXACT and doubled["max_prob_gap"] > 1000 * EXACT
+
+
+def test_parity_deep_study_is_optimizers_by_ratio_and_scope_by_seeds():
+    spec = load_sweep("sweeps/parity_deep.yaml")
+    configs = [spec.trial_config(p) for p in spec.grid()]
+    assert spec.kind == "parity" and spec.report == "parity_deep" and len(configs) == 8 * 3 * 3
+    assert {c.optimizer for c in configs} == set(OPTIMIZERS)
+    assert {(c.ratio, c.ratio_scope) for c in configs} == {(1.0, "output"), (2.0, "output"), (2.0, "all")}
+    assert {c.hidden_units for c in configs} == {32} and {c.seed for c in configs} == {0, 1, 2}
+
+
+def test_parity_entry_point_takes_the_deep_settings():
+    args = cli.build_parser().parse_args(["parity", "--features", "f.h5", "--hidden_units=16",
+                                          "--hidden_activation=tanh", "--ratio_scope=all"])
+    config = cli.parity_config({n: getattr(args, n) for n in ParityConfig.model_fields})
+    assert (config.hidden_units, config.hidden_activation, config.ratio_scope) == (16, "tanh", "all")
+    with pytest.raises(cli.UserError, match="ratio_scope: 'body' is not allowed"):
+        cli.parity_config({"ratio_scope": "body"})
+
+
+@pytest.mark.slow
+def test_parity_entry_point_records_a_deep_experiment(tracking, features_file):
+    cli.main(["parity", "--features", str(features_file), "--optimizer", "adam", "--learning_rate",
+              "0.01", "--epochs", "2", "--batch_size", "32", "--hidden_units", "4"])
+    parent = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                filter_string=f"tags.`{naming.STEP}` = 'parity'")[0]
+    assert parent.info.run_name == "parity-adam-h4relu-lr1e-2-x2-s0"
+    assert parent.data.params["hidden_units"] == "4" and parent.data.params["ratio_scope"] == "output"
+    assert parent.data.metrics["max_gap_softmax_transfer"] <= EXACT
+    assert parent.data.metrics["max_prob_gap"] <= EXACT
+    children = mlflow.search_runs(experiment_ids=[parent.info.experiment_id], output_format="list",
+                                  filter_string=f"tags.`{naming.PARENT}` = '{parent.info.run_id}'")
+    transfer = next(r for r in children if r.data.tags[naming.ROLE] == "sigmoid_transfer")
+    assert transfer.data.params["body_learning_rate"] == "0.01"
+    assert {r.data.tags[naming.ENGINE] for r in children} == {"keras"}
