@@ -27,15 +27,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.errors import UserError
 
-Activation = Literal["sigmoid", "softmax"]
+Activation = Literal["sigmoid", "softmax", "linear"]
 Loss = Literal["binary_crossentropy", "categorical_crossentropy", "sparse_categorical_crossentropy"]
+Labels = Literal["expected", "column", "onehot"]
 Init = Literal["glorot_uniform", "glorot_centered", "zeros", "he_normal", "transfer"]
 BiasInit = Literal["zeros", "random_normal"]
 Optimizer = Literal["sgd", "momentum", "nesterov", "adam", "rmsprop", "adagrad", "adadelta", "adamw"]
 Sampler = Literal["grid", "tpe", "random"]
 Engine = Literal["fused", "keras"]
 Kind = Literal["heads", "parity"]
-Report = Literal["summary", "collapse", "parity", "breakers"]
+Report = Literal["summary", "collapse", "parity", "breakers", "atlas"]
 HEAD_METRICS = ("val_prob_loss", "val_loss", "val_accuracy", "prob_loss", "loss", "accuracy")
 PARITY_METRICS = ("max_gap_softmax_transfer", "max_val_gap_softmax_transfer", "max_gap_transfer_random",
                   "max_val_gap_transfer_random", "max_step_gap_softmax_transfer", "beta_distance",
@@ -132,6 +133,13 @@ class TrialConfig(TrainingSettings):
     Defaults are the seed notebook's: SGD, dropout 0.5, 5 epochs, batch 128, 20% validation.
     Beyond the shared settings, dropout masks or batch order may be drawn from another seed
     than the head's (``mask_seed``, ``order_seed``), which breaks the parity too.
+
+    The head is what people write: ``activation`` ``linear`` outputs the logits themselves,
+    ``from_logits`` is the Keras loss's flag, and ``labels`` is what ``y`` the loss is given:
+    ``expected`` the encoding the loss needs (:func:`pipeline.labels.encode_labels`),
+    ``column`` a 0/1 column (N x 1) and ``onehot`` an N x 2 one-hot, whatever the loss
+    (the usual mistakes; ``column`` on a 1-unit binary or categorical head, like ``onehot``
+    on a 2-unit one, is the expected encoding under another name).
     """
 
     KIND: ClassVar[str] = "heads"
@@ -145,6 +153,8 @@ class TrialConfig(TrainingSettings):
     init: Init = "glorot_uniform"
     mask_seed: int | None = Field(None, ge=0)
     order_seed: int | None = Field(None, ge=0)
+    from_logits: bool = False
+    labels: Labels = "expected"
 
     _head_numbers = field_validator("units", "mask_seed", "order_seed", mode="before")(_not_a_boolean)
     _head_optional = field_validator("mask_seed", "order_seed", mode="before")(_none_from_text)
