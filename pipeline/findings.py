@@ -195,7 +195,7 @@ def atlas_rows(trials: pd.DataFrame, tex: bool = False) -> tuple[list[str], list
     Keras's, their largest |difference| over seeds, how far below the best cell's mean it is,
     what the head effectively is, and the verdict's note (Keras's error for a refused cell)."""
     header = ["activation", "units", "loss", "from_logits", "labels", "verdict", "runs", "collapsed",
-              "val_accuracy", "Keras val_accuracy", "max |Keras - ours|", "best - val_accuracy",
+              "val_accuracy", "Keras val_accuracy", "largest gap, Keras vs ours", "best - val_accuracy",
               "effective model", "note"]
     rows = []
     for cell in atlas.cell_verdicts(trials).itertuples(index=False):
