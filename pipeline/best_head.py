@@ -52,12 +52,14 @@ def predict(head: dict, x: np.ndarray) -> np.ndarray:
     if "hidden_kernel" in head:
         x = hidden_output(x, head["hidden_kernel"], head["hidden_bias"], str(head["hidden_activation"]))
     z = x @ head["kernel"].astype(np.float64) + head["bias"].astype(np.float64)
-    if str(head["activation"]) == "softmax":
+    activation = str(head["activation"])
+    outputs = z
+    if activation == "softmax":
         e = np.exp(z - z.max(axis=1, keepdims=True))
         outputs = e / e.sum(axis=1, keepdims=True)
-    else:
+    elif activation == "sigmoid":
         outputs = 1.0 / (1.0 + np.exp(-z))
-    return positive_probability(outputs)
+    return positive_probability(outputs, activation)
 
 
 class HeadModel:

@@ -27,16 +27,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.errors import UserError
 
-Activation = Literal["sigmoid", "softmax"]
+Activation = Literal["sigmoid", "softmax", "linear"]
 HiddenActivation = Literal["relu", "tanh", "sigmoid", "linear"]
 Loss = Literal["binary_crossentropy", "categorical_crossentropy", "sparse_categorical_crossentropy"]
+Labels = Literal["expected", "column", "onehot"]
 Init = Literal["glorot_uniform", "glorot_centered", "zeros", "he_normal", "transfer"]
 BiasInit = Literal["zeros", "random_normal"]
 Optimizer = Literal["sgd", "momentum", "nesterov", "adam", "rmsprop", "adagrad", "adadelta", "adamw"]
 Sampler = Literal["grid", "tpe", "random"]
 Engine = Literal["fused", "keras"]
 Kind = Literal["heads", "parity"]
-Report = Literal["summary", "collapse", "parity", "breakers", "parity_deep"]
+Report = Literal["summary", "collapse", "parity", "breakers", "parity_deep", "atlas"]
 HEAD_METRICS = ("val_prob_loss", "val_loss", "val_accuracy", "prob_loss", "loss", "accuracy")
 PARITY_METRICS = ("max_gap_softmax_transfer", "max_val_gap_softmax_transfer", "max_gap_transfer_random",
                   "max_val_gap_transfer_random", "max_step_gap_softmax_transfer", "beta_distance",
@@ -141,6 +142,13 @@ class TrialConfig(TrainingSettings):
     with a hidden layer may train it at its own rate, ``body_learning_rate`` (None: at
     ``learning_rate``, which the output layer trains at; a head without a hidden layer has
     no body, and the setting does not apply).
+
+    The head is what people write: ``activation`` ``linear`` outputs the logits themselves,
+    ``from_logits`` is the Keras loss's flag, and ``labels`` is what ``y`` the loss is given:
+    ``expected`` the encoding the loss needs (:func:`pipeline.labels.encode_labels`),
+    ``column`` a 0/1 column (N x 1) and ``onehot`` an N x 2 one-hot, whatever the loss
+    (the usual mistakes; ``column`` on a 1-unit binary or categorical head, like ``onehot``
+    on a 2-unit one, is the expected encoding under another name).
     """
 
     KIND: ClassVar[str] = "heads"
@@ -155,6 +163,8 @@ class TrialConfig(TrainingSettings):
     mask_seed: int | None = Field(None, ge=0)
     order_seed: int | None = Field(None, ge=0)
     body_learning_rate: float | None = Field(None, gt=0)
+    from_logits: bool = False
+    labels: Labels = "expected"
 
     _head_numbers = field_validator("units", "mask_seed", "order_seed", "body_learning_rate",
                                     mode="before")(_not_a_boolean)

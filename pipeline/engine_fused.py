@@ -28,8 +28,13 @@ It reproduces the reference step for step rather than approximately
 
 Heads Keras refuses (sparse cross-entropy on one unit, a transfer onto anything but a 1-unit
 sigmoid) are trained by KerasEngine, which raises the reference's error, and so are heads with
-a hidden layer (``hidden_units`` > 0, whatever their body's rate): a pass holds single-layer
-heads only (:func:`engine_for`).
+a hidden layer (``hidden_units`` > 0, whatever their body's rate: a pass holds single-layer
+heads only) and the heads of the atlas this engine does not reproduce: a ``linear`` output
+whose loss reads it as probabilities (``from_logits`` false), labels other than the ones the
+loss expects (:func:`engine_for`). A sigmoid or softmax head whose loss is told ``from_logits``
+stays here (Keras reads its cached logits whatever the flag says, and warns), and so does a
+``linear`` one told ``from_logits``: the same loss on the same logits; only its outputs are
+read otherwise (:func:`_outputs`).
 """
 
 from __future__ import annotations
@@ -71,7 +76,9 @@ def engine_for(config: TrialConfig) -> str:
     one Keras refuses, or one with a hidden layer."""
     sparse_one_unit = config.units == 1 and config.loss == "sparse_categorical_crossentropy"
     bad_transfer = config.init == "transfer" and (config.units, config.activation) != (1, "sigmoid")
-    return "keras" if sparse_one_unit or bad_transfer or config.hidden_units else "fused"
+    raw = config.activation == "linear" and not config.from_logits
+    as_written = raw or config.labels != "expected"
+    return "keras" if sparse_one_unit or bad_transfer or as_written or config.hidden_units else "fused"
 
 
 def pass_key(config: TrialConfig) -> tuple:
@@ -330,7 +337,9 @@ def _spec(heads: Sequence[TrialConfig], layout: _Layout) -> dict[str, tf.Tensor]
             "col_head": tf.constant(col_head, tf.int32),
             "l2": tf.constant([h.l2 for h in heads], tf.float32),
             "keep": tf.constant(keep, tf.float32), "add": tf.constant(add, tf.float32),
-            "softmax": tf.constant([h.activation == "softmax" for h in heads])}
+            "softmax": tf.constant([h.activation == "softmax" or (h.activation, h.units) == ("linear", 2)
+                                    for h in heads]),
+            "linear": tf.constant([h.activation == "linear" for h in heads])}
 
 
 # --- the computation (TensorFlow graphs) -------------------------------------------------------
@@ -383,16 +392,19 @@ def _losses(kinds: list[tuple[tf.Tensor, tf.Tensor]]) -> tf.Tensor:
 def _outputs(z: tf.Tensor, spec: dict) -> tuple[tf.Tensor, tf.Tensor]:
     """P(label 1) of each head on each row, and Keras's accuracy prediction (1 or 0).
 
-    Keras's ``accuracy`` is binary (output > 0.5) on one unit and categorical (argmax, ties to
-    label 0) on two.
+    P(label 1) is the softmax of a softmax head's logits (and of a 2-unit linear head's), the
+    sigmoid of any other's (:func:`pipeline.metrics.positive_probability`). Keras's ``accuracy``
+    is binary (output > 0.5: a 1-unit linear head's output is its logit) on one unit and
+    categorical (argmax, ties to label 0) on two.
     """
     counts = spec["counts"]
     z1, z2 = _split_logits(z, counts)
     softmax1, softmax2 = tf.split(spec["softmax"], _one_two(counts), num=2)
+    linear1, _ = tf.split(spec["linear"], _one_two(counts), num=2)
     p1 = tf.where(softmax1, tf.nn.softmax(z1[..., None], axis=-1)[..., 0], tf.sigmoid(z1))
     p2 = tf.where(softmax2[:, None], tf.nn.softmax(z2, axis=-1), tf.sigmoid(z2))
     positive = tf.concat([p1, p2[..., 1]], axis=1)
-    predicted = tf.concat([p1 > 0.5, p2[..., 1] > p2[..., 0]], axis=1)
+    predicted = tf.concat([tf.where(linear1, z1 > 0.5, p1 > 0.5), p2[..., 1] > p2[..., 0]], axis=1)
     return positive, predicted
 
 
@@ -570,7 +582,8 @@ def _trace(graph: str, optimizer: str, rate: float) -> None:
     matrix = tf.TensorSpec([None, None], tf.float32)
     rows = tf.TensorSpec([None], tf.int32)
     spec = {"counts": rows, "lr": vector, "decay": vector, "col_head": rows, "l2": vector,
-            "keep": vector, "add": vector, "softmax": tf.TensorSpec([None], tf.bool)}
+            "keep": vector, "add": vector, "softmax": tf.TensorSpec([None], tf.bool),
+            "linear": tf.TensorSpec([None], tf.bool)}
     head = TrialConfig(optimizer=optimizer, dropout=rate)
     two, x = tf.zeros([2], tf.int32), tf.zeros([2, 1])
     if graph == "evaluate":

@@ -22,7 +22,7 @@ from pipeline import metrics
 from pipeline.config import TrialConfig
 from pipeline.engines import Engine
 from pipeline.heads import body_weights, build_head, head_weights, keras
-from pipeline.labels import encode_labels
+from pipeline.labels import labels_for
 from pipeline.results import EPOCH_METRICS, EpochCallback, TrialResult
 from pipeline.split import Split, make_split
 
@@ -94,7 +94,7 @@ class _Recorder(keras.callbacks.Callback):
 
     def probabilities(self, x: np.ndarray) -> np.ndarray:
         outputs = self.model(x, training=False)
-        return metrics.positive_probability(keras.ops.convert_to_numpy(outputs))
+        return metrics.positive_probability(keras.ops.convert_to_numpy(outputs), self.config.activation)
 
 
 class KerasEngine(Engine):
@@ -111,8 +111,8 @@ class KerasEngine(Engine):
         FAILED trial), and whatever ``on_epoch`` raises (e.g. ``optuna.TrialPruned``).
         """
         model = build_head(config, split.x_train.shape[1])
-        y_train = encode_labels(split.y_train, config.units, config.loss)
-        y_val = encode_labels(split.y_val, config.units, config.loss)
+        y_train = labels_for(split.y_train, config)
+        y_val = labels_for(split.y_val, config)
         recorder = _Recorder(split, config, on_epoch)
         batches = seeded_batches(split.x_train, y_train, config.batch_size, config.batch_seed,
                                  config.epochs)

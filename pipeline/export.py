@@ -24,6 +24,7 @@ from pipeline import figures, findings, naming, paths, study_figures, tables, tr
 from pipeline.config import CONFIG_MODELS, PARITY_METRICS
 from pipeline.errors import UserError
 from pipeline.progress import progress_bar
+from pipeline.results import EPOCH_METRICS
 
 FORMATS = ("csv", "md", "tex", "png", "pdf", "svg", "html")
 FIGURE_FORMATS = {"png", "pdf", "svg", "md"}  # formats that bring the figures
@@ -69,7 +70,7 @@ def trial_records(parent_run_id: str, parent=None) -> pd.DataFrame:
     parent = parent or sweep_run(parent_run_id)
     kind = parent.data.tags.get(naming.KIND, "heads")
     model = CONFIG_MODELS[kind]
-    finals = CURVE_METRICS if kind == "heads" else PARITY_METRICS
+    finals = EPOCH_METRICS if kind == "heads" else PARITY_METRICS
     runs = mlflow.search_runs(experiment_ids=[parent.info.experiment_id], output_format="list",
                               filter_string=f"tags.`{naming.PARENT}` = '{parent_run_id}'")
     rows = []
@@ -186,7 +187,7 @@ def export(run_id: str | None = None, output: str = "exports", formats: str = "c
     ``run_id`` is a comma list of sweep parent run ids or sweep names (the latest run of
     each), or empty for the latest sweep. One sweep's files go into ``output`` itself, several
     sweeps' into ``output/<sweep name>/``. Sweeps whose file sets ``report`` (collapse, parity,
-    breakers) also make ``findings.md`` / ``findings.tex`` in ``output``, one table each.
+    breakers, atlas) also make ``findings.md`` / ``findings.tex`` in ``output``, one table each.
     ``formats`` is a comma list of csv, md, tex, png, pdf, svg, html. PNG figures (loss curves
     and gaps when the sweep holds the seed's softmax/sigmoid comparison; accuracy against the
     positive fraction for sweeps of heads) come with png, pdf, svg or md, the same figures as

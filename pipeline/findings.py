@@ -1,11 +1,11 @@
-"""The findings report: the collapse, parity, deep-parity and breakers tables, from their
-studies' trials.
+"""The findings report: the collapse, parity, deep-parity, breakers and atlas tables, from
+their studies' trials.
 
 Pure functions from :func:`pipeline.export.trial_records` frames to table cells, and the
 assembly of ``findings.md`` / ``findings.tex`` with each table under the command that
 regenerates it. Which table a study makes is its sweep file's ``report`` (``collapse``,
-``parity``, ``parity_deep`` or ``breakers``). :data:`BREAKERS` is the one list of breaker/correction pairs;
-``sweeps/breakers.yaml`` holds a grid point for each (a test checks).
+``parity``, ``parity_deep``, ``breakers`` or ``atlas``). :data:`BREAKERS` is the one list of
+breaker/correction pairs; ``sweeps/breakers.yaml`` holds a grid point for each (a test checks).
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from pipeline import tables
+from pipeline import atlas, tables
 from pipeline.config import ParityConfig
 from pipeline.metrics import CLIPPED_LOSS
+from pipeline.naming import LOSS_ABBREV
 
 EXACT = 1e-5  # the parity bar: float32 rounding over 5 epochs stays far below it
 
@@ -113,7 +114,8 @@ def collapse_rows(trials: pd.DataFrame, tex: bool = False) -> tuple[list[str], l
 
 def essential_error(error: str) -> str:
     """The sentence of a recorded error that says what went wrong (TensorFlow's are long)."""
-    found = re.search(r"Received a label value of \d+ which is outside the valid range of [^.]*?\)", error)
+    found = (re.search(r"Received a label value of \d+ which is outside the valid range of [^.]*?\)", error)
+             or re.search(r"(Arguments|Argument) `\w+`[^.]*\. Received: [^\n]*?\)(?=\W|$)", error))
     return found.group(0) if found else error[:160]
 
 
@@ -210,6 +212,44 @@ def breaker_rows(trials: pd.DataFrame, tex: bool = False) -> tuple[list[str], li
     return header, rows
 
 
+# --- the atlas ----------------------------------------------------------------------------
+
+def atlas_rows(trials: pd.DataFrame, tex: bool = False) -> tuple[list[str], list[list[str]]]:
+    """One row per cell of the atlas (:func:`pipeline.atlas.cell_verdicts`): the head as written,
+    the verdict, finished runs, collapsed seeds, mean val_accuracy (ours, from P(class 1)) and
+    Keras's, their largest |difference| over seeds, how far below the best cell's mean it is,
+    what the head effectively is, and the verdict's note (Keras's error for a refused cell)."""
+    header = ["activation", "units", "loss", "from_logits", "labels", "verdict", "runs", "collapsed",
+              "val_accuracy", "Keras val_accuracy", "largest gap, Keras vs ours", "best - val_accuracy",
+              "effective model", "note"]
+    rows = []
+    for cell in atlas.cell_verdicts(trials).itertuples(index=False):
+        trained = cell.finished > 0
+        rows.append([cell.activation, str(cell.units), LOSS_ABBREV[cell.loss], str(cell.from_logits).lower(),
+                     cell.labels, cell.verdict, f"{cell.finished}/{cell.runs}",
+                     f"{cell.collapsed}/{cell.finished}" if trained else "–",
+                     f"{cell.val_accuracy:.4f}" if trained else "–",
+                     f"{cell.keras_val_accuracy:.4f}" if trained else "–",
+                     f"{cell.metric_gap:.4f}" if trained else "–",
+                     f"{cell.best - cell.val_accuracy:.4f}" if trained else "–",
+                     cell.model, essential_error(cell.note) if cell.verdict == "refused" else cell.note])
+    return header, rows
+
+
+def atlas_notes(trials: pd.DataFrame) -> str:
+    """How many cells got each verdict, and the thresholds behind the verdicts."""
+    counts = atlas.cell_verdicts(trials)["verdict"].value_counts()
+    tally = ", ".join(f"{counts[v]} {v}" for v in atlas.VERDICTS if v in counts)
+    return (f"{tally} (of {int(counts.sum())} cells). Healthy: the mean val_accuracy gains over the "
+            f"majority class at least {atlas.HEALTHY_SHARE:.0%} of the best cell's gain; metric "
+            f"misleading: Keras's val_accuracy differs from the accuracy of P(class 1) >= 0.5 by more "
+            f"than {atlas.METRIC_TOLERANCE} for a seed; degenerate: a non-finite or always-0 Keras "
+            f"loss, or less than that share; the order of the checks and P(class 1) of each head are "
+            f"in pipeline/atlas.py. "
+            f"In the MLflow UI the view *Atlas: heads by verdict* groups the trial runs by their tag "
+            f"`atlas.verdict`.\n")
+
+
 # --- the report ---------------------------------------------------------------------------
 
 BREAKERS_NOTE = (
@@ -220,7 +260,7 @@ BREAKERS_NOTE = (
 
 TITLES = {"collapse": "The 1-unit softmax collapse", "parity": "The sigmoid/softmax parity",
           "parity_deep": "The parity for heads with a hidden layer",
-          "breakers": "What breaks the parity"}
+          "breakers": "What breaks the parity", "atlas": "The head atlas"}
 CAPTIONS = {
     "collapse": "Final-epoch validation metrics per head, mean and standard deviation over seeds. "
                 "A 1-unit softmax outputs 1.0 for every input.",
@@ -232,6 +272,9 @@ CAPTIONS = {
                    "rest at 1x.",
     "breakers": "Parity at ratio 2 under settings that may break it, without and with a correction "
                 "(means over seeds).",
+    "atlas": "Every two-class head as written (activation, units, loss, from_logits, labels), its "
+             "verdict and final-epoch validation accuracies (means over seeds): ours from P(class 1) "
+             ">= 0.5, Keras's own.",
 }
 
 
@@ -248,7 +291,7 @@ class Section:
 def rows_for(section: Section, tex: bool) -> tuple[list[str], list[list[str]]]:
     """The table cells of ``section``."""
     make = {"collapse": collapse_rows, "parity": parity_rows, "parity_deep": parity_deep_rows,
-            "breakers": breaker_rows}[section.report]
+            "breakers": breaker_rows, "atlas": atlas_rows}[section.report]
     return make(section.trials, tex=tex)
 
 
@@ -315,6 +358,8 @@ def markdown(sections: list[Section], header: str = HEADER) -> str:
             parts.append(collapse_notes(section.trials) + "\n")
         if section.report == "breakers":
             parts.append(BREAKERS_NOTE)
+        if section.report == "atlas":
+            parts.append(atlas_notes(section.trials))
     return "\n".join(p for p in parts if p)
 
 

@@ -51,9 +51,9 @@ def make_optimizer(name: str, learning_rate: float,
 
 
 def make_loss(config: TrialConfig) -> keras.losses.Loss:
-    """The Keras loss of ``config`` (label smoothing only where it is set)."""
+    """The Keras loss of ``config``: its ``from_logits`` flag, label smoothing only where it is set."""
     smoothing = {"label_smoothing": config.label_smoothing} if config.label_smoothing else {}
-    return LOSSES[config.loss](**smoothing)
+    return LOSSES[config.loss](from_logits=config.from_logits, **smoothing)
 
 
 def layer_seeds(seed: int) -> tuple[int, int, int]:

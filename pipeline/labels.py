@@ -4,6 +4,9 @@
   1-unit softmax);
 - 2 units: one-hot, label 0 -> [1, 0] and label 1 -> [0, 1];
 - ``sparse_categorical_crossentropy``: the integer labels, whatever the width.
+
+A config may instead give its loss the labels people often pass by mistake (its ``labels``:
+``column``, a 0/1 column, or ``onehot``, N x 2), to record what Keras does with them.
 """
 
 from __future__ import annotations
@@ -19,6 +22,16 @@ def encode_labels(y: np.ndarray, units: int, loss: str) -> np.ndarray:
     if units == 1:
         return y.astype(np.float32).reshape(-1, 1)
     return np.eye(units, dtype=np.float32)[y]
+
+
+def labels_for(y: np.ndarray, config) -> np.ndarray:
+    """The ``y`` a head of ``config`` (a :class:`~pipeline.config.TrialConfig`) is trained on:
+    :func:`encode_labels` for ``labels: expected``, else the 0/1 column or the one-hot it names."""
+    if config.labels == "column":
+        return encode_labels(y, 1, "binary_crossentropy")
+    if config.labels == "onehot":
+        return encode_labels(y, 2, "categorical_crossentropy")
+    return encode_labels(y, config.units, config.loss)
 
 
 def invalid_labels(y: np.ndarray, limit: int = 5) -> list:

@@ -25,7 +25,7 @@ INIT_ABBREV = {"glorot_uniform": "glorot", "glorot_centered": "centered", "zeros
 STEP = "pipeline.step"            # extract | sweep | trial | export | main
 SWEEP_NAME = "pipeline.sweep"
 KIND = "pipeline.kind"             # heads | parity: what one trial of a sweep is
-REPORT = "pipeline.report"         # summary | collapse | parity | breakers: the table export makes
+REPORT = "pipeline.report"         # summary | collapse | parity | breakers | atlas: the table export makes
 MAIN_RUN = "pipeline.main_run_id"
 ROLE = "parity.role"
 COLLAPSED = "collapsed"
@@ -37,6 +37,8 @@ WEIGHTS = "backbone.weights"
 ERROR = "error"
 ENGINE = "engine"                 # the engine that trained the trial: fused | keras
 PRUNED = "pruned"                 # "true" on a trial the pruner stopped
+VERDICT = "atlas.verdict"         # an atlas trial's cell verdict (pipeline.atlas)
+EFFECTIVE_MODEL = "atlas.model"   # what an atlas trial's head effectively is (pipeline.atlas)
 PARENT = "mlflow.parentRunId"
 NOTE = "mlflow.note.content"      # a run's or an experiment's description in the UI
 EXPERIMENT_KIND = "mlflow.experimentKind"
@@ -46,6 +48,10 @@ SAVED_VIEW = "mlflow.sharedViewState."  # + view id: a saved view of the experim
 COMPARED_PARAMS = ("activation", "units", "loss", "learning_rate", "init", "optimizer", "seed")
 COMPARED_METRICS = ("val_accuracy", "positive_fraction", "val_prob_loss", "val_loss")
 COMPARED_TAGS = (COLLAPSED, ROLE)
+# ... and in the atlas's view: the cell's settings, both accuracies, the verdict and why.
+ATLAS_PARAMS = ("activation", "units", "loss", "from_logits", "labels", "seed")
+ATLAS_METRICS = ("val_accuracy", "keras_val_accuracy", "positive_fraction", "val_prob_loss", "val_loss")
+ATLAS_TAGS = (VERDICT, EFFECTIVE_MODEL, COLLAPSED, ENGINE, ERROR)
 
 
 def format_lr(value: float) -> str:
@@ -62,7 +68,8 @@ def hidden_part(hidden_units: int, hidden_activation: str) -> str:
 
 def trial_run_name(config: TrialConfig) -> str:
     """A trial's run name: activation, units, hidden layer if any, loss, learning rate (and the
-    body's when it has its own), init, optimizer, seed."""
+    body's when it has its own), init, optimizer (unless sgd), ``logits`` when the loss takes
+    ``from_logits``, the labels unless the expected ones (``y-column``, ``y-onehot``), seed."""
     parts = [config.activation, f"{config.units}u"]
     if config.hidden_units:
         parts.append(hidden_part(config.hidden_units, config.hidden_activation))
@@ -72,6 +79,10 @@ def trial_run_name(config: TrialConfig) -> str:
     parts.append(INIT_ABBREV[config.init])
     if config.optimizer != "sgd":
         parts.append(config.optimizer)
+    if config.from_logits:
+        parts.append("logits")
+    if config.labels != "expected":
+        parts.append(f"y-{config.labels}")
     parts.append(f"s{config.seed}")
     return "-".join(parts)
 
@@ -114,11 +125,16 @@ def role_of(config: TrialConfig) -> str | None:
 
     ``softmax`` (2-unit softmax), ``sigmoid_transfer`` (1-unit sigmoid from the softmax's
     initial weights), ``sigmoid_random`` (1-unit sigmoid, ordinary init), ``softmax_1unit``
-    (the collapse).
+    (the collapse, whatever the loss is told). The other roles are heads as the comparisons
+    train them: a sigmoid or softmax, the loss not told ``from_logits``, the expected labels.
     """
+    if (config.activation, config.units) == ("softmax", 1):
+        return "softmax_1unit"
+    if config.from_logits or config.labels != "expected":
+        return None
     if config.activation == "softmax":
-        return "softmax" if config.units == 2 else "softmax_1unit"
-    if config.units == 1 and config.loss == "binary_crossentropy":
+        return "softmax"
+    if (config.activation, config.units, config.loss) == ("sigmoid", 1, "binary_crossentropy"):
         return "sigmoid_transfer" if config.init == "transfer" else "sigmoid_random"
     return None
 
@@ -157,8 +173,10 @@ def head_description(config: TrialConfig, number: int, sweep_name: str) -> str:
         units += f" on a hidden layer of {config.hidden_units} {config.hidden_activation} units"
         if config.two_rates:
             units += f" (at lr {format_lr(config.body_learning_rate)})"
+    told = " (from_logits=True)" if config.from_logits else ""
+    labels = "" if config.labels == "expected" else f" on {config.labels} labels"
     text = (f"Trial {number} of sweep `{sweep_name}`: a {config.activation} over {units} trained "
-            f"with {config.loss} ({config.optimizer}, lr {format_lr(config.learning_rate)}, "
+            f"with {config.loss}{told}{labels} ({config.optimizer}, lr {format_lr(config.learning_rate)}, "
             f"{config.init} init, seed {config.seed}, {config.epochs} epochs). Per-epoch metrics "
             f"here; once it has trained to the end, the loss of every step in the artifact "
             f"`step_loss.csv`.")
@@ -204,18 +222,25 @@ def heads_parent_description(spec: SweepSpec) -> str:
 def experiment_tags(description: str, created_ms: int) -> dict[str, str]:
     """Tags that set up a study's experiment in the MLflow UI.
 
-    Its description, its kind (runs of trained models, not GenAI traces) and two saved views of
-    its runs page (the *Views* menu): ``heads`` shows the compared params, final metrics and
-    tags as columns; ``parity`` keeps the runs of the parity comparison and the loss charts.
+    Its description, its kind (runs of trained models, not GenAI traces) and three saved views
+    of its runs page (the *Views* menu): ``heads`` shows the compared params, final metrics and
+    tags as columns; ``parity`` keeps the runs of the parity comparison and the loss charts;
+    ``atlas`` shows the atlas's columns with the runs grouped by their tag ``atlas.verdict``
+    (the runs page's ``groupBy`` state: groups by a tag, metrics averaged over a group).
     A view is MLflow's saved-view envelope (name, times, the page state as JSON).
     """
     columns = ([f"params.`{p}`" for p in COMPARED_PARAMS] + [f"metrics.`{m}`" for m in COMPARED_METRICS]
                + [f"tags.`{t}`" for t in COMPARED_TAGS])
     roles = f"tags.`{ROLE}` != 'softmax_1unit'"  # MLflow's filters have no OR: the roles but one
     table = {"selectedColumns": columns}
+    atlas = ([f"params.`{p}`" for p in ATLAS_PARAMS] + [f"metrics.`{m}`" for m in ATLAS_METRICS]
+             + [f"tags.`{t}`" for t in ATLAS_TAGS])
+    by_verdict = {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": VERDICT}]}
     views = {
         "heads": ("Heads: config and results", {**table, "searchFilter": ""}),
         "parity": ("Parity: loss curves", {**table, "searchFilter": roles, "chartsSearchFilter": "loss"}),
+        "atlas": ("Atlas: heads by verdict", {"selectedColumns": atlas, "searchFilter": "",
+                                               "groupBy": by_verdict}),
     }
     tags = {EXPERIMENT_KIND: "custom_model_development"}
     if description.strip():

@@ -159,7 +159,8 @@ def _call_on_finished(on_finished: Callable[[FrozenTrial], None], study: optuna.
     try:
         on_finished(patiently(lambda: study.best_trial))
     except Exception as exc:
-        print(f"warning: the best trial's model was not logged ({type(exc).__name__}: "
+        print(f"warning: the finished study's last records (an atlas's verdicts, the best trial's "
+              f"model) were not all logged ({type(exc).__name__}: "
               f"{' '.join(str(exc).split())[:300]})", file=sys.stderr)
 
 

@@ -25,7 +25,7 @@ import optuna
 from mlflow.entities import Dataset
 from optuna.trial import TrialState
 
-from pipeline import studies, tracking
+from pipeline import atlas, studies, tracking
 from pipeline.config import SweepSpec
 from pipeline.engines import Engine
 from pipeline.heartbeats import Heartbeats
@@ -65,8 +65,12 @@ class Worker:
     splits: Splits
     dataset: Dataset  # the features file as an MLflow dataset (pipeline.lineage)
 
-    def log_best(self, best: optuna.trial.FrozenTrial) -> None:
-        """Log the finished study's best trial as the parent run's model (:meth:`TrialKind.log_best`)."""
+    def finish(self, best: optuna.trial.FrozenTrial) -> None:
+        """What the worker that ends a finished study does: an atlas study's trial runs get
+        their cells' verdicts (:func:`pipeline.atlas.tag_verdicts`, which need every trial),
+        then the best trial is logged as the parent run's model (:meth:`TrialKind.log_best`)."""
+        if self.spec.report == "atlas":
+            atlas.tag_verdicts(self.job.parent)
         self.kind.log_best(self.job.parent, best, self.splits, self.job.register_model)
 
     def recording(self, life: TrialLife) -> Recording:

@@ -16,10 +16,11 @@ HEADERS = {"final_max_gap_softmax_transfer": "max loss gap", "final_beta_distanc
            "final_val_prob_loss": "val_prob_loss",
            "final_val_loss": "val_loss (Keras)", "final_loss": "loss (Keras)",
            "final_accuracy": "accuracy", "final_prob_loss": "prob_loss"}
-CONFIG_COLUMNS = ("activation", "units", "loss", "learning_rate", "init", "optimizer", "ratio", "dropout",
-                  "epochs", "batch_size", "standardize", "weight_decay", "sigmoid_decay_scale", "l2",
-                  "sigmoid_l2_scale", "label_smoothing", "bias_init", "mask_seed", "order_seed",
-                  "share_masks", "share_batch_order", "transfer_bias", "center_softmax")
+CONFIG_COLUMNS = ("activation", "units", "loss", "from_logits", "labels", "learning_rate", "init",
+                  "optimizer", "ratio", "dropout", "epochs", "batch_size", "standardize", "weight_decay",
+                  "sigmoid_decay_scale", "l2", "sigmoid_l2_scale", "label_smoothing", "bias_init",
+                  "mask_seed", "order_seed", "share_masks", "share_batch_order", "transfer_bias",
+                  "center_softmax")
 
 
 def completed(trials: pd.DataFrame) -> pd.DataFrame:

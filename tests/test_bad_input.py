@@ -126,7 +126,7 @@ SWEEP_CASES = [
     ("learning rate not finite", {"space": {"learning_rate": [float("inf")]}},
      "error: s.yaml: space.learning_rate[0]: inf: must be finite"),
     ("unknown activation", {"space": {"activation": ["relu"]}},
-     "error: s.yaml: space.activation[0]: 'relu' is not allowed (allowed: sigmoid, softmax)"),
+     "error: s.yaml: space.activation[0]: 'relu' is not allowed (allowed: sigmoid, softmax, linear)"),
     ("unknown loss", {"space": {"loss": ["mse"]}},
      "error: s.yaml: space.loss[0]: 'mse' is not allowed (allowed: binary_crossentropy, "
      "categorical_crossentropy, sparse_categorical_crossentropy)"),

@@ -35,7 +35,7 @@ def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path):
         (["sweep", "--features", "f.h5", "--sweep", str(ROOT / "sweeps/default.yaml")],
          "not a readable HDF5 file"),
         (["sweep", "--features", "f.h5", "--sweep", "bad.yaml"],
-         "'relu' is not allowed (allowed: sigmoid, softmax)"),
+         "'relu' is not allowed (allowed: sigmoid, softmax, linear)"),
         (["extract", "--images", "nowhere", "--output", "out.h5"], "images folder not found"),
         (["export", "--output", "ex"], "no sweep runs"),
     ]

@@ -59,6 +59,8 @@ def test_parent_runs_are_named_for_the_sweep_and_its_start():
     (TrialConfig(activation="sigmoid", units=1), "sigmoid_random"),
     (TrialConfig(activation="sigmoid", units=2), None),
     (TrialConfig(activation="sigmoid", units=1, loss="categorical_crossentropy"), None),
+    (TrialConfig(activation="linear", units=1), None),
+    (TrialConfig(activation="softmax", units=2, loss="categorical_crossentropy", labels="column"), None),
 ])
 def test_role_of_each_head(config, role):
     assert naming.role_of(config) == role
@@ -112,7 +114,7 @@ def test_experiment_tags_set_up_the_ui_once_and_keep_a_users_edit(tracking):
     assert tags[naming.EXPERIMENT_KIND] == "custom_model_development"
     views = {key[len(naming.SAVED_VIEW):]: json.loads(value) for key, value in tags.items()
              if key.startswith(naming.SAVED_VIEW)}
-    assert set(views) == {"heads", "parity"}
+    assert set(views) == {"heads", "parity", "atlas"}
     heads, parity = json.loads(views["heads"]["state"]), json.loads(views["parity"]["state"])
     assert heads["selectedColumns"] == parity["selectedColumns"]
     assert "params.`activation`" in heads["selectedColumns"]
