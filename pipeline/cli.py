@@ -17,8 +17,9 @@ from pipeline.config import ParityConfig, parse_config
 from pipeline.errors import UserError
 from pipeline.quiet import quiet_tensorflow
 
-# The findings report's three studies, run in order on one features file and exported together.
-FINDINGS_SWEEPS = "sweeps/collapse.yaml,sweeps/parity.yaml,sweeps/breakers.yaml"
+# The findings report's studies, run in order on one features file and exported together.
+FINDINGS_SWEEPS = ("sweeps/collapse.yaml,sweeps/parity.yaml,sweeps/breakers.yaml,"
+                   "sweeps/parity_deep.yaml,sweeps/atlas.yaml")
 
 
 def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:

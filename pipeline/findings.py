@@ -341,7 +341,7 @@ def collapse_notes(trials: pd.DataFrame) -> str:
     return "\n\n".join(lines)
 
 
-HEADER = ("All three studies on one features file, exported together: "
+HEADER = ("Every study on one features file, exported together: "
           "`mlflow run . -e findings --env-manager local` (the embedded default; add "
           "`-P features=FILE` for your own). docs/parity.md derives the parity and its breakers.\n")
 
