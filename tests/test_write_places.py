@@ -306,9 +306,11 @@ def test_a_read_only_filesystem_is_one_line_exit_2_and_writes_nothing(argv, stor
 @pytest.mark.parametrize("storage", ["new/journal/j.log", "sqlite:///new/optuna/o.db"])
 def test_missing_folders_of_the_store_the_storage_and_the_output_are_made(storage, place,
                                                                          monkeypatch, capsys):
-    features, sweep, budget = tiny_study(place, n_seeds=1)
+    features, sweep, _ = tiny_study(place, n_seeds=1)
+    budget = 1  # the folders are made before the first trial
     point_mlflow(monkeypatch, f"sqlite:///{place / 'new' / 'store' / 'mlflow.db'}")
-    cli.main(["sweep", "--features", features, "--sweep", sweep, "--storage", storage])
+    cli.main(["sweep", "--features", features, "--sweep", sweep, "--storage", storage,
+              "--n_trials", str(budget)])
     cli.main(["export", "--output", "new/out/tables", "--formats", "csv"])
     assert (place / "new" / "store" / "mlflow.db").is_file()
     assert (place / "new" / "out" / "tables" / "trials.csv").is_file()
