@@ -146,7 +146,7 @@ def make_sweep(folder, seeds=(0,), grid=None) -> types.SimpleNamespace:
     journal), recorded as the sweep records one. Returns ``store``, ``parent``, ``n``; MLflow's
     tracking URI is left as it was."""
     grid = grid or SEED_GRID
-    store, journal = f"sqlite:///{folder / 'mlflow.db'}", str(folder / "optuna-journal.log")
+    store, journal = new_store(folder), str(folder / "optuna-journal.log")
     rng = np.random.default_rng(0)
     mlflow.set_tracking_uri(store)
     try:

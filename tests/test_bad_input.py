@@ -345,40 +345,45 @@ def test_the_project_hands_no_value_to_a_shell():
         assert not [s for s in shells if s in text], path.name
 
 
-def mlflow_run(folder: Path, entry: str, params: dict[str, str]) -> subprocess.Popen:
-    """``mlflow run <this project> --env-manager local -e entry -P ...`` on a store of its own in
-    ``folder``, started in the background; its output goes to ``folder/log``."""
+def mlflow_run(folder: Path, entry: str, params: dict[str, str]) -> subprocess.CompletedProcess:
+    """``mlflow run <this project> --env-manager local -e entry -P ...`` in ``folder``, on a new
+    store of its own there (a copy of an empty one: MLflow's migrations are not what is tested);
+    its output goes to ``folder/log``."""
     folder.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)  # the new store's Default experiment keeps its artifacts in folder/mlruns
+        store = new_store(folder)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env |= {"MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}", "PYTHONPATH": str(ROOT),
+    env |= {"MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(ROOT),
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
     argv = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local", "-e", entry]
     for name, value in params.items():
         argv += ["-P", f"{name}={value}"]
-    return subprocess.Popen(argv, cwd=folder, env=env, stdin=subprocess.DEVNULL,
-                            stdout=(folder / "log").open("w"), stderr=subprocess.STDOUT, text=True)
+    with (folder / "log").open("w") as log:
+        return subprocess.run(argv, cwd=folder, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                              stderr=subprocess.STDOUT, text=True, timeout=900)
 
 
 @pytest.mark.slow
 def test_mlflow_run_passes_values_verbatim_and_runs_none_of_them(tmp_path):
-    """Through the real ``mlflow run``: the issue's ``run_id=x;touch ...;#`` on ``export``, and a
-    ``sweep`` whose features path holds every shell construct at once, its study a name with
-    spaces and its storage a value starting with "-". Both fail on the value, which their
-    error line shows unchanged; ``mlflow run`` exits non-zero; no marker file appears."""
+    """Through the real ``mlflow run``, one ``sweep`` carrying a hostile value in each parameter:
+    a sweep file path holding every shell construct at once, the issue's ``x;touch ...;#`` as
+    the features, a study name with spaces, a storage starting with "-", an empty trial count.
+    The step fails on the sweep file (the first thing it reads, before TensorFlow is imported),
+    whose error line shows the path unchanged; ``mlflow run`` exits non-zero; no marker file
+    appears. (That every entry point hands each parameter over as one verbatim argument is
+    checked for each of these values, without MLflow's launcher, by
+    test_mlproject_passes_every_parameter_as_one_verbatim_argument.)"""
     markers = tmp_path / "markers"
     markers.mkdir()
-    run_id = f"x;touch {markers}/issue;#"
-    features = (f"a b 'q' \"dq\" $(touch {markers}/dollar) `touch {markers}/tick` "
-                f";touch {markers}/semicolon;# '; touch {markers}/quote; '\n猫 é")
-    export_run = mlflow_run(tmp_path / "export", "export", {"run_id": run_id})
-    sweep_run = mlflow_run(tmp_path / "sweep", "sweep", {"features": features, "study": "cats vs dogs",
-                                                        "storage": "--help", "n_trials": ""})
-    for process in (export_run, sweep_run):
-        assert process.wait(timeout=900) == 1  # mlflow run's status for a failed step
-    export_log = (tmp_path / "export" / "log").read_text()
-    sweep_log = (tmp_path / "sweep" / "log").read_text()
-    assert f"\nerror: no runs of sweep '{run_id}' in the tracking store (" in export_log, export_log
-    assert f"\nerror: features file not found: {features}\n" in sweep_log, sweep_log
+    sweep = (f"a b 'q' \"dq\" $(touch {markers}/dollar) `touch {markers}/tick` "
+             f";touch {markers}/semicolon;# '; touch {markers}/quote; '\n猫 é")
+    done = mlflow_run(tmp_path / "sweep", "sweep", {
+        "features": f"x;touch {markers}/issue;#", "sweep": sweep, "study": "cats vs dogs",
+        "storage": "--help", "n_trials": ""})
+    log = (tmp_path / "sweep" / "log").read_text()
+    assert done.returncode == 1, log  # mlflow run's status for a failed step
+    assert f"\nerror: sweep file not found: {sweep}\n" in log, log
     assert list(markers.iterdir()) == []
 
 

@@ -30,14 +30,22 @@ def test_folder_extraction_skips_undecodable_files(tmp_path):
     assert "version.keras" in features.attrs["versions"]
 
 
+@pytest.fixture(scope="module")
+def random_backbone(tmp_path_factory):
+    """A random-weight Xception at 71 px and its weights saved as a Keras weights file, built
+    once for the tests of this module that read them (building one takes seconds)."""
+    model, _ = load_backbone("random", 71)
+    weights = tmp_path_factory.mktemp("backbone") / "xception.weights.h5"
+    model.save_weights(weights)
+    return model, weights
+
+
 @pytest.mark.slow
-def test_features_match_a_direct_forward_pass(tmp_path):
+def test_features_match_a_direct_forward_pass(tmp_path, random_backbone):
     """The tf.data pipeline feeds Xception exactly what a direct call on the same pixels sees."""
     import tensorflow as tf
 
-    model, _ = load_backbone("random", 71)
-    weights = tmp_path / "x.weights.h5"
-    model.save_weights(weights)
+    model, weights = random_backbone
     source = digits_source()
     result = extract("builtin:digits", str(weights), "auto", 64, str(tmp_path / "d.h5"),
                      progress=False)
@@ -50,10 +58,8 @@ def test_features_match_a_direct_forward_pass(tmp_path):
 
 
 @pytest.mark.slow
-def test_weights_file_is_loaded_and_recorded(tmp_path):
-    model, _ = load_backbone("random", 71)
-    path = tmp_path / "xception.weights.h5"
-    model.save_weights(path)
+def test_weights_file_is_loaded_and_recorded(random_backbone):
+    model, path = random_backbone
     loaded, used = load_backbone(str(path), 71)
     assert used.startswith("file:xception.weights.h5 sha256:")
     for a, b in zip(model.get_weights()[:3], loaded.get_weights()[:3], strict=True):
@@ -120,9 +126,9 @@ def test_bad_input_size(tmp_path, size, message):
 
 
 @pytest.mark.slow
-def test_random_weights_repeat():
+def test_random_weights_repeat(random_backbone):
     """Random-weight features are seeded: two extractions (and every number after) agree."""
-    first, _ = load_backbone("random", 71)
+    first, _ = random_backbone  # built earlier, in another global random state
     keras.utils.set_random_seed(12345)  # whatever the global state, the backbone is the same
     second, used = load_backbone("random", 71)
     assert used == "random"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import make_sweep
+from tests.helpers import make_sweep, new_store
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORT = "imported at exit:"
@@ -46,8 +46,11 @@ def imported(proc: subprocess.CompletedProcess) -> str:
 
 
 @pytest.fixture
-def store(tmp_path) -> str:
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+def store(tmp_path, monkeypatch) -> str:
+    """An empty MLflow store in ``tmp_path``, copied (creating MLflow's tables takes seconds of
+    CPU in the command, and is not what is tested here)."""
+    monkeypatch.chdir(tmp_path)
+    return new_store(tmp_path)
 
 
 @pytest.mark.parametrize("args", [["--help"], ["sweep", "--help"], ["export", "--help"]],

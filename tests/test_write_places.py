@@ -306,9 +306,11 @@ def test_a_read_only_filesystem_is_one_line_exit_2_and_writes_nothing(argv, stor
 @pytest.mark.parametrize("storage", ["new/journal/j.log", "sqlite:///new/optuna/o.db"])
 def test_missing_folders_of_the_store_the_storage_and_the_output_are_made(storage, place,
                                                                          monkeypatch, capsys):
-    features, sweep, budget = tiny_study(place, n_seeds=1)
+    features, sweep, _ = tiny_study(place, n_seeds=1)
+    budget = 1  # the folders are made before the first trial
     point_mlflow(monkeypatch, f"sqlite:///{place / 'new' / 'store' / 'mlflow.db'}")
-    cli.main(["sweep", "--features", features, "--sweep", sweep, "--storage", storage])
+    cli.main(["sweep", "--features", features, "--sweep", sweep, "--storage", storage,
+              "--n_trials", str(budget)])
     cli.main(["export", "--output", "new/out/tables", "--formats", "csv"])
     assert (place / "new" / "store" / "mlflow.db").is_file()
     assert (place / "new" / "out" / "tables" / "trials.csv").is_file()
@@ -338,15 +340,17 @@ def test_four_sweeps_started_together_on_a_fresh_store_all_succeed(tmp_path):
     its missing folder) within milliseconds of each other: MLflow creates the tables once, all
     four exit 0, and each study runs its budget under its parent run. (Commands sharing one
     study would not race: only the one that creates the study makes its parent run, the
-    others wait for it.)"""
-    features, sweep, budget = tiny_study(tmp_path, n_seeds=1)
+    others wait for it.) One trial each: the race is over before the first trial starts."""
+    features, sweep, _ = tiny_study(tmp_path, n_seeds=1)
+    budget = 1
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT)}
     env.pop("MLFLOW_RUN_ID", None)
     ready = tmp_path / "ready"
     ready.mkdir()
     procs = [subprocess.Popen([sys.executable, "-c", START_TOGETHER, str(ready), "4", "sweep",
-                               "--features", features, "--sweep", sweep, "--study", f"s{i}"],
+                               "--features", features, "--sweep", sweep, "--study", f"s{i}",
+                               "--n_trials", str(budget)],
                               cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(4)]
     outputs = [proc.communicate(timeout=600)[0] for proc in procs]
