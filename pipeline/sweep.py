@@ -68,10 +68,10 @@ def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: s
         raise UserError(f"workers {workers}: must be >= 0 (0 sets the study up and runs nothing)")
     spec = load_sweep(sweep, n_trials)
     features_path = resolve_features(features)
+    data, features_sha = _read_checked(features_path, spec)
     engine = make_engine(spec.engine)
     runner.freeze_imports()
     _prepare(engine, spec)
-    data, features_sha = _read_checked(features_path, spec)
     tracking.install_sigterm_handler()
     dataset = lineage.features_dataset(features, features_sha, data.x.shape, data.class_names,
                                        float(data.y.mean()))
@@ -104,7 +104,9 @@ def _read_checked(path, spec: SweepSpec) -> tuple[FeatureSet, str]:
 
 def _prepare(engine: Engine, spec: SweepSpec) -> None:
     """Let the engine start on a grid's configs now (the fused one builds graphs per optimizer
-    and dropout rate), so that this overlaps reading the features and opening the study."""
+    and dropout rate), so that this overlaps opening the study and its parent run. The engine
+    (and with it TensorFlow) comes only once the sweep file and the features have passed their
+    checks: bad input is answered without it."""
     if spec.sampler == "grid":
         for params in spec.grid()[:spec.budget()]:
             kind_of(spec).prepare(engine, spec.trial_config(params))

@@ -76,6 +76,17 @@ def test_bad_sweep_file_imports_no_tensorflow(tmp_path, store):
     assert imported(proc) == "[]"
 
 
+@pytest.mark.parametrize("features", ["missing.h5", "not_hdf5.h5"])
+def test_bad_features_file_imports_no_tensorflow(features, tmp_path, store):
+    (tmp_path / "not_hdf5.h5").write_text("not an HDF5 file")
+    proc = run_pipeline(["sweep", "--features", features, "--sweep", str(ROOT / "sweeps" / "default.yaml")],
+                        tmp_path, store)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    expected = "features file not found" if features == "missing.h5" else "not a readable HDF5 file"
+    assert expected in proc.stderr
+    assert imported(proc) == "[]"
+
+
 def test_export_without_sweeps_imports_no_tensorflow(tmp_path, store):
     proc = run_pipeline(["export", "--output", "out"], tmp_path, store)
     assert proc.returncode == 2 and "error: no sweep runs" in proc.stderr
