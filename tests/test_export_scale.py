@@ -39,6 +39,7 @@ def tracking_at(monkeypatch, tmp_path):
     mlflow.set_tracking_uri(None)
 
 
+@pytest.mark.slow
 def test_export_draws_importances_by_ped_anova_and_says_so(sweep_store, tracking_at, tmp_path,
                                                             monkeypatch):
     tracking_at(sweep_store.store)

@@ -16,6 +16,8 @@ import pytest
 
 from tests.helpers import make_sweep, new_store
 
+pytestmark = pytest.mark.slow  # each test starts a fresh interpreter: 8-12 s apiece
+
 ROOT = Path(__file__).resolve().parent.parent
 REPORT = "imported at exit:"
 PROBE = f"""
