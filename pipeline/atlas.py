@@ -103,11 +103,13 @@ def effective_model(activation: str, units: int, loss: str, from_logits: bool, l
 def _verdict(cell: pd.DataFrame, best: float) -> tuple[str, str]:
     """The verdict of one cell's trials and the note that backs it (the error, the gap), where
     ``best`` is the best cell's mean val_accuracy."""
-    failed = cell[cell["status"] != "FINISHED"]
+    failed = cell[cell["status"] == "FAILED"]  # a KILLED run was interrupted: its trial ran again
     refused = failed[~failed["error"].str.startswith(DIVERGED)]
     if len(refused):
         return "refused", refused["error"].iloc[0]
     done = tables.completed(cell)
+    if done.empty and failed.empty:
+        return "degenerate", "no trial finished"
     losses = done[["final_loss", "final_val_loss"]].to_numpy(dtype=float)
     if len(failed) or not all(math.isfinite(v) for v in losses.ravel()):
         return "degenerate", failed["error"].iloc[0] if len(failed) else "a non-finite Keras loss"
@@ -119,6 +121,8 @@ def _verdict(cell: pd.DataFrame, best: float) -> tuple[str, str]:
     if gap > METRIC_TOLERANCE:
         return "trains but metric misleading", f"Keras's val_accuracy off by up to {gap:.4f}"
     chance = float(np.maximum(done["positive_fraction"], 1 - done["positive_fraction"]).mean())
+    if not best > chance:  # also when no cell finished (best is NaN)
+        return "degenerate", "no cell beats the majority class"
     share = (done["final_val_accuracy"].mean() - chance) / (best - chance)
     if share >= HEALTHY_SHARE:
         return "healthy", ""

@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and PNG figures, and log them on its parent run.")
     _flag(p, "run_id", type=_optional_str, default=None,
           help="the sweep's parent run id or sweep name, or a comma list of them (default: the "
-               "latest sweep); collapse/parity/breakers studies also give findings.md/.tex")
+               "latest sweep); studies with a report (collapse, parity, breakers, parity_deep, "
+               "atlas) also give findings.md/.tex")
     _flag(p, "output", default="exports", help="folder to write (default exports)")
     _flag(p, "formats", default="csv,md,tex", help="comma list of csv, md, tex, png, html")
 
@@ -121,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "output", default="outputs", help="folder for features.h5 and export/")
     _flag(p, "storage", type=_optional_str, default=None, help="Optuna storage (see sweep)")
 
-    p = sub.add_parser("findings", help="the collapse, parity and breakers studies, exported together",
-                       description="The three studies of the findings report on one features file "
+    p = sub.add_parser("findings", help="the findings report's studies, exported together",
+                       description="The studies of the findings report (collapse, parity, breakers, "
+                                   "parity_deep, atlas) on one features file "
                                    "(extracted, or given), exported together: OUTPUT/export/findings.md "
                                    "and findings.tex.")
     _flag(p, "images", default="builtin:digits", help="image folder or builtin:digits")

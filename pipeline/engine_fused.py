@@ -144,9 +144,11 @@ class FusedEngine(Engine):
         """Start building the graphs that ``config``'s pass will run, on a background thread.
 
         Building them is pure Python work; a sweep calls this as soon as it knows a config, so
-        the building overlaps its bookkeeping (Optuna, MLflow) instead of adding to it.
+        the building overlaps its bookkeeping (Optuna, MLflow) instead of adding to it. A config
+        this engine hands to Keras (:func:`engine_for`) needs none.
         """
-        _graphs(config.optimizer, float(config.dropout), wait=None)
+        if engine_for(config) == "fused":
+            _graphs(config.optimizer, float(config.dropout), wait=None)
 
     def train(self, config: TrialConfig, split: Split,
               on_epoch: EpochCallback | None = None) -> TrialResult:

@@ -187,7 +187,7 @@ def export(run_id: str | None = None, output: str = "exports", formats: str = "c
     ``run_id`` is a comma list of sweep parent run ids or sweep names (the latest run of
     each), or empty for the latest sweep. One sweep's files go into ``output`` itself, several
     sweeps' into ``output/<sweep name>/``. Sweeps whose file sets ``report`` (collapse, parity,
-    breakers, atlas) also make ``findings.md`` / ``findings.tex`` in ``output``, one table each.
+    breakers, parity_deep, atlas) also make ``findings.md`` / ``findings.tex`` in ``output``, one table each.
     ``formats`` is a comma list of csv, md, tex, png, pdf, svg, html. PNG figures (loss curves
     and gaps when the sweep holds the seed's softmax/sigmoid comparison; accuracy against the
     positive fraction for sweeps of heads) come with png, pdf, svg or md, the same figures as

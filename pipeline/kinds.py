@@ -144,7 +144,7 @@ class ParityKind(TrialKind):
 
     def trained_by(self, engine: Engine, config: ParityConfig) -> str:
         """The engines that train the experiment's heads (the fused engine hands heads with a
-        hidden layer to Keras), ``+``-joined if they were ever more than one."""
+        hidden layer to Keras), ``+``-joined should they differ."""
         return "+".join(sorted({engine.trained_by(head) for head in config.heads().values()}))
 
     def train(self, engine: Engine, configs: Sequence[ParityConfig], splits: Splits,

@@ -13,7 +13,7 @@ import contextlib
 import json
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,12 +129,14 @@ def _create(study: optuna.Study, origin: Origin, experiment: str) -> str:
 
 
 @contextlib.contextmanager
-def closing(study: optuna.Study, parent: str, on_finished: Callable[[FrozenTrial], None] | None = None):
+def closing(study: optuna.Study, parent: str,
+            on_finished: Sequence[tuple[str, Callable[[FrozenTrial], None]]] = ()):
     """Yield a dict that holds the trial counts once the block is done; on the way out log them
     on the parent run and end it (FINISHED, KILLED on an interrupt, FAILED on an error) unless
     other workers still run trials: the last worker out ends it. Finished with trials still
     queued (``workers 0``) it is SCHEDULED. The worker that ends a study whose every trial has
-    finished calls ``on_finished(best trial)`` first, if a trial completed."""
+    finished runs each ``(name, step)`` of ``on_finished`` first, ``step(best trial)``, if a
+    trial completed."""
     counts: dict[str, int] = {}
     status = "FINISHED"
     try:
@@ -150,17 +152,18 @@ def closing(study: optuna.Study, parent: str, on_finished: Callable[[FrozenTrial
             counts.update(summarise(study, parent))
             if on_finished and status == "FINISHED" and counts["complete"] and not (
                     counts["running"] or counts["waiting"]):
-                _call_on_finished(on_finished, study)
+                for name, step in on_finished:
+                    _call_on_finished(name, step, study)
             _end(parent, status, counts)
 
 
-def _call_on_finished(on_finished: Callable[[FrozenTrial], None], study: optuna.Study) -> None:
-    """``on_finished(best trial)``; a failure is a warning: the study's record stands without it."""
+def _call_on_finished(name: str, step: Callable[[FrozenTrial], None], study: optuna.Study) -> None:
+    """``step(best trial)``; a failure is a warning naming the step: the study's record, and the
+    other steps, stand without it."""
     try:
-        on_finished(patiently(lambda: study.best_trial))
+        step(patiently(lambda: study.best_trial))
     except Exception as exc:
-        print(f"warning: the finished study's last records (an atlas's verdicts, the best trial's "
-              f"model) were not all logged ({type(exc).__name__}: "
+        print(f"warning: the finished study's {name} were not logged ({type(exc).__name__}: "
               f"{' '.join(str(exc).split())[:300]})", file=sys.stderr)
 
 

@@ -18,6 +18,7 @@ is finished and told; the others' runs end KILLED and their trials FAIL and are 
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -65,13 +66,17 @@ class Worker:
     splits: Splits
     dataset: Dataset  # the features file as an MLflow dataset (pipeline.lineage)
 
-    def finish(self, best: optuna.trial.FrozenTrial) -> None:
-        """What the worker that ends a finished study does: an atlas study's trial runs get
-        their cells' verdicts (:func:`pipeline.atlas.tag_verdicts`, which need every trial),
-        then the best trial is logged as the parent run's model (:meth:`TrialKind.log_best`)."""
+    def finishing(self) -> list[tuple[str, Callable[[optuna.trial.FrozenTrial], None]]]:
+        """What the worker that ends a finished study does, step by step (each step's failure is
+        its own warning, :func:`pipeline.parent.closing`): an atlas study's trial runs get their
+        cells' verdicts (:func:`pipeline.atlas.tag_verdicts`, which need every trial); the best
+        trial is logged as the parent run's model (:meth:`TrialKind.log_best`)."""
+        steps = []
         if self.spec.report == "atlas":
-            atlas.tag_verdicts(self.job.parent)
-        self.kind.log_best(self.job.parent, best, self.splits, self.job.register_model)
+            steps.append(("atlas verdicts", lambda best: atlas.tag_verdicts(self.job.parent)))
+        steps.append(("best trial's model", lambda best: self.kind.log_best(
+            self.job.parent, best, self.splits, self.job.register_model)))
+        return steps
 
     def recording(self, life: TrialLife) -> Recording:
         return Recording(life.run_id, self.job.experiment, self.job.tags, self.splits,

@@ -84,7 +84,7 @@ def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: s
                      experiment, parent_run, _trial_tags(the_study, origin, data),
                      mlflow.get_tracking_uri(), max(workers, 1), register_model)
     worker = runner.Worker(job, the_study, spec, kind_of(spec), engine, Splits(data.x, data.y), dataset)
-    with parent.closing(the_study, parent_run, worker.finish) as counts, \
+    with parent.closing(the_study, parent_run, worker.finishing()) as counts, \
             started_workers(job, max(workers - 1, 0)):
         if workers:
             runner.work(worker, _progress(spec.budget(), the_study, progress))

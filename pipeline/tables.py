@@ -9,6 +9,8 @@ import math
 
 import pandas as pd
 
+from pipeline.config import CONFIG_MODELS
+
 PARITY_SUMMARY_METRICS = ("final_max_gap_softmax_transfer", "final_beta_distance", "final_max_prob_gap")
 SUMMARY_METRICS = ("final_val_accuracy", "positive_fraction", "final_val_prob_loss", "final_val_loss")
 HEADERS = {"final_max_gap_softmax_transfer": "max loss gap", "final_beta_distance": "beta distance",
@@ -16,11 +18,12 @@ HEADERS = {"final_max_gap_softmax_transfer": "max loss gap", "final_beta_distanc
            "final_val_prob_loss": "val_prob_loss",
            "final_val_loss": "val_loss (Keras)", "final_loss": "loss (Keras)",
            "final_accuracy": "accuracy", "final_prob_loss": "prob_loss"}
-CONFIG_COLUMNS = ("activation", "units", "loss", "from_logits", "labels", "learning_rate", "init",
-                  "optimizer", "ratio", "dropout", "epochs", "batch_size", "standardize", "weight_decay",
-                  "sigmoid_decay_scale", "l2", "sigmoid_l2_scale", "label_smoothing", "bias_init",
-                  "mask_seed", "order_seed", "share_masks", "share_batch_order", "transfer_bias",
-                  "center_softmax")
+# Every setting of either trial kind but the seed (a config's seeds are its replicates), the
+# head's shape first: the columns a summary groups by, when they vary.
+_LEADING = ("activation", "units", "hidden_units", "hidden_activation", "loss", "from_logits", "labels")
+CONFIG_COLUMNS = tuple(name for name in dict.fromkeys(
+    [*_LEADING, *(field for model in CONFIG_MODELS.values() for field in model.model_fields)])
+    if name != "seed")
 
 
 def completed(trials: pd.DataFrame) -> pd.DataFrame:

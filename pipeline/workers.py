@@ -67,7 +67,7 @@ def _worker_main(job: runner.Job) -> None:
     tracking.install_sigterm_handler()
     try:
         worker = load_worker(job)
-        with parent.closing(worker.study, job.parent, worker.finish):
+        with parent.closing(worker.study, job.parent, worker.finishing()):
             runner.work(worker)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -156,19 +156,38 @@ def test_verdicts_of_real_heads(data):
     assert row["sigmoid1"][12] == "logistic regression on z"
 
 
-def test_a_misleading_metric_and_a_poor_head_are_told_apart():
-    def trial(activation, accuracy, keras, run):
-        return {"run_id": run, "status": "FINISHED", "pruned": False, "collapsed": False, "error": "",
-                "positive_fraction": 0.5,
-                **TrialConfig(activation=activation).params(), "final_loss": 0.5, "final_val_loss": 0.5,
-                "final_val_accuracy": accuracy, "final_keras_val_accuracy": keras}
+def judged_trial(activation, accuracy, keras, run, status="FINISHED", error=""):
+    """One trial record of a cell as :func:`pipeline.export.trial_records` gives it."""
+    return {"run_id": run, "status": status, "pruned": False, "collapsed": False, "error": error,
+            "positive_fraction": 0.5,
+            **TrialConfig(activation=activation).params(), "final_loss": 0.5, "final_val_loss": 0.5,
+            "final_val_accuracy": accuracy, "final_keras_val_accuracy": keras}
 
+
+def verdicts_of(frame: pd.DataFrame) -> dict[str, str]:
+    cells = atlas.cell_verdicts(frame)
+    return dict(zip(cells["activation"], cells["verdict"], strict=True))
+
+
+def test_a_misleading_metric_and_a_poor_head_are_told_apart():
+    trial = judged_trial
     frame = pd.DataFrame([trial("sigmoid", 0.90, 0.90, "a"), trial("softmax", 0.60, 0.60, "b"),
                           trial("linear", 0.895, 0.70, "c")])
-    verdicts = dict(zip(atlas.cell_verdicts(frame)["activation"], atlas.cell_verdicts(frame)["verdict"],
-                        strict=True))
-    assert verdicts == {"sigmoid": "healthy", "softmax": "degenerate",
-                        "linear": "trains but metric misleading"}
+    assert verdicts_of(frame) == {"sigmoid": "healthy", "softmax": "degenerate",
+                                  "linear": "trains but metric misleading"}
+
+
+def test_an_interrupted_attempt_does_not_make_its_cell_refused():
+    # A trial interrupted and run again leaves a KILLED run beside its finished one.
+    frame = pd.DataFrame([judged_trial("sigmoid", 0.90, 0.90, "a", "KILLED", "lost: interrupted"),
+                          judged_trial("sigmoid", 0.90, 0.90, "b"),
+                          judged_trial("softmax", 0.90, 0.90, "c", "FAILED", "ValueError: refused")])
+    assert verdicts_of(frame) == {"sigmoid": "healthy", "softmax": "refused"}
+
+
+def test_no_cell_is_healthy_when_none_beats_the_majority_class():
+    frame = pd.DataFrame([judged_trial("sigmoid", 0.45, 0.45, "a"), judged_trial("softmax", 0.40, 0.40, "b")])
+    assert verdicts_of(frame) == {"sigmoid": "degenerate", "softmax": "degenerate"}
 
 
 def test_the_atlas_view_groups_runs_by_verdict():

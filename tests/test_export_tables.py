@@ -168,3 +168,14 @@ def test_sweeps_are_found_by_name_and_other_runs_refused(sweep):
         sweep_run(sweep["other"])
     with pytest.raises(UserError, match="formats 'gif'"):
         export(sweep["parent"], str(sweep["folder"] / "no"), "gif")
+
+
+def test_a_summary_keeps_apart_configs_that_differ_in_any_setting():
+    # Every setting of either config model is a grouping column, the seed excepted.
+    rows = [{"optimizer": "sgd", "ratio": 2.0, "ratio_scope": scope, "seed": seed, "status": "FINISHED",
+             "collapsed": False, "final_max_gap_softmax_transfer": gap}
+            for scope, gap in (("output", 1e-9), ("all", 0.2)) for seed in (0, 1)]
+    summary = tables.summarize(pd.DataFrame(rows), tables.PARITY_SUMMARY_METRICS)
+    assert list(summary["ratio_scope"]) == ["output", "all"]
+    assert list(summary["n"]) == [2, 2]
+    assert summary["final_max_gap_softmax_transfer_std"].tolist() == [0.0, 0.0]
