@@ -34,6 +34,7 @@ Labels = Literal["expected", "column", "onehot"]
 Init = Literal["glorot_uniform", "glorot_centered", "zeros", "he_normal", "transfer"]
 BiasInit = Literal["zeros", "random_normal"]
 Optimizer = Literal["sgd", "momentum", "nesterov", "adam", "rmsprop", "adagrad", "adadelta", "adamw"]
+OPTIMIZERS = get_args(Optimizer)  # in the order tables list them
 Sampler = Literal["grid", "tpe", "random"]
 Engine = Literal["fused", "keras"]
 Kind = Literal["heads", "parity"]

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import atlas, tables
-from pipeline.config import ParityConfig
+from pipeline.config import OPTIMIZERS, ParityConfig
 from pipeline.metrics import CLIPPED_LOSS
 from pipeline.naming import LOSS_ABBREV
 
@@ -135,7 +135,7 @@ def parity_rows(trials: pd.DataFrame, metric: str = "final_max_gap_softmax_trans
     done = tables.completed(trials)
     ratios = sorted(done["ratio"].unique())
     header = ["optimizer", "softmax lr", *[f"ratio {r:g}" for r in ratios], "seeds"]
-    order = [o for o in ParityConfig.model_fields["optimizer"].annotation.__args__
+    order = [o for o in OPTIMIZERS
              if o in set(done["optimizer"])]
     rows = []
     for optimizer in order:
@@ -153,9 +153,9 @@ def parity_deep_rows(trials: pd.DataFrame, tex: bool = False) -> tuple[list[str]
     columns = sorted({(float(r), s) for r, s in zip(done["ratio"], done["ratio_scope"], strict=True)},
                      key=lambda c: (c[0], c[1] != "output"))
     header = ["optimizer", "softmax lr", "hidden layer",
-              *[f"ratio {r:g}, {'output layer' if s == 'output' else 'all layers'}" for r, s in columns],
+              *[_ratio_heading(r, s) for r, s in columns],
               "seeds"]
-    order = [o for o in ParityConfig.model_fields["optimizer"].annotation.__args__
+    order = [o for o in OPTIMIZERS
              if o in set(done["optimizer"])]
     rows = []
     for optimizer in order:
@@ -168,6 +168,13 @@ def parity_deep_rows(trials: pd.DataFrame, tex: bool = False) -> tuple[list[str]
                          *[sci(float(c.max()), tex) if len(c) else "–" for c in cells],
                          str(body["seed"].nunique())])
     return header, rows
+
+
+def _ratio_heading(ratio: float, scope: str) -> str:
+    """A deep-parity column: the ratio, and at a ratio other than 1 the layers it applies to."""
+    if ratio == 1:
+        return "ratio 1"
+    return f"ratio {ratio:g}, {'output layer' if scope == 'output' else 'all layers'}"
 
 
 # --- the breakers -------------------------------------------------------------------------

@@ -147,7 +147,7 @@ def test_deep_parity_table_reads_optimizers_by_ratio_and_scope():
                            "learning_rate": 0.01, "hidden_units": 32, "hidden_activation": "relu",
                            "final_max_gap_softmax_transfer": gap} for o, r, s, seed, gap in cells])
     header, rows = parity_deep_rows(frame)
-    assert header == ["optimizer", "softmax lr", "hidden layer", "ratio 1, output layer",
+    assert header == ["optimizer", "softmax lr", "hidden layer", "ratio 1",
                       "ratio 2, output layer", "ratio 2, all layers", "seeds"]
     # the largest gap over seeds; a cell no trial ran is a dash
     assert rows == [["sgd", "0.01", "32 relu", "5.0e-2", "3.0e-7", "2.0e-1", "2"],
