@@ -21,6 +21,11 @@ before the clock starts; features read, trained, and every record written after)
   also with the per-step losses as a metric series instead of ``step_loss.csv`` (what the
   series would cost).
 
+``--whole`` times instead whole commands as a user waits for them, start to exit, side by side:
+``python -m pipeline sweep`` on ``sweeps/seed_grid64.yaml`` into an MLflow store that already
+exists, and into a new one; and the peer's whole process (interpreter, imports, its sampled
+trials; its 64 trials extrapolated as below, its start-up counted once).
+
 Sampled runs are extrapolated per trial to 64 (stated in the output). Every run records into
 its own SQLite MLflow store, as ``make run`` does. The fused run also reports its peak RSS
 against the features' size. It prints trials per second and the ratios.
@@ -229,10 +234,56 @@ def run_part(args: list[str]) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def timed_command(argv: list[str], env: dict) -> tuple[float, float, str]:
+    """Wall and CPU seconds of a command from start to exit, and its stdout."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        if status:
+            sys.exit(f"{' '.join(argv)} failed:\n{err.read()[-3000:]}")
+        return wall, usage.ru_utime + usage.ru_stime, out.read()
+
+
+def whole_commands(tmp: Path, peer_trials: int) -> None:
+    """The sweep command into an existing and into a new store, and the peer's whole process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("MLFLOW_RUN_ID", None)
+    features = tmp / "features.h5"
+    sweep = [sys.executable, "-m", "pipeline", "sweep", "--features", str(features), "--sweep", str(SWEEP)]
+    existing = tmp / "existing"
+    existing.mkdir()
+    timed_command([sys.executable, "-c", "import mlflow, sys; mlflow.MlflowClient(sys.argv[1])"
+                   ".search_experiments()", f"sqlite:///{existing / 'mlflow.db'}"], env)
+    rows = {}
+    for name, folder in (("sweep, existing store", existing), ("sweep, new store", tmp / "new")):
+        folder.mkdir(exist_ok=True)
+        store = {"MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
+        rows[name] = timed_command(sweep, {**env, **store})[:2]
+    wall, cpu, out = timed_command([sys.executable, __file__, "--part", "peer", "--folder", str(tmp),
+                                    "--peer-trials", str(peer_trials)], env)
+    peer = json.loads(out.strip().splitlines()[-1])
+    start_up = wall - peer["seconds"]
+    peer_wall = start_up + extrapolate(peer)
+    peer_cpu = (cpu - peer["cpu_seconds"]) + peer["cpu_seconds"] * extrapolate(peer) / peer["seconds"]
+    rows[f"peer ({peer_trials} trials timed, 64 extrapolated)"] = (peer_wall, peer_cpu)
+    print(f"whole commands, {SWEEP.relative_to(ROOT)} on {ROWS} x {DIM} features; load "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"{'command':<46} {'wall s':>7} {'CPU s':>7}")
+    for name, (w, c) in rows.items():
+        print(f"{name:<46} {w:>7.1f} {c:>7.1f}")
+    for name in ("sweep, existing store", "sweep, new store"):
+        print(f"peer / {name}: {peer_wall / rows[name][0]:.1f}x wall, {peer_cpu / rows[name][1]:.1f}x CPU")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keras-trials", type=int, default=6, help="trials of the keras engine timed")
     parser.add_argument("--peer-trials", type=int, default=6, help="trials of the peer loop timed")
+    parser.add_argument("--whole", action="store_true", help="time whole commands, start to exit")
     parser.add_argument("--part", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -255,6 +306,9 @@ def main() -> None:
         sys.path.insert(0, str(ROOT))
         make_features(Path(tmp) / "features.h5")
         os.sync()  # the file's pages on disk before any clock starts, not written back during one
+        if args.whole:
+            whole_commands(Path(tmp), args.peer_trials)
+            return
         size_mb = (Path(tmp) / "features.h5").stat().st_size / 2**20
         load = os.getloadavg()
         common = ["--folder", tmp, "--keras-trials", str(args.keras_trials),
