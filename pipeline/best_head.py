@@ -23,7 +23,7 @@ import mlflow
 import numpy as np
 
 from pipeline import naming, tracking
-from pipeline.metrics import positive_probability
+from pipeline.metrics import positive_probability, sigmoid
 from pipeline.results import hidden_output
 
 HEAD_FILE = "head.npz"
@@ -58,7 +58,7 @@ def predict(head: dict, x: np.ndarray) -> np.ndarray:
         e = np.exp(z - z.max(axis=1, keepdims=True))
         outputs = e / e.sum(axis=1, keepdims=True)
     elif activation == "sigmoid":
-        outputs = 1.0 / (1.0 + np.exp(-z))
+        outputs = sigmoid(z)
     return positive_probability(outputs, activation)
 
 

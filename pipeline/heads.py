@@ -4,9 +4,9 @@ or with ``hidden_units`` a hidden ``Dense`` layer (the body) before the output o
 Construction is seeded explicitly (kernel, bias and dropout masks each from their own seed
 derived from the head's), so two heads built with the same seed draw the same dropout masks,
 and the 2-unit softmax that :func:`softmax_initial_weights` rebuilds is exactly the one a
-softmax trial starts from. The hidden layer's kernel (glorot uniform) and bias (zeros) have
-seeds of their own too, independent of the output layer's init, so every head of one seed,
-softmax or sigmoid, starts from the same body.
+softmax trial starts from. The hidden layer's kernel (glorot uniform) has a seed of its own
+too, independent of the output layer's init, and its bias starts at zeros, so every head of one
+seed, softmax or sigmoid, starts from the same body.
 Import this module only after :func:`pipeline.quiet.quiet_tensorflow`.
 """
 
@@ -62,11 +62,10 @@ def layer_seeds(seed: int) -> tuple[int, int, int]:
     return kernel, bias, mask
 
 
-def hidden_seeds(seed: int) -> tuple[int, int]:
-    """Seeds for the hidden layer's kernel and bias of head seed ``seed``, independent of
-    :func:`layer_seeds` (the next two of the same seed sequence)."""
-    kernel, bias = (int(s) for s in np.random.SeedSequence(seed).generate_state(5)[3:] % 2**31)
-    return kernel, bias
+def hidden_seed(seed: int) -> int:
+    """The seed of the hidden layer's kernel of head seed ``seed``, independent of
+    :func:`layer_seeds` (the next word of the same seed sequence); its bias starts at zeros."""
+    return int(np.random.SeedSequence(seed).generate_state(4)[3] % 2**31)
 
 
 def _initializer(name: str, seed: int):
@@ -96,11 +95,10 @@ def _build(config: TrialConfig, n_features: int, init: str):
         x = keras.layers.Dropout(config.dropout, seed=layer_seeds(config.dropout_seed)[2],
                                  name="dropout")(x)
     if config.hidden_units:
-        kernel_seed, bias_seed = hidden_seeds(config.seed)
         x = keras.layers.Dense(config.hidden_units, activation=config.hidden_activation,
                                name=HIDDEN_LAYER,
-                               kernel_initializer=_initializer("glorot_uniform", kernel_seed),
-                               bias_initializer=_initializer("zeros", bias_seed))(x)
+                               kernel_initializer=_initializer("glorot_uniform", hidden_seed(config.seed)),
+                               bias_initializer="zeros")(x)
     dense = keras.layers.Dense(
         config.units, activation=config.activation, name=HEAD_LAYER,
         kernel_initializer=kernel_init, bias_initializer=bias_init,

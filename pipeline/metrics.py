@@ -14,6 +14,11 @@ EPSILON = 1e-7  # Keras's backend epsilon: the clip behind the seed's 7.6 = 0.47
 CLIPPED_LOSS = -float(np.log(EPSILON))  # 16.1181: -ln(1e-7), a confident wrong answer's clipped loss
 
 
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """The logistic function, in its tanh form: no overflow for large negative ``z``."""
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(z, dtype=np.float64)))
+
+
 def positive_probability(outputs: np.ndarray, activation: str = "sigmoid") -> np.ndarray:
     """P(label 1) from a head's outputs: the only column of a 1-unit head, column 1 of two.
 
@@ -22,9 +27,9 @@ def positive_probability(outputs: np.ndarray, activation: str = "sigmoid") -> np
     head's outputs are logits: P(label 1) is sigmoid(z) of one unit, softmax(z)[1] of two.
     """
     outputs = np.asarray(outputs, dtype=np.float64)
-    if activation == "linear":  # sigmoid(z1 - z0) is softmax(z)[1]; tanh keeps it from overflowing
+    if activation == "linear":  # sigmoid(z1 - z0) is softmax(z)[1]
         z = outputs[:, -1] - outputs[:, 0] if outputs.ndim == 2 and outputs.shape[1] == 2 else outputs
-        return positive_probability(0.5 * (1.0 + np.tanh(0.5 * z)))
+        return positive_probability(sigmoid(z))
     return outputs[:, -1] if outputs.ndim == 2 else outputs
 
 

@@ -24,6 +24,7 @@ import pandas as pd
 
 from pipeline import figures, lineage, naming, records, tracking
 from pipeline.config import ParityConfig
+from pipeline.metrics import sigmoid
 from pipeline.results import TrialResult
 from pipeline.split import Split, make_split
 
@@ -64,7 +65,7 @@ class ParityResult:
         ``max_gap_*``/``max_val_gap_*``: the largest per-epoch gaps; ``max_step_gap_softmax_transfer``:
         the largest per-step training-loss gap; ``beta_distance``/``bias_distance``: max |sigmoid's
         final beta - softmax's final (w1 - w0)| and |b - (b1 - b0)| (of the output layers);
-        ``max_prob_gap``: max over the validation set of |P_softmax(1) - P_sigmoid(1)| at the
+        ``max_prob_gap``: max over the validation set of |P_softmax(1) - Psigmoid(1)| at the
         end, each through its own body when the heads have one.
         """
         out = {f"max_{name}": float(max(values)) for name, values in self.gaps().items()}
@@ -76,9 +77,9 @@ class ParityResult:
         out["beta_distance"] = float(np.abs(sig.kernel[:, 0] - diff_kernel).max())
         out["bias_distance"] = float(abs(sig.bias[0] - diff_bias))
         hidden = self.config.hidden_activation
-        p_soft = _sigmoid(soft.output_inputs(self.x_val, hidden) @ diff_kernel.astype(np.float64)
+        p_soft = sigmoid(soft.output_inputs(self.x_val, hidden) @ diff_kernel.astype(np.float64)
                           + diff_bias)
-        p_sig = _sigmoid(sig.output_inputs(self.x_val, hidden) @ sig.kernel[:, 0].astype(np.float64)
+        p_sig = sigmoid(sig.output_inputs(self.x_val, hidden) @ sig.kernel[:, 0].astype(np.float64)
                          + sig.bias[0])
         out["max_prob_gap"] = float(np.abs(p_soft - p_sig).max())
         return out
@@ -91,10 +92,6 @@ class ParityResult:
                 rows.append({"role": role, "seed": self.config.seed, "epoch": epoch,
                              **{m: v[epoch] for m, v in result.history.items()}})
         return pd.DataFrame(rows)
-
-
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-z))
 
 
 def train_parity(config: ParityConfig, split: Split, engine=None) -> ParityResult:

@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.metrics import sigmoid
+
 EpochCallback = Callable[[int, dict[str, float]], None]
 HIDDEN_FUNCTIONS = {"relu": lambda z: np.maximum(z, 0.0), "tanh": np.tanh,
-                    "sigmoid": lambda z: 1.0 / (1.0 + np.exp(-z)), "linear": lambda z: z}
+                    "sigmoid": sigmoid, "linear": lambda z: z}
 EPOCH_METRICS = ("loss", "val_loss", "accuracy", "val_accuracy", "prob_loss", "val_prob_loss",
                  "keras_accuracy", "keras_val_accuracy")
 
