@@ -417,16 +417,24 @@ class SweepSpec(BaseModel):
         return {**self.config_model().params(), **self.fixed}
 
     def grid(self) -> list[dict[str, Any]]:
-        """Every grid point as the params Optuna fixes, sub-grids joined in order, x seeds."""
+        """Every grid point as the params Optuna fixes: sub-grids joined in order, then the whole
+        of it once per seed.
+
+        Seeds vary slowest, so the queue holds every config at the first seed before any at the
+        second: a budget (``n_trials``) cut covers the whole space, and a claimed batch holds
+        whole seeds, which a fused pass trains together (its heads share a seed's split and
+        batch order; seeds varying fastest would split a batch into passes of batch / seeds
+        heads, and the per-trial cost would grow with the number of seeds).
+        """
         points: list[dict[str, Any]] = []
         names = [n for n in self.axes() if n != "seed"]
         base = self.base()
         for sub in self.space:
             keys = list(sub)
-            for values in itertools.product(*(sub[k] for k in keys)):
-                point = {n: base[n] for n in names} | dict(zip(keys, values, strict=True))
-                points.extend(point | {"seed": seed} for seed in self.seeds)
-        return list({freeze_params(p): p for p in points}.values())
+            points.extend({n: base[n] for n in names} | dict(zip(keys, values, strict=True))
+                          for values in itertools.product(*(sub[k] for k in keys)))
+        unique = list({freeze_params(p): p for p in points}.values())
+        return [point | {"seed": seed} for seed in self.seeds for point in unique]
 
     def budget(self) -> int:
         """How many trials the study runs: the grid's size, capped by ``n_trials`` if given."""

@@ -2,7 +2,8 @@
 
 Optuna's public ``study.ask()`` claims a WAITING trial but creates a new one when the queue is
 empty; a study shared by many workers must run exactly its budget, so a worker claims with the
-storage's atomic pop alone (:func:`pop_waiting_trial_id`) and builds the trial from its id.
+storage's atomic WAITING -> RUNNING transition alone (:func:`take_waiting`), the step of
+``ask()``'s pop, and builds the trial from its id.
 Heartbeats and a lost trial's state need the storage and the trial's id, which Optuna keeps
 private too. tests/test_optuna_internals.py fails, naming the attribute, when an Optuna release
 changes one of them.
@@ -11,16 +12,21 @@ changes one of them.
 from __future__ import annotations
 
 import optuna
-from optuna.trial import FrozenTrial
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
 
 # What each function below reads: (the object's type, the attribute).
-USED = (("Study", "_pop_waiting_trial_id"), ("Study", "_storage"), ("Study", "_thread_local"),
-        ("Trial", "_trial_id"), ("FrozenTrial", "_trial_id"))
+USED = (("Study", "_storage"), ("Study", "_thread_local"), ("Trial", "_trial_id"),
+        ("FrozenTrial", "_trial_id"))
 
 
-def pop_waiting_trial_id(study: optuna.Study) -> int | None:
-    """Claim a WAITING trial (the storage's atomic WAITING -> RUNNING), or None: never creates one."""
-    return study._pop_waiting_trial_id()
+def take_waiting(study: optuna.Study, waiting: FrozenTrial) -> bool:
+    """Claim a trial listed WAITING: the storage's atomic WAITING -> RUNNING, as ``ask()``'s pop
+    makes it. False when another worker took or finished it first."""
+    try:
+        return study._storage.set_trial_state_values(waiting._trial_id, state=TrialState.RUNNING)
+    except UpdateFinishedTrialError:
+        return False
 
 
 def forget_cached_trials(study: optuna.Study) -> None:

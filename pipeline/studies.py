@@ -33,7 +33,7 @@ from optuna.trial import FrozenTrial, TrialState
 from pipeline.config import FloatRange, SweepSpec, freeze_params
 from pipeline.errors import UserError
 from pipeline.heartbeats import keeps_heartbeats, local_worker_alive, worker_id
-from pipeline.optuna_internals import forget_cached_trials, pop_waiting_trial_id, storage_of, trial_id
+from pipeline.optuna_internals import forget_cached_trials, storage_of, take_waiting, trial_id
 from pipeline.storages import experimental_ok, grace_seconds, make_storage, patiently
 
 SPACE_ATTR = "sweep_space"
@@ -199,20 +199,36 @@ def claim(study: optuna.Study, n: int, on_lost: OnLost | None = None,
     """
     while True:
         _recover_lost(study, on_lost)
-        trials = []
-        while len(trials) < n and (trial := _claim_one(study)) is not None:
-            trials.append(trial)
+        trials = _claim_waiting(study, n)
         if trials or not wait or not any(_may_be_lost(study, t) for t in patiently(
                 study.get_trials, deepcopy=False, states=(TrialState.RUNNING,))):
             return trials
         time.sleep(POLL)
 
 
-def _claim_one(study: optuna.Study) -> optuna.Trial | None:
-    """Claim one WAITING trial and sign it with this worker, or None when none waits."""
-    claimed = patiently(pop_waiting_trial_id, study)
-    if claimed is None:
-        return None
+def _claim_waiting(study: optuna.Study, n: int) -> list[optuna.Trial]:
+    """Claim up to ``n`` WAITING trials, signed with this worker.
+
+    The queue is read once for the whole batch, not once per trial as ``ask()``'s pop reads it
+    (a read lists the study's trials, so per-trial reads make a study's claims quadratic in its
+    size); it is read again only while the last read still yielded a claim, which picks up
+    trials queued meanwhile (a lost trial's retry) in place of those other workers took first.
+    """
+    trials: list[optuna.Trial] = []
+    while len(trials) < n:
+        before = len(trials)
+        for waiting in patiently(study.get_trials, deepcopy=False, states=(TrialState.WAITING,)):
+            if len(trials) == n:
+                break
+            if patiently(take_waiting, study, waiting):
+                trials.append(_signed(study, trial_id(waiting)))
+        if len(trials) == before:
+            break
+    return trials
+
+
+def _signed(study: optuna.Study, claimed: int) -> optuna.Trial:
+    """The trial this worker just claimed, with its first heartbeat and signed with the worker."""
     if keeps_heartbeats(study):
         patiently(storage_of(study).record_heartbeat, claimed)
     forget_cached_trials(study)  # as ask() does: samplers see the latest trials

@@ -260,6 +260,15 @@ def test_sub_grid_leaving_an_axis_out_uses_the_fixed_value():
     assert all(spec.trial_config(p).learning_rate == 0.05 for p in grid)
 
 
+def test_grid_queues_every_config_at_one_seed_before_the_next_seed():
+    spec = parse_sweep(sweep(n_trials=4, seeds=[3, 0], space={"units": [1, 2], "dropout": [0.0, 0.5]}))
+    grid = spec.grid()
+    assert [p["seed"] for p in grid] == [3] * 4 + [0] * 4
+    assert grid[4:] == [p | {"seed": 0} for p in grid[:4]]
+    assert {(p["units"], p["dropout"]) for p in grid[:spec.budget()]} == {
+        (u, d) for u in (1, 2) for d in (0.0, 0.5)}  # a budget cut covers the whole space
+
+
 def test_n_trials_caps_a_grid():
     spec = parse_sweep(sweep(n_trials=5, seeds=[0, 1], space={"units": [1, 2], "dropout": [0.0, 0.5]}))
     assert len(spec.grid()) == 8

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import optuna
 import pytest
+from optuna.trial import TrialState
 
 from pipeline import optuna_internals
 
@@ -13,7 +14,9 @@ from pipeline import optuna_internals
 def objects():
     study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
     study.enqueue_trial({})
-    trial = optuna.Trial(study, optuna_internals.pop_waiting_trial_id(study))
+    waiting = study.trials[0]
+    assert optuna_internals.take_waiting(study, waiting)
+    trial = optuna.Trial(study, optuna_internals.trial_id(waiting))
     return {"Study": study, "Trial": trial, "FrozenTrial": study.trials[0]}
 
 
@@ -24,12 +27,16 @@ def test_every_private_attribute_used_exists(objects, owner, attribute):
         f"needs another way to claim a queued trial")
 
 
-def test_the_pop_claims_queued_trials_only_and_never_creates_one():
+def test_taking_a_waiting_trial_claims_it_once_and_never_creates_one():
     study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
     study.enqueue_trial({})
-    claimed = optuna_internals.pop_waiting_trial_id(study)
-    assert study.trials[0].state == optuna.trial.TrialState.RUNNING
-    assert optuna_internals.trial_id(study.trials[0]) == claimed
-    assert optuna_internals.pop_waiting_trial_id(study) is None
-    assert len(study.trials) == 1
-    assert optuna_internals.storage_of(study).get_trial(claimed).number == 0
+    study.enqueue_trial({})
+    first, second = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    assert optuna_internals.take_waiting(study, first)
+    assert [t.state for t in study.trials] == [TrialState.RUNNING, TrialState.WAITING]
+    assert not optuna_internals.take_waiting(study, first)  # another worker's claim came first
+    study.tell(optuna_internals.trial_id(first), 1.0)
+    assert not optuna_internals.take_waiting(study, first)  # already finished
+    assert optuna_internals.take_waiting(study, second)
+    assert len(study.trials) == 2
+    assert optuna_internals.storage_of(study).get_trial(optuna_internals.trial_id(second)).number == 1

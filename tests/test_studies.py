@@ -109,10 +109,10 @@ def test_trial_of_a_dead_local_worker_is_failed_requeued_and_its_run_reported(tm
 
 
 def test_trial_claimed_but_never_signed_is_requeued_after_the_grace_period(tmp_path, monkeypatch):
-    from pipeline.optuna_internals import pop_waiting_trial_id
+    from pipeline.optuna_internals import take_waiting
 
     a = queue_study(tmp_path / "j.log", 1, grace="1", monkeypatch=monkeypatch)
-    assert pop_waiting_trial_id(a) == 0  # a worker killed right after its claim
+    assert take_waiting(a, a.trials[0])  # a worker killed right after its claim
     started = time.monotonic()
     retry = next_trial(other_worker(tmp_path / "j.log"))
     assert time.monotonic() - started >= 0.9
