@@ -12,11 +12,8 @@ import mlflow  # noqa: E402
 import pytest  # noqa: E402
 
 from pipeline.features import write_features  # noqa: E402
-from tests.helpers import SMALL_STUDY, make_features, new_store, private_store  # noqa: E402, F401
+from tests.helpers import SMALL_STUDY, make_features, new_store  # noqa: E402
 from tests.services import launch, mlflow_server, postgres  # noqa: E402, F401 (fixtures)
-
-# ``private_store`` stays importable from here (with SMALL_STUDY and make_features) only for
-# tests/test_sweep.py, which is being rewritten elsewhere; new code imports tests.helpers.
 
 
 @pytest.fixture
