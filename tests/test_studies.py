@@ -118,3 +118,27 @@ def test_trial_claimed_but_never_signed_is_requeued_after_the_grace_period(tmp_p
     assert time.monotonic() - started >= 0.9
     assert a.trials[retry.number].system_attrs["failed_trial"] == 0
     assert [t.state.name for t in a.trials] == ["FAIL", "RUNNING"]
+
+
+def test_a_batch_is_claimed_with_one_read_of_the_queue_and_skips_trials_taken_meanwhile(tmp_path):
+    from pipeline import optuna_internals, studies
+
+    a = queue_study(tmp_path / "j.log", 6)
+    b = other_worker(tmp_path / "j.log")
+    storage = optuna_internals.storage_of(a)
+    reads, list_waiting = [], storage.get_all_trials
+
+    def counted(study_id, deepcopy=True, states=None):
+        listed = list_waiting(study_id, deepcopy=deepcopy, states=states)
+        if states is not None and TrialState.WAITING in states:
+            reads.append(len(listed))
+            if len(reads) == 1:  # another worker takes trial 1 between the read and the claims
+                assert optuna_internals.take_waiting(b, b.trials[1])
+        return listed
+
+    storage.get_all_trials = counted
+    claimed = studies.claim(a, 4)
+    assert [t.number for t in claimed] == [0, 2, 3, 4]
+    assert reads == [6]  # one listing for the whole batch
+    assert [t.number for t in studies.claim(a, 4)] == [5]  # what is left; nothing taken twice
+    assert reads == [6, 1, 0]  # the last claim read again after a short read, and found none
