@@ -22,11 +22,15 @@ run: install
 lint: install
 	ruff check .
 
+# One pytest worker per core (at most 4), each test module on one worker: a module's fixtures
+# (trained heads, a finished study) are made once.
+PYTEST := python -m pytest --numprocesses auto --maxprocesses 4 --dist loadfile
+
 test: lint
-	python -m pytest
+	$(PYTEST)
 
 test-fast: lint
-	python -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 ui: install
 	mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -285,3 +286,55 @@ def audit(storage: str, study_name: str, tracking_uri: str, budget: int) -> dict
         assert run.info.status in expected, (t.number, run.info.status, run.data.tags.get("error"))
     return {**counts, "workers": len({t.user_attrs.get(studies.WORKER_ATTR) for t in trials}),
             "runs": len(runs), "trials": trials, "by_run": by_run}
+
+
+def wait_for(condition, timeout: float = 120.0, every: float = 0.05):
+    """Poll ``condition()`` until it returns something truthy; return that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {condition.__doc__}")
+
+
+def trials_of(storage: str, study_name: str, pid: int) -> list:
+    """The trials process ``pid`` has worked on (none before the study exists)."""
+    import optuna
+
+    from pipeline import storages, studies
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storages.make_storage(storage))
+    except KeyError:  # not created yet
+        return []
+    return [t for t in study.get_trials() if t.user_attrs.get(studies.WORKER_ATTR, "").endswith(f":{pid}")]
+
+
+def running_trial_of(storage: str, study_name: str, pid: int, started_within: float | None = None,
+                     started_before: float = 0.0):
+    """A RUNNING trial of process ``pid`` whose MLflow run exists, claimed at least
+    ``started_before`` seconds ago (so it is training, not one of the study's trials that fail
+    at once by design) and, with ``started_within``, at most that many (so that most of its
+    training is still ahead), or None."""
+    from optuna.trial import TrialState
+
+    from pipeline import studies
+
+    def find():
+        """a trial in training"""
+        now = datetime.now()
+        return next((t for t in trials_of(storage, study_name, pid)
+                     if t.state == TrialState.RUNNING and studies.RUN_ATTR in t.user_attrs
+                     and started_before <= (now - t.datetime_start).total_seconds()
+                     < (started_within or float("inf"))), None)
+    return find
+
+
+def finished_trial_of(storage: str, study_name: str, pid: int):
+    """Whether process ``pid`` has finished a trial."""
+    def find():
+        """a trial finished by the process"""
+        return any(t.state.is_finished() for t in trials_of(storage, study_name, pid))
+    return find
