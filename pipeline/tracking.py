@@ -106,7 +106,7 @@ def check_reachable(timeout: float = 3.0) -> None:
     os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
                        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(timeout))})
     try:
-        mlflow.MlflowClient().search_experiments(max_results=1)
+        client().search_experiments(max_results=1)
     except Exception as exc:  # connection refused, timeout, 5xx, auth: all say the same to the user
         raise UserError(f"tracking server {uri} cannot be reached ({_one_line(exc)[:200]}); start "
                         f"it or point MLFLOW_TRACKING_URI elsewhere") from None
@@ -174,10 +174,10 @@ def end_lost_run(run_id: str | None, reason: str) -> None:
     queued again and its retry carries the result. A run of another tracking store is skipped."""
     if not run_id:
         return
-    client = mlflow.MlflowClient()
+    store = client()
     try:
-        client.set_tag(run_id, naming.ERROR, f"lost: {reason}")
-        client.set_terminated(run_id, "KILLED")
+        store.set_tag(run_id, naming.ERROR, f"lost: {reason}")
+        store.set_terminated(run_id, "KILLED")
     except mlflow.exceptions.MlflowException:
         pass
 
@@ -194,12 +194,12 @@ def versions() -> dict[str, str]:
 def experiment_id(name: str, create: bool = True) -> str | None:
     """The id of experiment ``name``, created if it does not exist and restored if deleted;
     without ``create``, only looked up: None if it does not exist (nothing is written)."""
-    client = mlflow.MlflowClient()
-    experiment = client.get_experiment_by_name(name)
+    store = client()
+    experiment = store.get_experiment_by_name(name)
     if experiment is None:
-        return client.create_experiment(name) if create else None
+        return store.create_experiment(name) if create else None
     if create and experiment.lifecycle_stage == "deleted":
-        client.restore_experiment(experiment.experiment_id)
+        store.restore_experiment(experiment.experiment_id)
     return experiment.experiment_id
 
 
@@ -207,11 +207,26 @@ def describe_experiment(experiment: str, description: str) -> None:
     """Set up a study's experiment for the UI (:func:`naming.experiment_tags`): its description,
     kind and saved views, each only if the experiment does not have it yet (a user's edit stays).
     """
-    client = mlflow.MlflowClient()
-    existing = client.get_experiment(experiment).tags
+    store = client()
+    existing = store.get_experiment(experiment).tags
     for key, value in naming.experiment_tags(description, get_current_time_millis()).items():
         if key not in existing:
-            client.set_experiment_tag(experiment, key, value)
+            store.set_experiment_tag(experiment, key, value)
+
+
+def client() -> mlflow.MlflowClient:
+    """The process's MLflow client of the current tracking URI, made once per URI.
+
+    A client resolves its model registry's URI when it is made, and MLflow looks for an active
+    Spark session on the way (an attempt to import pyspark that walks ``sys.path``): a trial's
+    records share one client instead of making one per call.
+    """
+    return _client(mlflow.get_tracking_uri())
+
+
+@functools.lru_cache(maxsize=8)
+def _client(tracking_uri: str) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(tracking_uri)
 
 
 def create_run(experiment: str, name: str, parent_run_id: str | None = None,
@@ -222,8 +237,7 @@ def create_run(experiment: str, name: str, parent_run_id: str | None = None,
     if parent_run_id:
         all_tags[naming.PARENT] = parent_run_id
     all_tags.update(tags or {})
-    run = mlflow.MlflowClient().create_run(experiment, run_name=name,
-                                           tags={k: str(v) for k, v in all_tags.items()})
+    run = client().create_run(experiment, run_name=name, tags={k: str(v) for k, v in all_tags.items()})
     if len(_ARTIFACT_URIS) > 4096:
         _ARTIFACT_URIS.clear()
     _ARTIFACT_URIS[run.info.run_id] = run.info.artifact_uri
@@ -233,32 +247,32 @@ def create_run(experiment: str, name: str, parent_run_id: str | None = None,
 @contextlib.contextmanager
 def terminal_run(run_id: str) -> Iterator[str]:
     """Yield ``run_id`` and end the run FINISHED, FAILED or KILLED depending on how the block ends."""
-    client = mlflow.MlflowClient()
+    store = client()
     try:
         yield run_id
     except KeyboardInterrupt:
-        client.set_terminated(run_id, "KILLED")
+        store.set_terminated(run_id, "KILLED")
         raise
     except BaseException as exc:
-        client.set_tag(run_id, naming.ERROR, _one_line(exc))
-        client.set_terminated(run_id, "FAILED")
+        store.set_tag(run_id, naming.ERROR, _one_line(exc))
+        store.set_terminated(run_id, "FAILED")
         raise
-    client.set_terminated(run_id, "FINISHED")
+    store.set_terminated(run_id, "FINISHED")
 
 
 def log_batch(run_id: str, params: Mapping | None = None, metrics: Sequence[Metric] = (),
               tags: Mapping | None = None) -> None:
     """Log params, metrics and tags in as few requests as MLflow's batch limits allow."""
-    client = mlflow.MlflowClient()
+    store = client()
     param_list = [Param(k, str(v)) for k, v in (params or {}).items()]
     tag_list = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
     metrics = list(metrics)
-    client.log_batch(run_id, params=param_list[:MAX_PARAMS_PER_BATCH],
+    store.log_batch(run_id, params=param_list[:MAX_PARAMS_PER_BATCH],
                      metrics=metrics[:MAX_METRICS_PER_BATCH], tags=tag_list)
     for i in range(MAX_PARAMS_PER_BATCH, len(param_list), MAX_PARAMS_PER_BATCH):
-        client.log_batch(run_id, params=param_list[i:i + MAX_PARAMS_PER_BATCH])
+        store.log_batch(run_id, params=param_list[i:i + MAX_PARAMS_PER_BATCH])
     for i in range(MAX_METRICS_PER_BATCH, len(metrics), MAX_METRICS_PER_BATCH):
-        client.log_batch(run_id, metrics=metrics[i:i + MAX_METRICS_PER_BATCH])
+        store.log_batch(run_id, metrics=metrics[i:i + MAX_METRICS_PER_BATCH])
 
 
 def log_text(run_id: str, text: str | bytes, artifact_file: str) -> None:
@@ -268,7 +282,7 @@ def log_text(run_id: str, text: str | bytes, artifact_file: str) -> None:
     the file without asking the tracking store for the run (which ``MlflowClient.log_text``
     does for a run's first artifact: most of its cost for a sweep's small per-trial files).
     """
-    uri = _ARTIFACT_URIS.get(run_id) or mlflow.MlflowClient().get_run(run_id).info.artifact_uri
+    uri = _ARTIFACT_URIS.get(run_id) or client().get_run(run_id).info.artifact_uri
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp, artifact_file)
         path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
@@ -277,7 +291,7 @@ def log_text(run_id: str, text: str | bytes, artifact_file: str) -> None:
 
 def log_new_params(run_id: str, params: Mapping) -> None:
     """Log the params ``run_id`` does not have yet (``mlflow run`` logs its own first)."""
-    existing = mlflow.MlflowClient().get_run(run_id).data.params
+    existing = client().get_run(run_id).data.params
     log_batch(run_id, params={k: v for k, v in params.items() if k not in existing})
 
 
