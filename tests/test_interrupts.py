@@ -28,11 +28,10 @@ pytestmark = pytest.mark.slow  # commands in their own processes, signals, rerun
 def test_interrupt_fails_the_trial_kills_its_run_and_a_rerun_resumes(tmp_path, signum, engine,
                                                                      launch):
     """The trial in hand (the fused engine: the batch in hand) ends FAIL and is queued again,
-    its run KILLED; the rerun finishes the study. (The tiny study trains fast: at 300 epochs a
-    fused batch, at 1 epoch a Keras trial, could end before the signal came, and the sweep exit
-    0. 2000 epochs keep a batch, 200 a Keras trial, training for a second or more. The signal
-    goes to a trial claimed half a second before: a trial that fails at once by design, seen
-    RUNNING, could end before it, leaving none in hand; seen once.)"""
+    its run KILLED; the rerun finishes the study. (2000 epochs keep a fused batch, 200 a Keras
+    trial, training for a second or more, so that the signal lands while one is in hand. The
+    signal goes to a trial claimed half a second before, not to one of the trials that fail at
+    once by design, which could end before it.)"""
     features, sweep, budget = tiny_study(tmp_path, n_seeds=1, engine=engine,
                                          epochs=2000 if engine == "fused" else 200)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -65,8 +64,8 @@ def test_interrupt_fails_the_trial_kills_its_run_and_a_rerun_resumes(tmp_path, s
 
 @pytest.mark.parametrize("engine", ["keras", "fused"])
 def test_an_interrupt_turned_into_another_error_still_interrupts(tmp_path, tracking, monkeypatch, engine):
-    """A SIGTERM whose exception a library turned into another error (TensorFlow's nest.flatten
-    once made it a SystemError, which failed the trial and let the sweep finish with exit 0)
+    """A SIGTERM whose exception a library turns into another error (TensorFlow's nest.flatten
+    can make it a SystemError, which would fail the trial and let the sweep finish with exit 0)
     still interrupts: the trials in hand are queued again, not failed as errors."""
     from pipeline import tracking as tracking_module
     from pipeline.engine_fused import FusedEngine
