@@ -4,12 +4,15 @@ Runs ``sweeps/seed_grid64.yaml`` with 1, 4, 16 and 64 seeds (64, 256, 1,024 and 
 trials) as a user runs it, ``python -m pipeline sweep`` into a fresh store each, on synthetic
 features of the seed's width, then exports each sweep in every format. A sweep with one trial
 measures the start-up, so the per-trial cost is ``(sweep - start-up) / (trials - 1)``; the
-goal is a per-trial cost at 4,096 trials at most 1.25x the cost at 64. The start-up's swing
-(a second or two) is a large part of a 64-trial sweep's few seconds of trials, so the start-up
-and every sweep of up to ``--repeat-below`` trials are run ``--repeats`` times and their
-medians taken. Both wall and CPU time are reported: CPU time per trial is the steadier figure
-on a shared machine. ``--profile`` adds where the
-largest sweep's time goes (cProfile of the same sweep in-process, the top functions by own time).
+goal is a per-trial cost at 4,096 trials at most 1.25x the cost at 64.
+
+The start-up (~20 s of CPU) dwarfs a 64-trial sweep's few seconds of trials, and this
+machine's speed drifts by more than that difference within minutes, so each sweep is measured
+against start-ups run right before and right after it (``S X S X S ...``): its per-trial cost
+uses the mean of the two, and the sweeps of up to ``--repeat-below`` trials run ``--repeats``
+times, the median per-trial cost taken. Both wall and CPU time are reported: CPU time per
+trial is the steadier figure on a shared machine. ``--profile`` adds where the largest sweep's
+time goes (cProfile of the same sweep in-process, the top functions by own time).
 
     python benchmarks/sweep_scale.py [--rows 2000] [--seeds 1,4,16,64] [--repeats 3] [--profile]
 
@@ -70,16 +73,31 @@ def sweep(folder: Path, feats: Path, sweep_file: Path, n_trials: int | None = No
     return timed(argv, folder)
 
 
-def median_sweep(folder: Path, feats: Path, seeds: int, repeats: int,
-                 n_trials: int | None = None) -> tuple[float, float, float]:
-    """Median wall, CPU and peak RSS of ``repeats`` sweeps of the grid, each into a fresh store
-    (``folder/r<i>``); the last one's store is left in ``folder/r<repeats - 1>``."""
-    runs = []
+def bracketed(folder: Path, feats: Path, seeds: int, repeats: int) -> dict[str, float]:
+    """``repeats`` sweeps of the grid with a one-trial sweep before, between and after them,
+    each into a fresh store (``folder/s<i>``, ``folder/r<i>``; the last sweep's store is left in
+    ``folder/r<repeats - 1>``): the medians of the sweeps' wall, CPU and peak RSS, of the
+    start-ups, and of each sweep's per-trial wall and CPU ms against the start-ups beside it."""
+    trials = 64 * seeds
+
+    def start_up(i: int) -> tuple[float, float, float]:
+        store = folder / f"s{i}"
+        store.mkdir(parents=True)
+        return sweep(store, feats, grid(store, 1), 1)
+
+    starts, runs = [start_up(0)], []
     for i in range(repeats):
         store = folder / f"r{i}"
         store.mkdir(parents=True)
-        runs.append(sweep(store, feats, grid(store, seeds), n_trials))
-    return tuple(statistics.median(column) for column in zip(*runs, strict=True))
+        runs.append(sweep(store, feats, grid(store, seeds)))
+        starts.append(start_up(i + 1))
+    per_trial = [[1000 * (run[k] - (before[k] + after[k]) / 2) / (trials - 1) for k in (0, 1)]
+                 for run, before, after in zip(runs, starts[:-1], starts[1:], strict=True)]
+    median = statistics.median
+    return {"wall": median(r[0] for r in runs), "cpu": median(r[1] for r in runs),
+            "rss": median(r[2] for r in runs), "start_wall": median(s[0] for s in starts),
+            "start_cpu": median(s[1] for s in starts), "trial_wall": median(p[0] for p in per_trial),
+            "trial_cpu": median(p[1] for p in per_trial)}
 
 
 def parent_run(folder: Path) -> str:
@@ -110,7 +128,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--seeds", default="1,4,16,64")
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--repeat-below", type=int, default=256,
                         help="sweeps of at most this many trials run --repeats times")
     args = parser.parse_args()
@@ -119,18 +137,17 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         feats = features(Path(tmp), args.rows)
-        start_up, start_cpu, _ = median_sweep(Path(tmp, "startup"), feats, 1, args.repeats, 1)
         for seeds in (int(s) for s in args.seeds.split(",")):
             trials = 64 * seeds
             folder = Path(tmp, f"s{seeds}")
             repeats = args.repeats if trials <= args.repeat_below else 1
-            wall, cpu, rss = median_sweep(folder, feats, seeds, repeats)
+            m = bracketed(folder, feats, seeds, repeats)
             store = folder / f"r{repeats - 1}"
             export = timed([sys.executable, "-m", "pipeline", "export", "--run_id", parent_run(store),
                             "--output", str(store / "export"), "--formats", "csv,md,tex,png"], store)[0]
-            print(f"| {trials} | {wall:.1f} | {cpu:.1f} | {start_up:.1f} ({start_cpu:.1f}) | "
-                  f"{1000 * (wall - start_up) / (trials - 1):.1f} | "
-                  f"{1000 * (cpu - start_cpu) / (trials - 1):.1f} | {rss:.0f} | {export:.1f} |", flush=True)
+            print(f"| {trials} | {m['wall']:.1f} | {m['cpu']:.1f} | {m['start_wall']:.1f} "
+                  f"({m['start_cpu']:.1f}) | {m['trial_wall']:.1f} | {m['trial_cpu']:.1f} | "
+                  f"{m['rss']:.0f} | {export:.1f} |", flush=True)
         if args.profile:
             folder = Path(tmp, "profile")
             folder.mkdir()

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 
-import mlflow
 import numpy as np
 import pandas as pd
 
@@ -160,7 +159,7 @@ def tag_verdicts(parent_run_id: str) -> pd.DataFrame:
     (``atlas.verdict``) and effective model (``atlas.model``); return :func:`cell_verdicts`."""
     from pipeline.export import trial_records  # the export reads the atlas's rows: imported late
 
-    cells = cell_verdicts(trial_records(parent_run_id, mlflow.MlflowClient().get_run(parent_run_id)))
+    cells = cell_verdicts(trial_records(parent_run_id, tracking.client().get_run(parent_run_id)))
     for cell in cells.itertuples(index=False):
         for run_id in cell.run_ids:
             tracking.log_batch(run_id, tags={naming.VERDICT: cell.verdict,

@@ -95,7 +95,7 @@ def trial_records(parent_run_id: str, parent=None) -> pd.DataFrame:
 def sweep_run(run_id: str):
     """The parent run ``run_id`` of a sweep, or :class:`UserError` saying why it is not one."""
     try:
-        parent = mlflow.MlflowClient().get_run(run_id)
+        parent = tracking.client().get_run(run_id)
     except mlflow.exceptions.MlflowException:
         raise UserError(f"run_id {run_id}: no such run in {mlflow.get_tracking_uri()}") from None
     if parent.data.tags.get(naming.STEP) != "sweep":
@@ -145,7 +145,7 @@ def metric_histories(run_ids: list[str], metric: str):
     runs (its ``get_metric_history_bulk``, which MLflow's own server serves the UI's charts
     with); any other store (a tracking server) one request per run.
     """
-    client = mlflow.MlflowClient()
+    client = tracking.client()
     store = client._tracking_client.store
     if not hasattr(store, "get_metric_history_bulk"):
         for run_id in run_ids:
@@ -218,7 +218,7 @@ def export(run_id: str | None = None, output: str = "exports", formats: str = "c
     if sections and "tex" in wanted:
         report.append(_write(out / "findings.tex", findings.latex(sections)))
     if log_to_run:
-        client = mlflow.MlflowClient()
+        client = tracking.client()
         for rid, files in per_sweep.items():
             for path in files + report:
                 client.log_artifact(rid, str(path), "export")

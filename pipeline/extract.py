@@ -183,7 +183,6 @@ def run_extract(images: str, weights: str = "auto", input_size: str | int = "aut
     ``runs:/<id>/features/<name>`` feeds a sweep) and the list of skipped files. It ends FAILED,
     with nothing at ``output``, if extraction fails, and KILLED on Ctrl-C or SIGTERM.
     """
-    import mlflow
 
     from pipeline import naming
 
@@ -195,14 +194,14 @@ def run_extract(images: str, weights: str = "auto", input_size: str | int = "aut
         run_id = tracking.create_run(exp, f"extract-{Path(output).stem}", parent_run_id,
                                      {naming.STEP: "extract"})
     else:
-        mlflow.MlflowClient().set_tag(run_id, naming.STEP, "extract")
+        tracking.client().set_tag(run_id, naming.STEP, "extract")
     with tracking.terminal_run(run_id), tracking.system_metrics(run_id):
         try:
             result = extract(images, weights, input_size, batch_size, output, progress)
         except Exception:
             tracking.raise_swallowed_interrupt()  # a signal TensorFlow turned into another error
             raise
-        client = mlflow.MlflowClient()
+        client = tracking.client()
         tracking.log_new_params(run_id, {"images": images, "weights": weights,
                                          "input_size": input_size, "batch_size": batch_size,
                                          "output": output})
@@ -225,5 +224,5 @@ def _log_dataset(run_id: str, path: Path) -> None:
     """The features file as the extract run's output dataset, its source the run's artifact."""
     data = read_features(path)
     source = f"runs:/{run_id}/{FEATURES_ARTIFACT_DIR}/{path.name}"
-    lineage.log_features(run_id, lineage.features_dataset(source, sha256_file(path), data.x.shape,
+    tracking.log_features(run_id, lineage.features_dataset(source, sha256_file(path), data.x.shape,
                                                           data.class_names, float(data.y.mean())), "output")

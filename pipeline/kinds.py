@@ -18,7 +18,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import mlflow
 from optuna.trial import FrozenTrial
 
 from pipeline import best_head, naming, parity, records, studies, tracking
@@ -125,7 +124,7 @@ class HeadsKind(TrialKind):
         return result.final(where.metric)
 
     def log_best(self, parent: str, best: FrozenTrial, splits: Splits, register_as: str | None) -> None:
-        run = mlflow.MlflowClient().get_run(best.user_attrs[studies.RUN_ATTR])
+        run = tracking.client().get_run(best.user_attrs[studies.RUN_ATTR])
         best_head.log_best_head(parent, run, best.number, splits.x[:2], register_as)
 
 

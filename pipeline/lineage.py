@@ -6,7 +6,7 @@ resolved once per process (:func:`context_tags`). A features file is an MLflow d
 (:func:`features_dataset`): its name, a digest from its sha256, its source (path or
 ``runs:/`` URI), its schema (N x D float32 features, labels) and a profile (rows, width, class
 names, positive fraction, the whole sha256). It is the extract run's output and the input of
-every run trained on it (:func:`log_features`), so the UI's *Datasets* column, its dataset
+every run trained on it (:func:`pipeline.tracking.log_features`), so the UI's *Datasets* column, its dataset
 filter and the search ``datasets.digest = '...'`` find them.
 """
 
@@ -16,8 +16,7 @@ import functools
 import json
 from pathlib import Path
 
-import mlflow
-from mlflow.entities import Dataset, DatasetInput, InputTag
+from mlflow.entities import Dataset
 
 from pipeline import naming
 
@@ -56,9 +55,3 @@ def features_dataset(source: str, sha256: str, shape: tuple[int, int], class_nam
 
 def _tensor(name: str, dtype: str, shape: list[int]) -> str:
     return json.dumps([{"type": "tensor", "tensor-spec": {"dtype": dtype, "shape": shape}, "name": name}])
-
-
-def log_features(run_id: str, dataset: Dataset, context: str = "training") -> None:
-    """Record ``dataset`` on ``run_id`` with its role (``training``, or ``output`` for the run
-    that made it)."""
-    mlflow.MlflowClient().log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag(CONTEXT, context)])])

@@ -72,7 +72,7 @@ def run_main(images: str = "builtin:digits", weights: str = "auto",
     out = paths.writable_dir(output, "output")
     paths.writable_dir(out / "export", "output")
     features_path = out / "features.h5"
-    client = mlflow.MlflowClient()
+    client = tracking.client()
     if launcher_run_id:
         main_run = launcher_run_id
     else:

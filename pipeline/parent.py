@@ -22,7 +22,7 @@ import optuna
 from mlflow.entities import Dataset
 from optuna.trial import FrozenTrial
 
-from pipeline import lineage, naming, storages, studies, tracking
+from pipeline import naming, storages, studies, tracking
 from pipeline.config import SweepSpec
 from pipeline.errors import UserError
 from pipeline.kinds import kind_of
@@ -79,13 +79,13 @@ def _reopen(study: optuna.Study, experiment_name: str) -> tuple[str, str] | None
     if run.info.lifecycle_stage == "deleted":  # as deleting its experiment leaves it
         tracking.experiment_id(experiment_name)  # restores the experiment and its runs
     if run.info.status != "RUNNING":
-        mlflow.MlflowClient().update_run(parent, status="RUNNING")
+        tracking.client().update_run(parent, status="RUNNING")
     return parent, experiment
 
 
 def _get_run(run_id: str | None):
     try:
-        return mlflow.MlflowClient().get_run(run_id) if run_id else None
+        return tracking.client().get_run(run_id) if run_id else None
     except mlflow.exceptions.MlflowException:
         return None
 
@@ -103,7 +103,7 @@ def _moved(study: optuna.Study, origin: Origin, finished: int) -> str:
 def _create(study: optuna.Study, origin: Origin, experiment: str) -> str:
     """A new parent run for the study: tags, params and the sweep file. It nests under the
     launcher run when both are in one experiment; otherwise the two are linked by tags."""
-    spec, client = origin.spec, mlflow.MlflowClient()
+    spec, client = origin.spec, tracking.client()
     launcher = origin.launcher
     nest = launcher if launcher and client.get_run(launcher).info.experiment_id == experiment else None
     tags = {naming.STEP: "sweep", naming.SWEEP_NAME: spec.name, naming.STUDY: study.study_name,
@@ -123,7 +123,7 @@ def _create(study: optuna.Study, origin: Origin, experiment: str) -> str:
               "features": origin.features_path, "study": study.study_name,
               **{f"fixed.{k}": v for k, v in spec.fixed.items()}}
     tracking.log_batch(parent, params=params)
-    lineage.log_features(parent, origin.dataset)
+    tracking.log_features(parent, origin.dataset)
     client.log_artifact(parent, origin.sweep_file, "sweep")
     return parent
 
@@ -170,7 +170,7 @@ def _call_on_finished(name: str, step: Callable[[FrozenTrial], None], study: opt
 def _end(parent: str, status: str, counts: dict[str, int]) -> None:
     if counts["running"]:
         return
-    client = mlflow.MlflowClient()
+    client = tracking.client()
     if status == "FINISHED" and counts["waiting"]:
         client.update_run(parent, status="SCHEDULED")
     else:
@@ -198,4 +198,4 @@ def _log_best_trial(parent: str, best: optuna.trial.FrozenTrial) -> None:
         path = Path(tmp, "best_trial.json")
         path.write_text(json.dumps({"number": best.number, "value": best.value, "params": best.params,
                                     "user_attrs": best.user_attrs}, indent=2, default=str))
-        mlflow.MlflowClient().log_artifact(parent, str(path))
+        tracking.client().log_artifact(parent, str(path))

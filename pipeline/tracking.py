@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import mlflow
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.utils.time import get_current_time_millis
 
@@ -273,6 +273,12 @@ def log_batch(run_id: str, params: Mapping | None = None, metrics: Sequence[Metr
         store.log_batch(run_id, params=param_list[i:i + MAX_PARAMS_PER_BATCH])
     for i in range(MAX_METRICS_PER_BATCH, len(metrics), MAX_METRICS_PER_BATCH):
         store.log_batch(run_id, metrics=metrics[i:i + MAX_METRICS_PER_BATCH])
+
+
+def log_features(run_id: str, dataset: Dataset, context: str = "training") -> None:
+    """Record the features ``dataset`` (:func:`pipeline.lineage.features_dataset`) on ``run_id``
+    with its role (``training``, or ``output`` for the run that made it)."""
+    client().log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag(lineage.CONTEXT, context)])])
 
 
 def log_text(run_id: str, text: str | bytes, artifact_file: str) -> None:

@@ -18,7 +18,7 @@ import math
 import optuna
 from optuna.trial import TrialState
 
-from pipeline import lineage, naming, studies, tracking
+from pipeline import naming, studies, tracking
 from pipeline.config import Pruner, SweepSpec, TrainingSettings
 from pipeline.kinds import Recording, TrialKind
 from pipeline.storages import patiently
@@ -70,7 +70,7 @@ class TrialLife:
             self.run_id = tracking.create_run(experiment, self.kind.run_name(self.config), parent, run_tags)
             patiently(self.trial.set_user_attr, studies.RUN_ATTR, self.run_id)
             tracking.log_batch(self.run_id, params=self.config.params())
-            lineage.log_features(self.run_id, dataset)
+            tracking.log_features(self.run_id, dataset)
         except Exception as exc:
             self.error = exc
 
