@@ -23,11 +23,11 @@ lint: install
 	ruff check .
 
 # One pytest worker per core (at most 4), each test module on one worker: a module's fixtures
-# (trained heads, a finished study) are made once.
+# (trained heads, a finished study) are made once. The full suite lists its 25 slowest tests.
 PYTEST := python -m pytest --numprocesses auto --maxprocesses 4 --dist loadfile
 
 test: lint
-	$(PYTEST)
+	$(PYTEST) --durations=25
 
 test-fast: lint
 	$(PYTEST) -m "not slow"
