@@ -12,7 +12,8 @@ against start-ups run right before and right after it (``S X S X S ...``): its p
 uses the mean of the two, and the sweeps of up to ``--repeat-below`` trials run ``--repeats``
 times, the median per-trial cost taken. Both wall and CPU time are reported: CPU time per
 trial is the steadier figure on a shared machine. ``--profile`` adds where the largest sweep's
-time goes (cProfile of the same sweep in-process, the top functions by own time).
+time goes: cProfile of the same sweep in-process, every thread's total and the top functions
+by own time over all threads (the MLflow writer thread is most of a sweep).
 
     python benchmarks/sweep_scale.py [--rows 2000] [--seeds 1,4,16,64] [--repeats 3] [--profile]
 
@@ -110,17 +111,44 @@ def parent_run(folder: Path) -> str:
 
 
 def profile(folder: Path, feats: Path, sweep_file: Path) -> None:
+    """Where a sweep's CPU time goes, in every Python thread: the main thread (claims, training,
+    files, Optuna) and the threads it starts (the MLflow writer, heartbeats). cProfile follows
+    one thread, so each thread started during the sweep gets its own profiler when it first
+    runs Python; each counts its thread's CPU time (``time.thread_time``: waits count nothing),
+    printed per thread and then summed per function."""
     import cProfile
     import pstats
+    import threading
 
     import mlflow
 
     from pipeline.sweep import run_sweep
 
+    threads: list[tuple[threading.Thread, cProfile.Profile]] = []
+
+    def start_profiler(*_) -> None:
+        sys.setprofile(None)
+        threads.append((threading.current_thread(), cProfile.Profile(time.thread_time)))
+        threads[-1][1].enable()
+
     mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
-    profiler = cProfile.Profile()
-    profiler.runcall(run_sweep, str(feats), str(sweep_file), progress=False)
-    pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
+    main_thread = cProfile.Profile(time.thread_time)
+    threading.setprofile(start_profiler)
+    try:
+        main_thread.runcall(run_sweep, str(feats), str(sweep_file), progress=False)
+    finally:
+        threading.setprofile(None)
+    # a thread still running (a library's idle monitor) has open frames, which a profiler can
+    # only close with another thread's clock: it is named and left out
+    ended = [(thread.name, profiler) for thread, profiler in threads if not thread.is_alive()]
+    print("still running, left out:", ", ".join(t.name for t, _ in threads if t.is_alive()) or "none")
+    stats = pstats.Stats(main_thread)
+    for name, profiler in [("main", main_thread), *ended]:
+        profiler.create_stats()
+        print(f"thread {name}: {sum(t for _, _, t, _, _ in profiler.stats.values()):.1f} CPU s")
+        if profiler is not main_thread:
+            stats.add(profiler)
+    stats.sort_stats("tottime").print_stats(25)
 
 
 def main() -> None:

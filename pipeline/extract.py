@@ -183,7 +183,6 @@ def run_extract(images: str, weights: str = "auto", input_size: str | int = "aut
     ``runs:/<id>/features/<name>`` feeds a sweep) and the list of skipped files. It ends FAILED,
     with nothing at ``output``, if extraction fails, and KILLED on Ctrl-C or SIGTERM.
     """
-
     from pipeline import naming
 
     check_inputs(images, input_size, batch_size)  # bad input: no run, no file

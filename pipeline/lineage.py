@@ -6,8 +6,8 @@ resolved once per process (:func:`context_tags`). A features file is an MLflow d
 (:func:`features_dataset`): its name, a digest from its sha256, its source (path or
 ``runs:/`` URI), its schema (N x D float32 features, labels) and a profile (rows, width, class
 names, positive fraction, the whole sha256). It is the extract run's output and the input of
-every run trained on it (:func:`pipeline.tracking.log_features`), so the UI's *Datasets* column, its dataset
-filter and the search ``datasets.digest = '...'`` find them.
+every run trained on it (:func:`pipeline.tracking.log_features` records it), so the UI's
+*Datasets* column, its dataset filter and the search ``datasets.digest = '...'`` find them.
 """
 
 from __future__ import annotations
