@@ -224,4 +224,4 @@ def _log_dataset(run_id: str, path: Path) -> None:
     data = read_features(path)
     source = f"runs:/{run_id}/{FEATURES_ARTIFACT_DIR}/{path.name}"
     tracking.log_features(run_id, lineage.features_dataset(source, sha256_file(path), data.x.shape,
-                                                          data.class_names, float(data.y.mean())), "output")
+                                                           data.class_names, float(data.y.mean())), "output")

@@ -171,7 +171,7 @@ def run_parity(features: str, config: ParityConfig, experiment: str = EXPERIMENT
         run_id = tracking.create_run(experiment, naming.parity_run_name(config), None, tags)
         tracking.log_batch(run_id, params=config.params() | {"features": str(path)})
     tracking.log_features(run_id, lineage.features_dataset(features, sha, data.x.shape, data.class_names,
-                                                          float(data.y.mean())))
+                                                           float(data.y.mean())))
     with tracking.terminal_run(run_id):
         summary = log_parity(run_id, experiment, train_parity(config, split), split,
                              {naming.FEATURES_SHA: sha})
