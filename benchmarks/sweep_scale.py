@@ -15,7 +15,7 @@ trial is the steadier figure on a shared machine. ``--profile`` adds where the l
 time goes: cProfile of the same sweep in-process, every thread's total and the top functions
 by own time over all threads (the MLflow writer thread is most of a sweep).
 
-    python benchmarks/sweep_scale.py [--rows 2000] [--seeds 1,4,16,64] [--repeats 3] [--profile]
+    python benchmarks/sweep_scale.py [--rows 2000] [--seeds 1,4,16,64] [--repeats 5] [--profile]
 
 Results go in docs/benchmarks.md.
 """
@@ -153,10 +153,10 @@ def profile(folder: Path, feats: Path, sweep_file: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=2000)
-    parser.add_argument("--seeds", default="1,4,16,64")
-    parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rows", type=int, default=2000, help="rows of the synthetic features")
+    parser.add_argument("--seeds", default="1,4,16,64", help="seed counts to run (64 trials each)")
+    parser.add_argument("--profile", action="store_true", help="profile the largest sweep, every thread")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each small sweep (median)")
     parser.add_argument("--repeat-below", type=int, default=256,
                         help="sweeps of at most this many trials run --repeats times")
     args = parser.parse_args()
