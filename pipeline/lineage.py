@@ -21,7 +21,6 @@ from mlflow.entities import Dataset
 from pipeline import naming
 
 DIGEST_CHARS = 36  # MLflow stores at most 36 characters of a dataset's digest
-CONTEXT = "mlflow.data.context"
 
 
 @functools.cache

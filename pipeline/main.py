@@ -58,7 +58,6 @@ def run_main(images: str = "builtin:digits", weights: str = "auto",
     run when both live in the same experiment (otherwise they are linked by tags).
     """
     from pipeline.export import export
-    from pipeline.extract import run_extract
     from pipeline.sweep import run_sweep
 
     sweeps = [part.strip() for part in sweep.split(",") if part.strip()]
@@ -71,7 +70,6 @@ def run_main(images: str = "builtin:digits", weights: str = "auto",
     source = open_source(images) if features is None else None
     out = paths.writable_dir(output, "output")
     paths.writable_dir(out / "export", "output")
-    features_path = out / "features.h5"
     client = tracking.client()
     if launcher_run_id:
         main_run = launcher_run_id
@@ -84,27 +82,38 @@ def run_main(images: str = "builtin:digits", weights: str = "auto",
         client.set_tag(main_run, naming.STEP, "main")
         tracking.log_new_params(main_run, {"images": images, "weights": weights,
                                            "sweep": sweep, "output": output})
-        params = {"images": images, "weights": weights, "input_size": "auto", "batch_size": 32}
-        previous = find_extraction(experiment, params, source.fingerprint()) if source else None
-        if features is not None:
-            extract_run, features_path = "", resolve_features(features)
-            print(f"extract: skipped, using {features_path}", file=sys.stderr)
-        elif previous is not None:
-            extract_run = previous.info.run_id
-            _restore_features(previous, features_path)
-            print(f"extract: reusing FINISHED run {extract_run} ({features_path})", file=sys.stderr)
-        else:
-            extract_run, _ = run_extract(images, weights, "auto", 32, str(features_path),
-                                         experiment_id=experiment,
-                                         parent_run_id=main_run, progress=progress)
+        extract_run, features_path, reused = _features_step(
+            images, weights, source, features, out / "features.h5", experiment, main_run, progress)
         if extract_run:
             client.set_tag(main_run, "pipeline.extract_run_id", extract_run)
         parents = [run_sweep(str(features_path), path, storage=storage, launcher_run_id=main_run,
                              progress=progress).parent_run_id for path in sweeps]
         exported = export(",".join(parents), str(out / "export"), "csv,md,tex,png")
         tracking.log_batch(main_run, tags={"pipeline.sweep_run_id": ",".join(parents)})
-    return MainOutcome(main_run, extract_run, previous is not None, parents[0], exported.files,
-                       tuple(parents))
+    return MainOutcome(main_run, extract_run, reused, parents[0], exported.files, tuple(parents))
+
+
+def _features_step(images: str, weights: str, source, features: str | None, features_path: Path,
+                   experiment: str, main_run: str, progress: bool | None) -> tuple[str, Path, bool]:
+    """The main job's features: the file the user gave (``features``; no extract run), a
+    FINISHED extraction of the same images and settings in the experiment (its file restored
+    to ``features_path``), or a new extraction nested under ``main_run``. Returns the extract
+    run's id ("" for a given file), the features' path and whether an extraction was reused."""
+    from pipeline.extract import run_extract
+
+    if features is not None:
+        path = resolve_features(features)
+        print(f"extract: skipped, using {path}", file=sys.stderr)
+        return "", path, False
+    params = {"images": images, "weights": weights, "input_size": "auto", "batch_size": 32}
+    previous = find_extraction(experiment, params, source.fingerprint())
+    if previous is not None:
+        _restore_features(previous, features_path)
+        print(f"extract: reusing FINISHED run {previous.info.run_id} ({features_path})", file=sys.stderr)
+        return previous.info.run_id, features_path, True
+    extract_run, _ = run_extract(images, weights, "auto", 32, str(features_path), experiment_id=experiment,
+                                 parent_run_id=main_run, progress=progress)
+    return extract_run, features_path, False
 
 
 def _restore_features(run, path: Path) -> None:

@@ -30,6 +30,7 @@ from pipeline.errors import UserError
 STUDY_JOURNAL = "optuna-journal.log"  # the default Optuna storage's file, beside the store
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
+DATASET_CONTEXT = "mlflow.data.context"  # a dataset input's tag: its role for the run (MLflow's key)
 _ARTIFACT_URIS: dict[str, str] = {}  # run id -> artifact URI of runs created here (see log_text)
 
 
@@ -268,7 +269,7 @@ def log_batch(run_id: str, params: Mapping | None = None, metrics: Sequence[Metr
     tag_list = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
     metrics = list(metrics)
     store.log_batch(run_id, params=param_list[:MAX_PARAMS_PER_BATCH],
-                     metrics=metrics[:MAX_METRICS_PER_BATCH], tags=tag_list)
+                    metrics=metrics[:MAX_METRICS_PER_BATCH], tags=tag_list)
     for i in range(MAX_PARAMS_PER_BATCH, len(param_list), MAX_PARAMS_PER_BATCH):
         store.log_batch(run_id, params=param_list[i:i + MAX_PARAMS_PER_BATCH])
     for i in range(MAX_METRICS_PER_BATCH, len(metrics), MAX_METRICS_PER_BATCH):
@@ -278,7 +279,7 @@ def log_batch(run_id: str, params: Mapping | None = None, metrics: Sequence[Metr
 def log_features(run_id: str, dataset: Dataset, context: str = "training") -> None:
     """Record the features ``dataset`` (:func:`pipeline.lineage.features_dataset`) on ``run_id``
     with its role (``training``, or ``output`` for the run that made it)."""
-    client().log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag(lineage.CONTEXT, context)])])
+    client().log_inputs(run_id, datasets=[DatasetInput(dataset, [InputTag(DATASET_CONTEXT, context)])])
 
 
 def log_text(run_id: str, text: str | bytes, artifact_file: str) -> None:
