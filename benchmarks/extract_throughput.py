@@ -38,6 +38,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from pipeline import backbone  # noqa: E402
 from pipeline import extract as extract_stage  # noqa: E402
 from pipeline.sources import open_source  # noqa: E402
 
@@ -71,13 +72,13 @@ def timed(work) -> tuple[float, float]:
 
 def time_extract(model: keras.Model, images: Path, output: Path, batch_size: int) -> tuple[float, float]:
     """Wall and CPU seconds of ``extract`` on ``images``, the backbone handed in already built."""
-    original = extract_stage.load_backbone
-    extract_stage.load_backbone = lambda weights, size: (model, "random")
+    original = backbone.load_backbone
+    backbone.load_backbone = lambda weights, size: (model, "random")
     try:
         return timed(lambda: extract_stage.extract(str(images), "random", SIZE, batch_size, str(output),
                                                    progress=False))
     finally:
-        extract_stage.load_backbone = original
+        backbone.load_backbone = original
         output.unlink(missing_ok=True)
 
 
@@ -96,7 +97,7 @@ def main() -> None:
         write_images(images, args.images)
         model = keras.applications.Xception(include_top=False, weights=None, pooling="avg",
                                             input_shape=(SIZE, SIZE, 3))
-        decoded = np.concatenate([batch.numpy() for _, batch in extract_stage.image_dataset(
+        decoded = np.concatenate([batch.numpy() for _, batch in backbone.image_dataset(
             open_source(str(images)), SIZE, args.batch_size)])
         inputs = keras.applications.xception.preprocess_input(decoded)
         model(inputs[:1])  # start TensorFlow's runtime up for both

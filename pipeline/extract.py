@@ -1,6 +1,7 @@
 """The extract stage: images -> Keras Xception (ImageNet or random weights) -> features HDF5.
 
-Images are decoded, resized and batched by a ``tf.data`` pipeline with prefetching. A file
+The inputs are checked first, before TensorFlow is imported; the backbone and the ``tf.data``
+pipeline that decodes, resizes and batches the images are :mod:`pipeline.backbone`. A file
 that cannot be decoded is skipped, counted and listed, not fatal. The output is written
 atomically in the seed's layout (see :mod:`pipeline.features`), with attributes that say which
 weights were actually used. ``weights=auto`` falls back to random weights when ImageNet's
@@ -18,17 +19,9 @@ import numpy as np
 from pipeline import lineage, paths, tracking
 from pipeline.errors import UserError
 from pipeline.features import read_features, sha256_file, write_features
-from pipeline.progress import progress_bar
-from pipeline.quiet import quiet_tensorflow
 from pipeline.sources import MIN_INPUT_SIZE, ImageSource, open_source
 
-quiet_tensorflow()
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-BACKBONE = "keras.applications.Xception"
 WEIGHT_CHOICES = ("imagenet", "random", "auto")
-RANDOM_WEIGHTS_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -57,71 +50,14 @@ def input_size_for(value: str | int, source: ImageSource) -> int:
     return size
 
 
-def load_backbone(weights: str, input_size: int) -> tuple[keras.Model, str]:
-    """Xception without its top, global-average pooled, and a description of the weights used.
-
-    ``imagenet`` uses Keras's download and cache; ``random`` is ``weights=None``, initialised
-    with seed :data:`RANDOM_WEIGHTS_SEED` so that runs repeat; ``auto`` is ImageNet when it can
-    be had, otherwise random with a warning; anything else is a path to a Keras weights file
-    for this architecture.
-    """
-    shape = (input_size, input_size, 3)
-    build = lambda w: keras.applications.Xception(  # noqa: E731
-        include_top=False, weights=w, pooling="avg", input_shape=shape)
-
-    def build_random():  # seeded, so random-weight features (and every number after) repeat
-        keras.utils.set_random_seed(RANDOM_WEIGHTS_SEED)
-        return build(None)
-
-    if weights == "random":
-        return build_random(), "random"
-    if weights in ("imagenet", "auto"):
-        try:
-            return build("imagenet"), "imagenet"
-        except Exception as exc:
-            reason = " ".join(str(exc).split())[:300]
-            if weights == "imagenet":
-                raise UserError(f"weights imagenet: cannot be loaded ({reason}); use "
-                                f"--weights random or a weights file") from None
-            print(f"warning: ImageNet weights unavailable ({reason}); extracting with RANDOM "
-                  f"weights (tag backbone.weights=random)", file=sys.stderr)
-            return build_random(), "random"
-    path = Path(weights)
-    if not path.is_file():
-        raise UserError(f"weights '{weights}': not imagenet, random, auto or an existing file")
-    try:
-        return build(str(path)), f"file:{path.name} sha256:{sha256_file(path)[:16]}"
-    except Exception as exc:
-        raise UserError(f"weights file {path}: cannot be loaded into Xception "
-                        f"({' '.join(str(exc).split())[:200]})") from None
-
-
-def image_dataset(source: ImageSource, input_size: int, batch_size: int) -> tf.data.Dataset:
-    """Batches of (row index, RGB image in 0..255 at ``input_size``).
-
-    A file decodes by its content, whatever its name; one that does not (another format, a
-    damaged image, an unreadable file) is left out, and its row index with it, so the caller
-    lists it as skipped."""
-    size = (input_size, input_size)
-    if source.pixels is not None:
-        ds = tf.data.Dataset.from_tensor_slices((np.arange(len(source)), source.pixels))
-        ds = ds.map(lambda i, px: (i, tf.image.resize(px, size)), num_parallel_calls=tf.data.AUTOTUNE)
-    else:
-        def load(i, path):
-            image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-            return i, tf.image.resize(tf.cast(image, tf.float32), size)
-
-        ds = tf.data.Dataset.from_tensor_slices((np.arange(len(source)), list(source.paths)))
-        ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE)
-        ds = ds.ignore_errors()
-    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
-
-
-def check_inputs(images: str, input_size: str | int, batch_size: int) -> tuple[ImageSource, int]:
-    """The image source and input size, or :class:`UserError` for an unusable folder, size or
-    batch size (checked before anything is written)."""
+def check_inputs(images: str, weights: str, input_size: str | int,
+                 batch_size: int) -> tuple[ImageSource, int]:
+    """The image source and input size, or :class:`UserError` for an unusable folder, weights,
+    size or batch size: checked before anything is written, and before TensorFlow is imported."""
     if batch_size < 1:
         raise UserError(f"batch_size {batch_size}: must be >= 1")
+    if weights not in WEIGHT_CHOICES and not Path(weights).is_file():
+        raise UserError(f"weights '{weights}': not imagenet, random, auto or an existing file")
     source = open_source(images)
     return source, input_size_for(input_size, source)
 
@@ -134,20 +70,11 @@ def extract(images: str, weights: str = "auto", input_size: str | int = "auto",
     Raises :class:`UserError` for an unusable source, size, weights or an input in which no
     image decodes; in every such case nothing is written at ``output``.
     """
-    source, size = check_inputs(images, input_size, batch_size)
-    model, used = load_backbone(weights, size)
-    # One graph for every batch size: a last, smaller batch would otherwise trace Xception again.
-    forward = tf.function(lambda x: model(keras.applications.xception.preprocess_input(x),
-                                          training=False),
-                          input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
-    rows, chunks = [], []
-    with progress_bar("extract", len(source), "file", enabled=progress) as bar:
-        for idx, batch in image_dataset(source, size, batch_size):
-            chunks.append(forward(batch).numpy())
-            rows.append(idx.numpy())
-            bar.update(len(idx))
-        bar.update(len(source) - bar.n)  # the files that could not be decoded are done too
-    kept = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    source, size = check_inputs(images, weights, input_size, batch_size)
+    from pipeline import backbone  # TensorFlow, once the inputs are known to be good
+
+    model, used = backbone.load_backbone(weights, size)
+    kept, x = backbone.forward(model, source, size, batch_size, progress)
     skipped = tuple(source.paths[i] for i in sorted(set(range(len(source))) - set(kept.tolist())))
     if len(kept) == 0:
         raise UserError(f"images {images}: none of the {len(source)} files could be decoded")
@@ -155,8 +82,7 @@ def extract(images: str, weights: str = "auto", input_size: str | int = "auto",
     if len(np.unique(labels)) < 2:
         raise UserError(f"images {images}: after skipping {len(skipped)} undecodable files only "
                         f"one class is left")
-    x = np.concatenate(chunks).astype(np.float32)
-    attrs = {"backbone": BACKBONE, "weights": used, "input_size": size,
+    attrs = {"backbone": backbone.BACKBONE, "weights": used, "input_size": size,
              "class_names": list(source.class_names), "source": source.description,
              "skipped": len(skipped), "versions": tracking.versions()}
     path = write_features(output, x, labels, attrs)
@@ -185,7 +111,7 @@ def run_extract(images: str, weights: str = "auto", input_size: str | int = "aut
     """
     from pipeline import naming
 
-    check_inputs(images, input_size, batch_size)  # bad input: no run, no file
+    check_inputs(images, weights, input_size, batch_size)  # bad input: no run, no file
     paths.writable_file(output, "output")
     tracking.install_sigterm_handler()  # SIGTERM ends the run KILLED, as Ctrl-C does
     if run_id is None:

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from pipeline import naming
+from pipeline.backbone import load_backbone
 from pipeline.cli import build_parser, interrupt_message
 from pipeline.errors import UserError
-from pipeline.extract import extract, load_backbone, run_extract
+from pipeline.extract import extract, run_extract
 from pipeline.features import read_features, resolve_features, sha256_file
 from pipeline.sources import digits_source
 from tests.helpers import make_folder

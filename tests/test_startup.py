@@ -89,6 +89,22 @@ def test_bad_features_file_imports_no_tensorflow(features, tmp_path, store):
     assert imported(proc) == "[]"
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["extract", "--images", "nowhere"], "images folder not found: nowhere"),
+    (["extract", "--images", "builtin:digits", "--weights", "imagenet.h5"],
+     "weights 'imagenet.h5': not imagenet, random, auto or an existing file"),
+    (["extract", "--images", "builtin:digits", "--input_size", "70"],
+     "input_size 70: Xception needs at least 71"),
+    (["main", "--images", "nowhere", "--sweep", str(ROOT / "sweeps" / "default.yaml"), "--output", "out"],
+     "images folder not found: nowhere"),
+], ids=["images", "weights", "input-size", "main-images"])
+def test_bad_extraction_input_imports_no_tensorflow(args, message, tmp_path, store):
+    proc = run_pipeline(args, tmp_path, store)
+    assert proc.returncode == 2 and f"error: {message}" in proc.stderr, proc.stderr[-2000:]
+    assert imported(proc) == "[]"
+    assert not (tmp_path / "features.h5").exists() and not (tmp_path / "out").exists()
+
+
 def test_export_without_sweeps_imports_no_tensorflow(tmp_path, store):
     proc = run_pipeline(["export", "--output", "out"], tmp_path, store)
     assert proc.returncode == 2 and "error: no sweep runs" in proc.stderr
