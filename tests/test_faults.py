@@ -35,11 +35,12 @@ FAST_HEARTBEAT = {storages.HEARTBEAT_ENV: "1", storages.GRACE_ENV: "3"}
 
 def test_sigkill_of_a_worker_mid_trial_is_failed_by_heartbeat_and_retried(
         tmp_path, postgres, mlflow_server, launch):
-    # 100 epochs a trial keep both processes at work (a 1-epoch queue can be done by the first
-    # before the second has imported TensorFlow). The victim is killed in a trial it began
-    # 0.5-1.5 s before, so that the trial is still training at the kill: a trial that is about
-    # to end, or one that fails at once by design, would leave nothing lost and nothing retried.
-    features, sweep, budget = tiny_study(tmp_path, n_seeds=2, epochs=100)
+    # 40 epochs a trial (about 4 s on a quiet machine) keep both processes at work (a 1-epoch
+    # queue can be done by the first before the second has imported TensorFlow). The victim is
+    # killed in a trial it began 0.5-1.5 s before, so that the trial is still training at the
+    # kill: a trial that is about to end, or one that fails at once by design, would leave
+    # nothing lost and nothing retried.
+    features, sweep, budget = tiny_study(tmp_path, n_seeds=2, epochs=40)
     storage = postgres.create_database("optuna_kill")
     args = ("--features", features, "--sweep", sweep, "--storage", storage, "--study", "kill")
     victim = launch(mlflow_server.uri, *args, env=FAST_HEARTBEAT, log="victim")

@@ -28,12 +28,12 @@ pytestmark = pytest.mark.slow  # commands in their own processes, signals, rerun
 def test_interrupt_fails_the_trial_kills_its_run_and_a_rerun_resumes(tmp_path, signum, engine,
                                                                      launch):
     """The trial in hand (the fused engine: the batch in hand) ends FAIL and is queued again,
-    its run KILLED; the rerun finishes the study. (2000 epochs keep a fused batch, 200 a Keras
-    trial, training for a second or more, so that the signal lands while one is in hand. The
-    signal goes to a trial claimed half a second before, not to one of the trials that fail at
-    once by design, which could end before it.)"""
+    its run KILLED; the rerun finishes the study. (300 epochs keep a fused batch, 40 a Keras
+    trial, training for about 4 s on a quiet machine, so that the signal lands while one is in
+    hand. The signal goes to a trial claimed half a second before, not to one of the trials
+    that fail at once by design, which could end before it.)"""
     features, sweep, budget = tiny_study(tmp_path, n_seeds=1, engine=engine,
-                                         epochs=2000 if engine == "fused" else 200)
+                                         epochs=300 if engine == "fused" else 40)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     journal = str(tmp_path / "optuna-journal.log")
     proc = launch(uri, "--features", features, "--sweep", sweep)
