@@ -26,29 +26,6 @@ def test_help(stage, tmp_path):
     assert "usage: python -m pipeline " + stage in result.stdout
 
 
-@pytest.mark.slow
-def test_bad_inputs_exit_2_with_one_line_and_write_nothing(tmp_path):
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    (tmp_path / "bad.yaml").write_text("name: x\nexperiment: e\nspace: {activation: [relu]}\n")
-    (tmp_path / "f.h5").write_text("not hdf5")
-    cases = [
-        (["sweep", "--features", "f.h5", "--sweep", str(ROOT / "sweeps/default.yaml")],
-         "not a readable HDF5 file"),
-        (["sweep", "--features", "f.h5", "--sweep", "bad.yaml"],
-         "'relu' is not allowed (allowed: sigmoid, softmax, linear)"),
-        (["extract", "--images", "nowhere", "--output", "out.h5"], "images folder not found"),
-        (["export", "--output", "ex"], "no sweep runs"),
-    ]
-    for args, message in cases:
-        result = cli(*args, cwd=tmp_path, env=env)
-        assert result.returncode == 2, result.stderr
-        lines = result.stderr.strip().splitlines()
-        assert lines[-1].startswith("error: ") and message in lines[-1], result.stderr
-        assert "Traceback" not in result.stderr
-    assert not (tmp_path / "out.h5").exists() and not (tmp_path / "ex").exists()
-    assert not (tmp_path / "optuna-journal.log").exists()
-
-
 def test_every_mlproject_entry_point_is_a_subcommand_with_its_parameters():
     import yaml
 

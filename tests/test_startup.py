@@ -1,12 +1,13 @@
 """Commands that train nothing do not import TensorFlow.
 
 ``--help``, ``export`` and an error on bad input answer without the seconds ``import
-tensorflow`` takes. Each command runs in a fresh interpreter, as a user runs it, and reports at
-exit whether ``tensorflow`` or ``keras`` was ever imported.
+tensorflow`` takes. The commands run in a fresh interpreter, as a user runs them, which reports
+after each command whether ``tensorflow`` or ``keras`` has been imported so far.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,107 +20,101 @@ from tests.helpers import make_sweep, new_store
 pytestmark = pytest.mark.slow  # each test starts a fresh interpreter: 8-12 s apiece
 
 ROOT = Path(__file__).resolve().parent.parent
-REPORT = "imported at exit:"
+DEFAULT_SWEEP = str(ROOT / "sweeps" / "default.yaml")
+REPORT = "after the command:"
+# Runs each command of a JSON list through the CLI's entry point, one after the other, and
+# after each one reports its exit status and which of TensorFlow and Keras are imported so far
+# (on stdout and stderr alike, so that both can be split by command).
 PROBE = f"""
-import atexit, runpy, sys
+import json, sys
+from pipeline.cli import main
 
-def report():
-    print({REPORT!r}, sorted({{"tensorflow", "keras"}} & set(sys.modules)), file=sys.stderr)
-
-atexit.register(report)
-sys.argv = ["pipeline", *sys.argv[1:]]
-runpy.run_module("pipeline", run_name="__main__")
+for args in json.loads(sys.argv[1]):
+    try:
+        main(args)
+        status = 0
+    except SystemExit as exit:
+        status = exit.code or 0
+    line = {REPORT!r} + " " + json.dumps([status, sorted({{"tensorflow", "keras"}} & set(sys.modules))])
+    print(line, flush=True)
+    print(line, file=sys.stderr, flush=True)
 """
 
+# Bad input to every stage that reads files the user names: (the command, its one error line).
+BAD_INPUT = [
+    (["sweep", "--features", "features.h5", "--sweep", "missing.yaml"],
+     "sweep file not found: missing.yaml"),
+    (["sweep", "--features", "features.h5", "--sweep", "unknown_key.yaml"], "epochz: unknown key"),
+    (["sweep", "--features", "features.h5", "--sweep", "relu.yaml"],
+     "'relu' is not allowed (allowed: sigmoid, softmax, linear)"),
+    (["sweep", "--features", "missing.h5", "--sweep", DEFAULT_SWEEP], "features file not found"),
+    (["sweep", "--features", "not_hdf5.h5", "--sweep", DEFAULT_SWEEP], "not a readable HDF5 file"),
+    (["extract", "--images", "nowhere", "--output", "out.h5"], "images folder not found: nowhere"),
+    (["extract", "--images", "builtin:digits", "--weights", "imagenet.h5", "--output", "out.h5"],
+     "weights 'imagenet.h5': not imagenet, random, auto or an existing file"),
+    (["extract", "--images", "builtin:digits", "--input_size", "70", "--output", "out.h5"],
+     "input_size 70: Xception needs at least 71"),
+    (["main", "--images", "nowhere", "--sweep", DEFAULT_SWEEP, "--output", "out"],
+     "images folder not found: nowhere"),
+    (["export", "--output", "out"], "no sweep runs"),
+]
+HELP = [["--help"], ["sweep", "--help"], ["export", "--help"]]
 
-def run_pipeline(args: list[str], cwd: Path, store: str) -> subprocess.CompletedProcess:
-    """``python -m pipeline ARGS`` in a fresh interpreter, MLflow pointed at ``store``."""
+
+def run_commands(commands: list[list[str]], cwd: Path, store: str) -> list[tuple[int, list, str, str]]:
+    """``commands`` through the CLI, one after the other in one fresh interpreter, MLflow pointed
+    at ``store``: for each, its exit status, what of TensorFlow and Keras was imported by then,
+    and its stdout and stderr."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": store}
     env.pop("MLFLOW_RUN_ID", None)
-    return subprocess.run([sys.executable, "-c", PROBE, *args], cwd=cwd, env=env,
+    proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(commands)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def split(text: str) -> list[tuple[list, str]]:
+        """(report, output) per command: a command's output ends with its report line."""
+        reports, (output, *chunks) = [], text.split(REPORT + " ")
+        for chunk in chunks:
+            report, _, rest = chunk.partition("\n")
+            reports.append((json.loads(report), output))
+            output = rest
+        return reports
+    out, err = split(proc.stdout), split(proc.stderr)
+    assert len(out) == len(err) == len(commands), proc.stderr[-3000:]
+    return [(status, imported, stdout, stderr)
+            for ((status, imported), stdout), (_, stderr) in zip(out, err, strict=True)]
 
 
-def imported(proc: subprocess.CompletedProcess) -> str:
-    """What the probe reported at exit: ``[]`` when neither TensorFlow nor Keras was imported."""
-    lines = [line for line in proc.stderr.splitlines() if line.startswith(REPORT)]
-    assert lines, proc.stderr[-2000:]
-    return lines[-1].removeprefix(REPORT).strip()
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch) -> str:
-    """An empty MLflow store in ``tmp_path``, copied (creating MLflow's tables takes seconds of
-    CPU in the command, and is not what is tested here)."""
-    monkeypatch.chdir(tmp_path)
-    return new_store(tmp_path)
-
-
-@pytest.mark.parametrize("args", [["--help"], ["sweep", "--help"], ["export", "--help"]],
-                         ids=["help", "sweep-help", "export-help"])
-def test_help_imports_no_tensorflow(args, tmp_path, store):
-    proc = run_pipeline(args, tmp_path, store)
-    assert proc.returncode == 0 and "usage:" in proc.stdout
-    assert imported(proc) == "[]"
-
-
-def test_missing_sweep_file_imports_no_tensorflow(tmp_path, store):
-    proc = run_pipeline(["sweep", "--features", "features.h5", "--sweep", "missing.yaml"],
-                        tmp_path, store)
-    assert proc.returncode == 2 and "error: sweep file not found: missing.yaml" in proc.stderr
-    assert imported(proc) == "[]"
-
-
-def test_bad_sweep_file_imports_no_tensorflow(tmp_path, store):
-    (tmp_path / "bad.yaml").write_text("name: bad\nepochz: 3\nspace: {units: [1, 2]}\n")
-    proc = run_pipeline(["sweep", "--features", "features.h5", "--sweep", "bad.yaml"],
-                        tmp_path, store)
-    assert proc.returncode == 2 and "epochz: unknown key" in proc.stderr
-    assert imported(proc) == "[]"
-
-
-@pytest.mark.parametrize("features", ["missing.h5", "not_hdf5.h5"])
-def test_bad_features_file_imports_no_tensorflow(features, tmp_path, store):
+def test_help_and_bad_input_import_no_tensorflow(tmp_path):
+    """Every ``--help`` answers and every bad input is refused with exit 2, one ``error:`` line and
+    no traceback, none of them importing TensorFlow, and nothing is written."""
+    (tmp_path / "unknown_key.yaml").write_text("name: bad\nepochz: 3\nspace: {units: [1, 2]}\n")
+    (tmp_path / "relu.yaml").write_text("name: x\nexperiment: e\nspace: {activation: [relu]}\n")
     (tmp_path / "not_hdf5.h5").write_text("not an HDF5 file")
-    proc = run_pipeline(["sweep", "--features", features, "--sweep", str(ROOT / "sweeps" / "default.yaml")],
-                        tmp_path, store)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    expected = "features file not found" if features == "missing.h5" else "not a readable HDF5 file"
-    assert expected in proc.stderr
-    assert imported(proc) == "[]"
-
-
-@pytest.mark.parametrize(("args", "message"), [
-    (["extract", "--images", "nowhere"], "images folder not found: nowhere"),
-    (["extract", "--images", "builtin:digits", "--weights", "imagenet.h5"],
-     "weights 'imagenet.h5': not imagenet, random, auto or an existing file"),
-    (["extract", "--images", "builtin:digits", "--input_size", "70"],
-     "input_size 70: Xception needs at least 71"),
-    (["main", "--images", "nowhere", "--sweep", str(ROOT / "sweeps" / "default.yaml"), "--output", "out"],
-     "images folder not found: nowhere"),
-], ids=["images", "weights", "input-size", "main-images"])
-def test_bad_extraction_input_imports_no_tensorflow(args, message, tmp_path, store):
-    proc = run_pipeline(args, tmp_path, store)
-    assert proc.returncode == 2 and f"error: {message}" in proc.stderr, proc.stderr[-2000:]
-    assert imported(proc) == "[]"
-    assert not (tmp_path / "features.h5").exists() and not (tmp_path / "out").exists()
-
-
-def test_export_without_sweeps_imports_no_tensorflow(tmp_path, store):
-    proc = run_pipeline(["export", "--output", "out"], tmp_path, store)
-    assert proc.returncode == 2 and "error: no sweep runs" in proc.stderr
-    assert imported(proc) == "[]"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    store = new_store(tmp_path)
+    results = run_commands(HELP + [args for args, _ in BAD_INPUT], tmp_path, store)
+    for args, (status, imported, stdout, _) in zip(HELP, results, strict=False):
+        assert status == 0 and f"usage: python -m pipeline {' '.join(args[:-1])}".strip() in stdout, args
+        assert imported == [], args
+    for (args, message), (status, imported, _, stderr) in zip(BAD_INPUT, results[len(HELP):], strict=True):
+        lines = stderr.strip().splitlines()
+        assert status == 2 and lines[-1] == f"error: {lines[-1][7:]}" and message in lines[-1], (args, stderr)
+        assert "Traceback" not in stderr, stderr
+        assert imported == [], args
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "mlflow.db"])
 
 
 def test_export_of_a_sweep_imports_no_tensorflow(tmp_path):
     grid = {"activation": ["sigmoid", "softmax"], "units": [2], "loss": ["categorical_crossentropy"],
             "learning_rate": [0.01, 0.1], "init": ["glorot_uniform"]}
     sweep = make_sweep(tmp_path, grid=grid)
-    proc = run_pipeline(["export", "--run_id", sweep.parent, "--output", "out",
-                         "--formats", "csv,md,tex,png"], tmp_path, sweep.store)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    ((status, imported, _, stderr),) = run_commands(
+        [["export", "--run_id", sweep.parent, "--output", "out", "--formats", "csv,md,tex,png"]],
+        tmp_path, sweep.store)
+    assert status == 0, stderr[-2000:]
     assert (tmp_path / "out" / "param_importances.html").exists()
-    assert imported(proc) == "[]"
+    assert imported == []
 
 
 def test_sweep_and_records_modules_import_no_tensorflow(tmp_path):
