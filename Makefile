@@ -22,9 +22,12 @@ run: install
 lint: install
 	ruff check .
 
-# One pytest worker per core (at most 4), each test module on one worker: a module's fixtures
-# (trained heads, a finished study) are made once. The full suite lists its 25 slowest tests.
-PYTEST := python -m pytest --numprocesses auto --maxprocesses 4 --dist loadfile
+# One pytest worker more than there are cores (at most 4): many tests wait on the processes
+# they start (signals, servers, polls), and a third worker on two cores fills that time. Each
+# test module runs on one worker, so its fixtures (trained heads, a finished study) are made
+# once. The full suite lists its 25 slowest tests.
+WORKERS := $(shell $(PYTHON) -c "import os; print(min((os.cpu_count() or 1) + 1, 4))")
+PYTEST := python -m pytest --numprocesses $(WORKERS) --dist loadfile
 
 test: lint
 	$(PYTEST) --durations=25
