@@ -34,7 +34,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from pipeline import naming, tables, tracking
+from pipeline import naming, runs, tables, tracking
 
 CELL = ("activation", "units", "loss", "from_logits", "labels")
 HEALTHY_SHARE = 0.9  # a healthy cell gains at least this share of the best cell's gain over chance
@@ -129,7 +129,7 @@ def _verdict(cell: pd.DataFrame, best: float) -> tuple[str, str]:
 
 
 def cell_verdicts(trials: pd.DataFrame) -> pd.DataFrame:
-    """One row per cell of a study's trials (:func:`pipeline.export.trial_records`), in the
+    """One row per cell of a study's trials (:func:`pipeline.runs.trial_records`), in the
     trials' order: the cell, its verdict and note, its effective model, ``runs`` and
     ``finished``, ``collapsed`` seeds, mean ``val_accuracy`` and ``keras_val_accuracy``, the
     largest |difference| of the two over seeds (``metric_gap``), the best cell's mean
@@ -157,9 +157,7 @@ def cell_verdicts(trials: pd.DataFrame) -> pd.DataFrame:
 def tag_verdicts(parent_run_id: str) -> pd.DataFrame:
     """Tag every trial run of the finished sweep ``parent_run_id`` with its cell's verdict
     (``atlas.verdict``) and effective model (``atlas.model``); return :func:`cell_verdicts`."""
-    from pipeline.export import trial_records  # the export reads the atlas's rows: imported late
-
-    cells = cell_verdicts(trial_records(parent_run_id, tracking.client().get_run(parent_run_id)))
+    cells = cell_verdicts(runs.trial_records(parent_run_id, tracking.client().get_run(parent_run_id)))
     for cell in cells.itertuples(index=False):
         for run_id in cell.run_ids:
             tracking.log_batch(run_id, tags={naming.VERDICT: cell.verdict,

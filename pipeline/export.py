@@ -1,6 +1,6 @@
 """The export stage: a sweep's MLflow runs -> tidy CSV, paper tables and figures.
 
-Reads the trial runs nested under a sweep's parent run (``mlflow.search_runs`` and metric
+Reads the trial runs nested under a sweep's parent run (:mod:`pipeline.runs`, and metric
 histories), writes ``trials.csv`` (one row per trial, params typed), ``summary.md`` /
 ``summary.tex`` (grouped by config, mean ± std over seeds), ``epochs.csv`` (per-epoch metrics),
 the PNG figures (``loss_curves``, ``loss_gaps``, ``accuracy``) and Optuna's HTML figures of the
@@ -21,10 +21,9 @@ import optuna
 import pandas as pd
 
 from pipeline import figures, findings, naming, paths, study_figures, tables, tracking
-from pipeline.config import CONFIG_MODELS, PARITY_METRICS
 from pipeline.errors import UserError
 from pipeline.progress import progress_bar
-from pipeline.results import EPOCH_METRICS
+from pipeline.runs import sweep_run, trial_records
 
 FORMATS = ("csv", "md", "tex", "png", "pdf", "svg", "html")
 FIGURE_FORMATS = {"png", "pdf", "svg", "md"}  # formats that bring the figures
@@ -56,52 +55,6 @@ def latest_sweep_run(sweep_name: str | None = None) -> str:
         raise UserError(f"{what} in the tracking store ({mlflow.get_tracking_uri()}); "
                         f"run a sweep first or pass --run_id")
     return runs[0].info.run_id
-
-
-def trial_records(parent_run_id: str, parent=None) -> pd.DataFrame:
-    """One row per trial run under ``parent_run_id``: ids, status, ``pruned``, typed params,
-    final metrics.
-
-    Params keep their names (``loss`` is the loss function); the last epoch's value of metric
-    ``m`` is the column ``final_m`` (a pruned trial's last epoch is the one it stopped after).
-    ``parent`` is the parent run if the caller has it already (:func:`sweep_run`). The runs
-    come from one search, read page by page.
-    """
-    parent = parent or sweep_run(parent_run_id)
-    kind = parent.data.tags.get(naming.KIND, "heads")
-    model = CONFIG_MODELS[kind]
-    finals = EPOCH_METRICS if kind == "heads" else PARITY_METRICS
-    runs = mlflow.search_runs(experiment_ids=[parent.info.experiment_id], output_format="list",
-                              filter_string=f"tags.`{naming.PARENT}` = '{parent_run_id}'")
-    rows = []
-    for run in runs:
-        params = {k: v for k, v in run.data.params.items() if k in model.model_fields}
-        config = model(**params).params() if params else {}
-        tags = run.data.tags
-        rows.append({"run_id": run.info.run_id, "run_name": run.info.run_name,
-                     "status": run.info.status,
-                     "trial": int(tags.get(naming.TRIAL_NUMBER, -1)),
-                     "role": tags.get(naming.ROLE, ""),
-                     "collapsed": tags.get(naming.COLLAPSED) == "true",
-                     "pruned": tags.get(naming.PRUNED) == "true",
-                     **config,
-                     **{f"final_{m}": run.data.metrics.get(m, float("nan")) for m in finals},
-                     "positive_fraction": run.data.metrics.get("positive_fraction", float("nan")),
-                     "error": tags.get(naming.ERROR, "")})
-    frame = pd.DataFrame(rows)
-    return frame.sort_values("trial").reset_index(drop=True) if not frame.empty else frame
-
-
-def sweep_run(run_id: str):
-    """The parent run ``run_id`` of a sweep, or :class:`UserError` saying why it is not one."""
-    try:
-        parent = tracking.client().get_run(run_id)
-    except mlflow.exceptions.MlflowException:
-        raise UserError(f"run_id {run_id}: no such run in {mlflow.get_tracking_uri()}") from None
-    if parent.data.tags.get(naming.STEP) != "sweep":
-        raise UserError(f"run_id {run_id}: not a sweep's parent run "
-                        f"(its {naming.STEP} tag is {parent.data.tags.get(naming.STEP)!r})")
-    return parent
 
 
 def resolve_run_ids(run_ids: str | None) -> list[str]:

@@ -1,7 +1,7 @@
 """The findings report: the collapse, parity, deep-parity, breakers and atlas tables, from
 their studies' trials.
 
-Pure functions from :func:`pipeline.export.trial_records` frames to table cells, and the
+Pure functions from :func:`pipeline.runs.trial_records` frames to table cells, and the
 assembly of ``findings.md`` / ``findings.tex`` with each table under the command that
 regenerates it. Which table a study makes is its sweep file's ``report`` (``collapse``,
 ``parity``, ``parity_deep``, ``breakers`` or ``atlas``). :data:`BREAKERS` is the one list of

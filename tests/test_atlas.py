@@ -124,7 +124,7 @@ def test_a_loss_on_logits_trains_fused_as_keras_trains_it(config, data):
 
 
 def trial_frame(configs, outcomes) -> pd.DataFrame:
-    """Trials as :func:`pipeline.export.trial_records` reads them from their runs."""
+    """Trials as :func:`pipeline.runs.trial_records` reads them from their runs."""
     rows = []
     for i, (config, outcome) in enumerate(zip(configs, outcomes, strict=True)):
         failed = isinstance(outcome, Exception)
@@ -157,7 +157,7 @@ def test_verdicts_of_real_heads(data):
 
 
 def judged_trial(activation, accuracy, keras, run, status="FINISHED", error=""):
-    """One trial record of a cell as :func:`pipeline.export.trial_records` gives it."""
+    """One trial record of a cell as :func:`pipeline.runs.trial_records` gives it."""
     return {"run_id": run, "status": status, "pruned": False, "collapsed": False, "error": error,
             "positive_fraction": 0.5,
             **TrialConfig(activation=activation).params(), "final_loss": 0.5, "final_val_loss": 0.5,

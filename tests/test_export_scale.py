@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 
 from pipeline import figures, naming, study_figures
-from pipeline.export import CURVE_METRICS, comparison_trials, epoch_records, export, trial_records
+from pipeline.export import CURVE_METRICS, comparison_trials, epoch_records, export
+from pipeline.runs import trial_records
 from tests.helpers import EPOCHS, make_sweep
 
 

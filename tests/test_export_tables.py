@@ -20,9 +20,8 @@ from pipeline.export import (
     epoch_records,
     export,
     resolve_run_ids,
-    sweep_run,
-    trial_records,
 )
+from pipeline.runs import sweep_run, trial_records
 from pipeline.tracking import create_run, log_batch, scalars, series
 from tests.helpers import private_store
 

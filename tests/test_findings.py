@@ -10,9 +10,10 @@ import pytest
 import yaml
 
 from pipeline import naming
-from pipeline.export import export, trial_records
+from pipeline.export import export
 from pipeline.features import write_features
 from pipeline.findings import Section, latex, markdown, parity_deep_rows, parity_rows, sci
+from pipeline.runs import trial_records
 from pipeline.sweep import run_sweep
 from tests.helpers import make_features, private_store
 

@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 from pipeline import naming
 from pipeline.config import parse_sweep
 from pipeline.errors import UserError
-from pipeline.export import trial_records
+from pipeline.runs import trial_records
 from pipeline.storages import make_storage
 from pipeline.sweep import run_sweep
 from pipeline.tables import summarize

@@ -15,8 +15,9 @@ import yaml
 
 from pipeline import naming
 from pipeline.errors import UserError
-from pipeline.export import export, trial_records
+from pipeline.export import export
 from pipeline.features import write_features
+from pipeline.runs import trial_records
 from pipeline.storages import make_storage
 from pipeline.sweep import run_sweep
 from pipeline.tracking import default_study_storage
