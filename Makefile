@@ -26,7 +26,7 @@ lint: install
 # they start (signals, servers, polls), and a third worker on two cores fills that time. Each
 # test module runs on one worker, so its fixtures (trained heads, a finished study) are made
 # once. The full suite lists its 25 slowest tests.
-WORKERS := $(shell $(PYTHON) -c "import os; print(min((os.cpu_count() or 1) + 1, 4))")
+WORKERS = $(shell $(BIN)/python -c "import os; print(min(len(os.sched_getaffinity(0)) + 1, 4))")
 PYTEST := python -m pytest --numprocesses $(WORKERS) --dist loadfile
 
 test: lint

@@ -113,6 +113,9 @@ def run_extract(images: str, weights: str = "auto", input_size: str | int = "aut
 
     check_inputs(images, weights, input_size, batch_size)  # bad input: no run, no file
     paths.writable_file(output, "output")
+    # TensorFlow is imported before the run opens: the run times the extraction, not the
+    # import, and Ctrl-C during the import leaves no run behind.
+    from pipeline import backbone  # noqa: F401
     tracking.install_sigterm_handler()  # SIGTERM ends the run KILLED, as Ctrl-C does
     if run_id is None:
         exp = experiment_id or tracking.experiment_id("features")

@@ -1,4 +1,5 @@
-"""A sweep's runs read back from MLflow: its parent run, and one row per trial run.
+"""A sweep's runs read back from MLflow: its parent run (by id or by sweep name), and one row
+per trial run.
 
 The export's tables and figures and the atlas's verdicts both start from these rows.
 """
@@ -12,6 +13,37 @@ from pipeline import naming, tracking
 from pipeline.config import CONFIG_MODELS, PARITY_METRICS
 from pipeline.errors import UserError
 from pipeline.results import EPOCH_METRICS
+
+
+def latest_sweep_run(sweep_name: str | None = None) -> str:
+    """The id of the most recently started sweep parent run (of sweep ``sweep_name`` if given),
+    in any experiment."""
+    clauses = [f"tags.`{naming.STEP}` = 'sweep'"]
+    if sweep_name:
+        if "'" in sweep_name:
+            raise UserError(f"run_id {sweep_name!r}: not a run id or a sweep name")
+        clauses.append(f"tags.`{naming.SWEEP_NAME}` = '{sweep_name}'")
+    runs = mlflow.search_runs(search_all_experiments=True, max_results=1,
+                              filter_string=" and ".join(clauses),
+                              order_by=["attributes.start_time DESC"], output_format="list")
+    if not runs:
+        what = f"no runs of sweep '{sweep_name}'" if sweep_name else "no sweep runs"
+        raise UserError(f"{what} in the tracking store ({mlflow.get_tracking_uri()}); "
+                        f"run a sweep first or pass --run_id")
+    return runs[0].info.run_id
+
+
+def resolve_run_ids(run_ids: str | None) -> list[str]:
+    """Sweep parent run ids from a comma list of run ids or sweep names (the latest run of
+    each named sweep); empty means the latest sweep of all."""
+    names = [part.strip() for part in (run_ids or "").split(",") if part.strip()]
+    if not names:
+        return [latest_sweep_run()]
+    return [name if _is_run_id(name) else latest_sweep_run(name) for name in names]
+
+
+def _is_run_id(text: str) -> bool:
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
 
 
 def trial_records(parent_run_id: str, parent=None) -> pd.DataFrame:

@@ -1,4 +1,5 @@
-"""The command line as a user meets it: help, one-line errors, exit codes, clean stores."""
+"""The command line as a user meets it: `python -m pipeline` and every stage's help, the MLproject
+entry points as subcommands, the version. (Bad input: test_startup.py and test_bad_input.py.)"""
 
 from __future__ import annotations
 

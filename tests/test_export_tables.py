@@ -19,9 +19,8 @@ from pipeline.export import (
     comparison_trials,
     epoch_records,
     export,
-    resolve_run_ids,
 )
-from pipeline.runs import sweep_run, trial_records
+from pipeline.runs import resolve_run_ids, sweep_run, trial_records
 from pipeline.tracking import create_run, log_batch, scalars, series
 from tests.helpers import private_store
 
