@@ -27,7 +27,7 @@ lint: install
 # test module runs on one worker, so its fixtures (trained heads, a finished study) are made
 # once. The full suite lists its 25 slowest tests.
 WORKERS = $(shell $(BIN)/python -c "import os; print(min(len(os.sched_getaffinity(0)) + 1, 4))")
-PYTEST := python -m pytest --numprocesses $(WORKERS) --dist loadfile
+PYTEST = python -m pytest --numprocesses $(WORKERS) --dist loadfile
 
 test: lint
 	$(PYTEST) --durations=25
