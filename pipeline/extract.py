@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import lineage, paths, tracking
+from pipeline import lineage, naming, paths, tracking
 from pipeline.errors import UserError
 from pipeline.features import read_features, sha256_file, write_features
 from pipeline.sources import MIN_INPUT_SIZE, ImageSource, open_source
@@ -109,8 +109,6 @@ def run_extract(images: str, weights: str = "auto", input_size: str | int = "aut
     ``runs:/<id>/features/<name>`` feeds a sweep) and the list of skipped files. It ends FAILED,
     with nothing at ``output``, if extraction fails, and KILLED on Ctrl-C or SIGTERM.
     """
-    from pipeline import naming
-
     check_inputs(images, weights, input_size, batch_size)  # bad input: no run, no file
     paths.writable_file(output, "output")
     # TensorFlow is imported before the run opens: the run times the extraction, not the
@@ -129,28 +127,34 @@ def run_extract(images: str, weights: str = "auto", input_size: str | int = "aut
         except Exception:
             tracking.raise_swallowed_interrupt()  # a signal TensorFlow turned into another error
             raise
-        client = tracking.client()
-        tracking.log_new_params(run_id, {"images": images, "weights": weights,
-                                         "input_size": input_size, "batch_size": batch_size,
-                                         "output": output})
-        tracking.log_batch(
-            run_id,
-            metrics=tracking.scalars({"n_images": result.n_images,
-                                      "n_skipped": len(result.skipped),
-                                      "n_features": result.n_features}),
-            tags={naming.WEIGHTS: result.weights, "input.fingerprint": result.fingerprint,
-                  naming.FEATURES_SHA: sha256_file(result.output),
-                  "class_names": ",".join(result.class_names), **tracking.versions()})
-        client.log_artifact(run_id, str(result.output), FEATURES_ARTIFACT_DIR)
-        _log_dataset(run_id, result.output)
-        client.log_text(run_id, "\n".join(result.skipped) + ("\n" if result.skipped else ""),
-                        "skipped_images.txt")
+        _record(run_id, result, {"images": images, "weights": weights, "input_size": input_size,
+                                 "batch_size": batch_size, "output": output})
     return run_id, result
 
 
-def _log_dataset(run_id: str, path: Path) -> None:
-    """The features file as the extract run's output dataset, its source the run's artifact."""
+def _record(run_id: str, result: Extraction, params: dict) -> None:
+    """The extraction's record on its run: the parameters, counts, weights used, fingerprints,
+    the features file (artifact and output dataset) and the list of skipped files."""
+    sha = sha256_file(result.output)
+    tracking.log_new_params(run_id, params)
+    tracking.log_batch(
+        run_id,
+        metrics=tracking.scalars({"n_images": result.n_images, "n_skipped": len(result.skipped),
+                                  "n_features": result.n_features}),
+        tags={naming.WEIGHTS: result.weights, "input.fingerprint": result.fingerprint,
+              naming.FEATURES_SHA: sha, "class_names": ",".join(result.class_names),
+              **tracking.versions()})
+    client = tracking.client()
+    client.log_artifact(run_id, str(result.output), FEATURES_ARTIFACT_DIR)
+    _log_dataset(run_id, result.output, sha)
+    client.log_text(run_id, "\n".join(result.skipped) + ("\n" if result.skipped else ""),
+                    "skipped_images.txt")
+
+
+def _log_dataset(run_id: str, path: Path, sha: str) -> None:
+    """The features file (digest ``sha``) as the extract run's output dataset, its source the
+    run's artifact."""
     data = read_features(path)
     source = f"runs:/{run_id}/{FEATURES_ARTIFACT_DIR}/{path.name}"
-    tracking.log_features(run_id, lineage.features_dataset(source, sha256_file(path), data.x.shape,
-                                                           data.class_names, float(data.y.mean())), "output")
+    tracking.log_features(run_id, lineage.features_dataset(source, sha, data.x.shape, data.class_names,
+                                                           float(data.y.mean())), "output")
