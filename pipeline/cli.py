@@ -73,14 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "trial is an MLflow run nested under the sweep's parent run.")
     _flag(p, "features", required=True,
           help="features HDF5 (train, label) or a runs:/ URI of an extraction's artifact")
-    _flag(p, "sweep", required=True, help="sweep YAML file (see sweeps/)")
+    _flag(p, "sweep", default="sweeps/default.yaml",
+          help="sweep YAML file (see sweeps/; default sweeps/default.yaml)")
     _flag(p, "n_trials", type=_optional_int, default=None,
           help="override the file's n_trials (caps a grid)")
     _flag(p, "storage", type=_optional_str, default=None,
           help="Optuna storage: sqlite:///f.db, postgresql://..., or a journal file path "
                "(default: optuna-journal.log beside the MLflow store)")
     _flag(p, "study", type=_optional_str, default=None,
-          help="study name (default: the sweep's name); an existing study resumes")
+          help="study name (default: the sweep's name and a digest of its search space and "
+               "features, as in default-3f9a02c1); an existing study resumes")
     _flag(p, "workers", type=int, default=1,
           help="processes of this machine that run trials side by side (default 1); 0 sets the "
                "study and its parent run up for workers started elsewhere")
@@ -104,11 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export a sweep's trials as CSV, Markdown and LaTeX tables "
                                    "and PNG figures, and log them on its parent run.")
     _flag(p, "run_id", type=_optional_str, default=None,
-          help="the sweep's parent run id or sweep name, or a comma list of them (default: the "
-               "latest sweep); studies with a report (collapse, parity, breakers, parity_deep, "
-               "atlas) also give findings.md/.tex")
+          help="a sweep's parent run id, study name or sweep name (the latest run of that study "
+               "or sweep), or a comma list of them (default: the latest sweep); studies with a "
+               "report (collapse, parity, breakers, parity_deep, atlas) also give findings.md/.tex")
     _flag(p, "output", default="exports", help="folder to write (default exports)")
-    _flag(p, "formats", default="csv,md,tex", help="comma list of csv, md, tex, png, html")
+    _flag(p, "formats", default="csv,md,tex",
+          help="comma list of csv, md, tex, png, pdf, svg, html (default csv,md,tex); md also "
+               "writes the PNG figures and Optuna's HTML pages its report shows")
 
     p = sub.add_parser("main", help="extract, sweep and export under one parent run",
                        description="The whole pipeline: extract (reused when already done), "
@@ -147,10 +151,14 @@ def run(args: argparse.Namespace) -> None:
     if args.command in ("sweep", "main"):
         paths.writable_storage(args.storage or default_study_storage())
     if args.command == "extract":
-        from pipeline.extract import run_extract
+        from pathlib import Path
 
-        run_extract(args.images, args.weights, args.input_size, args.batch_size, args.output,
-                    run_id=launcher)
+        from pipeline.extract import FEATURES_ARTIFACT_DIR, run_extract
+
+        run_id, _ = run_extract(args.images, args.weights, args.input_size, args.batch_size,
+                                args.output, run_id=launcher)
+        print(f"extract: run {run_id}; a sweep reads its features as "
+              f"runs:/{run_id}/{FEATURES_ARTIFACT_DIR}/{Path(args.output).name}", file=sys.stderr)
     elif args.command == "sweep":
         from pipeline.sweep import run_sweep
 

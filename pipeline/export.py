@@ -105,8 +105,8 @@ def export(run_id: str | None = None, output: str = "exports", formats: str = "c
            log_to_run: bool = True) -> ExportResult:
     """Write sweeps' tables and figures into ``output`` and log them on their parent runs.
 
-    ``run_id`` is a comma list of sweep parent run ids or sweep names (the latest run of
-    each), or empty for the latest sweep. One sweep's files go into ``output`` itself, several
+    ``run_id`` is a comma list of sweep parent run ids, study names or sweep names (the latest
+    run of each), or empty for the latest sweep. One sweep's files go into ``output`` itself, several
     sweeps' into ``output/<sweep name>/``. Sweeps whose file sets ``report`` (collapse, parity,
     breakers, parity_deep, atlas) also make ``findings.md`` / ``findings.tex`` in ``output``, one table each.
     ``formats`` is a comma list of csv, md, tex, png, pdf, svg, html. PNG figures (loss curves
@@ -174,7 +174,9 @@ def _export_sweep(parent, sweep: str, kind: str, out: Path, wanted: set[str],
         written = _tables(trials, summary, curves, kind_metrics, wanted, sweep, run_id, output,
                           out, pngs, pages)
         bar.update(bar.total - bar.n)  # stages skipped (a figure Optuna cannot draw) count as done
-    print(f"export: {len(trials)} trials of run {run_id} -> {out} "
+    status = "" if parent.info.status == "FINISHED" else f", {parent.info.status}: not finished"
+    print(f"export: {len(trials)} trials of run {run_id} (study "
+          f"'{parent.data.tags.get(naming.STUDY)}'{status}) -> {out} "
           f"({', '.join(p.name for p in written)})", file=sys.stderr)
     return written, trials
 

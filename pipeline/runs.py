@@ -1,5 +1,5 @@
-"""A sweep's runs read back from MLflow: its parent run (by id or by sweep name), and one row
-per trial run.
+"""A sweep's runs read back from MLflow: its parent run (by id, study or sweep name), and one
+row per trial run.
 
 The export's tables and figures and the atlas's verdicts both start from these rows.
 """
@@ -15,27 +15,32 @@ from pipeline.errors import UserError
 from pipeline.results import EPOCH_METRICS
 
 
-def latest_sweep_run(sweep_name: str | None = None) -> str:
-    """The id of the most recently started sweep parent run (of sweep ``sweep_name`` if given),
-    in any experiment."""
-    clauses = [f"tags.`{naming.STEP}` = 'sweep'"]
-    if sweep_name:
-        if "'" in sweep_name:
-            raise UserError(f"run_id {sweep_name!r}: not a run id or a sweep name")
-        clauses.append(f"tags.`{naming.SWEEP_NAME}` = '{sweep_name}'")
-    runs = mlflow.search_runs(search_all_experiments=True, max_results=1,
-                              filter_string=" and ".join(clauses),
-                              order_by=["attributes.start_time DESC"], output_format="list")
-    if not runs:
-        what = f"no runs of sweep '{sweep_name}'" if sweep_name else "no sweep runs"
+def latest_sweep_run(name: str | None = None) -> str:
+    """The id of the most recently started sweep parent run, in any experiment: of the study or
+    the sweep (its file's ``name``) called ``name`` if given. Whatever its status: an interrupted
+    sweep's finished trials export too, and the export's line says it did not finish."""
+    if name and "'" in name:
+        raise UserError(f"run_id {name!r}: not a run id, a study or a sweep name")
+    found = [run for tag in ((naming.STUDY, naming.SWEEP_NAME) if name else (None,))
+             for run in _newest_sweep_runs(tag, name)]
+    if not found:
+        what = f"no runs of study or sweep '{name}'" if name else "no sweep runs"
         raise UserError(f"{what} in the tracking store ({mlflow.get_tracking_uri()}); "
                         f"run a sweep first or pass --run_id")
-    return runs[0].info.run_id
+    return max(found, key=lambda run: run.info.start_time).info.run_id
+
+
+def _newest_sweep_runs(tag: str | None, value: str | None) -> list:
+    """The newest sweep parent run whose tag ``tag`` is ``value`` (any, without a tag), or none."""
+    clauses = [f"tags.`{naming.STEP}` = 'sweep'"] + ([f"tags.`{tag}` = '{value}'"] if tag else [])
+    return mlflow.search_runs(search_all_experiments=True, max_results=1,
+                              filter_string=" and ".join(clauses),
+                              order_by=["attributes.start_time DESC"], output_format="list")
 
 
 def resolve_run_ids(run_ids: str | None) -> list[str]:
-    """Sweep parent run ids from a comma list of run ids or sweep names (the latest run of
-    each named sweep); empty means the latest sweep of all."""
+    """Sweep parent run ids from a comma list of run ids, study names or sweep names (the
+    latest run of each named study or sweep); empty means the latest sweep of all."""
     names = [part.strip() for part in (run_ids or "").split(",") if part.strip()]
     if not names:
         return [latest_sweep_run()]

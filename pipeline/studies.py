@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -81,8 +82,8 @@ def _storage(url: str, on_lost: OnLost | None) -> optuna.storages.BaseStorage:
 
 def open_study(spec: SweepSpec, storage: str, name: str | None, features_sha: str,
                on_lost: OnLost | None = None) -> tuple[optuna.Study, bool]:
-    """Create the study ``name`` (default: the sweep's name) or resume it, with its queue, and
-    say whether this process is to set it up: ``(study, setup)``.
+    """Create the study ``name`` (default: :func:`default_study_name`) or resume it, with its
+    queue, and say whether this process is to set it up: ``(study, setup)``.
 
     Exactly one process creates a study (the storage refuses a second study of the same name):
     it records the search space and queues the budget; ``setup`` is then True, and the caller
@@ -92,7 +93,7 @@ def open_study(spec: SweepSpec, storage: str, name: str | None, features_sha: st
     made from a different search space or features file, which would mix incomparable trials;
     ``n_trials`` may grow a study: the missing trials are queued.
     """
-    name = name or spec.name
+    name = name or default_study_name(spec, features_sha)
     the_storage = _storage(storage, on_lost)
     try:
         study = patiently(optuna.create_study, study_name=name, storage=the_storage,
@@ -108,10 +109,23 @@ def open_study(spec: SweepSpec, storage: str, name: str | None, features_sha: st
     return study, created or not ready
 
 
+def default_study_name(spec: SweepSpec, features_sha: str) -> str:
+    """The study a sweep runs when none is named: the sweep's name and the first 8 hex digits
+    of a digest of its search space (:func:`describe_space`) and features file, as in
+    ``default-3f9a02c1``. The same sweep file on the same features resumes its study; another
+    space or features file starts its own study instead of being refused as a mismatch."""
+    digest = hashlib.sha256(f"{_space_json(spec)}\n{features_sha}".encode()).hexdigest()
+    return f"{spec.name}-{digest[:8]}"
+
+
+def _space_json(spec: SweepSpec) -> str:
+    return json.dumps(describe_space(spec), sort_keys=True)
+
+
 def _check_or_record_space(study: optuna.Study, spec: SweepSpec, features_sha: str) -> None:
     """Record what makes the study's trials comparable and the name of its objective (as Optuna's
     clients show it), or refuse a study made otherwise."""
-    space = json.dumps(describe_space(spec), sort_keys=True)
+    space = _space_json(spec)
     attrs = study.user_attrs
     if study.metric_names is None:
         with experimental_ok():

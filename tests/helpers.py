@@ -26,6 +26,19 @@ from pipeline.config import TrialConfig
 from pipeline.results import EPOCH_METRICS, TrialResult
 
 
+def load_study(storage: str, name: str | None = None) -> optuna.Study:
+    """Study ``name`` of the Optuna storage ``storage`` or, without a name, the one study there
+    (a sweep run under its default name); KeyError while there is none."""
+    the_storage = storages.make_storage(storage)
+    if name is None:
+        names = optuna.get_all_study_names(the_storage)
+        if not names:
+            raise KeyError(f"no study in {storage}")
+        assert len(names) == 1, names
+        name = names[0]
+    return optuna.load_study(study_name=name, storage=the_storage)
+
+
 def make_features(n: int = 240, d: int = 32, seed: int = 0, positive: float = 0.5,
                   sorted_labels: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """A linearly separable-ish two-class problem; labels sorted by class like a folder walk."""

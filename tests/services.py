@@ -244,8 +244,9 @@ def launch(tmp_path):
         proc.wait()
 
 
-def audit(storage: str, study_name: str, tracking_uri: str, budget: int) -> dict:
-    """Check what a finished study left in Optuna and MLflow; return its counts.
+def audit(storage: str, study_name: str | None, tracking_uri: str, budget: int) -> dict:
+    """Check what a finished study (``study_name``, or the storage's one study) left in Optuna
+    and MLflow; return its counts.
 
     Invariants: ``complete + fail`` is the budget and nothing waits or runs; trial numbers are
     unique; every counted FAIL has a reason; every finished trial has exactly one MLflow run
@@ -255,9 +256,10 @@ def audit(storage: str, study_name: str, tracking_uri: str, budget: int) -> dict
     import mlflow
     import optuna
 
-    from pipeline import naming, storages, studies
+    from pipeline import naming, studies
+    from tests.helpers import load_study
 
-    study = optuna.load_study(study_name=study_name, storage=storages.make_storage(storage))
+    study = load_study(storage, study_name)
     trials = study.get_trials()
     counts = studies.tally(study)
     assert counts["complete"] + counts["fail"] == budget, counts
@@ -299,20 +301,20 @@ def wait_for(condition, timeout: float = 120.0, every: float = 0.05):
     raise AssertionError(f"timed out after {timeout} s waiting for {condition.__doc__}")
 
 
-def trials_of(storage: str, study_name: str, pid: int) -> list:
-    """The trials process ``pid`` has worked on (none before the study exists)."""
-    import optuna
-
-    from pipeline import storages, studies
+def trials_of(storage: str, study_name: str | None, pid: int) -> list:
+    """The trials process ``pid`` has worked on in study ``study_name`` (or the storage's one
+    study); none before the study exists."""
+    from pipeline import studies
+    from tests.helpers import load_study
 
     try:
-        study = optuna.load_study(study_name=study_name, storage=storages.make_storage(storage))
+        study = load_study(storage, study_name)
     except KeyError:  # not created yet
         return []
     return [t for t in study.get_trials() if t.user_attrs.get(studies.WORKER_ATTR, "").endswith(f":{pid}")]
 
 
-def running_trial_of(storage: str, study_name: str, pid: int, started_within: float | None = None,
+def running_trial_of(storage: str, study_name: str | None, pid: int, started_within: float | None = None,
                      started_before: float = 0.0):
     """A RUNNING trial of process ``pid`` whose MLflow run exists, claimed at least
     ``started_before`` seconds ago (so it is training, not one of the study's trials that fail
@@ -332,7 +334,7 @@ def running_trial_of(storage: str, study_name: str, pid: int, started_within: fl
     return find
 
 
-def finished_trial_of(storage: str, study_name: str, pid: int):
+def finished_trial_of(storage: str, study_name: str | None, pid: int):
     """Whether process ``pid`` has finished a trial."""
     def find():
         """a trial finished by the process"""

@@ -28,7 +28,7 @@ from pipeline import cli, naming
 from pipeline.config import load_sweep
 from pipeline.errors import UserError
 from pipeline.export import export
-from pipeline.features import write_features
+from pipeline.features import read_features, resolve_features, write_features
 from pipeline.tracking import create_run, log_batch, series
 from tests.helpers import new_store
 
@@ -387,7 +387,8 @@ def test_mlflow_run_passes_values_verbatim_and_runs_none_of_them(tmp_path):
     assert list(markers.iterdir()) == []
 
 
-def test_every_file_of_a_class_folder_is_decoded_or_listed_as_skipped(tmp_path, tracking, monkeypatch):
+def test_every_file_of_a_class_folder_is_decoded_or_listed_as_skipped(tmp_path, tracking, monkeypatch,
+                                                                     capsys):
     """Whatever their extension: WebP beside PNG and a PNG named .jpeg are decoded; TIFF, text,
     an empty file and a hidden one are counted (``n_skipped``) and listed in
     ``skipped_images.txt``."""
@@ -406,6 +407,10 @@ def test_every_file_of_a_class_folder_is_decoded_or_listed_as_skipped(tmp_path, 
     assert run.data.metrics["n_images"] == 6 and run.data.metrics["n_skipped"] == 4
     listed = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="skipped_images.txt")
     assert Path(listed).read_text().splitlines() == skipped
+    uri = f"runs:/{run.info.run_id}/features/f.h5"
+    assert f"extract: run {run.info.run_id}; a sweep reads its features as {uri}" in (
+        capsys.readouterr().err.splitlines())
+    assert read_features(resolve_features(uri)).x.shape == (6, 2048)
 
 
 @pytest.mark.slow

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import mlflow
 import numpy as np
-import optuna
 import yaml
 
 from pipeline import naming, studies
 from pipeline.best_head import HEAD_FILE, MODEL_NAME
 from pipeline.features import write_features
-from pipeline.storages import make_storage
 from pipeline.sweep import run_sweep
 from pipeline.tracking import default_study_storage
-from tests.helpers import make_features
+from tests.helpers import load_study, make_features
 
 
 def test_the_best_head_loads_and_predicts_as_its_trial_did(tmp_path, tracking):
@@ -25,7 +23,7 @@ def test_the_best_head_loads_and_predicts_as_its_trial_did(tmp_path, tracking):
         "fixed": {"epochs": 3, "batch_size": 32, "standardize": True},
         "space": {"activation": ["sigmoid", "softmax"], "units": [2], "loss": ["categorical_crossentropy"]}}))
     outcome = run_sweep(str(features), str(sweep), progress=False, register_model="best-head")
-    study = optuna.load_study(study_name="best", storage=make_storage(default_study_storage()))
+    study = load_study(default_study_storage(), outcome.study_name)
     best_run = mlflow.get_run(study.best_trial.user_attrs[studies.RUN_ATTR])
     parent = mlflow.get_run(outcome.parent_run_id)
     model = mlflow.pyfunc.load_model(parent.data.tags["best.model_uri"])

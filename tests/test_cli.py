@@ -41,6 +41,29 @@ def test_every_mlproject_entry_point_is_a_subcommand_with_its_parameters():
         assert entry["command"].startswith(f"python -m pipeline {name} "), name
 
 
+def test_mlproject_defaults_are_the_command_lines_defaults():
+    """An entry point run with its MLproject defaults does what the bare subcommand does."""
+    import yaml
+
+    from pipeline.cli import build_parser, parity_config
+    from pipeline.config import ParityConfig
+
+    def effective(args):
+        values = vars(args)
+        if args.command == "parity":
+            values["config"] = parity_config({n: values.pop(n) for n in ParityConfig.model_fields})
+        return values
+
+    parser = build_parser()
+    for name, entry in yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"].items():
+        given = {p: "x" for p, spec in entry["parameters"].items() if "default" not in spec}
+        defaults = {p: spec["default"] for p, spec in entry["parameters"].items() if "default" in spec}
+        flags = [f"--{p}={v}" for p, v in given.items()]
+        bare = effective(parser.parse_args([name, *flags]))
+        mlproject = effective(parser.parse_args([name, *flags, *(f"--{p}={v}" for p, v in defaults.items())]))
+        assert mlproject == bare, name
+
+
 def test_version_and_help_read_plainly(tmp_path):
     import pipeline
 

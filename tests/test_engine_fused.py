@@ -27,10 +27,9 @@ from pipeline.features import read_features, write_features
 from pipeline.heads import initial_weights
 from pipeline.kinds import KINDS
 from pipeline.split import make_split
-from pipeline.storages import make_storage
 from pipeline.sweep import run_sweep
 from pipeline.tracking import default_study_storage
-from tests.helpers import TINY, make_features
+from tests.helpers import TINY, load_study, make_features
 
 TOLERANCE = 1e-4
 BASE = {"epochs": 3, "batch_size": 32, "learning_rate": 0.05, "dropout": 0.0}
@@ -242,7 +241,7 @@ def sweep_runs(tmp_path, engine: str) -> dict[str, object]:
     client = mlflow.MlflowClient()
     runs = mlflow.search_runs(experiment_ids=[outcome.experiment_id], output_format="list",
                               filter_string=f"tags.`{naming.PARENT}` = '{outcome.parent_run_id}'")
-    study = optuna.load_study(study_name="tiny", storage=make_storage(str(tmp_path / "journal.log")))
+    study = load_study(str(tmp_path / "journal.log"), outcome.study_name)
     records = {run.info.run_name: (run, {m: [p.value for p in sorted(
         client.get_metric_history(run.info.run_id, m), key=lambda p: p.step)] for m in EPOCH_METRICS})
         for run in runs}
@@ -296,7 +295,7 @@ def test_an_interrupted_batch_leaves_no_running_run(tmp_path, tracking, monkeypa
     for run in runs:
         statuses[run.data.tags.get(naming.STEP)].add(run.info.status)
     assert statuses == {"sweep": {"KILLED"}, "trial": {"KILLED"}}
-    study = optuna.load_study(study_name="tiny", storage=make_storage(default_study_storage()))
+    study = load_study(default_study_storage())
     states = {t.state for t in study.trials}
     assert optuna.trial.TrialState.RUNNING not in states
 

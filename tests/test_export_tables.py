@@ -8,6 +8,7 @@ record functions, so export reads it as it reads a real sweep's, without trainin
 from __future__ import annotations
 
 import math
+import time
 
 import mlflow
 import pandas as pd
@@ -80,6 +81,31 @@ def sweep(tmp_path_factory):
                      0.5), status="FAILED")
         write_trial(client, experiment, parent, number + 1, 2, HEADS[1], tags={naming.PRUNED: "true"})
         yield {"folder": folder, "parent": parent, "other": other}
+
+
+def test_a_study_name_finds_its_sweep_and_an_unfinished_sweep_says_so(tmp_path, capsys):
+    """Two sweeps of one sweep file: a finished one, then an interrupted one under a study
+    named with --study. A sweep name finds the newest; a study name finds its own."""
+    with private_store(tmp_path):
+        client = mlflow.MlflowClient()
+        experiment = client.create_experiment("names-exp")
+        parents = {}
+        for study, status in (("tables-3f9a02c1", "FINISHED"), ("inttest", "KILLED")):
+            parents[study] = create_run(experiment, "tables-run", tags={
+                naming.STEP: "sweep", naming.SWEEP_NAME: "tables", naming.STUDY: study,
+                naming.KIND: "heads"})
+            write_trial(client, experiment, parents[study], 0, 0, HEADS[1])
+            client.set_terminated(parents[study], status)
+            time.sleep(0.01)  # start times in milliseconds: the second sweep is the newer
+        assert resolve_run_ids("inttest") == [parents["inttest"]]
+        assert resolve_run_ids("tables-3f9a02c1") == [parents["tables-3f9a02c1"]]
+        assert resolve_run_ids("tables") == resolve_run_ids("") == [parents["inttest"]]
+        capsys.readouterr()
+        export("inttest", str(tmp_path / "out"), "csv")
+        assert f"1 trials of run {parents['inttest']} (study 'inttest', KILLED: not finished)" in (
+            capsys.readouterr().err)
+        export("tables-3f9a02c1", str(tmp_path / "out"), "csv")
+        assert "(study 'tables-3f9a02c1') ->" in capsys.readouterr().err
 
 
 def test_trial_records_are_one_typed_row_per_trial(sweep):
@@ -160,7 +186,7 @@ def test_export_writes_the_tables_and_logs_them(sweep):
 def test_sweeps_are_found_by_name_and_other_runs_refused(sweep):
     assert resolve_run_ids("tables") == [sweep["parent"]]
     assert resolve_run_ids("") == [sweep["parent"]]
-    with pytest.raises(UserError, match="no runs of sweep 'nothing'"):
+    with pytest.raises(UserError, match="no runs of study or sweep 'nothing'"):
         resolve_run_ids("nothing")
     with pytest.raises(UserError, match="not a sweep's parent run"):
         sweep_run(sweep["other"])

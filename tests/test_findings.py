@@ -141,6 +141,28 @@ def test_main_on_a_users_features_file_writes_the_findings(tracking, features_fi
     assert len(mains) == 1 and mains[0].info.status == "FINISHED"
 
 
+def test_main_on_another_features_file_runs_a_study_of_its_own(tracking, features_file, tmp_path):
+    """``main`` has no --study: on another features file (or after a sweep file was changed)
+    it runs a new study instead of refusing the first one's, and a rerun resumes its own."""
+    from pipeline import cli
+
+    sweep = tmp_path / "collapse.yaml"
+    sweep.write_text(yaml.safe_dump({**COLLAPSE, "seeds": [0],
+                                     "space": [{"activation": "softmax", "units": 1}]}))
+    x, y = make_features(n=200, d=16, seed=3)
+    other = write_features(tmp_path / "other.h5", x, y, {})
+    for features, out in ((features_file, "a"), (other, "b"), (other, "b")):
+        cli.main(["main", "--features", str(features), "--sweep", str(sweep),
+                  "--output", str(tmp_path / out)])
+    mains = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                               filter_string=f"tags.`{naming.STEP}` = 'main'")
+    assert [run.info.status for run in mains] == ["FINISHED"] * 3
+    sweeps = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                filter_string=f"tags.`{naming.STEP}` = 'sweep'")
+    assert len({run.data.tags[naming.STUDY] for run in sweeps}) == len(sweeps) == 2
+    assert all((tmp_path / out / "export" / "trials.csv").is_file() for out in "ab")
+
+
 def test_deep_parity_table_reads_optimizers_by_ratio_and_scope():
     cells = [("sgd", 2.0, "output", 0, 1e-7), ("sgd", 2.0, "output", 1, 3e-7), ("sgd", 2.0, "all", 0, 0.2),
              ("sgd", 1.0, "output", 0, 0.05), ("adam", 2.0, "output", 0, 1e-7), ("adam", 2.0, "all", 0, 0.3)]

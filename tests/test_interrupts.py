@@ -12,12 +12,12 @@ import sys
 import time
 
 import mlflow
-import optuna
 import pytest
 from optuna.trial import TrialState
 
-from pipeline import storages, studies
+from pipeline import studies
 from pipeline.features import read_features
+from tests.helpers import load_study
 from tests.services import ROOT, audit, running_trial_of, tiny_study, wait_for
 
 pytestmark = pytest.mark.slow  # commands in their own processes, signals, reruns
@@ -37,7 +37,7 @@ def test_interrupt_fails_the_trial_kills_its_run_and_a_rerun_resumes(tmp_path, s
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     journal = str(tmp_path / "optuna-journal.log")
     proc = launch(uri, "--features", features, "--sweep", sweep)
-    trial = wait_for(running_trial_of(journal, "scale", proc.pid, started_before=0.5, started_within=1.5))
+    trial = wait_for(running_trial_of(journal, None, proc.pid, started_before=0.5, started_within=1.5))
     proc.send_signal(signum)
     assert proc.wait(timeout=60) == 130
     log = proc.log_path.read_text()
@@ -46,7 +46,7 @@ def test_interrupt_fails_the_trial_kills_its_run_and_a_rerun_resumes(tmp_path, s
     # callback, TensorFlow's when it lands in its nest.flatten; the sweep raises the interrupt
     # again: test_an_interrupt_turned_into_another_error_still_interrupts.)
     assert "interrupted" in log.strip().splitlines()[-1] and "Exception in thread" not in log
-    study = optuna.load_study(study_name="scale", storage=storages.make_storage(journal))
+    study = load_study(journal)
     interrupted = [t for t in study.trials if t.user_attrs.get(studies.REASON_ATTR) == "interrupted"]
     assert trial.number in {t.number for t in interrupted}
     for t in interrupted:
@@ -58,7 +58,7 @@ def test_interrupt_fails_the_trial_kills_its_run_and_a_rerun_resumes(tmp_path, s
     assert not [t for t in study.trials if t.state == TrialState.RUNNING]
     rerun = launch(uri, "--features", features, "--sweep", sweep, log="rerun")
     assert rerun.wait(timeout=300) == 0, rerun.log_path.read_text()[-3000:]
-    result = audit(journal, "scale", uri, budget)
+    result = audit(journal, None, uri, budget)
     assert result["retried"] == len(interrupted) and result["runs"] == budget + len(interrupted)
 
 
@@ -91,8 +91,7 @@ def test_an_interrupt_turned_into_another_error_still_interrupts(tmp_path, track
     features, sweep, _ = tiny_study(tmp_path, n_seeds=1, engine=engine)
     with pytest.raises(tracking_module.Terminated):
         run_sweep(features, sweep, progress=False)
-    study = optuna.load_study(study_name="scale", storage=storages.make_storage(
-        tracking_module.default_study_storage()))
+    study = load_study(tracking_module.default_study_storage())
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
     assert failed and all(t.user_attrs[studies.REASON_ATTR] == "interrupted" for t in failed)
     for t in failed:

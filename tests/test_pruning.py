@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import mlflow
-import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState
@@ -12,10 +11,10 @@ from pipeline import naming
 from pipeline.config import parse_sweep
 from pipeline.errors import UserError
 from pipeline.runs import trial_records
-from pipeline.storages import make_storage
 from pipeline.sweep import run_sweep
 from pipeline.tables import summarize
 from pipeline.tracking import default_study_storage
+from tests.helpers import load_study
 
 EPOCHS = 4
 # Trial 0 learns fast and completes; the grid's later trials learn far slower, so their
@@ -59,7 +58,7 @@ def test_a_pruned_trial_is_pruned_in_optuna_and_finished_in_mlflow(engine, tmp_p
     sweep.write_text(yaml.safe_dump({**PRUNED_SWEEP, "engine": engine}))
     outcome = run_sweep(str(features_file), str(sweep), progress=False)
     assert outcome.counts == {"complete": 1, "fail": 0, "pruned": 2}
-    study = optuna.load_study(study_name="pruned", storage=make_storage(default_study_storage()))
+    study = load_study(default_study_storage(), outcome.study_name)
     client = mlflow.MlflowClient()
     for trial in study.trials:
         run = client.get_run(trial.user_attrs["mlflow_run_id"])
@@ -93,5 +92,5 @@ def test_without_a_pruner_nothing_is_reported(tmp_path, tracking, features_file)
     sweep.write_text(yaml.safe_dump({k: v for k, v in PRUNED_SWEEP.items() if k != "pruner"}))
     outcome = run_sweep(str(features_file), str(sweep), progress=False)
     assert outcome.counts == {"complete": 3, "fail": 0, "pruned": 0}
-    study = optuna.load_study(study_name="pruned", storage=make_storage(default_study_storage()))
+    study = load_study(default_study_storage(), outcome.study_name)
     assert all(not t.intermediate_values for t in study.trials)

@@ -18,10 +18,9 @@ from pipeline.errors import UserError
 from pipeline.export import export
 from pipeline.features import write_features
 from pipeline.runs import trial_records
-from pipeline.storages import make_storage
 from pipeline.sweep import run_sweep
 from pipeline.tracking import default_study_storage
-from tests.helpers import TINY, make_features, private_store
+from tests.helpers import TINY, load_study, make_features, private_store
 
 
 def write_sweep(tmp_path, spec=TINY, name="tiny.yaml"):
@@ -35,7 +34,8 @@ def swept(tmp_path_factory):
     """One finished tiny sweep in its own store: (outcome, runs under its parent, sweep file).
 
     Shared by the tests of this module (read-only use, except the resume tests, which leave
-    the study as it was).
+    the study as it was, and the test of studies of their own, which adds two in another
+    experiment).
     """
     tmp_path = tmp_path_factory.mktemp("swept")
     x, y = make_features()
@@ -61,7 +61,7 @@ def test_every_trial_is_one_nested_run_with_its_record(swept):
                     "dropout", "epochs", "batch_size", "standardize"):
             assert key in run.data.params
         tags = run.data.tags
-        assert tags[naming.STUDY] == "tiny"
+        assert tags[naming.STUDY] == outcome.study_name
         assert tags[naming.NOTE].startswith(f"Trial {tags[naming.TRIAL_NUMBER]} of sweep `tiny`: a ")
         one_unit_softmax = run.data.params["activation"] == "softmax" and run.data.params["units"] == "1"
         assert ("outputs 1.0 for every input" in tags[naming.NOTE]) == one_unit_softmax
@@ -129,7 +129,7 @@ def test_rejected_combination_is_a_failed_trial_and_the_sweep_goes_on(swept):
     failed = [r for r in runs if r.info.status == "FAILED"]
     assert {r.data.params["loss"] for r in failed} == {"sparse_categorical_crossentropy"}
     assert all(r.data.tags[naming.ERROR] for r in failed)
-    study = optuna.load_study(study_name="tiny", storage=make_storage(default_study_storage()))
+    study = load_study(default_study_storage(), outcome.study_name)
     fails = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
     assert len(fails) == 2 and all(t.user_attrs["fail_reason"] for t in fails)
     run_ids = [t.user_attrs["mlflow_run_id"] for t in study.trials]
@@ -159,11 +159,32 @@ def test_rerun_resumes_instead_of_restarting(swept):
     assert len(after) == len(runs)
 
 
-def test_resume_with_another_space_is_refused(swept, tmp_path):
-    _, _, _, features_file = swept
-    changed = {**TINY, "seeds": [0, 1, 2]}
+def test_another_space_or_features_file_runs_a_study_of_its_own(swept, tmp_path):
+    """Without --study, the study is named for the sweep, its space and its features: a changed
+    sweep file or another features file starts a new study beside the first."""
+    outcome, _, _, features_file = swept
+    assert outcome.study_name.startswith("tiny-") and len(outcome.study_name) == len("tiny-") + 8
+    changed = write_sweep(tmp_path, {**TINY, "experiment": "tiny-other", "seeds": [0],
+                                      "space": TINY["space"][:1]}, "changed.yaml")
+    x, y = make_features(n=160, d=8, seed=1)
+    other_features = str(write_features(tmp_path / "other.h5", x, y, {}))
+    first = run_sweep(str(features_file), changed, progress=False)
+    second = run_sweep(other_features, changed, progress=False)
+    names = {outcome.study_name, first.study_name, second.study_name}
+    assert len(names) == 3 and all(name.startswith("tiny-") for name in names)
+    assert first.counts == second.counts == {"complete": 1, "fail": 0, "pruned": 0}
+    assert run_sweep(other_features, changed, progress=False).parent_run_id == second.parent_run_id
+
+
+def test_a_named_study_refuses_another_space_or_features_file(swept, tmp_path):
+    outcome, _, sweep, features_file = swept
+    changed = write_sweep(tmp_path, {**TINY, "seeds": [0, 1, 2]}, "changed.yaml")
     with pytest.raises(UserError, match="different search space"):
-        run_sweep(str(features_file), write_sweep(tmp_path, changed, "changed.yaml"), progress=False)
+        run_sweep(str(features_file), changed, study=outcome.study_name, progress=False)
+    x, y = make_features(n=160, d=8, seed=1)
+    other_features = str(write_features(tmp_path / "other.h5", x, y, {}))
+    with pytest.raises(UserError, match="was run on another features file"):
+        run_sweep(other_features, sweep, study=outcome.study_name, progress=False)
 
 
 def test_a_finished_study_whose_runs_are_elsewhere_is_refused(swept, tmp_path, tracking):

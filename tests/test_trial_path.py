@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import mlflow
 import numpy as np
-import optuna
 import pytest
 import yaml
 
 from pipeline import naming, studies
 from pipeline.errors import UserError
 from pipeline.features import write_features
-from pipeline.storages import make_storage
 from pipeline.sweep import run_sweep
 from pipeline.tracking import default_study_storage
-from tests.helpers import make_features
+from tests.helpers import load_study, make_features
 
 ENGINES = ("fused", "keras")
 
@@ -75,7 +73,7 @@ def outcomes(folder, engine: str) -> dict:
     x, y = make_features(n=120, d=8)
     features = write_features(folder / f"{engine}.h5", x, y, {})
     run_sweep(str(features), sweep_file(folder, engine, **FAULTS), study=engine, progress=False)
-    study = optuna.load_study(study_name=engine, storage=make_storage(default_study_storage()))
+    study = load_study(default_study_storage(), engine)
     client = mlflow.MlflowClient()
     seen = {}
     for trial in study.trials:
@@ -109,7 +107,7 @@ def test_an_error_of_the_sweep_itself_leaves_nothing_running(tmp_path, tracking,
     features = write_features(tmp_path / "f.h5", x, y, {})
     with pytest.raises(RuntimeError, match="the engine broke"):
         run_sweep(str(features), sweep_file(tmp_path, engine), progress=False)
-    study = optuna.load_study(study_name="edge", storage=make_storage(default_study_storage()))
+    study = load_study(default_study_storage())
     assert [t.state.name for t in study.trials] == ["FAIL"]
     assert study.trials[0].user_attrs[studies.REASON_ATTR] == "RuntimeError: the engine broke"
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")

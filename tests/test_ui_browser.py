@@ -16,6 +16,7 @@ import pytest
 
 from pipeline import naming
 from pipeline.config import TRIAL_FIELDS, TrialConfig
+from tests.helpers import SMALL_STUDY
 from tests.mlflow_ui import MlflowPages, chromium, mlflow_ui
 
 pytestmark = pytest.mark.slow  # a sweep, `mlflow ui` and chromium
@@ -56,7 +57,7 @@ def test_experiment_lists_the_parent_run_with_its_trials_nested(pages, small_stu
     names = pages.run_names()
     assert names[0] == parent.info.run_name
     assert sorted(names[1:]) == sorted(trials) and len(trials) == 8
-    assert parent.info.run_name.startswith(f"{small_study.outcome.study_name}-20")  # sweep and date
+    assert parent.info.run_name.startswith(f"{SMALL_STUDY['name']}-20")  # sweep and date
     pages.screenshot(pages.shots / "runs_nested.png")
 
 

@@ -40,6 +40,6 @@ def test_workers_on_one_machine_share_the_default_journal_storage(tmp_path, laun
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = launch(uri, "--features", features, "--sweep", sweep, "--workers", "2")
     assert proc.wait(timeout=300) == 0, proc.log_path.read_text()[-3000:]
-    result = audit(str(tmp_path / "optuna-journal.log"), "scale", uri, budget)
+    result = audit(str(tmp_path / "optuna-journal.log"), None, uri, budget)
     assert (result["complete"], result["fail"], result["runs"]) == (9, 3, 12)
     assert result["workers"] == 2

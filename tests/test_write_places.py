@@ -314,7 +314,7 @@ def test_missing_folders_of_the_store_the_storage_and_the_output_are_made(storag
     cli.main(["export", "--output", "new/out/tables", "--formats", "csv"])
     assert (place / "new" / "store" / "mlflow.db").is_file()
     assert (place / "new" / "out" / "tables" / "trials.csv").is_file()
-    result = audit(storage, "scale", mlflow.get_tracking_uri(), budget)
+    result = audit(storage, None, mlflow.get_tracking_uri(), budget)
     assert result["runs"] == budget
 
 
