@@ -18,7 +18,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 
@@ -137,7 +136,7 @@ def _log_figures(run_id: str, result: ParityResult) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths = [figures.loss_curves(curves, Path(tmp, "loss_curves.png"), f"{title}: loss per epoch"),
                  figures.loss_gaps(curves, Path(tmp, "loss_gaps.png"), f"{title}: loss differences")]
-        client = mlflow.MlflowClient()
+        client = tracking.client()
         for path in paths:
             client.log_artifact(run_id, str(path), "figures")
 
@@ -162,7 +161,7 @@ def run_parity(features: str, config: ParityConfig, experiment: str = EXPERIMENT
             naming.NOTE: _description(config), **tracking.versions()}
     if launcher_run_id:
         run_id = launcher_run_id
-        experiment = mlflow.MlflowClient().get_run(run_id).info.experiment_id
+        experiment = tracking.client().get_run(run_id).info.experiment_id
         tracking.log_batch(run_id, tags=tags)
         tracking.log_new_params(run_id, config.params() | {"features": str(path)})
     else:
