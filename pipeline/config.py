@@ -481,12 +481,27 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # the checkout: MLproject, sweeps/
+
+
+def sweep_path(path: str | os.PathLike) -> Path:
+    """The file a sweep path names: as given or, when a relative path is missing from the
+    working directory, the project's own (``sweeps/default.yaml`` of the checkout that holds
+    MLproject), so that the default and the findings' sweeps work from any folder."""
+    given = Path(path)
+    bundled = PROJECT_ROOT / given
+    if given.is_file() or given.is_absolute() or not (PROJECT_ROOT / "MLproject").is_file():
+        return given
+    return bundled if bundled.is_file() else given
+
+
 def load_sweep(path: str | os.PathLike, n_trials: int | None = None) -> SweepSpec:
-    """Read and validate a sweep file; ``n_trials`` overrides the file's value.
+    """Read and validate a sweep file (:func:`sweep_path`); ``n_trials`` overrides the file's
+    value.
 
     Raises :class:`UserError` with one line naming the key and what is allowed.
     """
-    path = Path(path)
+    path = sweep_path(path)
     if not path.is_file():
         raise UserError(f"sweep file not found: {path}")
     try:

@@ -23,7 +23,7 @@ import mlflow
 import optuna
 
 from pipeline import lineage, naming, parent, runner, studies, tracking
-from pipeline.config import SweepSpec, load_sweep
+from pipeline.config import SweepSpec, load_sweep, sweep_path
 from pipeline.engines import Engine, make_engine
 from pipeline.errors import UserError
 from pipeline.features import FeatureSet, read_features, resolve_features, sha256_file
@@ -66,6 +66,7 @@ def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: s
     """
     if workers < 0:
         raise UserError(f"workers {workers}: must be >= 0 (0 sets the study up and runs nothing)")
+    sweep = str(sweep_path(sweep))
     spec = load_sweep(sweep, n_trials)
     features_path = resolve_features(features)
     data, features_sha = _read_checked(features_path, spec)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import FloatRange, TrialConfig, load_sweep, parse_sweep
+from pipeline.config import FloatRange, TrialConfig, load_sweep, parse_sweep, sweep_path
 from pipeline.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,6 +188,18 @@ def test_load_sweep_missing_file(tmp_path):
     with pytest.raises(UserError, match="not found") as info:
         load_sweep(tmp_path / "nope.yaml")
     assert "\n" not in str(info.value)
+
+
+def test_the_projects_sweeps_load_from_any_folder_and_a_local_file_comes_first(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert sweep_path("sweeps/collapse.yaml") == REPO / "sweeps" / "collapse.yaml"
+    assert load_sweep("sweeps/default.yaml").name == "default"
+    (tmp_path / "sweeps").mkdir()
+    (tmp_path / "sweeps" / "default.yaml").write_text("name: mine\nexperiment: e\nspace: {units: [1]}\n")
+    assert sweep_path("sweeps/default.yaml") == Path("sweeps/default.yaml")
+    assert load_sweep("sweeps/default.yaml").name == "mine"
+    with pytest.raises(UserError, match="sweep file not found: sweeps/nope.yaml"):
+        load_sweep("sweeps/nope.yaml")
 
 
 def test_load_sweep_invalid_yaml_is_one_line(tmp_path):
