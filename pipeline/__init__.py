@@ -6,4 +6,4 @@ every trial an MLflow run), ``export`` (tables and figures from the MLflow runs)
 (the three in a row under one parent run).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -151,14 +151,12 @@ def run(args: argparse.Namespace) -> None:
     if args.command in ("sweep", "main"):
         paths.writable_storage(args.storage or default_study_storage())
     if args.command == "extract":
-        from pathlib import Path
-
-        from pipeline.extract import FEATURES_ARTIFACT_DIR, run_extract
+        from pipeline.extract import features_uri, run_extract
 
         run_id, _ = run_extract(args.images, args.weights, args.input_size, args.batch_size,
                                 args.output, run_id=launcher)
         print(f"extract: run {run_id}; a sweep reads its features as "
-              f"runs:/{run_id}/{FEATURES_ARTIFACT_DIR}/{Path(args.output).name}", file=sys.stderr)
+              f"{features_uri(run_id, args.output)}", file=sys.stderr)
     elif args.command == "sweep":
         from pipeline.sweep import run_sweep
 

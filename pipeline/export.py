@@ -12,6 +12,7 @@ File names are fixed here; nothing from run names or params reaches a path.
 
 from __future__ import annotations
 
+import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,13 +244,17 @@ def _tables(trials: pd.DataFrame, summary: pd.DataFrame, curves: pd.DataFrame, k
 
 
 def _regenerate(parent, output: str) -> str:
-    """The commands that rerun a sweep and export it again."""
+    """The commands that rerun a sweep (resuming its study) and export it again, quoted for a
+    shell."""
     params = parent.data.params
     sweep = params.get("sweep_file", f"sweeps/{params.get('sweep', 'SWEEP')}.yaml")
     features = params.get("features", "FEATURES.h5")
-    return (f"python -m pipeline sweep --features {features} --sweep {sweep}\n"
-            f"python -m pipeline export --run_id {params.get('sweep', parent.info.run_id)} "
-            f"--output {output}")
+    study = params.get("study")
+    resume = f" --study {shlex.quote(study)}" if study else ""
+    return (f"python -m pipeline sweep --features {shlex.quote(features)} --sweep {shlex.quote(sweep)}"
+            f"{resume}\n"
+            f"python -m pipeline export --run_id {shlex.quote(study or parent.info.run_id)} "
+            f"--output {shlex.quote(output)}")
 
 
 def _context(parent, trials: pd.DataFrame) -> str:

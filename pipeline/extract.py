@@ -96,6 +96,12 @@ def extract(images: str, weights: str = "auto", input_size: str | int = "auto",
 FEATURES_ARTIFACT_DIR = "features"
 
 
+def features_uri(run_id: str, output: str | Path) -> str:
+    """The ``runs:/`` URI of the features file an extract run wrote at ``output`` (logged as
+    its artifact ``features/<name>``): what a sweep takes as ``--features``."""
+    return f"runs:/{run_id}/{FEATURES_ARTIFACT_DIR}/{Path(output).name}"
+
+
 def run_extract(images: str, weights: str = "auto", input_size: str | int = "auto",
                 batch_size: int = 32, output: str = "features.h5", experiment_id: str | None = None,
                 run_id: str | None = None, parent_run_id: str | None = None,
@@ -155,6 +161,6 @@ def _log_dataset(run_id: str, path: Path, sha: str) -> None:
     """The features file (digest ``sha``) as the extract run's output dataset, its source the
     run's artifact."""
     data = read_features(path)
-    source = f"runs:/{run_id}/{FEATURES_ARTIFACT_DIR}/{path.name}"
+    source = features_uri(run_id, path)
     tracking.log_features(run_id, lineage.features_dataset(source, sha, data.x.shape, data.class_names,
                                                            float(data.y.mean())), "output")

@@ -118,13 +118,12 @@ def _features_step(images: str, weights: str, source, features: str | None, feat
 
 def _restore_features(run, path: Path) -> None:
     """Make ``path`` hold the features file of extract ``run`` (checked by sha256)."""
-    from pipeline.extract import FEATURES_ARTIFACT_DIR
+    from pipeline.extract import features_uri
 
     want = run.data.tags.get(naming.FEATURES_SHA)
     if path.is_file() and sha256_file(path) == want:
         return
-    name = Path(run.data.params["output"]).name
-    uri = f"runs:/{run.info.run_id}/{FEATURES_ARTIFACT_DIR}/{name}"
+    uri = features_uri(run.info.run_id, run.data.params["output"])
     try:
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
     except Exception as exc:

@@ -93,8 +93,8 @@ def open_study(spec: SweepSpec, storage: str, name: str | None, features_sha: st
     made from a different search space or features file, which would mix incomparable trials;
     ``n_trials`` may grow a study: the missing trials are queued.
     """
-    name = name or default_study_name(spec, features_sha)
     the_storage = _storage(storage, on_lost)
+    name = name or _default_name(the_storage, spec, features_sha)
     try:
         study = patiently(optuna.create_study, study_name=name, storage=the_storage,
                           sampler=make_sampler(spec), pruner=make_pruner(spec),
@@ -111,11 +111,25 @@ def open_study(spec: SweepSpec, storage: str, name: str | None, features_sha: st
 
 def default_study_name(spec: SweepSpec, features_sha: str) -> str:
     """The study a sweep runs when none is named: the sweep's name and the first 8 hex digits
-    of a digest of its search space (:func:`describe_space`) and features file, as in
-    ``default-3f9a02c1``. The same sweep file on the same features resumes its study; another
-    space or features file starts its own study instead of being refused as a mismatch."""
-    digest = hashlib.sha256(f"{_space_json(spec)}\n{features_sha}".encode()).hexdigest()
-    return f"{spec.name}-{digest[:8]}"
+    of a digest of its search space (:func:`describe_space`), experiment and features file, as
+    in ``default-3f9a02c1``. The same sweep file on the same features resumes its study; another
+    space, experiment or features file starts its own study instead of being refused as a
+    mismatch."""
+    key = f"{_space_json(spec)}\n{spec.experiment}\n{features_sha}"
+    return f"{spec.name}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+
+def _default_name(storage: optuna.storages.BaseStorage, spec: SweepSpec, features_sha: str) -> str:
+    """:func:`default_study_name`, unless only a study under the sweep's plain name exists, with
+    this search space and features file: studies were named so before version 0.2, and that
+    one resumes."""
+    name = default_study_name(spec, features_sha)
+    names = patiently(optuna.get_all_study_names, storage)
+    if name in names or spec.name not in names:
+        return name
+    attrs = _load(spec, storage, spec.name).user_attrs
+    same = attrs.get(SPACE_ATTR) == _space_json(spec) and attrs.get(FEATURES_ATTR) == features_sha
+    return spec.name if same else name
 
 
 def _space_json(spec: SweepSpec) -> str:

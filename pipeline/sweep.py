@@ -55,7 +55,9 @@ def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: s
     ``workers`` processes of this machine take the study's trials side by side (this one and
     ``workers - 1`` started here); ``0`` only sets the study and its parent run up, for workers
     to be started elsewhere (its parent run is then SCHEDULED). Any number of such commands on
-    any machines may share one study (same ``storage`` and ``study``); all trial runs nest under
+    any machines may share one study (same ``storage`` and ``study``; without ``study``, the
+    default name, :func:`pipeline.studies.default_study_name`, holds only for the same
+    features file and version of the project); all trial runs nest under
     the one parent run, which the last worker out ends. ``storage`` defaults to a journal file
     beside the MLflow store. ``launcher_run_id`` is the run this sweep was started under
     (``main``'s, or the one ``mlflow run`` opened): the parent run nests under it when both are

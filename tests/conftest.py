@@ -18,7 +18,9 @@ from tests.services import launch, mlflow_server, postgres  # noqa: E402, F401 (
 
 @pytest.fixture
 def tracking(tmp_path, monkeypatch):
-    """A fresh SQLite MLflow store in ``tmp_path``; yields its URI."""
+    """A fresh SQLite MLflow store in ``tmp_path``, also the working folder (where MLflow puts
+    the artifacts of the experiments a test makes, ``./mlruns``); yields its URI."""
+    monkeypatch.chdir(tmp_path)
     uri = new_store(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)

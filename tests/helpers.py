@@ -79,9 +79,11 @@ def new_store(folder, name: str = "mlflow.db") -> str:
 
 @contextlib.contextmanager
 def private_store(folder):
-    """MLflow pointed at a new SQLite store in ``folder`` for the block (for module- or
-    session-scoped fixtures, which cannot use ``monkeypatch``); yields its URI."""
+    """MLflow pointed at a new SQLite store in ``folder``, also the working folder (where MLflow
+    puts the artifacts of the experiments made in the block, ``./mlruns``), for the block (for
+    module- or session-scoped fixtures, which cannot use ``monkeypatch``); yields its URI."""
     with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
         uri = new_store(folder)
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.delenv("MLFLOW_RUN_ID", raising=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import mlflow
 import pandas as pd
@@ -134,7 +135,8 @@ def test_main_on_a_users_features_file_writes_the_findings(tracking, features_fi
               "--output", str(out)])
     md = (out / "export" / "findings.md").read_text()
     assert "## The 1-unit softmax collapse" in md and "## The sigmoid/softmax parity" in md
-    assert f"python -m pipeline sweep --features {features_file} --sweep {paths[0]}" in md
+    assert f"python -m pipeline sweep --features {features_file} --sweep {paths[0]} --study collapse-t-" in md
+    assert re.search(r"python -m pipeline export --run_id parity-t-[0-9a-f]{8} --output ", md)
     assert not (out / "features.h5").exists()  # the given file was used, nothing extracted
     mains = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                filter_string=f"tags.`{naming.STEP}` = 'main'")
@@ -142,8 +144,8 @@ def test_main_on_a_users_features_file_writes_the_findings(tracking, features_fi
 
 
 def test_main_on_another_features_file_runs_a_study_of_its_own(tracking, features_file, tmp_path):
-    """``main`` has no --study: on another features file (or after a sweep file was changed)
-    it runs a new study instead of refusing the first one's, and a rerun resumes its own."""
+    """``main`` has no --study: on another features file it runs a new study instead of
+    refusing the first one's, and a rerun resumes its own."""
     from pipeline import cli
 
     sweep = tmp_path / "collapse.yaml"

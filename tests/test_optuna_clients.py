@@ -18,29 +18,27 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.helpers import SMALL_STUDY
-
 pytestmark = pytest.mark.slow  # the small study's sweep, then the Optuna CLI and dashboard in subprocesses
 
 BIN = Path(sys.executable).parent
 
 
-def optuna_cli(command: str, journal: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "optuna"), command, "--storage", str(journal),
+def optuna_cli(command: str, small_study) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "optuna"), command, "--storage", str(small_study.journal),
                            "--storage-class", "JournalFileBackend", "--study-name",
-                           SMALL_STUDY["name"], "-f", "json"],
+                           small_study.outcome.study_name, "-f", "json"],
                           capture_output=True, text=True, timeout=120, check=True)
 
 
 def test_optuna_cli_lists_trials_and_the_best(small_study):
-    trials = json.loads(optuna_cli("trials", small_study.journal).stdout)
+    trials = json.loads(optuna_cli("trials", small_study).stdout)
     assert len(trials) == 8 and {t["state"] for t in trials} == {"COMPLETE"}
     assert {tuple(t["value"]) for t in trials} == {("val_prob_loss",)}  # the objective, named
     for t in trials:
         t["value"] = t["value"]["val_prob_loss"]
     assert {(t["params"]["activation"], t["params"]["units"], t["params"]["seed"]) for t in trials} == {
         (a, u, s) for a, u in (("softmax", 1), ("softmax", 2), ("sigmoid", 1)) for s in (0, 1)}
-    best = json.loads(optuna_cli("best-trial", small_study.journal).stdout)
+    best = json.loads(optuna_cli("best-trial", small_study).stdout)
     best["value"] = best["value"]["val_prob_loss"]
     assert best["value"] == min(t["value"] for t in trials)
     mlflow.set_tracking_uri(small_study.store)
@@ -79,7 +77,7 @@ def test_optuna_dashboard_serves_the_study(small_study):
     try:
         base = f"http://127.0.0.1:{port}"
         studies = _get_json(f"{base}/api/studies", time.monotonic() + 60)["study_summaries"]
-        assert [s["study_name"] for s in studies] == [SMALL_STUDY["name"]]
+        assert [s["study_name"] for s in studies] == [small_study.outcome.study_name]
         detail = _get_json(f"{base}/api/studies/{studies[0]['study_id']}?after=0", time.monotonic() + 10)
         assert len(detail["trials"]) == 8 and {t["state"] for t in detail["trials"]} == {"Complete"}
         assert detail["objective_names"] == ["val_prob_loss"]

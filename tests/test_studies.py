@@ -8,6 +8,9 @@ import time
 
 from optuna.trial import TrialState
 
+GRID = {"name": "g", "experiment": "g", "sampler": "grid", "seeds": [0, 1],
+        "space": {"activation": ["sigmoid", "softmax"], "learning_rate": [0.01, 0.1]}}
+
 
 def queue_study(path, n: int, grace: str | None = None, monkeypatch=None):
     import optuna
@@ -62,8 +65,7 @@ def test_grid_trials_are_queued_with_their_params_so_a_claim_writes_no_params(tm
     from pipeline import studies
     from pipeline.config import parse_sweep
 
-    spec = parse_sweep({"name": "g", "experiment": "g", "sampler": "grid", "seeds": [0, 1],
-                        "space": {"activation": ["sigmoid", "softmax"], "learning_rate": [0.01, 0.1]}})
+    spec = parse_sweep(GRID)
     journal = tmp_path / "j.log"
     study, setup = studies.open_study(spec, str(journal), None, "sha")
     assert setup
@@ -79,6 +81,36 @@ def test_grid_trials_are_queued_with_their_params_so_a_claim_writes_no_params(tm
     again, setup = studies.open_study(spec, str(journal), None, "sha")
     assert not setup and studies.parent_of(again) == "parent-run"
     assert len(again.trials) == len(spec.grid())  # resuming queues nothing twice
+
+
+def test_a_studys_default_name_is_its_sweep_and_a_digest_of_what_makes_its_trials_comparable():
+    """The digest is pinned: workers on several machines and later versions of the tool find a
+    study by it, so a change of :func:`describe_space` that changes it must be deliberate."""
+    from pipeline import studies
+    from pipeline.config import parse_sweep
+
+    sha = "ab" * 32
+    name = studies.default_study_name(parse_sweep(GRID), sha)
+    assert name == "g-102a9272"
+    changed = [parse_sweep({**GRID, "seeds": [0]}), parse_sweep({**GRID, "experiment": "h"}),
+               parse_sweep({**GRID, "fixed": {"epochs": 3}})]
+    assert len({name, studies.default_study_name(parse_sweep(GRID), "cd" * 32),
+                *(studies.default_study_name(spec, sha) for spec in changed)}) == 5
+    same = [parse_sweep({**GRID, "n_trials": 2}), parse_sweep({**GRID, "description": "other"})]
+    assert {studies.default_study_name(spec, sha) for spec in same} == {name}
+
+
+def test_a_study_under_the_sweeps_plain_name_resumes_when_its_space_and_features_match(tmp_path):
+    """Studies were named for their sweep alone before version 0.2: such a study resumes, and
+    one of another features file is left alone for a study of the digest's name."""
+    from pipeline import studies
+    from pipeline.config import parse_sweep
+
+    spec, journal = parse_sweep(GRID), str(tmp_path / "j.log")
+    studies.open_study(spec, journal, "g", "sha-a")
+    assert studies.open_study(spec, journal, None, "sha-a")[0].study_name == "g"
+    other, setup = studies.open_study(spec, journal, None, "sha-b")
+    assert setup and other.study_name == studies.default_study_name(spec, "sha-b")
 
 
 def test_trial_of_a_dead_local_worker_is_failed_requeued_and_its_run_reported(tmp_path):

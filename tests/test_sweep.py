@@ -200,10 +200,12 @@ def test_a_finished_study_whose_runs_are_elsewhere_is_refused(swept, tmp_path, t
 
 
 def test_a_finished_study_moved_to_another_experiment_is_refused(swept, tmp_path):
+    """A sweep file whose experiment changed names its study by --study (without it, the
+    experiment is part of the default name, and the sweep gets a study of its own)."""
     outcome, _, _, features_file = swept
     moved = write_sweep(tmp_path, {**TINY, "experiment": "moved-exp"}, "moved.yaml")
     with pytest.raises(UserError, match=f"is in experiment {outcome.experiment_id}, not in 'moved-exp'"):
-        run_sweep(str(features_file), moved, progress=False)
+        run_sweep(str(features_file), moved, study=outcome.study_name, progress=False)
     assert mlflow.get_run(outcome.parent_run_id).info.status == "FINISHED"
     assert mlflow.get_experiment_by_name("moved-exp") is None  # nothing written
 
@@ -217,6 +219,7 @@ def test_tpe_sweep_runs_exactly_n_trials(tmp_path, tracking, features_file):
     grown = run_sweep(str(features_file), write_sweep(tmp_path, spec, "tpe.yaml"), n_trials=6,
                       progress=False)
     assert grown.counts["complete"] == 6
+    assert (grown.study_name, grown.parent_run_id) == (outcome.study_name, outcome.parent_run_id)
 
 
 def test_bad_features_create_nothing(tmp_path, tracking):
