@@ -64,6 +64,15 @@ def test_mlproject_defaults_are_the_command_lines_defaults():
         assert mlproject == bare, name
 
 
+def test_export_help_names_every_format_export_writes():
+    from pipeline.cli import build_parser
+    from pipeline.export import FORMATS
+
+    export_help = build_parser()._subparsers._group_actions[0].choices["export"].format_help()
+    listed = " ".join(export_help.split()).split("comma list of ")[-1].split(" (default")[0]
+    assert listed.split(", ") == list(FORMATS)
+
+
 def test_version_and_help_read_plainly(tmp_path):
     import pipeline
 
