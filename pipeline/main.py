@@ -65,8 +65,12 @@ def run_main(images: str = "builtin:digits", weights: str = "auto",
     if not specs:
         raise UserError("sweep: give at least one sweep file")
     spec = specs[0]
-    if features is not None:
-        read_features(resolve_features(features))  # ... and on bad features
+    if features is not None:  # ... and on bad features, or ones a sweep cannot split
+        from pipeline.split import Splits
+
+        data = read_features(resolve_features(features))
+        for one in specs:
+            Splits(data.x, data.y).check(one.values("validation_fraction"), one.seeds)
     source = open_source(images) if features is None else None
     out = paths.writable_dir(output, "output")
     paths.writable_dir(out / "export", "output")
