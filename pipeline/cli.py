@@ -11,6 +11,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Literal, get_args, get_origin
+
+from pydantic.fields import FieldInfo
 
 from pipeline import __version__
 from pipeline.config import ParityConfig, parse_config
@@ -40,6 +43,17 @@ def _optional_int(text: str) -> int | None:
 
 def _optional_str(text: str) -> str | None:
     return text or None
+
+
+def _field_help(field: FieldInfo) -> str:
+    """A config field's help: what it is, the values it takes if they are few, its default
+    (spelled as on the command line: ``true``, ``none``)."""
+    choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else ()
+    if field.annotation is bool:
+        choices = ("true", "false")
+    default = str(field.default).lower() if field.default in (True, False, None) else field.default
+    listed = f"; {', '.join(map(str, choices))}" if choices else ""
+    return f"{field.description}{listed} (default {default})"
 
 
 def parity_config(values: dict[str, str | None]) -> ParityConfig:
@@ -99,8 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "experiment", default=None, type=_optional_str,
           help="MLflow experiment for the run (default sigmoid-softmax-parity)")
     for name, field in ParityConfig.model_fields.items():
-        _flag(p, name, default=None, type=_optional_str,
-              help=f"{(field.description or '').strip()} (default {field.default})".strip())
+        _flag(p, name, default=None, type=_optional_str, help=_field_help(field))
 
     p = sub.add_parser("export", help="tables and figures from a sweep's runs",
                        description="Export a sweep's trials as CSV, Markdown and LaTeX tables "
@@ -117,13 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("main", help="extract, sweep and export under one parent run",
                        description="The whole pipeline: extract (reused when already done), "
                                    "sweep, export.")
-    _flag(p, "images", default="builtin:digits", help="image folder or builtin:digits")
-    _flag(p, "weights", default="auto", help="imagenet, random, auto or a weights file")
+    _flag(p, "images", default="builtin:digits",
+          help="image folder or builtin:digits (default builtin:digits)")
+    _flag(p, "weights", default="auto", help="imagenet, random, auto or a weights file (default auto)")
     _flag(p, "sweep", default="sweeps/default.yaml",
-          help="sweep YAML file, or a comma list run in order and exported together")
+          help="sweep YAML file, or a comma list run in order and exported together "
+               "(default sweeps/default.yaml)")
     _flag(p, "features", type=_optional_str, default=None,
           help="use this features file (or runs:/ URI) instead of extracting images")
-    _flag(p, "output", default="outputs", help="folder for features.h5 and export/")
+    _flag(p, "output", default="outputs", help="folder for features.h5 and export/ (default outputs)")
     _flag(p, "storage", type=_optional_str, default=None, help="Optuna storage (see sweep)")
 
     p = sub.add_parser("findings", help="the findings report's studies, exported together",
@@ -131,11 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "parity_deep, atlas) on one features file "
                                    "(extracted, or given), exported together: OUTPUT/export/findings.md "
                                    "and findings.tex.")
-    _flag(p, "images", default="builtin:digits", help="image folder or builtin:digits")
-    _flag(p, "weights", default="auto", help="imagenet, random, auto or a weights file")
+    _flag(p, "images", default="builtin:digits",
+          help="image folder or builtin:digits (default builtin:digits)")
+    _flag(p, "weights", default="auto", help="imagenet, random, auto or a weights file (default auto)")
     _flag(p, "features", type=_optional_str, default=None,
           help="use this features file (e.g. gap_Xception.h5) instead of extracting images")
-    _flag(p, "output", default="outputs/findings", help="folder for features.h5 and export/")
+    _flag(p, "output", default="outputs/findings",
+          help="folder for features.h5 and export/ (default outputs/findings)")
     p.set_defaults(sweep=FINDINGS_SWEEPS, storage=None)
     return parser
 
@@ -180,8 +197,9 @@ def run(args: argparse.Namespace) -> None:
 
         outcome = run_main(args.images, args.weights, args.sweep, args.output, launcher_run_id=launcher,
                            storage=args.storage, features=args.features)
-        print(f"{args.command}: done; sweep run {outcome.sweep_run_id}; files in {args.output}",
-              file=sys.stderr)
+        runs = ", ".join(outcome.sweep_run_ids)
+        print(f"{args.command}: done; sweep run{'s' if len(outcome.sweep_run_ids) > 1 else ''} {runs} "
+              f"(main run {outcome.main_run_id}); files in {args.output}", file=sys.stderr)
 
 
 # What an interrupt leaves behind, per subcommand, and what a rerun does.

@@ -99,21 +99,27 @@ class TrainingSettings(BaseModel):
     DEFAULT_METRIC: ClassVar[str]
     PRUNABLE: ClassVar[bool]  # whether a trial trains one head epoch by epoch, so can be pruned
 
-    optimizer: Optimizer = "sgd"
-    learning_rate: float = Field(1e-3, gt=0)
-    epochs: int = Field(5, ge=1)
-    batch_size: int = Field(128, ge=1)
-    dropout: float = Field(0.5, ge=0, lt=1)
-    seed: int = Field(0, ge=0)
-    validation_fraction: float = Field(0.2, gt=0, lt=1)
-    hidden_units: int = Field(0, ge=0)
-    hidden_activation: HiddenActivation = "relu"
-    standardize: bool = False
-    weight_decay: float | None = Field(None, ge=0)
-    l2: float = Field(0.0, ge=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    bias_init: BiasInit = "zeros"
-    transfer_bias: bool = True
+    optimizer: Optimizer = Field("sgd", description="the optimizer")
+    learning_rate: float = Field(1e-3, gt=0, description="the learning rate")
+    epochs: int = Field(5, ge=1, description="training epochs")
+    batch_size: int = Field(128, ge=1, description="examples per batch")
+    dropout: float = Field(0.5, ge=0, lt=1, description="dropout rate on the features")
+    seed: int = Field(0, ge=0, description="seeds the split, the batch order, the initial "
+                                           "weights and the dropout masks")
+    validation_fraction: float = Field(0.2, gt=0, lt=1, description="the stratified validation split")
+    hidden_units: int = Field(0, ge=0, description="units of a hidden layer before the output "
+                                                   "layer; 0: none")
+    hidden_activation: HiddenActivation = Field("relu", description="the hidden layer's activation")
+    standardize: bool = Field(False, description="standardize the features (the training "
+                                                 "split's statistics)")
+    weight_decay: float | None = Field(None, ge=0, description="decoupled weight decay (none: "
+                                                               "the optimizer's own, 0.004 for "
+                                                               "adamw, else 0)")
+    l2: float = Field(0.0, ge=0, description="L2 penalty on the output layer's kernel")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the loss")
+    bias_init: BiasInit = Field("zeros", description="the output layer's initial bias")
+    transfer_bias: bool = Field(True, description="a transferred sigmoid starts at b = b1 - b0 "
+                                                  "(false: at 0)")
 
     _numbers = field_validator("learning_rate", "seed", "dropout", "epochs", "batch_size",
                                "validation_fraction", "hidden_units", "weight_decay", "l2",
@@ -234,14 +240,19 @@ class ParityConfig(TrainingSettings):
     DEFAULT_METRIC: ClassVar[str] = "max_gap_softmax_transfer"
     PRUNABLE: ClassVar[bool] = False
 
-    learning_rate: float = Field(1e-2, gt=0)
-    ratio: float = Field(2.0, gt=0)
-    ratio_scope: Literal["output", "all"] = "output"
-    sigmoid_decay_scale: float = Field(1.0, ge=0)
-    sigmoid_l2_scale: float = Field(1.0, ge=0)
-    share_masks: bool = True
-    share_batch_order: bool = True
-    center_softmax: bool = False
+    learning_rate: float = Field(1e-2, gt=0, description="the softmax's learning rate; the "
+                                                         "sigmoids train at ratio x it")
+    ratio: float = Field(2.0, gt=0, description="sigmoid learning rate / softmax learning rate")
+    ratio_scope: Literal["output", "all"] = Field("output", description="the sigmoids' layers "
+                                                  "that train at ratio x learning_rate (output: "
+                                                  "the body trains at learning_rate)")
+    sigmoid_decay_scale: float = Field(1.0, ge=0, description="the sigmoids' weight decay / "
+                                                              "the softmax's")
+    sigmoid_l2_scale: float = Field(1.0, ge=0, description="the sigmoids' L2 penalty / the softmax's")
+    share_masks: bool = Field(True, description="the sigmoids use the softmax's dropout masks")
+    share_batch_order: bool = Field(True, description="the sigmoids see the softmax's batch order")
+    center_softmax: bool = Field(False, description="start the softmax at w0 = -w1 (the same "
+                                                    "beta = w1 - w0)")
 
     _parity_numbers = field_validator("ratio", "sigmoid_decay_scale", "sigmoid_l2_scale",
                                       mode="before")(_not_a_boolean)

@@ -20,7 +20,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 
-from pipeline import figures, findings, naming, paths, study_figures, tables, tracking
+from pipeline import figures, findings, naming, paths, studies, study_figures, tables, tracking
 from pipeline.errors import UserError
 from pipeline.progress import progress_bar
 from pipeline.runs import resolve_run_ids, sweep_run, trial_records
@@ -173,13 +173,34 @@ def _export_sweep(parent, sweep: str, kind: str, out: Path, wanted: set[str],
             pages = _optuna_pages(parent, out, lambda name: _stage(bar, f"Optuna: {name}"))
         _stage(bar, "writing the tables")
         written = _tables(trials, summary, curves, kind_metrics, wanted, sweep, run_id, output,
-                          out, pngs, pages)
+                          out, pngs, pages, _context(parent, trials))
         bar.update(bar.total - bar.n)  # stages skipped (a figure Optuna cannot draw) count as done
-    status = "" if parent.info.status == "FINISHED" else f", {parent.info.status}: not finished"
-    print(f"export: {len(trials)} trials of run {run_id} (study "
-          f"'{parent.data.tags.get(naming.STUDY)}'{status}) -> {out} "
-          f"({', '.join(p.name for p in written)})", file=sys.stderr)
+    print(f"export: study '{parent.data.tags.get(naming.STUDY)}' (run {run_id}): "
+          f"{_how_far(parent, trials)} -> {out} ({', '.join(p.name for p in written)})",
+          file=sys.stderr)
     return written, trials
+
+
+def _how_far(parent, trials: pd.DataFrame) -> str:
+    """How far a sweep got, as its tables should be read: ``2 of 12 trials complete (1 failed;
+    1 runs KILLED); the sweep is KILLED, not finished: rerun it to resume``.
+
+    The budget is the study's (the parent run's ``trials.*`` counts, logged whenever a command
+    on the study ends); runs of attempts that were interrupted and retried are KILLED."""
+    done = len(tables.completed(trials))
+    counts = {k.removeprefix("trials."): v for k, v in parent.data.metrics.items() if k.startswith("trials.")}
+    budget = int(sum(counts.get(k, 0) for k in studies.BUDGET))
+    status = trials["status"]
+    notes = [f"{n} {what}" for n, what in (
+        (int(trials["pruned"].sum()), "pruned, left out of the tables"),
+        (int((status == "FAILED").sum()), "failed"),
+        (int((status == "KILLED").sum()), "runs KILLED")) if n]
+    text = f"{done} of {budget or len(trials)} trials complete" + (f" ({'; '.join(notes)})" if notes else "")
+    if parent.info.status in ("RUNNING", "SCHEDULED"):
+        text += f"; the sweep is {parent.info.status}: these are its trials so far"
+    elif parent.info.status != "FINISHED":
+        text += f"; the sweep is {parent.info.status}, not finished: rerun it to resume"
+    return text
 
 
 def _stages(wanted: set[str]) -> list[str]:
@@ -217,8 +238,10 @@ def _pngs(trials: pd.DataFrame, curves: pd.DataFrame, sweep: str, out: Path,
 
 def _tables(trials: pd.DataFrame, summary: pd.DataFrame, curves: pd.DataFrame, kind_metrics,
             wanted: set[str], sweep: str, run_id: str, output: str, out: Path, pngs: list[Path],
-            pages: list[Path]) -> list[Path]:
-    """The tables in the formats ``wanted``, then the figures: the files written, in order."""
+            pages: list[Path], context: str) -> list[Path]:
+    """The tables in the formats ``wanted``, then the figures: the files written, in order.
+    The Markdown and LaTeX tables start with ``context`` (:func:`_context`): which study, and
+    how far it got."""
     written: list[Path] = []
     if "csv" in wanted:
         written.append(_write(out / "trials.csv", trials.to_csv(index=False)))
@@ -231,13 +254,13 @@ def _tables(trials: pd.DataFrame, summary: pd.DataFrame, curves: pd.DataFrame, k
         images = "".join(f"\n![{p.stem}]({p.name})\n" for p in pngs if p.suffix == ".png")
         links = "".join(f"- [{p.stem.replace('_', ' ')}]({p.name}) (Optuna, interactive)\n" for p in pages)
         written.append(_write(out / "summary.md",
-                              f"# Sweep `{sweep}` (parent run `{run_id}`)\n\nRegenerate with:\n\n"
+                              f"# Sweep `{sweep}` (parent run `{run_id}`)\n\n{context}\nRegenerate with:\n\n"
                               f"```\n{command}\n```\n\n{tables.to_markdown(summary, kind_metrics)}"
                               f"{images}" + (f"\n{links}" if links else "")))
     if "tex" in wanted:
         caption = f"Sweep {sweep}: final-epoch metrics, mean and standard deviation over seeds."
         written.append(_write(out / "summary.tex",
-                              f"% Regenerate with: {command}\n"
+                              f"% Regenerate with: {command}\n% {context}"
                               + tables.to_latex(summary, kind_metrics, caption=caption,
                                                 label=f"tab:{naming.safe_filename(sweep)}")))
     return written
@@ -259,10 +282,8 @@ def _regenerate(parent, output: str) -> str:
 
 def _context(parent, trials: pd.DataFrame) -> str:
     tags = parent.data.tags
-    done, pruned = len(tables.completed(trials)), int(trials["pruned"].sum()) if len(trials) else 0
-    stopped = f" ({pruned} pruned, left out of the tables)" if pruned else ""
-    return (f"Sweep `{tags.get(naming.SWEEP_NAME)}` (parent run `{parent.info.run_id}`): {done} of "
-            f"{len(trials)} trials finished{stopped}; features sha256 "
+    return (f"Sweep `{tags.get(naming.SWEEP_NAME)}` (study `{tags.get(naming.STUDY)}`, parent run "
+            f"`{parent.info.run_id}`): {_how_far(parent, trials)}; features sha256 "
             f"`{tags.get(naming.FEATURES_SHA, '?')[:12]}`.\n")
 
 

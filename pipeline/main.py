@@ -89,11 +89,11 @@ def run_main(images: str = "builtin:digits", weights: str = "auto",
         extract_run, features_path, reused = _features_step(
             images, weights, source, features, out / "features.h5", experiment, main_run, progress)
         if extract_run:
-            client.set_tag(main_run, "pipeline.extract_run_id", extract_run)
+            client.set_tag(main_run, naming.EXTRACT_RUN, extract_run)
         parents = [run_sweep(str(features_path), path, storage=storage, launcher_run_id=main_run,
                              progress=progress).parent_run_id for path in sweeps]
         exported = export(",".join(parents), str(out / "export"), "csv,md,tex,png")
-        tracking.log_batch(main_run, tags={"pipeline.sweep_run_id": ",".join(parents)})
+        tracking.log_batch(main_run, tags={naming.SWEEP_RUNS: ",".join(parents)})
     return MainOutcome(main_run, extract_run, reused, parents[0], exported.files, tuple(parents))
 
 

@@ -115,7 +115,7 @@ def _create(study: optuna.Study, origin: Origin, experiment: str) -> str:
         tags[naming.MAIN_RUN] = launcher
     parent = tracking.create_run(experiment, naming.parent_run_name(spec.name), nest, tags)
     if launcher and not nest:
-        client.set_tag(launcher, "pipeline.sweep_run_id", parent)
+        client.set_tag(launcher, naming.SWEEP_RUNS, parent)
     params = {"sweep": spec.name, "sweep_file": origin.sweep_file, "kind": spec.kind,
               "sampler": spec.sampler, "sampler_seed": spec.sampler_seed, "n_trials": spec.budget(),
               "seeds": list(spec.seeds), "engine": spec.engine,

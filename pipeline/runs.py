@@ -16,35 +16,52 @@ from pipeline.results import EPOCH_METRICS
 
 
 def latest_sweep_run(name: str | None = None) -> str:
-    """The id of the most recently started sweep parent run, in any experiment: of the study or
-    the sweep (its file's ``name``) called ``name`` if given. Whatever its status: an interrupted
-    sweep's finished trials export too, and the export's line says it did not finish."""
+    """The id of the sweep parent run, in any experiment, that was run last (started, or ended
+    after a resume, most recently): of the study or the sweep (its file's ``name``) called
+    ``name`` if given. Whatever its status: an interrupted sweep's finished trials export too,
+    and the export says how far it got."""
     if name and "'" in name:
         raise UserError(f"run_id {name!r}: not a run id, a study or a sweep name")
     found = [run for tag in ((naming.STUDY, naming.SWEEP_NAME) if name else (None,))
-             for run in _newest_sweep_runs(tag, name)]
+             for order in ("start_time", "end_time") for run in _newest_sweep_run(tag, name, order)]
     if not found:
-        what = f"no runs of study or sweep '{name}'" if name else "no sweep runs"
-        raise UserError(f"{what} in the tracking store ({mlflow.get_tracking_uri()}); "
+        raise UserError(f"no runs of study or sweep '{name}' in the tracking store "
+                        f"({mlflow.get_tracking_uri()}); give a sweep's parent run id, study or "
+                        f"sweep name" if name else
+                        f"no sweep runs in the tracking store ({mlflow.get_tracking_uri()}); "
                         f"run a sweep first or pass --run_id")
-    return max(found, key=lambda run: run.info.start_time).info.run_id
+    return max(found, key=lambda run: max(run.info.start_time, run.info.end_time or 0)).info.run_id
 
 
-def _newest_sweep_runs(tag: str | None, value: str | None) -> list:
-    """The newest sweep parent run whose tag ``tag`` is ``value`` (any, without a tag), or none."""
+def _newest_sweep_run(tag: str | None, value: str | None, order: str) -> list:
+    """The sweep parent run whose tag ``tag`` is ``value`` (any, without a tag) with the newest
+    ``order`` time (``start_time`` or ``end_time``), or none."""
     clauses = [f"tags.`{naming.STEP}` = 'sweep'"] + ([f"tags.`{tag}` = '{value}'"] if tag else [])
     return mlflow.search_runs(search_all_experiments=True, max_results=1,
                               filter_string=" and ".join(clauses),
-                              order_by=["attributes.start_time DESC"], output_format="list")
+                              order_by=[f"attributes.{order} DESC"], output_format="list")
 
 
 def resolve_run_ids(run_ids: str | None) -> list[str]:
     """Sweep parent run ids from a comma list of run ids, study names or sweep names (the
-    latest run of each named study or sweep); empty means the latest sweep of all."""
+    latest run of each named study or sweep); empty means the latest sweep of all. A main
+    run's id stands for the sweeps it ran."""
     names = [part.strip() for part in (run_ids or "").split(",") if part.strip()]
     if not names:
         return [latest_sweep_run()]
-    return [name if _is_run_id(name) else latest_sweep_run(name) for name in names]
+    return [rid for name in names
+            for rid in (_sweeps_of(name) if _is_run_id(name) else [latest_sweep_run(name)])]
+
+
+def _sweeps_of(run_id: str) -> list[str]:
+    """``[run_id]``, or for a main run the parent runs of its sweeps."""
+    try:
+        tags = tracking.client().get_run(run_id).data.tags
+    except mlflow.exceptions.MlflowException:
+        return [run_id]  # sweep_run says what is wrong with it
+    if tags.get(naming.STEP) == "main" and tags.get(naming.SWEEP_RUNS):
+        return tags[naming.SWEEP_RUNS].split(",")
+    return [run_id]
 
 
 def _is_run_id(text: str) -> bool:

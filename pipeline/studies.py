@@ -363,8 +363,12 @@ def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
     return {n for t in trials for n in t.system_attrs.get("retry_history", ())}
 
 
+BUDGET = ("complete", "fail", "pruned", "running", "waiting")  # the tally's keys the budget sums
+
+
 def tally(study: optuna.Study) -> dict[str, int]:
-    """Trials by outcome; retried attempts are counted apart, so complete + fail = the budget."""
+    """Trials by outcome; retried attempts are counted apart, so the study's budget is the sum
+    over :data:`BUDGET` (complete + fail once it is done)."""
     trials = patiently(study.get_trials, deepcopy=False)
     retried = retried_numbers(trials)
     counts = {state.name.lower(): sum(t.state == state and t.number not in retried for t in trials)

@@ -90,7 +90,7 @@ def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: s
     with parent.closing(the_study, parent_run, worker.finishing()) as counts, \
             started_workers(job, max(workers - 1, 0)):
         if workers:
-            runner.work(worker, _progress(spec.budget(), the_study, progress))
+            runner.work(worker, _progress(the_study, progress))
     return SweepOutcome(parent_run, experiment, the_study.study_name,
                         {k: counts[k] for k in ("complete", "fail", "pruned")}, counts["retried"])
 
@@ -122,6 +122,8 @@ def _trial_tags(the_study: optuna.Study, origin: parent.Origin, data: FeatureSet
             naming.SWEEP_NAME: origin.spec.name, **tracking.versions()}
 
 
-def _progress(total: int, the_study: optuna.Study, enabled: bool | None):
-    """The sweep's progress over the study's budget, counting trials finished before."""
-    return progress_bar("sweep", total, "trial", initial=runner.done(the_study), enabled=enabled)
+def _progress(the_study: optuna.Study, enabled: bool | None):
+    """The sweep's progress over the study's budget (which a smaller ``n_trials`` than a
+    resumed study's does not shrink), counting trials finished before."""
+    budget = sum(studies.tally(the_study)[k] for k in studies.BUDGET)
+    return progress_bar("sweep", budget, "trial", initial=runner.done(the_study), enabled=enabled)

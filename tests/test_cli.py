@@ -78,6 +78,12 @@ def test_version_and_help_read_plainly(tmp_path):
 
     version = cli("--version", cwd=tmp_path)
     assert version.returncode == 0 and version.stdout.strip() == f"python -m pipeline {pipeline.__version__}"
-    for args in (("--help",), ("findings", "--help")):
+    for args in (("--help",), ("findings", "--help"), ("parity", "--help")):
         text = cli(*args, cwd=tmp_path).stdout
         assert "``" not in text and ":func:" not in text and "usage: python -m pipeline" in text
+        assert "(default True)" not in text and "(default False)" not in text  # true, false
+    from pipeline.cli import build_parser
+
+    for name, stage in build_parser()._subparsers._group_actions[0].choices.items():
+        bare = [a.dest for a in stage._actions if not a.help or a.help.startswith("(default")]
+        assert bare == [], name  # every flag says what it is

@@ -69,8 +69,8 @@ def sweep(tmp_path_factory):
         experiment = client.create_experiment("tables-exp")
         other = create_run(experiment, "not-a-sweep", tags={naming.STEP: "extract"})
         parent = create_run(experiment, "tables-20260101-0000", tags={
-            naming.STEP: "sweep", naming.SWEEP_NAME: "tables", naming.KIND: "heads",
-            naming.FEATURES_SHA: "ab" * 32})
+            naming.STEP: "sweep", naming.SWEEP_NAME: "tables", naming.STUDY: "tables-0a1b2c3d",
+            naming.KIND: "heads", naming.FEATURES_SHA: "ab" * 32})
         number = 0
         for seed in (0, 1):
             for head in HEADS:
@@ -80,12 +80,13 @@ def sweep(tmp_path_factory):
                     ("softmax", 1, "sparse_categorical_crossentropy", 0.05, "glorot_uniform", "softmax_1unit",
                      0.5), status="FAILED")
         write_trial(client, experiment, parent, number + 1, 2, HEADS[1], tags={naming.PRUNED: "true"})
+        client.set_terminated(parent, "FINISHED")
         yield {"folder": folder, "parent": parent, "other": other}
 
 
 def test_a_study_name_finds_its_sweep_and_an_unfinished_sweep_says_so(tmp_path, capsys):
     """Two sweeps of one sweep file: a finished one, then an interrupted one under a study
-    named with --study. A sweep name finds the newest; a study name finds its own."""
+    named with --study. A sweep name finds the one run last; a study name finds its own."""
     with private_store(tmp_path):
         client = mlflow.MlflowClient()
         experiment = client.create_experiment("names-exp")
@@ -101,11 +102,15 @@ def test_a_study_name_finds_its_sweep_and_an_unfinished_sweep_says_so(tmp_path, 
         assert resolve_run_ids("tables-3f9a02c1") == [parents["tables-3f9a02c1"]]
         assert resolve_run_ids("tables") == resolve_run_ids("") == [parents["inttest"]]
         capsys.readouterr()
-        export("inttest", str(tmp_path / "out"), "csv")
-        assert f"1 trials of run {parents['inttest']} (study 'inttest', KILLED: not finished)" in (
+        export("inttest", str(tmp_path / "out"), "csv,md")
+        unfinished = "1 of 1 trials complete; the sweep is KILLED, not finished: rerun it to resume"
+        assert f"export: study 'inttest' (run {parents['inttest']}): {unfinished} -> " in (
             capsys.readouterr().err)
+        assert unfinished in (tmp_path / "out" / "summary.md").read_text()
         export("tables-3f9a02c1", str(tmp_path / "out"), "csv")
-        assert "(study 'tables-3f9a02c1') ->" in capsys.readouterr().err
+        assert ": 1 of 1 trials complete -> " in capsys.readouterr().err
+        client.set_terminated(parents["tables-3f9a02c1"], "FINISHED")  # resumed, and ended again
+        assert resolve_run_ids("tables") == resolve_run_ids("") == [parents["tables-3f9a02c1"]]
 
 
 def test_trial_records_are_one_typed_row_per_trial(sweep):
@@ -178,7 +183,9 @@ def test_export_writes_the_tables_and_logs_them(sweep):
     trials = pd.read_csv(out / "trials.csv")
     assert len(trials) == 10 and "final_val_accuracy" in trials
     assert (out / "summary.tex").read_text().startswith(
-        f"% Regenerate with: python -m pipeline export --run_id {sweep['parent']} --output {out}\n")
+        f"% Regenerate with: python -m pipeline export --run_id {sweep['parent']} --output {out}\n"
+        f"% Sweep `tables` (study `tables-0a1b2c3d`, parent run `{sweep['parent']}`): 8 of 10 "
+        f"trials complete (1 pruned, left out of the tables; 1 failed); features sha256 `{'ab' * 6}`.\n")
     logged = {a.path for a in mlflow.MlflowClient().list_artifacts(sweep["parent"], "export")}
     assert logged == {f"export/{p.name}" for p in result.files}
 

@@ -14,7 +14,7 @@ from pipeline import naming
 from pipeline.export import export
 from pipeline.features import write_features
 from pipeline.findings import Section, latex, markdown, parity_deep_rows, parity_rows, sci
-from pipeline.runs import trial_records
+from pipeline.runs import resolve_run_ids, trial_records
 from pipeline.sweep import run_sweep
 from tests.helpers import make_features, private_store
 
@@ -163,6 +163,9 @@ def test_main_on_another_features_file_runs_a_study_of_its_own(tracking, feature
                                 filter_string=f"tags.`{naming.STEP}` = 'sweep'")
     assert len({run.data.tags[naming.STUDY] for run in sweeps}) == len(sweeps) == 2
     assert all((tmp_path / out / "export" / "trials.csv").is_file() for out in "ab")
+    # export takes a main run's id for the sweeps it ran
+    assert {rid for run in mains for rid in resolve_run_ids(run.info.run_id)} == {
+        run.info.run_id for run in sweeps}
 
 
 def test_deep_parity_table_reads_optimizers_by_ratio_and_scope():

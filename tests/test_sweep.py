@@ -210,7 +210,7 @@ def test_a_finished_study_moved_to_another_experiment_is_refused(swept, tmp_path
     assert mlflow.get_experiment_by_name("moved-exp") is None  # nothing written
 
 
-def test_tpe_sweep_runs_exactly_n_trials(tmp_path, tracking, features_file):
+def test_tpe_sweep_runs_exactly_n_trials(tmp_path, tracking, features_file, capsys):
     spec = {"name": "tpe", "experiment": "tpe-exp", "sampler": "tpe", "n_trials": 4,
             "seeds": [0], "fixed": {"epochs": 1, "units": 1, "loss": "binary_crossentropy"},
             "space": {"activation": ["sigmoid"], "learning_rate": {"low": 1e-3, "high": 1e-1}}}
@@ -220,6 +220,11 @@ def test_tpe_sweep_runs_exactly_n_trials(tmp_path, tracking, features_file):
                       progress=False)
     assert grown.counts["complete"] == 6
     assert (grown.study_name, grown.parent_run_id) == (outcome.study_name, outcome.parent_run_id)
+    capsys.readouterr()
+    fewer = run_sweep(str(features_file), write_sweep(tmp_path, spec, "tpe.yaml"), n_trials=4,
+                      progress=False)  # a smaller n_trials does not shrink the study
+    assert fewer.counts["complete"] == 6
+    assert "sweep: 0 trials to go (6 done before)" in capsys.readouterr().err.splitlines()
 
 
 def test_bad_features_create_nothing(tmp_path, tracking):
