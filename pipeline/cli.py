@@ -45,13 +45,16 @@ def _optional_str(text: str) -> str | None:
     return text or None
 
 
-def _field_help(field: FieldInfo) -> str:
-    """A config field's help: what it is, the values it takes if they are few, its default
-    (spelled as on the command line: ``true``, ``none``)."""
+def _field_help(name: str, field: FieldInfo) -> str:
+    """A config field's help: what it is (its description, which every field has), the values
+    it takes if they are few, its default (spelled as typed: ``true``, ``none``)."""
+    if not field.description:
+        raise TypeError(f"config field {name} has no description for its --help")
     choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else ()
     if field.annotation is bool:
         choices = ("true", "false")
-    default = str(field.default).lower() if field.default in (True, False, None) else field.default
+    spelled = isinstance(field.default, bool) or field.default is None
+    default = str(field.default).lower() if spelled else field.default
     listed = f"; {', '.join(map(str, choices))}" if choices else ""
     return f"{field.description}{listed} (default {default})"
 
@@ -113,14 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "experiment", default=None, type=_optional_str,
           help="MLflow experiment for the run (default sigmoid-softmax-parity)")
     for name, field in ParityConfig.model_fields.items():
-        _flag(p, name, default=None, type=_optional_str, help=_field_help(field))
+        _flag(p, name, default=None, type=_optional_str, help=_field_help(name, field))
 
     p = sub.add_parser("export", help="tables and figures from a sweep's runs",
                        description="Export a sweep's trials as CSV, Markdown and LaTeX tables "
                                    "and PNG figures, and log them on its parent run.")
     _flag(p, "run_id", type=_optional_str, default=None,
-          help="a sweep's parent run id, study name or sweep name (the latest run of that study "
-               "or sweep), or a comma list of them (default: the latest sweep); studies with a "
+          help="a sweep's parent run id, study name or sweep name (the one of that study or "
+               "sweep run last), a main run's id (its sweeps), or a comma list of them (default: "
+               "the sweep run last); studies with a "
                "report (collapse, parity, breakers, parity_deep, atlas) also give findings.md/.tex")
     _flag(p, "output", default="exports", help="folder to write (default exports)")
     _flag(p, "formats", default="csv,md,tex",
@@ -131,14 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The whole pipeline: extract (reused when already done), "
                                    "sweep, export.")
     _flag(p, "images", default="builtin:digits",
-          help="image folder or builtin:digits (default builtin:digits)")
-    _flag(p, "weights", default="auto", help="imagenet, random, auto or a weights file (default auto)")
+          help="image folder or builtin:digits (default %(default)s)")
+    _flag(p, "weights", default="auto", help="imagenet, random, auto or a weights file (default %(default)s)")
     _flag(p, "sweep", default="sweeps/default.yaml",
           help="sweep YAML file, or a comma list run in order and exported together "
-               "(default sweeps/default.yaml)")
+               "(default %(default)s)")
     _flag(p, "features", type=_optional_str, default=None,
           help="use this features file (or runs:/ URI) instead of extracting images")
-    _flag(p, "output", default="outputs", help="folder for features.h5 and export/ (default outputs)")
+    _flag(p, "output", default="outputs", help="folder for features.h5 and export/ (default %(default)s)")
     _flag(p, "storage", type=_optional_str, default=None, help="Optuna storage (see sweep)")
 
     p = sub.add_parser("findings", help="the findings report's studies, exported together",
@@ -147,12 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(extracted, or given), exported together: OUTPUT/export/findings.md "
                                    "and findings.tex.")
     _flag(p, "images", default="builtin:digits",
-          help="image folder or builtin:digits (default builtin:digits)")
-    _flag(p, "weights", default="auto", help="imagenet, random, auto or a weights file (default auto)")
+          help="image folder or builtin:digits (default %(default)s)")
+    _flag(p, "weights", default="auto", help="imagenet, random, auto or a weights file (default %(default)s)")
     _flag(p, "features", type=_optional_str, default=None,
           help="use this features file (e.g. gap_Xception.h5) instead of extracting images")
     _flag(p, "output", default="outputs/findings",
-          help="folder for features.h5 and export/ (default outputs/findings)")
+          help="folder for features.h5 and export/ (default %(default)s)")
     p.set_defaults(sweep=FINDINGS_SWEEPS, storage=None)
     return parser
 

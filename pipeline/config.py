@@ -112,9 +112,9 @@ class TrainingSettings(BaseModel):
     hidden_activation: HiddenActivation = Field("relu", description="the hidden layer's activation")
     standardize: bool = Field(False, description="standardize the features (the training "
                                                  "split's statistics)")
-    weight_decay: float | None = Field(None, ge=0, description="decoupled weight decay (none: "
-                                                               "the optimizer's own, 0.004 for "
-                                                               "adamw, else 0)")
+    weight_decay: float | None = Field(None, ge=0, description="decoupled weight decay (none: the "
+                                       "optimizer's own: " + ", ".join(
+                                           f"{k} {v}" for k, v in DEFAULT_WEIGHT_DECAY.items()) + ", else 0)")
     l2: float = Field(0.0, ge=0, description="L2 penalty on the output layer's kernel")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="label smoothing of the loss")
     bias_init: BiasInit = Field("zeros", description="the output layer's initial bias")

@@ -106,8 +106,9 @@ def export(run_id: str | None = None, output: str = "exports", formats: str = "c
            log_to_run: bool = True) -> ExportResult:
     """Write sweeps' tables and figures into ``output`` and log them on their parent runs.
 
-    ``run_id`` is a comma list of sweep parent run ids, study names or sweep names (the latest
-    run of each), or empty for the latest sweep. One sweep's files go into ``output`` itself, several
+    ``run_id`` is a comma list of sweep parent run ids, study names or sweep names (the one of
+    each run last), main run ids (their sweeps), or empty for the sweep run last
+    (:func:`pipeline.runs.resolve_run_ids`). One sweep's files go into ``output`` itself, several
     sweeps' into ``output/<sweep name>/``. Sweeps whose file sets ``report`` (collapse, parity,
     breakers, parity_deep, atlas) also make ``findings.md`` / ``findings.tex`` in ``output``, one table each.
     ``formats`` is a comma list of csv, md, tex, png, pdf, svg, html. PNG figures (loss curves
@@ -183,19 +184,22 @@ def _export_sweep(parent, sweep: str, kind: str, out: Path, wanted: set[str],
 
 def _how_far(parent, trials: pd.DataFrame) -> str:
     """How far a sweep got, as its tables should be read: ``2 of 12 trials complete (1 failed;
-    1 runs KILLED); the sweep is KILLED, not finished: rerun it to resume``.
+    1 run KILLED); the sweep is KILLED, not finished: rerun it to resume``.
 
-    The budget is the study's (the parent run's ``trials.*`` counts, logged whenever a command
-    on the study ends); runs of attempts that were interrupted and retried are KILLED."""
+    The budget is the study's (the parent run's trial counts, logged whenever a command on the
+    study starts or ends); runs of attempts that were interrupted and retried are KILLED."""
     done = len(tables.completed(trials))
-    counts = {k.removeprefix("trials."): v for k, v in parent.data.metrics.items() if k.startswith("trials.")}
+    counts = {k.removeprefix(naming.TRIAL_COUNT): v for k, v in parent.data.metrics.items()
+              if k.startswith(naming.TRIAL_COUNT)}
     budget = int(sum(counts.get(k, 0) for k in studies.BUDGET))
-    status = trials["status"]
-    notes = [f"{n} {what}" for n, what in (
-        (int(trials["pruned"].sum()), "pruned, left out of the tables"),
-        (int((status == "FAILED").sum()), "failed"),
-        (int((status == "KILLED").sum()), "runs KILLED")) if n]
-    text = f"{done} of {budget or len(trials)} trials complete" + (f" ({'; '.join(notes)})" if notes else "")
+    pruned, failed, killed = (int(trials["pruned"].sum()), int((trials["status"] == "FAILED").sum()),
+                              int((trials["status"] == "KILLED").sum()))
+    notes = ([f"{pruned} pruned, left out of the tables"] if pruned else []) + (
+        [f"{failed} failed"] if failed else []) + (
+        [f"{killed} run{'s' if killed > 1 else ''} KILLED"] if killed else [])
+    text = (f"{done} of {max(budget, done)} trials complete" if budget
+            else f"{done} trial{'' if done == 1 else 's'} complete")  # no counts: a 0.1 command cut short
+    text += f" ({'; '.join(notes)})" if notes else ""
     if parent.info.status in ("RUNNING", "SCHEDULED"):
         text += f"; the sweep is {parent.info.status}: these are its trials so far"
     elif parent.info.status != "FINISHED":
@@ -254,13 +258,13 @@ def _tables(trials: pd.DataFrame, summary: pd.DataFrame, curves: pd.DataFrame, k
         images = "".join(f"\n![{p.stem}]({p.name})\n" for p in pngs if p.suffix == ".png")
         links = "".join(f"- [{p.stem.replace('_', ' ')}]({p.name}) (Optuna, interactive)\n" for p in pages)
         written.append(_write(out / "summary.md",
-                              f"# Sweep `{sweep}` (parent run `{run_id}`)\n\n{context}\nRegenerate with:\n\n"
+                              f"# Sweep `{sweep}`\n\n{context}\nRegenerate with:\n\n"
                               f"```\n{command}\n```\n\n{tables.to_markdown(summary, kind_metrics)}"
                               f"{images}" + (f"\n{links}" if links else "")))
     if "tex" in wanted:
         caption = f"Sweep {sweep}: final-epoch metrics, mean and standard deviation over seeds."
         written.append(_write(out / "summary.tex",
-                              f"% Regenerate with: {command}\n% {context}"
+                              f"% Regenerate with: {command}\n% {' '.join(context.split())}\n"
                               + tables.to_latex(summary, kind_metrics, caption=caption,
                                                 label=f"tab:{naming.safe_filename(sweep)}")))
     return written

@@ -371,11 +371,12 @@ def markdown(sections: list[Section], header: str = HEADER) -> str:
 
 
 def latex(sections: list[Section]) -> str:
-    """``findings.tex``: one booktabs table per section, each under its command as a comment."""
+    """``findings.tex``: one booktabs table per section, each under its commands as comments."""
     parts = []
     for section in sections:
         cells = rows_for(section, tex=True)
-        parts += [f"% {TITLES[section.report]}. Regenerate with:\n% {section.command}",
+        commands = "".join(f"\n% {line}" for line in section.command.splitlines())
+        parts += [f"% {TITLES[section.report]}. Regenerate with:{commands}",
                   tables.latex_table(*cells, caption=CAPTIONS[section.report],
                                      label=f"tab:{section.report}")]
     return "\n".join(parts)

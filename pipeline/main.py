@@ -58,7 +58,7 @@ def run_main(images: str = "builtin:digits", weights: str = "auto",
     run when both live in the same experiment (otherwise they are linked by tags).
     """
     from pipeline.export import export
-    from pipeline.sweep import run_sweep
+    from pipeline.sweep import check_splits, run_sweep
 
     sweeps = [part.strip() for part in sweep.split(",") if part.strip()]
     specs = [load_sweep(path) for path in sweeps]  # fail on a bad sweep file before any run exists
@@ -66,11 +66,7 @@ def run_main(images: str = "builtin:digits", weights: str = "auto",
         raise UserError("sweep: give at least one sweep file")
     spec = specs[0]
     if features is not None:  # ... and on bad features, or ones a sweep cannot split
-        from pipeline.split import Splits
-
-        data = read_features(resolve_features(features))
-        for one in specs:
-            Splits(data.x, data.y).check(one.values("validation_fraction"), one.seeds)
+        check_splits(read_features(resolve_features(features)), specs)
     source = open_source(images) if features is None else None
     out = paths.writable_dir(output, "output")
     paths.writable_dir(out / "export", "output")
@@ -90,6 +86,7 @@ def run_main(images: str = "builtin:digits", weights: str = "auto",
             images, weights, source, features, out / "features.h5", experiment, main_run, progress)
         if extract_run:
             client.set_tag(main_run, naming.EXTRACT_RUN, extract_run)
+            check_splits(read_features(features_path), specs)  # every sweep's, before the first runs
         parents = [run_sweep(str(features_path), path, storage=storage, launcher_run_id=main_run,
                              progress=progress).parent_run_id for path in sweeps]
         exported = export(",".join(parents), str(out / "export"), "csv,md,tex,png")

@@ -29,6 +29,7 @@ REPORT = "pipeline.report"         # summary | collapse | parity | breakers | pa
 MAIN_RUN = "pipeline.main_run_id"
 SWEEP_RUNS = "pipeline.sweep_run_id"  # on a main run: its sweeps' parent runs, a comma list
 EXTRACT_RUN = "pipeline.extract_run_id"  # on a main run: its extract run
+TRIAL_COUNT = "trials."  # + complete, fail, pruned, running, waiting, retried: a sweep's counts
 ROLE = "parity.role"
 COLLAPSED = "collapsed"
 STUDY = "optuna.study"

@@ -56,8 +56,7 @@ def attach(study: optuna.Study, origin: Origin, setup: bool) -> tuple[str, str]:
         reopened = _reopen(study, name)
         if reopened is not None:
             return reopened
-        counts = studies.tally(study)
-        finished = counts["complete"] + counts["fail"] + counts["pruned"]
+        finished = studies.finished(studies.tally(study))
         if studies.parent_of(study) and finished:
             raise UserError(_moved(study, origin, finished))
     experiment = tracking.experiment_id(name)
@@ -131,14 +130,16 @@ def _create(study: optuna.Study, origin: Origin, experiment: str) -> str:
 @contextlib.contextmanager
 def closing(study: optuna.Study, parent: str,
             on_finished: Sequence[tuple[str, Callable[[FrozenTrial], None]]] = ()):
-    """Yield a dict that holds the trial counts once the block is done; on the way out log them
-    on the parent run and end it (FINISHED, KILLED on an interrupt, FAILED on an error) unless
-    other workers still run trials: the last worker out ends it. Finished with trials still
-    queued (``workers 0``) it is SCHEDULED. The worker that ends a study whose every trial has
+    """Yield a dict that holds the trial counts once the block is done. The counts are logged on
+    the parent run on the way in and, with the best trial, on the way out, which ends the run
+    (FINISHED, KILLED on an interrupt, FAILED on an error) unless other workers still run
+    trials: the last worker out ends it. Finished with trials still queued (``workers 0``) it
+    is SCHEDULED. The worker that ends a study whose every trial has
     finished runs each ``(name, step)`` of ``on_finished`` first, ``step(best trial)``, if a
     trial completed."""
     counts: dict[str, int] = {}
     status = "FINISHED"
+    tracking.log_batch(parent, metrics=tracking.scalars(_count_metrics(studies.tally(study))))
     try:
         yield counts
     except KeyboardInterrupt:
@@ -155,6 +156,12 @@ def closing(study: optuna.Study, parent: str,
                 for name, step in on_finished:
                     _call_on_finished(name, step, study)
             _end(parent, status, counts)
+
+
+def _count_metrics(counts: dict[str, int]) -> dict[str, int]:
+    """The parent run's metrics of the study's trial counts, logged when a command on the study
+    starts and when it ends, so that they always hold its budget (:data:`studies.BUDGET`)."""
+    return {f"{naming.TRIAL_COUNT}{k}": v for k, v in counts.items()}
 
 
 def _call_on_finished(name: str, step: Callable[[FrozenTrial], None], study: optuna.Study) -> None:
@@ -181,7 +188,7 @@ def summarise(study: optuna.Study, parent: str) -> dict[str, int]:
     """Log trial counts and the best trial on the parent run; return the counts."""
     counts = studies.tally(study)
     tags = {}
-    metrics = {f"trials.{k}": v for k, v in counts.items()}
+    metrics = _count_metrics(counts)
     if counts["complete"]:
         best = patiently(lambda: study.best_trial)
         metrics["best.value"] = best.value

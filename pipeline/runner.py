@@ -183,5 +183,4 @@ def _advance(bar, study: optuna.Study) -> None:
 
 def done(study: optuna.Study) -> int:
     """Trials of the study's budget that have finished, by every worker."""
-    counts = studies.tally(study)
-    return counts["complete"] + counts["fail"] + counts["pruned"]
+    return studies.finished(studies.tally(study))

@@ -54,14 +54,24 @@ def resolve_run_ids(run_ids: str | None) -> list[str]:
 
 
 def _sweeps_of(run_id: str) -> list[str]:
-    """``[run_id]``, or for a main run the parent runs of its sweeps."""
+    """``[run_id]`` for a sweep's parent run (or a run :func:`sweep_run` refuses); for a main
+    run, the sweeps it ran: those it lists (tag ``pipeline.sweep_run_id``, written when it ends)
+    and those nested under it or naming it as their main run (an interrupted main lists none)."""
     try:
         tags = tracking.client().get_run(run_id).data.tags
     except mlflow.exceptions.MlflowException:
-        return [run_id]  # sweep_run says what is wrong with it
-    if tags.get(naming.STEP) == "main" and tags.get(naming.SWEEP_RUNS):
-        return tags[naming.SWEEP_RUNS].split(",")
-    return [run_id]
+        return [run_id]
+    if tags.get(naming.STEP) != "main":
+        return [run_id]
+    found = [rid for rid in tags.get(naming.SWEEP_RUNS, "").split(",") if rid]
+    for tag in (naming.PARENT, naming.MAIN_RUN):
+        linked = f"tags.`{naming.STEP}` = 'sweep' and tags.`{tag}` = '{run_id}'"
+        runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                  filter_string=linked, order_by=["attributes.start_time ASC"])
+        found += [run.info.run_id for run in runs if run.info.run_id not in found]
+    if not found:
+        raise UserError(f"run_id {run_id}: a main run that ran no sweep")
+    return found
 
 
 def _is_run_id(text: str) -> bool:

@@ -363,12 +363,18 @@ def retried_numbers(trials: list[FrozenTrial]) -> set[int]:
     return {n for t in trials for n in t.system_attrs.get("retry_history", ())}
 
 
-BUDGET = ("complete", "fail", "pruned", "running", "waiting")  # the tally's keys the budget sums
+FINISHED = ("complete", "fail", "pruned")  # the tally's keys of the trials that are done
+BUDGET = (*FINISHED, "running", "waiting")  # ... and of the study's budget
+
+
+def finished(counts: dict[str, int]) -> int:
+    """The trials of a :func:`tally` that are done."""
+    return sum(counts[k] for k in FINISHED)
 
 
 def tally(study: optuna.Study) -> dict[str, int]:
     """Trials by outcome; retried attempts are counted apart, so the study's budget is the sum
-    over :data:`BUDGET` (complete + fail once it is done)."""
+    over :data:`BUDGET` (over :data:`FINISHED` once every trial has run)."""
     trials = patiently(study.get_trials, deepcopy=False)
     retried = retried_numbers(trials)
     counts = {state.name.lower(): sum(t.state == state and t.number not in retried for t in trials)

@@ -101,8 +101,16 @@ def _read_checked(path, spec: SweepSpec) -> tuple[FeatureSet, str]:
     with ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:
         sha = hasher.submit(sha256_file, path)
         data = read_features(path)
-        Splits(data.x, data.y).check(spec.values("validation_fraction"), spec.seeds)
+        check_splits(data, [spec])
         return data, sha.result()
+
+
+def check_splits(data: FeatureSet, specs: list[SweepSpec]) -> None:
+    """Raise :class:`UserError` unless every split the trials of ``specs`` ask for (each
+    validation fraction and seed) can be made of ``data``."""
+    splits = Splits(data.x, data.y)
+    for spec in specs:
+        splits.check(spec.values("validation_fraction"), spec.seeds)
 
 
 def _prepare(engine: Engine, spec: SweepSpec) -> None:
@@ -125,5 +133,6 @@ def _trial_tags(the_study: optuna.Study, origin: parent.Origin, data: FeatureSet
 def _progress(the_study: optuna.Study, enabled: bool | None):
     """The sweep's progress over the study's budget (which a smaller ``n_trials`` than a
     resumed study's does not shrink), counting trials finished before."""
-    budget = sum(studies.tally(the_study)[k] for k in studies.BUDGET)
-    return progress_bar("sweep", budget, "trial", initial=runner.done(the_study), enabled=enabled)
+    counts = studies.tally(the_study)
+    return progress_bar("sweep", sum(counts[k] for k in studies.BUDGET), "trial",
+                        initial=studies.finished(counts), enabled=enabled)

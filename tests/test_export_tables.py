@@ -80,6 +80,8 @@ def sweep(tmp_path_factory):
                     ("softmax", 1, "sparse_categorical_crossentropy", 0.05, "glorot_uniform", "softmax_1unit",
                      0.5), status="FAILED")
         write_trial(client, experiment, parent, number + 1, 2, HEADS[1], tags={naming.PRUNED: "true"})
+        log_batch(parent, metrics=scalars({f"{naming.TRIAL_COUNT}{k}": v for k, v in
+                                           {"complete": 8, "fail": 1, "pruned": 1, "waiting": 2}.items()}))
         client.set_terminated(parent, "FINISHED")
         yield {"folder": folder, "parent": parent, "other": other}
 
@@ -103,14 +105,39 @@ def test_a_study_name_finds_its_sweep_and_an_unfinished_sweep_says_so(tmp_path, 
         assert resolve_run_ids("tables") == resolve_run_ids("") == [parents["inttest"]]
         capsys.readouterr()
         export("inttest", str(tmp_path / "out"), "csv,md")
-        unfinished = "1 of 1 trials complete; the sweep is KILLED, not finished: rerun it to resume"
+        unfinished = "1 trial complete; the sweep is KILLED, not finished: rerun it to resume"
         assert f"export: study 'inttest' (run {parents['inttest']}): {unfinished} -> " in (
             capsys.readouterr().err)
         assert unfinished in (tmp_path / "out" / "summary.md").read_text()
         export("tables-3f9a02c1", str(tmp_path / "out"), "csv")
-        assert ": 1 of 1 trials complete -> " in capsys.readouterr().err
+        assert ": 1 trial complete -> " in capsys.readouterr().err
         client.set_terminated(parents["tables-3f9a02c1"], "FINISHED")  # resumed, and ended again
         assert resolve_run_ids("tables") == resolve_run_ids("") == [parents["tables-3f9a02c1"]]
+
+
+def test_a_main_runs_id_stands_for_its_sweeps_even_when_it_was_interrupted(tmp_path, capsys):
+    """An interrupted main has not listed its sweeps: they are found by their links to it
+    (nested under it, or tagged with it as their main run). A RUNNING sweep says so."""
+    with private_store(tmp_path):
+        client = mlflow.MlflowClient()
+        experiment = client.create_experiment("main-exp")
+        main = create_run(experiment, "main-run", tags={naming.STEP: "main"})
+        idle = create_run(experiment, "idle-main", tags={naming.STEP: "main"})
+        sweep_tags = {naming.STEP: "sweep", naming.SWEEP_NAME: "s", naming.KIND: "heads"}
+        nested = create_run(experiment, "s-1", main, {**sweep_tags, naming.STUDY: "s-1"})
+        time.sleep(0.01)
+        linked = create_run(experiment, "s-2",
+                            tags={**sweep_tags, naming.STUDY: "s-2", naming.MAIN_RUN: main})
+        assert resolve_run_ids(main) == [nested, linked]
+        with pytest.raises(UserError, match=f"run_id {idle}: a main run that ran no sweep"):
+            resolve_run_ids(idle)
+        write_trial(client, experiment, linked, 0, 0, HEADS[1])
+        log_batch(linked, metrics=scalars({f"{naming.TRIAL_COUNT}complete": 1,
+                                           f"{naming.TRIAL_COUNT}waiting": 3}))
+        capsys.readouterr()
+        export(linked, str(tmp_path / "out"), "csv")
+        assert ": 1 of 4 trials complete; the sweep is RUNNING: these are its trials so far -> " in (
+            capsys.readouterr().err)
 
 
 def test_trial_records_are_one_typed_row_per_trial(sweep):
@@ -184,7 +211,7 @@ def test_export_writes_the_tables_and_logs_them(sweep):
     assert len(trials) == 10 and "final_val_accuracy" in trials
     assert (out / "summary.tex").read_text().startswith(
         f"% Regenerate with: python -m pipeline export --run_id {sweep['parent']} --output {out}\n"
-        f"% Sweep `tables` (study `tables-0a1b2c3d`, parent run `{sweep['parent']}`): 8 of 10 "
+        f"% Sweep `tables` (study `tables-0a1b2c3d`, parent run `{sweep['parent']}`): 8 of 12 "
         f"trials complete (1 pruned, left out of the tables; 1 failed); features sha256 `{'ab' * 6}`.\n")
     logged = {a.path for a in mlflow.MlflowClient().list_artifacts(sweep["parent"], "export")}
     assert logged == {f"export/{p.name}" for p in result.files}
