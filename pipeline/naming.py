@@ -222,15 +222,22 @@ def heads_parent_description(spec: SweepSpec) -> str:
             f"- The experiment's *Views* menu holds the columns and filters above.").strip()
 
 
-def experiment_tags(description: str, created_ms: int) -> dict[str, str]:
+def views_for(report: str) -> tuple[str, ...]:
+    """The saved views (:func:`experiment_tags`) of the experiment of a study whose sweep file
+    has this ``report``: the atlas's only where atlas studies run."""
+    return ("heads", "parity", "atlas") if report == "atlas" else ("heads", "parity")
+
+
+def experiment_tags(description: str, created_ms: int,
+                    views: tuple[str, ...] = ("heads", "parity")) -> dict[str, str]:
     """Tags that set up a study's experiment in the MLflow UI.
 
-    Its description, its kind (runs of trained models, not GenAI traces) and three saved views
-    of its runs page (the *Views* menu): ``heads`` shows the compared params, final metrics and
-    tags as columns; ``parity`` keeps the runs of the parity comparison and the loss charts;
-    ``atlas`` shows the atlas's columns with the runs grouped by their tag ``atlas.verdict``
-    (the runs page's ``groupBy`` state: groups by a tag, metrics averaged over a group).
-    A view is MLflow's saved-view envelope (name, times, the page state as JSON).
+    Its description, its kind (runs of trained models, not GenAI traces) and saved views of its
+    runs page (the *Views* menu), those of ``views``: ``heads`` shows the compared params, final
+    metrics and tags as columns; ``parity`` keeps the runs of the parity comparison and the
+    loss charts; ``atlas`` shows the atlas's columns with the runs grouped by their tag
+    ``atlas.verdict`` (the runs page's ``groupBy`` state: groups by a tag, metrics averaged over
+    a group). A view is MLflow's saved-view envelope (name, times, the page state as JSON).
     """
     columns = ([f"params.`{p}`" for p in COMPARED_PARAMS] + [f"metrics.`{m}`" for m in COMPARED_METRICS]
                + [f"tags.`{t}`" for t in COMPARED_TAGS])
@@ -239,7 +246,7 @@ def experiment_tags(description: str, created_ms: int) -> dict[str, str]:
     atlas = ([f"params.`{p}`" for p in ATLAS_PARAMS] + [f"metrics.`{m}`" for m in ATLAS_METRICS]
              + [f"tags.`{t}`" for t in ATLAS_TAGS])
     by_verdict = {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": VERDICT}]}
-    views = {
+    states = {
         "heads": ("Heads: config and results", {**table, "searchFilter": ""}),
         "parity": ("Parity: loss curves", {**table, "searchFilter": roles, "chartsSearchFilter": "loss"}),
         "atlas": ("Atlas: heads by verdict", {"selectedColumns": atlas, "searchFilter": "",
@@ -248,7 +255,8 @@ def experiment_tags(description: str, created_ms: int) -> dict[str, str]:
     tags = {EXPERIMENT_KIND: "custom_model_development"}
     if description.strip():
         tags[NOTE] = description.strip()
-    for key, (name, state) in views.items():
+    for key in views:
+        name, state = states[key]
         tags[SAVED_VIEW + key] = json.dumps({"name": name, "createdAt": created_ms,
                                              "updatedAt": created_ms, "state": json.dumps(state)})
     return tags

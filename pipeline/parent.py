@@ -60,7 +60,7 @@ def attach(study: optuna.Study, origin: Origin, setup: bool) -> tuple[str, str]:
         if studies.parent_of(study) and finished:
             raise UserError(_moved(study, origin, finished))
     experiment = tracking.experiment_id(name)
-    tracking.describe_experiment(experiment, origin.spec.description)
+    tracking.describe_experiment(experiment, origin.spec.description, naming.views_for(origin.spec.report))
     parent = _create(study, origin, experiment)
     studies.mark_ready(study, parent)
     return parent, experiment

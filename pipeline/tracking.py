@@ -204,13 +204,15 @@ def experiment_id(name: str, create: bool = True) -> str | None:
     return experiment.experiment_id
 
 
-def describe_experiment(experiment: str, description: str) -> None:
+def describe_experiment(experiment: str, description: str,
+                        views: tuple[str, ...] = ("heads", "parity")) -> None:
     """Set up a study's experiment for the UI (:func:`naming.experiment_tags`): its description,
-    kind and saved views, each only if the experiment does not have it yet (a user's edit stays).
+    kind and saved ``views``, each only if the experiment does not have it yet (a user's edit
+    stays; a study of another kind adds its own views).
     """
     store = client()
     existing = store.get_experiment(experiment).tags
-    for key, value in naming.experiment_tags(description, get_current_time_millis()).items():
+    for key, value in naming.experiment_tags(description, get_current_time_millis(), views).items():
         if key not in existing:
             store.set_experiment_tag(experiment, key, value)
 

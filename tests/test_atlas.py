@@ -191,7 +191,7 @@ def test_no_cell_is_healthy_when_none_beats_the_majority_class():
 
 
 def test_the_atlas_view_groups_runs_by_verdict():
-    tags = naming.experiment_tags("d", 0)
+    tags = naming.experiment_tags("d", 0, naming.views_for("atlas"))
     view = json.loads(tags[naming.SAVED_VIEW + "atlas"])
     state = json.loads(view["state"])
     assert state["groupBy"] == {"aggregateFunction": "average",
@@ -227,4 +227,5 @@ def test_an_atlas_sweep_tags_its_verdicts_and_exports_its_table(tracking, tmp_pa
     report = (tmp_path / "out" / "findings.md").read_text()
     assert "## The head atlas" in report and "python -m pipeline sweep --features" in report
     assert "| softmax | 2 | cce | false | column | refused | 0/2 |" in report
+    assert naming.SAVED_VIEW + "atlas" in mlflow.get_experiment_by_name("atlas-exp").tags
     assert "The head atlas" in (tmp_path / "out" / "findings.tex").read_text()
