@@ -121,16 +121,20 @@ def export(run_id: str | None = None, output: str = "exports", formats: str = "c
     unknown = wanted - set(FORMATS)
     if unknown or not wanted:
         raise UserError(f"formats '{formats}': allowed: {', '.join(FORMATS)}")
-    run_ids = resolve_run_ids(run_id)
+    run_ids = list(dict.fromkeys(resolve_run_ids(run_id)))  # each sweep once
     sweeps = [(rid, sweep_run(rid)) for rid in run_ids]
     out = paths.writable_dir(output, "output")
     per_sweep: dict[str, list[Path]] = {}
     sections: list[findings.Section] = []
+    folders: set[Path] = set()
     for rid, parent in sweeps:
         name = parent.data.tags.get(naming.SWEEP_NAME, "sweep")
         folder = out if len(sweeps) == 1 else out / naming.safe_filename(name)
+        if folder in folders:  # another study of the same sweep file
+            folder = out / naming.safe_filename(f"{name}-{rid[:8]}")
+        folders.add(folder)
         kind = parent.data.tags.get(naming.KIND, "heads")
-        per_sweep[rid], trials = _export_sweep(parent, name, kind, folder, wanted, output)
+        per_sweep[rid], trials = _export_sweep(parent, name, kind, folder, wanted)
         report = parent.data.tags.get(naming.REPORT, "summary")
         if report in findings.TITLES:
             sections.append(findings.Section(report, trials, _regenerate(parent, output),
@@ -149,8 +153,8 @@ def export(run_id: str | None = None, output: str = "exports", formats: str = "c
     return ExportResult(run_id=run_ids[0], run_ids=tuple(run_ids), files=tuple(written))
 
 
-def _export_sweep(parent, sweep: str, kind: str, out: Path, wanted: set[str],
-                  output: str) -> tuple[list[Path], pd.DataFrame]:
+def _export_sweep(parent, sweep: str, kind: str, out: Path,
+                  wanted: set[str]) -> tuple[list[Path], pd.DataFrame]:
     """One sweep's trials.csv, summary.{csv,md,tex}, epochs.csv and figures, in ``out``.
 
     The runs are read once; metric histories only for the trials the loss curves show. A bar
@@ -173,8 +177,8 @@ def _export_sweep(parent, sweep: str, kind: str, out: Path, wanted: set[str],
         if {"html", "md"} & wanted:
             pages = _optuna_pages(parent, out, lambda name: _stage(bar, f"Optuna: {name}"))
         _stage(bar, "writing the tables")
-        written = _tables(trials, summary, curves, kind_metrics, wanted, sweep, run_id, output,
-                          out, pngs, pages, _context(parent, trials))
+        written = _tables(trials, summary, curves, kind_metrics, wanted, sweep, run_id, out, pngs,
+                          pages, _context(parent, trials))
         bar.update(bar.total - bar.n)  # stages skipped (a figure Optuna cannot draw) count as done
     print(f"export: study '{parent.data.tags.get(naming.STUDY)}' (run {run_id}): "
           f"{_how_far(parent, trials)} -> {out} ({', '.join(p.name for p in written)})",
@@ -241,11 +245,11 @@ def _pngs(trials: pd.DataFrame, curves: pd.DataFrame, sweep: str, out: Path,
 
 
 def _tables(trials: pd.DataFrame, summary: pd.DataFrame, curves: pd.DataFrame, kind_metrics,
-            wanted: set[str], sweep: str, run_id: str, output: str, out: Path, pngs: list[Path],
+            wanted: set[str], sweep: str, run_id: str, out: Path, pngs: list[Path],
             pages: list[Path], context: str) -> list[Path]:
-    """The tables in the formats ``wanted``, then the figures: the files written, in order.
-    The Markdown and LaTeX tables start with ``context`` (:func:`_context`): which study, and
-    how far it got."""
+    """The tables in the formats ``wanted``, then the figures: the files written into ``out``,
+    in order. The Markdown and LaTeX tables start with the command that writes them there
+    again and with ``context`` (:func:`_context`): which study, and how far it got."""
     written: list[Path] = []
     if "csv" in wanted:
         written.append(_write(out / "trials.csv", trials.to_csv(index=False)))
@@ -253,7 +257,7 @@ def _tables(trials: pd.DataFrame, summary: pd.DataFrame, curves: pd.DataFrame, k
         if not curves.empty:
             written.append(_write(out / "epochs.csv", curves.to_csv(index=False)))
     written += pngs + pages
-    command = f"python -m pipeline export --run_id {run_id} --output {output}"
+    command = f"python -m pipeline export --run_id {run_id} --output {shlex.quote(str(out))}"
     if "md" in wanted:
         images = "".join(f"\n![{p.stem}]({p.name})\n" for p in pngs if p.suffix == ".png")
         links = "".join(f"- [{p.stem.replace('_', ' ')}]({p.name}) (Optuna, interactive)\n" for p in pages)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from datetime import UTC, datetime
 
 from pipeline.config import ParityConfig, SweepSpec, TrialConfig
@@ -55,6 +56,26 @@ COMPARED_TAGS = (COLLAPSED, ROLE)
 ATLAS_PARAMS = ("activation", "units", "loss", "from_logits", "labels", "seed")
 ATLAS_METRICS = ("val_accuracy", "keras_val_accuracy", "positive_fraction", "val_prob_loss", "val_loss")
 ATLAS_TAGS = (VERDICT, EFFECTIVE_MODEL, COLLAPSED, ENGINE, ERROR)
+
+
+def is_run_id(text: str) -> bool:
+    """Whether ``text`` reads as an MLflow run id (32 lowercase hex digits)."""
+    return re.fullmatch(r"[0-9a-f]{32}", text) is not None
+
+
+def study_name_problem(name: str) -> str | None:
+    """What keeps ``name`` from naming a study that ``export --run_id``, MLflow's search filters
+    and a regenerate command in a shell can all give back, or None: empty, spaces at its ends,
+    a control character (a newline), one of ``,`` (export's list separator), ``'`` (a filter's
+    quote) or a backtick (Markdown's), a leading ``-`` (a flag), or the look of a run id."""
+    checks = [(not name.strip(), "is empty"),
+              (name != name.strip(), "starts or ends with a space"),
+              (any(unicodedata.category(c).startswith("C") for c in name),
+               "holds a control character (a newline, a tab)"),
+              (any(c in name for c in ",'`"), "holds a comma, a quote (') or a backtick"),
+              (name.startswith("-"), "starts with -"),
+              (is_run_id(name), "reads as a run id (32 hex digits)")]
+    return next((why for bad, why in checks if bad), None)
 
 
 def format_lr(value: float) -> str:

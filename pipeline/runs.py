@@ -50,7 +50,7 @@ def resolve_run_ids(run_ids: str | None) -> list[str]:
     if not names:
         return [latest_sweep_run()]
     return [rid for name in names
-            for rid in (_sweeps_of(name) if _is_run_id(name) else [latest_sweep_run(name)])]
+            for rid in (_sweeps_of(name) if naming.is_run_id(name) else [latest_sweep_run(name)])]
 
 
 def _sweeps_of(run_id: str) -> list[str]:
@@ -72,10 +72,6 @@ def _sweeps_of(run_id: str) -> list[str]:
     if not found:
         raise UserError(f"run_id {run_id}: a main run that ran no sweep")
     return found
-
-
-def _is_run_id(text: str) -> bool:
-    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
 
 
 def trial_records(parent_run_id: str, parent=None) -> pd.DataFrame:

@@ -68,6 +68,8 @@ def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: s
     """
     if workers < 0:
         raise UserError(f"workers {workers}: must be >= 0 (0 sets the study up and runs nothing)")
+    if study is not None and (problem := naming.study_name_problem(study)):
+        raise UserError(f"study {study!r}: {problem}; choose another name")
     sweep = str(sweep_path(sweep))
     spec = load_sweep(sweep, n_trials)
     features_path = resolve_features(features)

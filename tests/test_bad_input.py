@@ -153,6 +153,13 @@ PARITY_CASES = [
      "error: parity: ratio x learning_rate: 1e+308 x 10.0 is not finite (the sigmoids train with it)"),
 ]
 MISSING_RUN = "runs:/0123456789abcdef0123456789abcdef/features/f.h5"
+STUDY_CASES = [  # names export --run_id, MLflow's filters or a shell could not give back
+    (" ", "is empty"), (" padded ", "starts or ends with a space"),
+    ("two\nlines", "holds a control character (a newline, a tab)"),
+    ("a,b", "holds a comma, a quote (') or a backtick"), ("it's", "holds a comma, a quote (') or a backtick"),
+    ("`x`", "holds a comma, a quote (') or a backtick"), ("-lead", "starts with -"),
+    ("0123456789abcdef0123456789abcdef", "reads as a run id (32 hex digits)"),
+]
 
 
 def cases():
@@ -172,6 +179,10 @@ def cases():
         lambda d: (d / "s.yaml").write_text(DUPLICATE_KEY),
         ["sweep", "--features", "good.h5", "--sweep", "s.yaml"],
         "error: s.yaml: line 6: key 'batch_size' given twice (first on line 5)", id="key given twice")
+    for study, why in STUDY_CASES:
+        yield pytest.param(lambda d: None, ["sweep", "--features", "good.h5", "--sweep", "ok.yaml",
+                                            f"--study={study}"],
+                           f"error: study {study!r}: {why}; choose another name", id=f"study {study!r}")
     for name, flags, line in PARITY_CASES:
         yield pytest.param(lambda d: None, ["parity", "--features", "good.h5", *flags], line, id=name)
     yield pytest.param(

@@ -8,6 +8,7 @@ record functions, so export reads it as it reads a real sweep's, without trainin
 from __future__ import annotations
 
 import math
+import shlex
 import time
 
 import mlflow
@@ -113,6 +114,17 @@ def test_a_study_name_finds_its_sweep_and_an_unfinished_sweep_says_so(tmp_path, 
         assert ": 1 trial complete -> " in capsys.readouterr().err
         client.set_terminated(parents["tables-3f9a02c1"], "FINISHED")  # resumed, and ended again
         assert resolve_run_ids("tables") == resolve_run_ids("") == [parents["tables-3f9a02c1"]]
+        # two studies of one sweep file exported together keep a folder each; a sweep named
+        # twice is exported once; the regenerate command is quoted for a shell
+        both = tmp_path / "o u;t's"
+        export("tables-3f9a02c1, inttest ,inttest", str(both), "md")
+        killed = f"tables-{parents['inttest'][:8]}"
+        assert sorted(p.name for p in both.iterdir()) == ["tables", killed]
+        for folder, study in (("tables", "tables-3f9a02c1"), (killed, "inttest")):
+            text = (both / folder / "summary.md").read_text()
+            assert f"(study `{study}`, parent run `{parents[study]}`)" in text
+            command = text.split("```\n")[1].splitlines()[0]
+            assert shlex.split(command)[-2:] == ["--output", str(both / folder)]
 
 
 def test_a_main_runs_id_stands_for_its_sweeps_even_when_it_was_interrupted(tmp_path, capsys):
