@@ -126,19 +126,13 @@ def export(run_id: str | None = None, output: str = "exports", formats: str = "c
     out = paths.writable_dir(output, "output")
     per_sweep: dict[str, list[Path]] = {}
     sections: list[findings.Section] = []
-    folders: set[Path] = set()
-    for rid, parent in sweeps:
+    for (rid, parent), folder in zip(sweeps, _folders(out, sweeps), strict=True):
         name = parent.data.tags.get(naming.SWEEP_NAME, "sweep")
-        folder = out if len(sweeps) == 1 else out / naming.safe_filename(name)
-        if folder in folders:  # another study of the same sweep file
-            folder = out / naming.safe_filename(f"{name}-{rid[:8]}")
-        folders.add(folder)
         kind = parent.data.tags.get(naming.KIND, "heads")
-        per_sweep[rid], trials = _export_sweep(parent, name, kind, folder, wanted)
+        per_sweep[rid], trials, context = _export_sweep(parent, name, kind, folder, wanted)
         report = parent.data.tags.get(naming.REPORT, "summary")
         if report in findings.TITLES:
-            sections.append(findings.Section(report, trials, _regenerate(parent, output),
-                                             _context(parent, trials)))
+            sections.append(findings.Section(report, trials, _regenerate(parent, output), context))
     report: list[Path] = []
     if sections and "md" in wanted:
         report.append(_write(out / "findings.md", findings.markdown(sections)))
@@ -153,9 +147,23 @@ def export(run_id: str | None = None, output: str = "exports", formats: str = "c
     return ExportResult(run_id=run_ids[0], run_ids=tuple(run_ids), files=tuple(written))
 
 
+def _folders(out: Path, sweeps: list) -> list[Path]:
+    """Where each sweep's files go: ``out`` for one sweep; for several, ``out/<sweep name>``, and
+    ``out/<sweep name>-<run id prefix>`` for a further study of the same sweep file."""
+    if len(sweeps) == 1:
+        return [out]
+    folders: list[Path] = []
+    for rid, parent in sweeps:
+        name = parent.data.tags.get(naming.SWEEP_NAME, "sweep")
+        folder = out / naming.safe_filename(name)
+        folders.append(out / naming.safe_filename(f"{name}-{rid[:8]}") if folder in folders else folder)
+    return folders
+
+
 def _export_sweep(parent, sweep: str, kind: str, out: Path,
-                  wanted: set[str]) -> tuple[list[Path], pd.DataFrame]:
-    """One sweep's trials.csv, summary.{csv,md,tex}, epochs.csv and figures, in ``out``.
+                  wanted: set[str]) -> tuple[list[Path], pd.DataFrame, str]:
+    """One sweep's trials.csv, summary.{csv,md,tex}, epochs.csv and figures, in ``out``; returns
+    the files, the trials and the sweep's context line (:func:`_context`).
 
     The runs are read once; metric histories only for the trials the loss curves show. A bar
     on a terminal counts the stages (:func:`_stages`): a 4,096-trial sweep takes a while."""
@@ -177,13 +185,14 @@ def _export_sweep(parent, sweep: str, kind: str, out: Path,
         if {"html", "md"} & wanted:
             pages = _optuna_pages(parent, out, lambda name: _stage(bar, f"Optuna: {name}"))
         _stage(bar, "writing the tables")
+        how_far = _how_far(parent, trials)
+        context = _context(parent, how_far)
         written = _tables(trials, summary, curves, kind_metrics, wanted, sweep, run_id, out, pngs,
-                          pages, _context(parent, trials))
+                          pages, context)
         bar.update(bar.total - bar.n)  # stages skipped (a figure Optuna cannot draw) count as done
-    print(f"export: study '{parent.data.tags.get(naming.STUDY)}' (run {run_id}): "
-          f"{_how_far(parent, trials)} -> {out} ({', '.join(p.name for p in written)})",
-          file=sys.stderr)
-    return written, trials
+    print(f"export: study '{parent.data.tags.get(naming.STUDY)}' (run {run_id}): {how_far} -> {out} "
+          f"({', '.join(p.name for p in written)})", file=sys.stderr)
+    return written, trials, context
 
 
 def _how_far(parent, trials: pd.DataFrame) -> str:
@@ -195,14 +204,14 @@ def _how_far(parent, trials: pd.DataFrame) -> str:
     done = len(tables.completed(trials))
     counts = {k.removeprefix(naming.TRIAL_COUNT): v for k, v in parent.data.metrics.items()
               if k.startswith(naming.TRIAL_COUNT)}
-    budget = int(sum(counts.get(k, 0) for k in studies.BUDGET))
+    budget = int(studies.budget(counts))
     pruned, failed, killed = (int(trials["pruned"].sum()), int((trials["status"] == "FAILED").sum()),
                               int((trials["status"] == "KILLED").sum()))
     notes = ([f"{pruned} pruned, left out of the tables"] if pruned else []) + (
         [f"{failed} failed"] if failed else []) + (
         [f"{killed} run{'s' if killed > 1 else ''} KILLED"] if killed else [])
     text = (f"{done} of {max(budget, done)} trials complete" if budget
-            else f"{done} trial{'' if done == 1 else 's'} complete")  # no counts: a 0.1 command cut short
+            else f"{done} trial{'' if done == 1 else 's'} complete")  # a parent run without counts
     text += f" ({'; '.join(notes)})" if notes else ""
     if parent.info.status in ("RUNNING", "SCHEDULED"):
         text += f"; the sweep is {parent.info.status}: these are its trials so far"
@@ -288,10 +297,11 @@ def _regenerate(parent, output: str) -> str:
             f"--output {shlex.quote(output)}")
 
 
-def _context(parent, trials: pd.DataFrame) -> str:
+def _context(parent, how_far: str) -> str:
+    """The line that says which sweep a table is of and how far it got (:func:`_how_far`)."""
     tags = parent.data.tags
     return (f"Sweep `{tags.get(naming.SWEEP_NAME)}` (study `{tags.get(naming.STUDY)}`, parent run "
-            f"`{parent.info.run_id}`): {_how_far(parent, trials)}; features sha256 "
+            f"`{parent.info.run_id}`): {how_far}; features sha256 "
             f"`{tags.get(naming.FEATURES_SHA, '?')[:12]}`.\n")
 
 

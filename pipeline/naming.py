@@ -243,14 +243,17 @@ def heads_parent_description(spec: SweepSpec) -> str:
             f"- The experiment's *Views* menu holds the columns and filters above.").strip()
 
 
+BASE_VIEWS = ("heads", "parity")  # the saved views every study's experiment gets
+
+
 def views_for(report: str) -> tuple[str, ...]:
     """The saved views (:func:`experiment_tags`) of the experiment of a study whose sweep file
     has this ``report``: the atlas's only where atlas studies run."""
-    return ("heads", "parity", "atlas") if report == "atlas" else ("heads", "parity")
+    return (*BASE_VIEWS, "atlas") if report == "atlas" else BASE_VIEWS
 
 
 def experiment_tags(description: str, created_ms: int,
-                    views: tuple[str, ...] = ("heads", "parity")) -> dict[str, str]:
+                    views: tuple[str, ...] = BASE_VIEWS) -> dict[str, str]:
     """Tags that set up a study's experiment in the MLflow UI.
 
     Its description, its kind (runs of trained models, not GenAI traces) and saved views of its

@@ -369,7 +369,12 @@ BUDGET = (*FINISHED, "running", "waiting")  # ... and of the study's budget
 
 def finished(counts: dict[str, int]) -> int:
     """The trials of a :func:`tally` that are done."""
-    return sum(counts[k] for k in FINISHED)
+    return sum(counts.get(k, 0) for k in FINISHED)
+
+
+def budget(counts: dict[str, int]) -> int:
+    """The study's budget by a :func:`tally` (0 for no counts)."""
+    return sum(counts.get(k, 0) for k in BUDGET)
 
 
 def tally(study: optuna.Study) -> dict[str, int]:

@@ -136,5 +136,5 @@ def _progress(the_study: optuna.Study, enabled: bool | None):
     """The sweep's progress over the study's budget (which a smaller ``n_trials`` than a
     resumed study's does not shrink), counting trials finished before."""
     counts = studies.tally(the_study)
-    return progress_bar("sweep", sum(counts[k] for k in studies.BUDGET), "trial",
-                        initial=studies.finished(counts), enabled=enabled)
+    return progress_bar("sweep", studies.budget(counts), "trial", initial=studies.finished(counts),
+                        enabled=enabled)

@@ -205,7 +205,7 @@ def experiment_id(name: str, create: bool = True) -> str | None:
 
 
 def describe_experiment(experiment: str, description: str,
-                        views: tuple[str, ...] = ("heads", "parity")) -> None:
+                        views: tuple[str, ...] = naming.BASE_VIEWS) -> None:
     """Set up a study's experiment for the UI (:func:`naming.experiment_tags`): its description,
     kind and saved ``views``, each only if the experiment does not have it yet (a user's edit
     stays; a study of another kind adds its own views).
