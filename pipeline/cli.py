@@ -65,13 +65,19 @@ def parity_config(values: dict[str, str | None]) -> ParityConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per MLproject entry point."""
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
         description="Reproduce the 1-unit softmax collapse and the sigmoid/softmax parity on your own "
                     "data: one subcommand per MLproject entry point, flags named as its parameters.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_extract, _add_sweep, _add_parity, _add_export, _add_main, _add_findings):
+        add(sub)
+    return parser
 
+
+def _add_extract(sub) -> None:
     p = sub.add_parser("extract", help="images -> Xception features (HDF5)",
                        description="Extract Keras Xception features of an image folder or "
                                    "builtin:digits into an HDF5 file, recorded as an MLflow run.")
@@ -85,13 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "batch_size", type=int, default=32, help="images per batch (default 32)")
     _flag(p, "output", default="features.h5", help="HDF5 file to write (default features.h5)")
 
+
+def _add_sweep(sub) -> None:
     p = sub.add_parser("sweep", help="Optuna sweep over classifier heads, every trial an MLflow run",
                        description="Run or resume the Optuna study a sweep file describes; every "
                                    "trial is an MLflow run nested under the sweep's parent run.")
     _flag(p, "features", required=True,
           help="features HDF5 (train, label) or a runs:/ URI of an extraction's artifact")
     _flag(p, "sweep", default="sweeps/default.yaml",
-          help="sweep YAML file (see sweeps/; default sweeps/default.yaml)")
+          help="sweep YAML file (see sweeps/; default %(default)s)")
     _flag(p, "n_trials", type=_optional_int, default=None,
           help="override the file's n_trials (caps a grid)")
     _flag(p, "storage", type=_optional_str, default=None,
@@ -107,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
           help="also register the best head (logged as the parent run's model best_head) in the "
                "Model Registry under this name (default: log it only)")
 
+
+def _add_parity(sub) -> None:
     p = sub.add_parser("parity", help="the seed's parity experiment: softmax vs transferred sigmoid",
                        description="Train, under one parent run, the 2-unit softmax at "
                                    "learning_rate and the transferred and random 1-unit sigmoids "
@@ -118,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, field in ParityConfig.model_fields.items():
         _flag(p, name, default=None, type=_optional_str, help=_field_help(name, field))
 
+
+def _add_export(sub) -> None:
     p = sub.add_parser("export", help="tables and figures from a sweep's runs",
                        description="Export a sweep's trials as CSV, Markdown and LaTeX tables "
                                    "and PNG figures, and log them on its parent run.")
@@ -131,34 +143,38 @@ def build_parser() -> argparse.ArgumentParser:
           help="comma list of csv, md, tex, png, pdf, svg, html (default csv,md,tex); md also "
                "writes the PNG figures and Optuna's HTML pages its report shows")
 
+
+def _add_main(sub) -> None:
     p = sub.add_parser("main", help="extract, sweep and export under one parent run",
                        description="The whole pipeline: extract (reused when already done), "
                                    "sweep, export.")
-    _flag(p, "images", default="builtin:digits",
-          help="image folder or builtin:digits (default %(default)s)")
-    _flag(p, "weights", default="auto", help="imagenet, random, auto or a weights file (default %(default)s)")
+    _whole_job_flags(p, output="outputs")
     _flag(p, "sweep", default="sweeps/default.yaml",
           help="sweep YAML file, or a comma list run in order and exported together "
                "(default %(default)s)")
-    _flag(p, "features", type=_optional_str, default=None,
-          help="use this features file (or runs:/ URI) instead of extracting images")
-    _flag(p, "output", default="outputs", help="folder for features.h5 and export/ (default %(default)s)")
     _flag(p, "storage", type=_optional_str, default=None, help="Optuna storage (see sweep)")
 
+
+def _add_findings(sub) -> None:
     p = sub.add_parser("findings", help="the findings report's studies, exported together",
                        description="The studies of the findings report (collapse, parity, breakers, "
                                    "parity_deep, atlas) on one features file "
                                    "(extracted, or given), exported together: OUTPUT/export/findings.md "
                                    "and findings.tex.")
+    _whole_job_flags(p, output="outputs/findings")
+    p.set_defaults(sweep=FINDINGS_SWEEPS, storage=None)
+
+
+def _whole_job_flags(p: argparse.ArgumentParser, output: str) -> None:
+    """The flags ``main`` and ``findings`` share: what to extract, or the features to use
+    instead, and the folder of the job's files."""
     _flag(p, "images", default="builtin:digits",
           help="image folder or builtin:digits (default %(default)s)")
     _flag(p, "weights", default="auto", help="imagenet, random, auto or a weights file (default %(default)s)")
     _flag(p, "features", type=_optional_str, default=None,
-          help="use this features file (e.g. gap_Xception.h5) instead of extracting images")
-    _flag(p, "output", default="outputs/findings",
-          help="folder for features.h5 and export/ (default %(default)s)")
-    p.set_defaults(sweep=FINDINGS_SWEEPS, storage=None)
-    return parser
+          help="use this features file (e.g. gap_Xception.h5, or a runs:/ URI) instead of "
+               "extracting images")
+    _flag(p, "output", default=output, help="folder for features.h5 and export/ (default %(default)s)")
 
 
 def run(args: argparse.Namespace) -> None:
