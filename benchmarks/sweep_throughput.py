@@ -23,8 +23,12 @@ before the clock starts; features read, trained, and every record written after)
 
 ``--whole`` times instead whole commands as a user waits for them, start to exit, side by side:
 ``python -m pipeline sweep`` on ``sweeps/seed_grid64.yaml`` into an MLflow store that already
-exists, and into a new one; and the peer's whole process (interpreter, imports, its sampled
-trials; its 64 trials extrapolated as below, its start-up counted once).
+exists, and into a new one; the same command with every head's result replayed from a file
+(``replay``: the fused engine's results of these 64 heads, trained beforehand in another
+process, handed back by an engine that trains nothing and imports no TensorFlow: the whole
+command's floor for any engine, the records and everything else unchanged); and the peer's
+whole process (interpreter, imports, its sampled trials; its 64 trials extrapolated as below,
+its start-up counted once).
 
 Sampled runs are extrapolated per trial to 64 (stated in the output). Every run records into
 its own SQLite MLflow store, as ``make run`` does. The fused run also reports its peak RSS
@@ -37,6 +41,7 @@ import argparse
 import gc
 import json
 import os
+import pickle
 import resource
 import subprocess
 import sys
@@ -225,20 +230,68 @@ def part_floor(features: Path, folder: Path) -> dict:
 
 # --- the orchestration -----------------------------------------------------------------------
 
-def run_part(args: list[str]) -> dict:
+def part_results(features: Path, folder: Path) -> dict:
+    """Train the grid's 64 heads with the fused engine and pickle their results for ``replay``."""
+    from pipeline.config import load_sweep
+    from pipeline.engine_fused import FusedEngine
+    from pipeline.features import read_features
+
+    spec = load_sweep(SWEEP)
+    configs = [spec.trial_config(point) for point in spec.grid()]
+    data = read_features(features)
+    results = FusedEngine().train_many(configs, data.x, data.y)
+    with open(folder / "results.pkl", "wb") as out:
+        pickle.dump({_config_key(c): r for c, r in zip(configs, results, strict=True)}, out)
+    return {"trials": len(configs)}
+
+
+def _config_key(config) -> str:
+    return json.dumps(config.params(), sort_keys=True)
+
+
+def replay_sweep(results: Path, argv: list[str]) -> None:
+    """Run the sweep command ``argv`` with an engine that trains nothing: it hands back the
+    results pickled by :func:`part_results`. Exits non-zero if TensorFlow was imported."""
+    from pipeline import sweep
+    from pipeline.cli import main as cli_main
+    from pipeline.engines import Engine
+
+    with open(results, "rb") as held:
+        replayed = pickle.load(held)
+
+    class ReplayEngine(Engine):
+        name, batch_trials = "fused", 256
+
+        def train(self, config, split, on_epoch=None):
+            return replayed[_config_key(config)]
+
+        def train_many(self, configs, x, y, callbacks=None):
+            return [replayed[_config_key(config)] for config in configs]
+
+    sweep.make_engine = lambda name: ReplayEngine()
+    cli_main(argv)
+    if "tensorflow" in sys.modules:
+        sys.exit("replay: TensorFlow was imported")
+    sys.exit(0)
+
+
+def run_part(args: list[str], cwd: Path) -> dict:
+    """A part in its own process, in folder ``cwd`` (where its MLflow stores put artifacts)."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env,
-                          cwd=ROOT, check=False)
+                          cwd=cwd, check=False)
     if done.returncode != 0:
         sys.exit(f"part {args[1]} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def timed_command(argv: list[str], env: dict) -> tuple[float, float, str]:
-    """Wall and CPU seconds of a command from start to exit, and its stdout."""
+def timed_command(argv: list[str], env: dict, cwd: Path) -> tuple[float, float, str]:
+    """Wall and CPU seconds of a command run in folder ``cwd`` from start to exit, and its stdout.
+    (A SQLite MLflow store puts the artifacts of the experiments it creates in the working
+    folder's ``mlruns``.)"""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=out, stderr=err, text=True)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
         out.seek(0)
@@ -257,14 +310,18 @@ def whole_commands(tmp: Path, peer_trials: int) -> None:
     existing = tmp / "existing"
     existing.mkdir()
     timed_command([sys.executable, "-c", "import mlflow, sys; mlflow.MlflowClient(sys.argv[1])"
-                   ".search_experiments()", f"sqlite:///{existing / 'mlflow.db'}"], env)
+                   ".search_experiments()", f"sqlite:///{existing / 'mlflow.db'}"], env, existing)
+    timed_command([sys.executable, __file__, "--part", "results", "--folder", str(tmp)], env, tmp)
+    replay = [sys.executable, __file__, "--replay", str(tmp / "results.pkl"), *sweep[3:]]
     rows = {}
-    for name, folder in (("sweep, existing store", existing), ("sweep, new store", tmp / "new")):
+    for name, folder, argv in (("sweep, existing store", existing, sweep),
+                               ("sweep, new store", tmp / "new", sweep),
+                               ("replay (no training), existing store", existing, replay)):
         folder.mkdir(exist_ok=True)
         store = {"MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
-        rows[name] = timed_command(sweep, {**env, **store})[:2]
+        rows[name] = timed_command(argv, {**env, **store}, folder)[:2]
     wall, cpu, out = timed_command([sys.executable, __file__, "--part", "peer", "--folder", str(tmp),
-                                    "--peer-trials", str(peer_trials)], env)
+                                    "--peer-trials", str(peer_trials)], env, tmp)
     peer = json.loads(out.strip().splitlines()[-1])
     start_up = wall - peer["seconds"]
     peer_wall = start_up + extrapolate(peer)
@@ -275,7 +332,7 @@ def whole_commands(tmp: Path, peer_trials: int) -> None:
     print(f"{'command':<46} {'wall s':>7} {'CPU s':>7}")
     for name, (w, c) in rows.items():
         print(f"{name:<46} {w:>7.1f} {c:>7.1f}")
-    for name in ("sweep, existing store", "sweep, new store"):
+    for name in ("sweep, existing store", "sweep, new store", "replay (no training), existing store"):
         print(f"peer / {name}: {peer_wall / rows[name][0]:.1f}x wall, {peer_cpu / rows[name][1]:.1f}x CPU")
 
 
@@ -285,8 +342,14 @@ def main() -> None:
     parser.add_argument("--peer-trials", type=int, default=6, help="trials of the peer loop timed")
     parser.add_argument("--whole", action="store_true", help="time whole commands, start to exit")
     parser.add_argument("--part", help=argparse.SUPPRESS)
+    parser.add_argument("--replay", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args, rest = parser.parse_known_args()
+    if args.replay:
+        sys.path.insert(0, str(ROOT))
+        replay_sweep(Path(args.replay), rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.part:
         from pipeline.quiet import quiet_tensorflow
 
@@ -298,7 +361,8 @@ def main() -> None:
                 "fused-again": lambda: part_sweep(features, folder / "fused-again", "fused", None),
                 "keras": lambda: part_sweep(features, folder / "keras", "keras", args.keras_trials),
                 "peer": lambda: part_peer(features, folder / "peer", args.peer_trials),
-                "floor": lambda: part_floor(features, folder / "floor")}[args.part]
+                "floor": lambda: part_floor(features, folder / "floor"),
+                "results": lambda: part_results(features, folder)}[args.part]
         print(json.dumps(part()))
         return
 
@@ -313,7 +377,7 @@ def main() -> None:
         load = os.getloadavg()
         common = ["--folder", tmp, "--keras-trials", str(args.keras_trials),
                   "--peer-trials", str(args.peer_trials)]
-        results = {name: run_part(["--part", name, *common])
+        results = {name: run_part(["--part", name, *common], Path(tmp))
                    for name in ("fused", "floor", "keras", "peer", "fused-again")}
         load = max(load[0], os.getloadavg()[0])
 

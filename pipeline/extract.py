@@ -37,10 +37,11 @@ class Extraction:
     fingerprint: str
 
 
-def input_size_for(value: str | int, source: ImageSource) -> int:
-    """``auto`` -> the source's natural size (299 for folders, 71 for digits); else an int >= 71."""
+def checked_input_size(value: str | int) -> int | None:
+    """``None`` for ``auto`` (the source's natural size: 299 for folders, 71 for digits); else
+    the integer, which must be >= 71."""
     if str(value) == "auto":
-        return source.default_input_size
+        return None
     try:
         size = int(value)
     except ValueError:
@@ -53,13 +54,15 @@ def input_size_for(value: str | int, source: ImageSource) -> int:
 def check_inputs(images: str, weights: str, input_size: str | int,
                  batch_size: int) -> tuple[ImageSource, int]:
     """The image source and input size, or :class:`UserError` for an unusable folder, weights,
-    size or batch size: checked before anything is written, and before TensorFlow is imported."""
+    size or batch size: checked before anything is written, and before TensorFlow is imported
+    (the values first, then the images, which for ``builtin:digits`` are loaded)."""
     if batch_size < 1:
         raise UserError(f"batch_size {batch_size}: must be >= 1")
     if weights not in WEIGHT_CHOICES and not Path(weights).is_file():
         raise UserError(f"weights '{weights}': not imagenet, random, auto or an existing file")
+    size = checked_input_size(input_size)
     source = open_source(images)
-    return source, input_size_for(input_size, source)
+    return source, size or source.default_input_size
 
 
 def extract(images: str, weights: str = "auto", input_size: str | int = "auto",

@@ -12,7 +12,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from pipeline.errors import UserError
 
@@ -33,7 +32,11 @@ class Split:
 
 
 def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the training and validation rows: shuffled with ``seed``, stratified on ``y``."""
+    """Indices of the training and validation rows: shuffled with ``seed``, stratified on ``y``.
+    (scikit-learn is imported here, at the first split: commands that make none, such as
+    ``export``, start without it.)"""
+    from sklearn.model_selection import train_test_split
+
     idx = np.arange(len(y))
     try:
         train, val = train_test_split(idx, test_size=fraction, shuffle=True,

@@ -1,7 +1,8 @@
 """Optuna's interactive plots of a study, as self-contained HTML pages for a sweep's export.
 
 Kept apart from :mod:`pipeline.figures` because Optuna's plotting and importance modules
-import plotly and scikit-learn: only ``export`` needs them, never a sweep.
+import plotly and scikit-learn: only ``export`` needs them, never a sweep, and ``export``
+imports them only when it draws these pages (formats ``html`` and ``md``).
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import optuna
-import optuna.visualization as vis
-from optuna.importance import PedAnovaImportanceEvaluator
 from optuna.trial import TrialState
 
 OPTUNA_FIGURES = ("optimization_history", "param_importances", "parallel_coordinate")
@@ -32,6 +31,9 @@ def optuna_figures(study: optuna.Study, folder: Path,
     two params that vary, for importances), the reason. ``on_figure(name)`` is called as each
     figure that can be drawn starts (for a progress bar).
     """
+    import optuna.visualization as vis
+    from optuna.importance import PedAnovaImportanceEvaluator
+
     completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not completed:
         return [], {name: "no completed trial" for name in OPTUNA_FIGURES}

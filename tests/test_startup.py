@@ -1,8 +1,9 @@
 """Commands that train nothing do not import TensorFlow.
 
 ``--help``, ``export`` and an error on bad input answer without the seconds ``import
-tensorflow`` takes. The commands run in a fresh interpreter, as a user runs them, which reports
-after each command whether ``tensorflow`` or ``keras`` has been imported so far.
+tensorflow`` takes, and without scikit-learn's second unless they need it (a split, Optuna's
+importances). The commands run in a fresh interpreter, as a user runs them, which reports after
+each command which of ``tensorflow``, ``keras`` and ``sklearn`` have been imported so far.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SWEEP = str(ROOT / "sweeps" / "default.yaml")
 REPORT = "after the command:"
 # Runs each command of a JSON list through the CLI's entry point, one after the other, and
-# after each one reports its exit status and which of TensorFlow and Keras are imported so far
+# after each one reports its exit status and which of TensorFlow, Keras and scikit-learn are
+# imported so far
 # (on stdout and stderr alike, so that both can be split by command).
 PROBE = f"""
 import json, sys
@@ -35,7 +37,8 @@ for args in json.loads(sys.argv[1]):
         status = 0
     except SystemExit as exit:
         status = exit.code or 0
-    line = {REPORT!r} + " " + json.dumps([status, sorted({{"tensorflow", "keras"}} & set(sys.modules))])
+    heavy = sorted({{"tensorflow", "keras", "sklearn"}} & set(sys.modules))
+    line = {REPORT!r} + " " + json.dumps([status, heavy])
     print(line, flush=True)
     print(line, file=sys.stderr, flush=True)
 """
@@ -63,8 +66,8 @@ HELP = [["--help"], ["sweep", "--help"], ["export", "--help"]]
 
 def run_commands(commands: list[list[str]], cwd: Path, store: str) -> list[tuple[int, list, str, str]]:
     """``commands`` through the CLI, one after the other in one fresh interpreter, MLflow pointed
-    at ``store``: for each, its exit status, what of TensorFlow and Keras was imported by then,
-    and its stdout and stderr."""
+    at ``store``: for each, its exit status, what of TensorFlow, Keras and scikit-learn was
+    imported by then, and its stdout and stderr."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": store}
     env.pop("MLFLOW_RUN_ID", None)
     proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(commands)], cwd=cwd, env=env,
@@ -108,15 +111,18 @@ def test_help_and_bad_input_import_no_tensorflow(tmp_path):
 
 
 def test_export_of_a_sweep_imports_no_tensorflow(tmp_path):
+    """Export never imports TensorFlow; scikit-learn comes only with Optuna's pages (``md``)."""
     grid = {"activation": ["sigmoid", "softmax"], "units": [2], "loss": ["categorical_crossentropy"],
             "learning_rate": [0.01, 0.1], "init": ["glorot_uniform"]}
     sweep = make_sweep(tmp_path, grid=grid)
-    ((status, imported, _, stderr),) = run_commands(
-        [["export", "--run_id", sweep.parent, "--output", "out", "--formats", "csv,md,tex,png"]],
+    (tables, pages) = run_commands(
+        [["export", "--run_id", sweep.parent, "--output", "tables", "--formats", "csv,tex,png"],
+         ["export", "--run_id", sweep.parent, "--output", "pages", "--formats", "md"]],
         tmp_path, sweep.store)
-    assert status == 0, stderr[-2000:]
-    assert (tmp_path / "out" / "param_importances.html").exists()
-    assert imported == []
+    assert tables[0] == pages[0] == 0, (tables[3] + pages[3])[-2000:]
+    assert (tmp_path / "tables" / "summary.csv").exists()
+    assert (tmp_path / "pages" / "param_importances.html").exists()
+    assert (tables[1], pages[1]) == ([], ["sklearn"])
 
 
 def test_sweep_and_records_modules_import_no_tensorflow(tmp_path):
