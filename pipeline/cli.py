@@ -3,7 +3,7 @@ parity, export, main, findings), flags named as its parameters.
 
 Each subcommand is a thin wrapper over the stage's function. When ``mlflow run`` launched the
 command (``MLFLOW_RUN_ID`` is set), the stage records into that run. Bad input ends with one
-line ``error: ...`` on stderr and exit status 2; Ctrl-C or SIGTERM with status 130.
+line ``error: ...`` on stderr and exit status 2; Ctrl-C with status 130, SIGTERM 143.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pydantic.fields import FieldInfo
 
 from pipeline import __version__
 from pipeline.config import ParityConfig, parse_config
-from pipeline.errors import UserError
+from pipeline.errors import UserError, interrupt_status
 from pipeline.quiet import quiet_tensorflow
 
 # The findings report's studies, run in order on one features file and exported together.
@@ -259,7 +259,7 @@ def interrupt_message(args: argparse.Namespace, reason: str, output_before) -> s
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: parse, run, and turn a :class:`UserError` into one line and exit 2, an
-    interrupt (Ctrl-C, SIGTERM) into one line saying what is left and exit 130."""
+    interrupt (Ctrl-C, SIGTERM) into one line saying what is left and exit 130 or 143."""
     quiet_tensorflow()
     args = build_parser().parse_args(argv)
     output_before = _file_state(args.output) if args.command == "extract" else None
@@ -270,4 +270,4 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except KeyboardInterrupt as exc:
         print(interrupt_message(args, str(exc) or "Ctrl-C", output_before), file=sys.stderr)
-        sys.exit(130)
+        sys.exit(interrupt_status(exc))

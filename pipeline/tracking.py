@@ -25,7 +25,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.utils.time import get_current_time_millis
 
 from pipeline import lineage, naming, paths
-from pipeline.errors import UserError
+from pipeline.errors import Terminated, UserError
 
 STUDY_JOURNAL = "optuna-journal.log"  # the default Optuna storage's file, beside the store
 MAX_METRICS_PER_BATCH = 1000
@@ -34,8 +34,6 @@ DATASET_CONTEXT = "mlflow.data.context"  # a dataset input's tag: its role for t
 _ARTIFACT_URIS: dict[str, str] = {}  # run id -> artifact URI of runs created here (see log_text)
 
 
-class Terminated(KeyboardInterrupt):
-    """Raised in the main thread on SIGTERM, so it unwinds like Ctrl-C."""
 
 
 _deferral = {"depth": 0, "pending": None, "received": None}

@@ -16,6 +16,7 @@ import mlflow
 from pipeline import lineage, parent, runner, studies, tracking
 from pipeline.config import load_sweep
 from pipeline.engines import make_engine
+from pipeline.errors import INTERRUPT_STATUSES, interrupt_status
 from pipeline.features import read_features
 from pipeline.kinds import kind_of
 from pipeline.split import Splits
@@ -40,7 +41,7 @@ def started_workers(job: runner.Job, n: int):
     finally:
         for proc in procs:
             proc.join()
-            if proc.exitcode not in (0, 130):
+            if proc.exitcode not in (0, *INTERRUPT_STATUSES):
                 print(f"warning: worker process {proc.pid} ended with status {proc.exitcode}; "
                       f"its trial, if any, was queued again", file=sys.stderr)
 
@@ -59,7 +60,7 @@ def load_worker(job: runner.Job) -> runner.Worker:
 
 
 def _worker_main(job: runner.Job) -> None:
-    """A worker process: run the job's trials (exit 130 when interrupted)."""
+    """A worker process: run the job's trials (exit 130 on Ctrl-C, 143 on SIGTERM)."""
     from pipeline.quiet import quiet_tensorflow
 
     quiet_tensorflow()
@@ -69,5 +70,5 @@ def _worker_main(job: runner.Job) -> None:
         worker = load_worker(job)
         with parent.closing(worker.study, job.parent, worker.finishing()):
             runner.work(worker)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        sys.exit(interrupt_status(exc))
