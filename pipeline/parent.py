@@ -55,6 +55,7 @@ def attach(study: optuna.Study, origin: Origin, setup: bool) -> tuple[str, str]:
     if not setup:
         reopened = _reopen(study, name)
         if reopened is not None:
+            _list_on_launcher(origin.launcher, reopened[0])
             return reopened
         finished = studies.finished(studies.tally(study))
         if studies.parent_of(study) and finished:
@@ -63,7 +64,20 @@ def attach(study: optuna.Study, origin: Origin, setup: bool) -> tuple[str, str]:
     tracking.describe_experiment(experiment, origin.spec.description, naming.views_for(origin.spec.report))
     parent = _create(study, origin, experiment)
     studies.mark_ready(study, parent)
+    _list_on_launcher(origin.launcher, parent)
     return parent, experiment
+
+
+def _list_on_launcher(launcher: str | None, parent: str) -> None:
+    """Add ``parent`` to the launcher run's list of sweeps (tag ``pipeline.sweep_run_id``) as
+    the sweep starts: a ``main`` interrupted later still names every sweep it ran or resumed,
+    including a study an earlier ``main`` made (whose parent run nests under that one)."""
+    if not launcher:
+        return
+    client = tracking.client()
+    listed = [rid for rid in client.get_run(launcher).data.tags.get(naming.SWEEP_RUNS, "").split(",") if rid]
+    if parent not in listed:
+        client.set_tag(launcher, naming.SWEEP_RUNS, ",".join([*listed, parent]))
 
 
 def _reopen(study: optuna.Study, experiment_name: str) -> tuple[str, str] | None:
@@ -113,8 +127,6 @@ def _create(study: optuna.Study, origin: Origin, experiment: str) -> str:
     if launcher and not nest:
         tags[naming.MAIN_RUN] = launcher
     parent = tracking.create_run(experiment, naming.parent_run_name(spec.name), nest, tags)
-    if launcher and not nest:
-        client.set_tag(launcher, naming.SWEEP_RUNS, parent)
     params = {"sweep": spec.name, "sweep_file": origin.sweep_file, "kind": spec.kind,
               "sampler": spec.sampler, "sampler_seed": spec.sampler_seed, "n_trials": spec.budget(),
               "seeds": list(spec.seeds), "engine": spec.engine,

@@ -55,8 +55,8 @@ def resolve_run_ids(run_ids: str | None) -> list[str]:
 
 def _sweeps_of(run_id: str) -> list[str]:
     """``[run_id]`` for a sweep's parent run (or a run :func:`sweep_run` refuses); for a main
-    run, the sweeps it ran: those it lists (tag ``pipeline.sweep_run_id``, written when it ends)
-    and those nested under it or naming it as their main run (an interrupted main lists none)."""
+    run, the sweeps it ran: those it lists (tag ``pipeline.sweep_run_id``, each added as its
+    sweep starts) and those nested under it or naming it as their main run."""
     try:
         tags = tracking.client().get_run(run_id).data.tags
     except mlflow.exceptions.MlflowException:

@@ -17,7 +17,7 @@ from pipeline import naming
 from pipeline.errors import UserError
 from pipeline.export import export
 from pipeline.features import write_features
-from pipeline.runs import trial_records
+from pipeline.runs import resolve_run_ids, trial_records
 from pipeline.sweep import run_sweep
 from pipeline.tracking import default_study_storage
 from tests.helpers import TINY, load_study, make_features, private_store
@@ -157,6 +157,22 @@ def test_rerun_resumes_instead_of_restarting(swept):
     after = mlflow.search_runs(experiment_ids=[outcome.experiment_id], output_format="list",
                                filter_string=f"tags.`{naming.PARENT}` = '{outcome.parent_run_id}'")
     assert len(after) == len(runs)
+
+
+def test_a_main_that_resumes_a_study_lists_it_before_it_runs(swept):
+    """A main (launcher) run lists each sweep as the sweep starts, a resumed one too (its parent
+    run nests under the main that made it): export by the main run's id finds it even if that
+    main is interrupted."""
+    outcome, _, sweep, features_file = swept
+    client = mlflow.MlflowClient()
+    launcher = client.create_run(client.create_experiment("another-main"),
+                                 tags={naming.STEP: "main"}).info.run_id
+    again = run_sweep(str(features_file), sweep, progress=False, launcher_run_id=launcher)
+    assert again.parent_run_id == outcome.parent_run_id
+    assert client.get_run(launcher).data.tags[naming.SWEEP_RUNS] == outcome.parent_run_id
+    run_sweep(str(features_file), sweep, progress=False, launcher_run_id=launcher)
+    assert client.get_run(launcher).data.tags[naming.SWEEP_RUNS] == outcome.parent_run_id  # listed once
+    assert resolve_run_ids(launcher) == [outcome.parent_run_id]
 
 
 def test_another_space_or_features_file_runs_a_study_of_its_own(swept, tmp_path):
