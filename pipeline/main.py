@@ -68,8 +68,8 @@ def run_main(images: str = "builtin:digits", weights: str = "auto",
     if features is not None:  # ... and on bad features, or ones a sweep cannot split
         check_splits(read_features(resolve_features(features)), specs)
     source = open_source(images) if features is None else None
-    out = paths.writable_dir(output, "output")
-    paths.writable_dir(out / "export", "output")
+    out = paths.writable_dir(output, "output", make=False)  # made when a file is written there
+    paths.writable_dir(out / "export", "output", make=False)
     client = tracking.client()
     if launcher_run_id:
         main_run = launcher_run_id

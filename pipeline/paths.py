@@ -16,14 +16,16 @@ from pathlib import Path
 from pipeline.errors import UserError
 
 
-def writable_dir(path: str | os.PathLike, what: str) -> Path:
-    """``path`` as a folder that takes new files, made (with its parents) if missing.
+def writable_dir(path: str | os.PathLike, what: str, make: bool = True) -> Path:
+    """``path`` as a folder that takes new files, made (with its parents) if missing; with
+    ``make`` false, only checked: a command that writes there later leaves no empty folder if
+    it stops first.
 
     ``what`` says what the path is for (``output``, ``storage``, ``MLflow store``); it starts the
     error message: ``output exports: is a file, not a folder``.
     """
     path = Path(path)
-    _ready_folder(path, f"{what} {path}", own=True)
+    _ready_folder(path, f"{what} {path}", own=True, make=make)
     return path
 
 
@@ -65,9 +67,10 @@ def writable_storage(url: str) -> None:
         writable_file(database, "storage")
 
 
-def _ready_folder(folder: Path, named: str, own: bool) -> None:
-    """Make ``folder`` exist and take new files, or raise a :class:`UserError` starting with
-    ``named``; ``own`` says whether ``folder`` is the named path itself or its parent."""
+def _ready_folder(folder: Path, named: str, own: bool, make: bool = True) -> None:
+    """Make ``folder`` exist (unless not ``make``) and take new files, or raise a
+    :class:`UserError` starting with ``named``; ``own`` says whether ``folder`` is the named
+    path itself or its parent."""
     existing = folder
     while not existing.exists() and existing != existing.parent:
         if existing.is_symlink():  # a link to nowhere: mkdir would fail on it
@@ -81,6 +84,8 @@ def _ready_folder(folder: Path, named: str, own: bool) -> None:
             pass
     except OSError as exc:
         raise UserError(f"{named}: cannot write in {existing} ({_reason(exc)})") from None
+    if not make:
+        return
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -170,6 +170,28 @@ def test_main_on_another_features_file_runs_a_study_of_its_own(tracking, feature
         run.info.run_id for run in sweeps}
 
 
+def test_main_interrupted_before_it_writes_leaves_no_output_folder(tracking, features_file, tmp_path,
+                                                                   monkeypatch, capsys):
+    """Ctrl-C during main's sweep (on a given features file): exit 130, the main run KILLED, and
+    no output folder: main checks its folders at the start and makes them only to write."""
+    from pipeline import cli, sweep
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sweep, "run_sweep", interrupted)
+    spec = tmp_path / "collapse.yaml"
+    spec.write_text(yaml.safe_dump({**COLLAPSE, "seeds": [0], "space": [{"activation": "softmax"}]}))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["main", "--features", str(features_file), "--sweep", str(spec),
+                  "--output", str(tmp_path / "out" / "deep")])
+    assert exit_info.value.code == 130
+    assert "interrupted (Ctrl-C)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    (main,) = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                 filter_string=f"tags.`{naming.STEP}` = 'main'")
+    assert main.info.status == "KILLED"
+
+
 def test_deep_parity_table_reads_optimizers_by_ratio_and_scope():
     cells = [("sgd", 2.0, "output", 0, 1e-7), ("sgd", 2.0, "output", 1, 3e-7), ("sgd", 2.0, "all", 0, 0.2),
              ("sgd", 1.0, "output", 0, 0.05), ("adam", 2.0, "output", 0, 1e-7), ("adam", 2.0, "all", 0, 0.3)]
