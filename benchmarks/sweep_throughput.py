@@ -194,10 +194,10 @@ def part_floor(features: Path, folder: Path) -> dict:
     import mlflow
 
     from pipeline import naming, records, tracking
-    from pipeline.config import load_sweep
     from pipeline.engine_fused import FusedEngine
     from pipeline.features import read_features
     from pipeline.split import stratified_split
+    from pipeline.sweep_file import load_sweep
 
     gc.freeze()  # as run_sweep does: the libraries' objects out of the cyclic collector
     spec = load_sweep(SWEEP)
@@ -232,9 +232,9 @@ def part_floor(features: Path, folder: Path) -> dict:
 
 def part_results(features: Path, folder: Path) -> dict:
     """Train the grid's 64 heads with the fused engine and pickle their results for ``replay``."""
-    from pipeline.config import load_sweep
     from pipeline.engine_fused import FusedEngine
     from pipeline.features import read_features
+    from pipeline.sweep_file import load_sweep
 
     spec = load_sweep(SWEEP)
     configs = [spec.trial_config(point) for point in spec.grid()]

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from optuna.trial import FrozenTrial
 
 from pipeline import best_head, naming, parity, records, studies, tracking
-from pipeline.config import ParityConfig, SweepSpec, TrainingSettings, TrialConfig
+from pipeline.config import ParityConfig, TrainingSettings, TrialConfig
 from pipeline.engines import Engine
 from pipeline.results import EpochCallback
 from pipeline.split import Splits
+from pipeline.sweep_file import SweepSpec
 
 
 @dataclass(frozen=True)

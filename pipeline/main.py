@@ -15,10 +15,10 @@ from pathlib import Path
 import mlflow
 
 from pipeline import naming, paths, tracking
-from pipeline.config import load_sweep
 from pipeline.errors import UserError
 from pipeline.features import read_features, resolve_features, sha256_file
 from pipeline.sources import open_source
+from pipeline.sweep_file import load_sweep
 
 
 @dataclass(frozen=True)

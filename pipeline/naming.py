@@ -15,7 +15,8 @@ import re
 import unicodedata
 from datetime import UTC, datetime
 
-from pipeline.config import ParityConfig, SweepSpec, TrialConfig
+from pipeline.config import ParityConfig, TrialConfig
+from pipeline.sweep_file import SweepSpec
 
 LOSS_ABBREV = {"binary_crossentropy": "bce", "categorical_crossentropy": "cce",
                "sparse_categorical_crossentropy": "scce"}

@@ -23,10 +23,10 @@ from mlflow.entities import Dataset
 from optuna.trial import FrozenTrial
 
 from pipeline import naming, storages, studies, tracking
-from pipeline.config import SweepSpec
 from pipeline.errors import UserError
 from pipeline.kinds import kind_of
 from pipeline.storages import patiently
+from pipeline.sweep_file import SweepSpec
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,12 @@ from mlflow.entities import Dataset
 from optuna.trial import TrialState
 
 from pipeline import atlas, studies, tracking
-from pipeline.config import SweepSpec
 from pipeline.engines import Engine
 from pipeline.heartbeats import Heartbeats
 from pipeline.kinds import Recording, TrialKind
 from pipeline.split import Splits
 from pipeline.storages import patiently
+from pipeline.sweep_file import SweepSpec
 from pipeline.trial import TrialLife
 
 

@@ -31,11 +31,11 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.exceptions import DuplicatedStudyError, UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-from pipeline.config import FloatRange, SweepSpec, freeze_params
 from pipeline.errors import UserError
 from pipeline.heartbeats import keeps_heartbeats, local_worker_alive, worker_id
 from pipeline.optuna_internals import forget_cached_trials, storage_of, take_waiting, trial_id
 from pipeline.storages import experimental_ok, grace_seconds, make_storage, patiently
+from pipeline.sweep_file import FloatRange, SweepSpec, freeze_params
 
 SPACE_ATTR = "sweep_space"
 FEATURES_ATTR = "features_sha256"

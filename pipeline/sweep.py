@@ -23,13 +23,13 @@ import mlflow
 import optuna
 
 from pipeline import lineage, naming, parent, runner, studies, tracking
-from pipeline.config import SweepSpec, load_sweep, sweep_path
 from pipeline.engines import Engine, make_engine
 from pipeline.errors import UserError
 from pipeline.features import FeatureSet, read_features, resolve_features, sha256_file
 from pipeline.kinds import kind_of
 from pipeline.progress import progress_bar
 from pipeline.split import Splits
+from pipeline.sweep_file import SweepSpec, load_sweep, sweep_path
 from pipeline.workers import started_workers
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

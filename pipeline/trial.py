@@ -19,9 +19,10 @@ import optuna
 from optuna.trial import TrialState
 
 from pipeline import naming, studies, tracking
-from pipeline.config import Pruner, SweepSpec, TrainingSettings
+from pipeline.config import TrainingSettings
 from pipeline.kinds import Recording, TrialKind
 from pipeline.storages import patiently
+from pipeline.sweep_file import Pruner, SweepSpec
 
 
 class Reporter:

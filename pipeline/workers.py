@@ -14,12 +14,12 @@ import sys
 import mlflow
 
 from pipeline import lineage, parent, runner, studies, tracking
-from pipeline.config import load_sweep
 from pipeline.engines import make_engine
 from pipeline.errors import INTERRUPT_STATUSES, interrupt_status
 from pipeline.features import read_features
 from pipeline.kinds import kind_of
 from pipeline.split import Splits
+from pipeline.sweep_file import load_sweep
 
 
 @contextlib.contextmanager

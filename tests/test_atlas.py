@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from pipeline import atlas, naming
-from pipeline.config import TrialConfig, load_sweep, parse_config
+from pipeline.config import TrialConfig, parse_config
 from pipeline.engine_fused import FusedEngine, engine_for
 from pipeline.engine_keras import KerasEngine
 from pipeline.errors import UserError
@@ -23,6 +23,7 @@ from pipeline.metrics import positive_probability
 from pipeline.results import EPOCH_METRICS
 from pipeline.split import make_split
 from pipeline.sweep import run_sweep
+from pipeline.sweep_file import load_sweep
 from tests.helpers import make_features
 
 BASE = {"epochs": 4, "batch_size": 32, "dropout": 0.0, "optimizer": "adam", "learning_rate": 0.01}

@@ -25,10 +25,10 @@ import yaml
 from PIL import Image
 
 from pipeline import cli, naming
-from pipeline.config import load_sweep
 from pipeline.errors import UserError
 from pipeline.export import export
 from pipeline.features import read_features, resolve_features, write_features
+from pipeline.sweep_file import load_sweep
 from pipeline.tracking import create_run, log_batch, series
 from tests.helpers import new_store
 

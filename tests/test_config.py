@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import FloatRange, TrialConfig, load_sweep, parse_sweep, sweep_path
+from pipeline.config import TrialConfig
 from pipeline.errors import UserError
+from pipeline.sweep_file import FloatRange, load_sweep, parse_sweep, sweep_path
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {"name": "t", "experiment": "e"}

@@ -9,8 +9,9 @@ import mlflow
 import pytest
 
 from pipeline import naming
-from pipeline.config import ParityConfig, TrialConfig, load_sweep
+from pipeline.config import ParityConfig, TrialConfig
 from pipeline.kinds import kind_of
+from pipeline.sweep_file import load_sweep
 from pipeline.tracking import describe_experiment
 from tests.helpers import SMALL_STUDY, write_sweep
 

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 
 from pipeline import cli, naming
-from pipeline.config import PARITY_METRICS, ParityConfig, TrialConfig, load_sweep
+from pipeline.config import PARITY_METRICS, ParityConfig, TrialConfig
 from pipeline.engine_keras import KerasEngine
 from pipeline.findings import BREAKERS, EXACT, matching
 from pipeline.parity import ROLES, train_parity
 from pipeline.results import TrialResult
 from pipeline.split import make_split
+from pipeline.sweep_file import load_sweep
 from tests.helpers import make_features
 
 OPTIMIZERS = {"sgd": 0.05, "momentum": 0.05, "nesterov": 0.05, "adagrad": 0.05, "adam": 0.005,

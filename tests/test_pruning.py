@@ -8,10 +8,10 @@ import yaml
 from optuna.trial import TrialState
 
 from pipeline import naming
-from pipeline.config import parse_sweep
 from pipeline.errors import UserError
 from pipeline.runs import trial_records
 from pipeline.sweep import run_sweep
+from pipeline.sweep_file import parse_sweep
 from pipeline.tables import summarize
 from pipeline.tracking import default_study_storage
 from tests.helpers import load_study

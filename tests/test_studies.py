@@ -63,7 +63,7 @@ def test_workers_only_take_queued_trials_and_never_create_one(tmp_path):
 
 def test_grid_trials_are_queued_with_their_params_so_a_claim_writes_no_params(tmp_path):
     from pipeline import studies
-    from pipeline.config import parse_sweep
+    from pipeline.sweep_file import parse_sweep
 
     spec = parse_sweep(GRID)
     journal = tmp_path / "j.log"
@@ -87,7 +87,7 @@ def test_a_studys_default_name_is_its_sweep_and_a_digest_of_what_makes_its_trial
     """The digest is pinned: workers on several machines and later versions of the tool find a
     study by it, so a change of :func:`describe_space` that changes it must be deliberate."""
     from pipeline import studies
-    from pipeline.config import parse_sweep
+    from pipeline.sweep_file import parse_sweep
 
     sha = "ab" * 32
     name = studies.default_study_name(parse_sweep(GRID), sha)
@@ -104,7 +104,7 @@ def test_a_study_under_the_sweeps_plain_name_resumes_when_its_space_and_features
     """Studies were named for their sweep alone before version 0.2: such a study resumes, and
     one of another features file is left alone for a study of the digest's name."""
     from pipeline import studies
-    from pipeline.config import parse_sweep
+    from pipeline.sweep_file import parse_sweep
 
     spec, journal = parse_sweep(GRID), str(tmp_path / "j.log")
     studies.open_study(spec, journal, "g", "sha-a")
