@@ -102,7 +102,7 @@ def effective_model(activation: str, units: int, loss: str, from_logits: bool, l
 def _verdict(cell: pd.DataFrame, best: float) -> tuple[str, str]:
     """The verdict of one cell's trials and the note that backs it (the error, the gap), where
     ``best`` is the best cell's mean val_accuracy."""
-    failed = cell[cell["status"] == "FAILED"]  # a KILLED run was interrupted: its trial ran again
+    failed = cell[cell["status"] == "FAILED"]
     refused = failed[~failed["error"].str.startswith(DIVERGED)]
     if len(refused):
         return "refused", refused["error"].iloc[0]
@@ -157,7 +157,8 @@ def cell_verdicts(trials: pd.DataFrame) -> pd.DataFrame:
 def tag_verdicts(parent_run_id: str) -> pd.DataFrame:
     """Tag every trial run of the finished sweep ``parent_run_id`` with its cell's verdict
     (``atlas.verdict``) and effective model (``atlas.model``); return :func:`cell_verdicts`."""
-    cells = cell_verdicts(runs.trial_records(parent_run_id, tracking.client().get_run(parent_run_id)))
+    parent = tracking.client().get_run(parent_run_id)
+    cells = cell_verdicts(runs.outcomes(runs.trial_records(parent_run_id, parent)))
     for cell in cells.itertuples(index=False):
         for run_id in cell.run_ids:
             tracking.log_batch(run_id, tags={naming.VERDICT: cell.verdict,

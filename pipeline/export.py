@@ -23,7 +23,7 @@ import pandas as pd
 from pipeline import figures, findings, naming, paths, studies, study_figures, tables, tracking
 from pipeline.errors import UserError
 from pipeline.progress import progress_bar
-from pipeline.runs import resolve_run_ids, sweep_run, trial_records
+from pipeline.runs import outcomes, resolve_run_ids, sweep_run, trial_records
 
 FORMATS = ("csv", "md", "tex", "png", "pdf", "svg", "html")
 FIGURE_FORMATS = {"png", "pdf", "svg", "md"}  # formats that bring the figures
@@ -138,6 +138,9 @@ def export(run_id: str | None = None, output: str = "exports", formats: str = "c
         report.append(_write(out / "findings.md", findings.markdown(sections)))
     if sections and "tex" in wanted:
         report.append(_write(out / "findings.tex", findings.latex(sections)))
+    if report:
+        print(f"export: findings of {len(sections)} stud{'ies' if len(sections) > 1 else 'y'} -> {out} "
+              f"({', '.join(p.name for p in report)})", file=sys.stderr)
     if log_to_run:
         client = tracking.client()
         for rid, files in per_sweep.items():
@@ -170,9 +173,10 @@ def _export_sweep(parent, sweep: str, kind: str, out: Path,
     run_id = parent.info.run_id
     with progress_bar("export", len(_stages(wanted)), "stage") as bar:
         _stage(bar, "reading the runs")
-        trials = trial_records(run_id, parent)
-        if trials.empty:
+        attempts = trial_records(run_id, parent)
+        if attempts.empty:
             raise UserError(f"run_id {run_id}: the sweep has no trial runs")
+        trials = outcomes(attempts)
         out.mkdir(parents=True, exist_ok=True)
         kind_metrics = tables.SUMMARY_METRICS if kind == "heads" else tables.PARITY_SUMMARY_METRICS
         summary = tables.summarize(trials, kind_metrics)
@@ -185,7 +189,7 @@ def _export_sweep(parent, sweep: str, kind: str, out: Path,
         if {"html", "md"} & wanted:
             pages = _optuna_pages(parent, out, lambda name: _stage(bar, f"Optuna: {name}"))
         _stage(bar, "writing the tables")
-        how_far = _how_far(parent, trials)
+        how_far = _how_far(parent, trials, int((attempts["status"] == "KILLED").sum()))
         context = _context(parent, how_far)
         written = _tables(trials, summary, curves, kind_metrics, wanted, sweep, run_id, out, pngs,
                           pages, context)
@@ -195,21 +199,22 @@ def _export_sweep(parent, sweep: str, kind: str, out: Path,
     return written, trials, context
 
 
-def _how_far(parent, trials: pd.DataFrame) -> str:
+def _how_far(parent, trials: pd.DataFrame, killed: int) -> str:
     """How far a sweep got, as its tables should be read: ``2 of 12 trials complete (1 failed;
-    1 run KILLED); the sweep is KILLED, not finished: rerun it to resume``.
+    1 interrupted attempt (KILLED) left out); the sweep is KILLED, not finished: rerun it to
+    resume``.
 
-    The budget is the study's (the parent run's trial counts, logged whenever a command on the
-    study starts or ends); runs of attempts that were interrupted and retried are KILLED."""
+    ``trials`` are the outcomes (:func:`pipeline.runs.outcomes`); ``killed`` counts the runs of
+    attempts that were interrupted or lost, and queued again. The budget is the study's (the
+    parent run's trial counts, logged whenever a command on the study starts or ends)."""
     done = len(tables.completed(trials))
     counts = {k.removeprefix(naming.TRIAL_COUNT): v for k, v in parent.data.metrics.items()
               if k.startswith(naming.TRIAL_COUNT)}
     budget = int(studies.budget(counts))
-    pruned, failed, killed = (int(trials["pruned"].sum()), int((trials["status"] == "FAILED").sum()),
-                              int((trials["status"] == "KILLED").sum()))
+    pruned, failed = int(trials["pruned"].sum()), int((trials["status"] == "FAILED").sum())
     notes = ([f"{pruned} pruned, left out of the tables"] if pruned else []) + (
         [f"{failed} failed"] if failed else []) + (
-        [f"{killed} run{'s' if killed > 1 else ''} KILLED"] if killed else [])
+        [f"{killed} interrupted attempt{'s' if killed > 1 else ''} (KILLED) left out"] if killed else [])
     text = (f"{done} of {max(budget, done)} trials complete" if budget
             else f"{done} trial{'' if done == 1 else 's'} complete")  # a parent run without counts
     text += f" ({'; '.join(notes)})" if notes else ""

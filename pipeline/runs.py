@@ -75,8 +75,9 @@ def _sweeps_of(run_id: str) -> list[str]:
 
 
 def trial_records(parent_run_id: str, parent=None) -> pd.DataFrame:
-    """One row per trial run under ``parent_run_id``: ids, status, ``pruned``, typed params,
-    final metrics.
+    """One row per trial run under ``parent_run_id``, every attempt of a trial that was retried
+    included (:func:`outcomes` leaves those out): ids, status, ``pruned``, typed params, final
+    metrics.
 
     Params keep their names (``loss`` is the loss function); the last epoch's value of metric
     ``m`` is the column ``final_m`` (a pruned trial's last epoch is the one it stopped after).
@@ -106,6 +107,13 @@ def trial_records(parent_run_id: str, parent=None) -> pd.DataFrame:
                      "error": tags.get(naming.ERROR, "")})
     frame = pd.DataFrame(rows)
     return frame.sort_values("trial").reset_index(drop=True) if not frame.empty else frame
+
+
+def outcomes(records: pd.DataFrame) -> pd.DataFrame:
+    """The rows of :func:`trial_records` that are trials' outcomes: all but the KILLED runs,
+    attempts that an interrupt or a lost worker ended and whose trial was queued again (its
+    next attempt is a run of its own)."""
+    return records[records["status"] != "KILLED"].reset_index(drop=True) if len(records) else records
 
 
 def sweep_run(run_id: str):
