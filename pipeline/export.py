@@ -208,9 +208,7 @@ def _how_far(parent, trials: pd.DataFrame, killed: int) -> str:
     attempts that were interrupted or lost, and queued again. The budget is the study's (the
     parent run's trial counts, logged whenever a command on the study starts or ends)."""
     done = len(tables.completed(trials))
-    counts = {k.removeprefix(naming.TRIAL_COUNT): v for k, v in parent.data.metrics.items()
-              if k.startswith(naming.TRIAL_COUNT)}
-    budget = int(studies.budget(counts))
+    budget = _budget(parent)
     pruned, failed = int(trials["pruned"].sum()), int((trials["status"] == "FAILED").sum())
     notes = ([f"{pruned} pruned, left out of the tables"] if pruned else []) + (
         [f"{failed} failed"] if failed else []) + (
@@ -288,14 +286,24 @@ def _tables(trials: pd.DataFrame, summary: pd.DataFrame, curves: pd.DataFrame, k
     return written
 
 
+def _budget(parent) -> int:
+    """The study's budget, from the trial counts its parent run logs whenever a command on the
+    study starts or ends (0 for a parent run without them)."""
+    counts = {k.removeprefix(naming.TRIAL_COUNT): v for k, v in parent.data.metrics.items()
+              if k.startswith(naming.TRIAL_COUNT)}
+    return int(studies.budget(counts))
+
+
 def _regenerate(parent, output: str) -> str:
-    """The commands that rerun a sweep (resuming its study) and export it again, quoted for a
-    shell."""
+    """The commands that rerun a sweep (resuming its study, at its budget: a sweep run with
+    ``--n_trials`` stays that size) and export it again, quoted for a shell."""
     params = parent.data.params
     sweep = params.get("sweep_file", f"sweeps/{params.get('sweep', 'SWEEP')}.yaml")
     features = params.get("features", "FEATURES.h5")
     study = params.get("study")
     resume = f" --study {shlex.quote(study)}" if study else ""
+    budget = _budget(parent)
+    resume += f" --n_trials {budget}" if budget else ""
     return (f"python -m pipeline sweep --features {shlex.quote(features)} --sweep {shlex.quote(sweep)}"
             f"{resume}\n"
             f"python -m pipeline export --run_id {shlex.quote(study or parent.info.run_id)} "

@@ -168,8 +168,9 @@ def test_an_interrupted_attempt_is_left_out_of_the_tables_and_counted(tmp_path, 
         write_trial(client, experiment, parent, 1, 1, soft1)
         write_trial(client, experiment, parent, 2, 0, soft1)  # trial 0 queued again
         write_trial(client, experiment, parent, 3, 0, sparse, status="FAILED")
-        log_batch(parent, metrics=scalars({f"{naming.TRIAL_COUNT}{k}": v for k, v in
-                                           {"complete": 2, "fail": 1, "retried": 1}.items()}))
+        log_batch(parent, params={"study": "collapse-0a1b2c3d"},
+                  metrics=scalars({f"{naming.TRIAL_COUNT}{k}": v for k, v in
+                                   {"complete": 2, "fail": 1, "retried": 1}.items()}))
         client.set_terminated(parent, "FINISHED")
         capsys.readouterr()
         export(parent, str(tmp_path / "out"), "csv,md")
@@ -185,6 +186,7 @@ def test_an_interrupted_attempt_is_left_out_of_the_tables_and_counted(tmp_path, 
         row = next(line for line in findings.splitlines() if "| binary_crossentropy |" in line)
         assert row.split("|")[4].strip() == "2/2"  # runs: finished / all, the KILLED attempt left out
         assert "With sparse_categorical_crossentropy 1 of 1 runs failed" in findings
+        assert "--sweep sweeps/SWEEP.yaml --study collapse-0a1b2c3d --n_trials 3\n" in findings
 
 
 def test_trial_records_are_one_typed_row_per_trial(sweep):
