@@ -263,6 +263,8 @@ def load_sweep(path: str | os.PathLike, n_trials: int | None = None) -> SweepSpe
 
     Raises :class:`UserError` with one line naming the key and what is allowed.
     """
+    if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
+        raise UserError(f"n_trials {n_trials!r}: must be an integer >= 1")
     path = sweep_path(path)
     if not path.is_file():
         raise UserError(f"sweep file not found: {path}")

@@ -183,6 +183,10 @@ def cases():
         yield pytest.param(lambda d: None, ["sweep", "--features", "good.h5", "--sweep", "ok.yaml",
                                             f"--study={study}"],
                            f"error: study {study!r}: {why}; choose another name", id=f"study {study!r}")
+    for value in ("0", "-3"):
+        yield pytest.param(lambda d: None, ["sweep", "--features", "good.h5", "--sweep", "ok.yaml",
+                                            "--n_trials", value],
+                           f"error: n_trials {value}: must be an integer >= 1", id=f"n_trials {value}")
     for name, flags, line in PARITY_CASES:
         yield pytest.param(lambda d: None, ["parity", "--features", "good.h5", *flags], line, id=name)
     yield pytest.param(
