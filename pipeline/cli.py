@@ -200,9 +200,7 @@ def run(args: argparse.Namespace) -> None:
         outcome = run_sweep(args.features, args.sweep, args.n_trials, args.storage, args.study,
                             launcher_run_id=launcher, workers=args.workers,
                             register_model=args.register_model)
-        retried = f" ({outcome.retried} lost attempts re-run)" if outcome.retried else ""
-        print(f"sweep: study '{outcome.study_name}' {outcome.counts}{retried}; parent run "
-              f"{outcome.parent_run_id}", file=sys.stderr)
+        print(outcome.line(), file=sys.stderr)
     elif args.command == "parity":
         from pipeline.parity import EXPERIMENT, run_parity
 

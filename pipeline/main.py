@@ -87,8 +87,12 @@ def run_main(images: str = "builtin:digits", weights: str = "auto",
         if extract_run:
             client.set_tag(main_run, naming.EXTRACT_RUN, extract_run)
             check_splits(read_features(features_path), specs)  # every sweep's, before the first runs
-        parents = [run_sweep(str(features_path), path, storage=storage, launcher_run_id=main_run,
-                             progress=progress).parent_run_id for path in sweeps]
+        parents = []
+        for path in sweeps:
+            outcome = run_sweep(str(features_path), path, storage=storage, launcher_run_id=main_run,
+                                progress=progress)
+            print(outcome.line(), file=sys.stderr)
+            parents.append(outcome.parent_run_id)
         exported = export(",".join(parents), str(out / "export"), "csv,md,tex,png")
         tracking.log_batch(main_run, tags={naming.SWEEP_RUNS: ",".join(parents)})
     return MainOutcome(main_run, extract_run, reused, parents[0], exported.files, tuple(parents))

@@ -123,7 +123,7 @@ def test_sci_formats_gaps_for_text_and_latex():
     assert rows == [["sgd", "0.01", "2.0e-7", "2.0e-1", "1"], ["adam", "0.001", "1.0e-7", "1.0e-1", "1"]]
 
 
-def test_main_on_a_users_features_file_writes_the_findings(tracking, features_file, tmp_path):
+def test_main_on_a_users_features_file_writes_the_findings(tracking, features_file, tmp_path, capsys):
     from pipeline import cli
 
     small_collapse = {**COLLAPSE, "seeds": [0], "space": [{"activation": "softmax", "units": 1}]}
@@ -135,6 +135,9 @@ def test_main_on_a_users_features_file_writes_the_findings(tracking, features_fi
     out = tmp_path / "out"
     cli.main(["main", "--features", str(features_file), "--sweep", ",".join(map(str, paths)),
               "--output", str(out)])
+    err = capsys.readouterr().err.splitlines()
+    ends = [line for line in err if line.startswith("sweep: study '")]  # each sweep's last line
+    assert [line.split("'")[1].rsplit("-", 1)[0] for line in ends] == ["collapse-t", "parity-t"]
     md = (out / "export" / "findings.md").read_text()
     assert "## The 1-unit softmax collapse" in md and "## The sigmoid/softmax parity" in md
     assert f"python -m pipeline sweep --features {features_file} --sweep {paths[0]} --study collapse-t-" in md
