@@ -181,9 +181,11 @@ def run(args: argparse.Namespace) -> None:
     """Dispatch parsed arguments to the stage functions."""
     launcher = os.environ.get("MLFLOW_RUN_ID") or None
     from pipeline import paths
-    from pipeline.tracking import check_reachable, default_study_storage, prepare_store
+    from pipeline.tracking import check_reachable, default_study_storage, prepare_store, require_store
 
     check_reachable()
+    if args.command == "export":
+        require_store()
     prepare_store()
     if args.command in ("sweep", "main"):
         paths.writable_storage(args.storage or default_study_storage())

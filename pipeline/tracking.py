@@ -117,6 +117,21 @@ def check_reachable(timeout: float = 3.0) -> None:
                 os.environ[key] = value
 
 
+def require_store() -> None:
+    """Raise :class:`UserError` when the tracking URI names a local store that does not exist:
+    a command that only reads runs (``export``) would otherwise create an empty store and then
+    find no runs in it."""
+    from urllib.parse import urlparse
+
+    uri = mlflow.get_tracking_uri()
+    database = paths.database_file(uri)
+    local = database if database is not None else (
+        Path(urlparse(uri).path) if urlparse(uri).scheme in ("", "file") else None)
+    if local is not None and not local.exists():
+        raise UserError(f"no MLflow store at {uri}: run export where the sweep's store is, or set "
+                        f"MLFLOW_TRACKING_URI to it")
+
+
 def prepare_store() -> None:
     """Check the place of a local MLflow store and make its creation safe to race; call once per
     process, before the store is first used.

@@ -183,6 +183,8 @@ def cases():
         yield pytest.param(lambda d: None, ["sweep", "--features", "good.h5", "--sweep", "ok.yaml",
                                             f"--study={study}"],
                            f"error: study {study!r}: {why}; choose another name", id=f"study {study!r}")
+    yield pytest.param(lambda d: None, ["export", "--output", "out"], "error: no MLflow store at ...",
+                       id="export: no store here")
     for value in ("0", "-3"):
         yield pytest.param(lambda d: None, ["sweep", "--features", "good.h5", "--sweep", "ok.yaml",
                                             "--n_trials", value],
