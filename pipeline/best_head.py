@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import tempfile
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import numpy as np
 
 from pipeline import naming, tracking
 from pipeline.metrics import positive_probability, sigmoid
+from pipeline.quiet import artifacts_progress
 from pipeline.results import hidden_output
 
 HEAD_FILE = "head.npz"
@@ -92,19 +92,14 @@ def _quiet():
     """No artifact progress bar, no INFO notices from MLflow's model logging, for the block."""
     loggers = [logging.getLogger(name) for name in ("mlflow.pyfunc", "mlflow.models", "mlflow.store")]
     levels = [logger.level for logger in loggers]
-    saved = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     for logger in loggers:
         logger.setLevel(logging.WARNING)
     try:
-        yield
+        with artifacts_progress(False):
+            yield
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
-        if saved is None:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
-        else:
-            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = saved
 
 
 def _log_best_head(parent: str, best: mlflow.entities.Run, trial_number: int, example: np.ndarray,

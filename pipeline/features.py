@@ -15,6 +15,7 @@ import hashlib
 import json
 import mmap
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,12 +222,16 @@ def _first_line(exc: BaseException) -> str:
 
 
 def resolve_features(features: str) -> Path:
-    """A local path for ``features``: the path itself, or a ``runs:/`` artifact downloaded."""
+    """A local path for ``features``: the path itself, or a ``runs:/`` artifact downloaded (with
+    MLflow's progress bar on a terminal only)."""
     if features.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
         import mlflow
 
+        from pipeline.quiet import artifacts_progress
+
         try:
-            return Path(mlflow.artifacts.download_artifacts(artifact_uri=features))
+            with artifacts_progress(sys.stderr.isatty()):
+                return Path(mlflow.artifacts.download_artifacts(artifact_uri=features))
         except Exception as exc:  # MLflow raises several types for a missing run or artifact
             raise UserError(f"features '{features}': cannot be fetched "
                             f"({' '.join(str(exc).split())[:200]})") from None

@@ -1,4 +1,5 @@
-"""Keep TensorFlow's start-up noise out of the user's terminal.
+"""Keep TensorFlow's start-up noise out of the user's terminal, and MLflow's download bars
+out of logs.
 
 Must run before ``tensorflow`` or ``keras`` is first imported: the C++ log level is read
 once, at import. :func:`quiet_tensorflow` is idempotent and only sets variables the user
@@ -110,3 +111,19 @@ class _QuietLoader(importlib.machinery.SourceFileLoader):
     def exec_module(self, module):
         with filtered_stderr(_min_level()):
             super().exec_module(module)
+
+
+@contextlib.contextmanager
+def artifacts_progress(enabled: bool):
+    """MLflow's artifact download/upload progress bar on or off for the block (the setting
+    ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR``, restored after it): off in a log, where a
+    redrawn bar is a line of carriage returns."""
+    saved = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "true" if enabled else "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = saved

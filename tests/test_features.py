@@ -280,3 +280,21 @@ def test_other_layouts_are_read_into_memory(tmp_path, xy, layout):
     assert memory_owner(data.x) is None
     assert data.x.dtype == np.float32 and data.x.ctypes.data % 64 == 0
     np.testing.assert_array_equal(data.x, x)
+
+
+def test_a_runs_uri_is_downloaded_without_a_progress_bar_in_a_log(tracking, tmp_path, capsys):
+    """A features file given as ``runs:/`` is fetched; with stderr not a terminal (a log, or
+    here pytest's capture) MLflow's download bar stays off."""
+    import mlflow
+
+    from pipeline.features import resolve_features
+
+    x, y = make_features(n=60, d=4)
+    path = write_features(tmp_path / "f.h5", x, y, {})
+    client = mlflow.MlflowClient()
+    run = client.create_run("0").info.run_id
+    client.log_artifact(run, str(path), "features")
+    capsys.readouterr()
+    local = resolve_features(f"runs:/{run}/features/f.h5")
+    np.testing.assert_array_equal(read_features(local).x, x)
+    assert "Downloading artifacts" not in capsys.readouterr().err
