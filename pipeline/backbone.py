@@ -49,8 +49,8 @@ def load_backbone(weights: str, input_size: int) -> tuple[keras.Model, str]:
         except Exception as exc:
             reason = " ".join(str(exc).split())[:300]
             if weights == "imagenet":
-                raise UserError(f"weights imagenet: cannot be loaded ({reason}); use "
-                                f"--weights random or a weights file") from None
+                raise UserError(f"weights imagenet: cannot be loaded ({reason}); use weights "
+                                f"random, auto or a weights file") from None
             print(f"warning: ImageNet weights unavailable ({reason}); extracting with RANDOM "
                   f"weights (tag backbone.weights=random)", file=sys.stderr)
             return build_random(), "random"
