@@ -189,7 +189,7 @@ def _export_sweep(parent, sweep: str, kind: str, out: Path,
         if {"html", "md"} & wanted:
             pages = _optuna_pages(parent, out, lambda name: _stage(bar, f"Optuna: {name}"))
         _stage(bar, "writing the tables")
-        how_far = _how_far(parent, trials, int((attempts["status"] == "KILLED").sum()))
+        how_far = _how_far(parent, trials, len(attempts) - len(trials))
         context = _context(parent, how_far)
         written = _tables(trials, summary, curves, kind_metrics, wanted, sweep, run_id, out, pngs,
                           pages, context)
@@ -199,20 +199,22 @@ def _export_sweep(parent, sweep: str, kind: str, out: Path,
     return written, trials, context
 
 
-def _how_far(parent, trials: pd.DataFrame, killed: int) -> str:
+def _how_far(parent, trials: pd.DataFrame, rerun: int) -> str:
     """How far a sweep got, as its tables should be read: ``2 of 12 trials complete (1 failed;
-    1 interrupted attempt (KILLED) left out); the sweep is KILLED, not finished: rerun it to
+    1 KILLED; 1 attempt run again left out); the sweep is KILLED, not finished: rerun it to
     resume``.
 
-    ``trials`` are the outcomes (:func:`pipeline.runs.outcomes`); ``killed`` counts the runs of
-    attempts that were interrupted or lost, and queued again. The budget is the study's (the
-    parent run's trial counts, logged whenever a command on the study starts or ends)."""
+    ``trials`` are the outcomes (:func:`pipeline.runs.outcomes`): KILLED ones were interrupted
+    or lost and not run again (yet); ``rerun`` counts the attempts that were run again. The
+    budget is the study's (the parent run's trial counts, logged whenever a command on the
+    study starts or ends)."""
     done = len(tables.completed(trials))
     budget = _budget(parent)
-    pruned, failed = int(trials["pruned"].sum()), int((trials["status"] == "FAILED").sum())
+    pruned = int(trials["pruned"].sum())
+    failed, killed = (int((trials["status"] == status).sum()) for status in ("FAILED", "KILLED"))
     notes = ([f"{pruned} pruned, left out of the tables"] if pruned else []) + (
-        [f"{failed} failed"] if failed else []) + (
-        [f"{killed} interrupted attempt{'s' if killed > 1 else ''} (KILLED) left out"] if killed else [])
+        [f"{failed} failed"] if failed else []) + ([f"{killed} KILLED"] if killed else []) + (
+        [f"{rerun} attempt{'s' if rerun > 1 else ''} run again left out"] if rerun else [])
     text = (f"{done} of {max(budget, done)} trials complete" if budget
             else f"{done} trial{'' if done == 1 else 's'} complete")  # a parent run without counts
     text += f" ({'; '.join(notes)})" if notes else ""

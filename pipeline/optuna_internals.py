@@ -43,3 +43,10 @@ def storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:
 def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
     """A trial's id in its storage (its number counts within the study; the id across studies)."""
     return trial._trial_id
+
+
+def retries_of(trial: optuna.Trial) -> tuple[int, ...]:
+    """The numbers of the earlier attempts that ``trial`` runs again (Optuna's system attr
+    ``retry_history``, which its retry callback writes; empty for a first attempt), as the trial
+    read them when it was claimed."""
+    return tuple(trial._cached_frozen_trial.system_attrs.get("retry_history", ()))

@@ -104,16 +104,21 @@ def trial_records(parent_run_id: str, parent=None) -> pd.DataFrame:
                      **config,
                      **{f"final_{m}": run.data.metrics.get(m, float("nan")) for m in finals},
                      "positive_fraction": run.data.metrics.get("positive_fraction", float("nan")),
-                     "error": tags.get(naming.ERROR, "")})
+                     "error": tags.get(naming.ERROR, ""),
+                     "retries": tags.get(naming.RETRIES, "")})
     frame = pd.DataFrame(rows)
     return frame.sort_values("trial").reset_index(drop=True) if not frame.empty else frame
 
 
 def outcomes(records: pd.DataFrame) -> pd.DataFrame:
-    """The rows of :func:`trial_records` that are trials' outcomes: all but the KILLED runs,
-    attempts that an interrupt or a lost worker ended and whose trial was queued again (its
-    next attempt is a run of its own)."""
-    return records[records["status"] != "KILLED"].reset_index(drop=True) if len(records) else records
+    """The rows of :func:`trial_records` that are trials' outcomes: all but the attempts that
+    were run again. An attempt that an interrupt or a lost worker ends (its run KILLED) is
+    queued again, up to a limit, as a new trial whose run lists it (tag ``pipeline.retries``);
+    a KILLED run that no later run lists (not run again yet, or past the limit) stays."""
+    if records.empty:
+        return records
+    rerun = {int(n) for listed in records["retries"] for n in listed.split(",") if n}
+    return records[~records["trial"].isin(rerun)].reset_index(drop=True)
 
 
 def sweep_run(run_id: str):

@@ -18,7 +18,7 @@ import math
 import optuna
 from optuna.trial import TrialState
 
-from pipeline import naming, studies, tracking
+from pipeline import naming, optuna_internals, studies, tracking
 from pipeline.config import TrainingSettings
 from pipeline.kinds import Recording, TrialKind
 from pipeline.storages import patiently
@@ -68,6 +68,8 @@ class TrialLife:
                         naming.ENGINE: self.kind.trained_by(engine, self.config),
                         naming.NOTE: self.kind.description(self.config, self.trial.number, self.spec.name),
                         **self.kind.run_tags(self.config)}
+            if retries := optuna_internals.retries_of(self.trial):
+                run_tags[naming.RETRIES] = ",".join(map(str, retries))
             self.run_id = tracking.create_run(experiment, self.kind.run_name(self.config), parent, run_tags)
             patiently(self.trial.set_user_attr, studies.RUN_ATTR, self.run_id)
             tracking.log_batch(self.run_id, params=self.config.params())

@@ -152,9 +152,11 @@ def test_a_main_runs_id_stands_for_its_sweeps_even_when_it_was_interrupted(tmp_p
             capsys.readouterr().err)
 
 
-def test_an_interrupted_attempt_is_left_out_of_the_tables_and_counted(tmp_path, capsys):
-    """A trial interrupted once and run again has two runs, the first KILLED: trials.csv, the
-    summary and the findings hold its outcome once, and the context line counts the attempt."""
+def test_an_attempt_run_again_is_left_out_of_the_tables_and_counted(tmp_path, capsys):
+    """A trial interrupted once and run again has two runs, the first KILLED, the second listing
+    it (tag ``pipeline.retries``): trials.csv, the summary and the findings hold its outcome
+    once, and the context line counts the attempt. A KILLED run that no run lists (a trial lost
+    more times than it is retried) is an outcome: it stays, counted as KILLED."""
     soft1 = HEADS[0]
     sparse = ("softmax", 1, "sparse_categorical_crossentropy", 0.05, "glorot_uniform", "softmax_1unit", 0.5)
     with private_store(tmp_path):
@@ -166,27 +168,30 @@ def test_an_interrupted_attempt_is_left_out_of_the_tables_and_counted(tmp_path, 
         write_trial(client, experiment, parent, 0, 0, soft1, status="KILLED",
                     tags={naming.ERROR: "lost: interrupted"})
         write_trial(client, experiment, parent, 1, 1, soft1)
-        write_trial(client, experiment, parent, 2, 0, soft1)  # trial 0 queued again
+        write_trial(client, experiment, parent, 2, 0, soft1, tags={naming.RETRIES: "0"})
         write_trial(client, experiment, parent, 3, 0, sparse, status="FAILED")
+        write_trial(client, experiment, parent, 4, 2, soft1, status="KILLED",
+                    tags={naming.ERROR: "lost: no heartbeat", naming.RETRIES: "5,6,7"})
         log_batch(parent, params={"study": "collapse-0a1b2c3d"},
                   metrics=scalars({f"{naming.TRIAL_COUNT}{k}": v for k, v in
-                                   {"complete": 2, "fail": 1, "retried": 1}.items()}))
+                                   {"complete": 2, "fail": 2, "retried": 4}.items()}))
         client.set_terminated(parent, "FINISHED")
         capsys.readouterr()
         export(parent, str(tmp_path / "out"), "csv,md")
         err = capsys.readouterr().err
-        assert (f"export: study 'collapse-0a1b2c3d' (run {parent}): 2 of 3 trials complete (1 failed; "
-                f"1 interrupted attempt (KILLED) left out) -> ") in err
+        assert (f"export: study 'collapse-0a1b2c3d' (run {parent}): 2 of 4 trials complete (1 failed; "
+                f"1 KILLED; 1 attempt run again left out) -> ") in err
         last = err.strip().splitlines()[-1]
         assert last == f"export: findings of 1 study -> {tmp_path / 'out'} (findings.md)"
         rows = pd.read_csv(tmp_path / "out" / "trials.csv")
-        assert sorted(rows["trial"]) == [1, 2, 3] and "KILLED" not in set(rows["status"])
+        assert sorted(rows["trial"]) == [1, 2, 3, 4]
         findings = (tmp_path / "out" / "findings.md").read_text()
-        assert "lost: interrupted" not in findings and "1 interrupted attempt (KILLED) left out" in findings
+        assert "lost: interrupted" not in findings
         row = next(line for line in findings.splitlines() if "| binary_crossentropy |" in line)
-        assert row.split("|")[4].strip() == "2/2"  # runs: finished / all, the KILLED attempt left out
+        assert row.split("|")[4].strip() == "2/3"  # runs: finished / outcomes
+        assert "1 failed: lost: no heartbeat" in row
         assert "With sparse_categorical_crossentropy 1 of 1 runs failed" in findings
-        assert "--sweep sweeps/SWEEP.yaml --study collapse-0a1b2c3d --n_trials 3\n" in findings
+        assert "--sweep sweeps/SWEEP.yaml --study collapse-0a1b2c3d --n_trials 4\n" in findings
 
 
 def test_trial_records_are_one_typed_row_per_trial(sweep):

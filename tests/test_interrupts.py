@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 
 from pipeline import studies
 from pipeline.features import read_features
+from pipeline.runs import outcomes, trial_records
 from tests.helpers import load_study
 from tests.services import ROOT, audit, running_trial_of, tiny_study, wait_for
 
@@ -60,6 +61,18 @@ def test_interrupt_fails_the_trial_kills_its_run_and_a_rerun_resumes(tmp_path, s
     assert rerun.wait(timeout=300) == 0, rerun.log_path.read_text()[-3000:]
     result = audit(journal, None, uri, budget)
     assert result["retried"] == len(interrupted) and result["runs"] == budget + len(interrupted)
+    # each interrupted attempt is listed by the run of the attempt that ran it again, and the
+    # trials' outcomes are one run per trial of the budget
+    client = mlflow.MlflowClient(uri)
+    parent = client.get_run(load_study(journal).user_attrs[studies.PARENT_ATTR])
+    mlflow.set_tracking_uri(uri)
+    try:
+        records = trial_records(parent.info.run_id, parent)
+    finally:
+        mlflow.set_tracking_uri(None)
+    listed = {int(n) for text in records["retries"] for n in text.split(",") if n}
+    assert listed == {t.number for t in interrupted}
+    assert len(outcomes(records)) == budget and "KILLED" not in set(outcomes(records)["status"])
 
 
 @pytest.mark.parametrize("engine", ["keras", "fused"])
