@@ -32,7 +32,6 @@ MAIN_RUN = "pipeline.main_run_id"
 SWEEP_RUNS = "pipeline.sweep_run_id"  # on a main (launcher) run: its sweeps' parent runs, a comma list
 EXTRACT_RUN = "pipeline.extract_run_id"  # on a main run: its extract run
 RETRIES = "pipeline.retries"  # on a trial's run: the trial numbers of the attempts it runs again
-PARITY_RUN = "pipeline.parity_run_id"  # on the run `mlflow run -e parity` opened elsewhere: the parity run
 TRIAL_COUNT = "trials."  # + complete, fail, pruned, running, waiting, retried: a sweep's counts
 ROLE = "parity.role"
 COLLAPSED = "collapsed"

@@ -146,9 +146,8 @@ def run_parity(features: str, config: ParityConfig, experiment: str = EXPERIMENT
     """The ``parity`` entry point: train and record one parity experiment on a features file.
 
     Validates the features before creating any run. The parent run is ``launcher_run_id``
-    (the run ``mlflow run`` opened) when that run is in ``experiment``, else a new run in
-    ``experiment``, linked to the launcher's by tags when there is one (as a sweep's parent
-    run is). Returns the parent run id and the summary.
+    (the run ``mlflow run`` opened) when given, else a new run in ``experiment``. Returns the
+    parent run id and the summary.
     """
     from pipeline.features import read_features, resolve_features, sha256_file
 
@@ -160,19 +159,16 @@ def run_parity(features: str, config: ParityConfig, experiment: str = EXPERIMENT
     tags = {naming.STEP: "parity", naming.FEATURES_SHA: sha,
             naming.WEIGHTS: str(data.attrs.get("weights", "unknown")),
             naming.NOTE: _description(config), **tracking.versions()}
-    experiment = tracking.experiment_id(experiment)
-    launcher = tracking.client().get_run(launcher_run_id) if launcher_run_id else None
-    if launcher is not None and launcher.info.experiment_id == experiment:
+    if launcher_run_id:
         run_id = launcher_run_id
+        experiment = tracking.client().get_run(run_id).info.experiment_id
         tracking.log_batch(run_id, tags=tags)
         tracking.log_new_params(run_id, config.params() | {"features": str(path)})
     else:
+        experiment = tracking.experiment_id(experiment)
         tracking.describe_experiment(experiment, PARITY_QUESTION)
-        link = {naming.MAIN_RUN: launcher_run_id} if launcher_run_id else {}
-        run_id = tracking.create_run(experiment, naming.parity_run_name(config), None, tags | link)
+        run_id = tracking.create_run(experiment, naming.parity_run_name(config), None, tags)
         tracking.log_batch(run_id, params=config.params() | {"features": str(path)})
-        if launcher_run_id:
-            tracking.log_batch(launcher_run_id, tags={naming.PARITY_RUN: run_id})
     tracking.log_features(run_id, lineage.features_dataset(features, sha, data.x.shape, data.class_names,
                                                            float(data.y.mean())))
     with tracking.terminal_run(run_id):

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from pipeline import cli, naming
-from pipeline import parity as parity_module
 from pipeline.config import PARITY_METRICS, ParityConfig, TrialConfig
 from pipeline.engine_keras import KerasEngine
 from pipeline.findings import BREAKERS, EXACT, matching
@@ -177,27 +176,6 @@ def test_parity_entry_point_records_three_nested_runs_and_the_gaps(tracking, fea
     transfer_loss = [p.value for p in client.get_metric_history(transfer.info.run_id, "loss")]
     np.testing.assert_allclose(soft_loss, transfer_loss, atol=EXACT)
     assert "max |softmax - sigmoid_transfer| loss gap" in capsys.readouterr().err
-
-
-def test_parity_under_mlflow_run_lands_in_the_parity_experiment(tracking, features_file, monkeypatch):
-    """``mlflow run . -e parity`` (a launcher run in experiment Default): the parity run is made
-    in ``sigmoid-softmax-parity`` and linked to the launcher both ways, as a sweep's parent is;
-    a launcher already in that experiment is the parity run itself."""
-    client = mlflow.MlflowClient()
-    settings = ["--epochs", "1", "--batch_size", "64"]
-    for experiment in ("0", client.create_experiment(parity_module.EXPERIMENT)):
-        launcher = client.create_run(experiment).info.run_id
-        monkeypatch.setenv("MLFLOW_RUN_ID", launcher)
-        cli.main(["parity", "--features", str(features_file), *settings])
-        (parity,) = mlflow.search_runs(experiment_names=[parity_module.EXPERIMENT], output_format="list",
-                                       filter_string=f"tags.`{naming.STEP}` = 'parity'",
-                                       order_by=["attributes.start_time DESC"], max_results=1)
-        if experiment == "0":
-            assert parity.info.run_id != launcher and parity.info.status == "FINISHED"
-            assert parity.data.tags[naming.MAIN_RUN] == launcher
-            assert client.get_run(launcher).data.tags[naming.PARITY_RUN] == parity.info.run_id
-        else:
-            assert parity.info.run_id == launcher
 
 
 def test_parity_entry_point_rejects_a_bad_setting_before_any_run(tracking, features_file, capsys):
