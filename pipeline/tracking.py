@@ -33,9 +33,6 @@ MAX_PARAMS_PER_BATCH = 100
 DATASET_CONTEXT = "mlflow.data.context"  # a dataset input's tag: its role for the run (MLflow's key)
 _ARTIFACT_URIS: dict[str, str] = {}  # run id -> artifact URI of runs created here (see log_text)
 
-
-
-
 _deferral = {"depth": 0, "pending": None, "received": None}
 
 
@@ -117,17 +114,26 @@ def check_reachable(timeout: float = 3.0) -> None:
                 os.environ[key] = value
 
 
+def local_store(uri: str) -> tuple[Path, bool] | None:
+    """Where tracking URI ``uri`` keeps its store on this machine, and whether that is a file
+    (a SQLite database) or a folder (a file store); None for a server (``http(s)``,
+    ``databricks``, ``postgresql`` ...). A ``file:`` URI is decoded as MLflow decodes it."""
+    from mlflow.utils.file_utils import local_file_uri_to_path
+    from mlflow.utils.uri import is_local_uri
+
+    database = paths.database_file(uri)
+    if database is not None:
+        return database, True
+    return (Path(local_file_uri_to_path(uri)), False) if is_local_uri(uri) else None
+
+
 def require_store() -> None:
     """Raise :class:`UserError` when the tracking URI names a local store that does not exist:
     a command that only reads runs (``export``) would otherwise create an empty store and then
     find no runs in it."""
-    from urllib.parse import urlparse
-
     uri = mlflow.get_tracking_uri()
-    database = paths.database_file(uri)
-    local = database if database is not None else (
-        Path(urlparse(uri).path) if urlparse(uri).scheme in ("", "file") else None)
-    if local is not None and not local.exists():
+    local = local_store(uri)
+    if local is not None and not local[0].exists():
         raise UserError(f"no MLflow store at {uri}: run export where the sweep's store is, or set "
                         f"MLFLOW_TRACKING_URI to it")
 
@@ -144,14 +150,11 @@ def prepare_store() -> None:
     the folder itself: no lock file) until MLflow has created or checked the tables. The store
     itself is not opened here, so a command that stops on bad input still leaves none.
     """
-    from urllib.parse import urlparse
 
-    uri = mlflow.get_tracking_uri()
-    database = paths.database_file(uri)
-    if database is not None:
-        paths.writable_file(database, "MLflow store")
-    elif urlparse(uri).scheme in ("", "file"):
-        paths.writable_dir(urlparse(uri).path, "MLflow store")
+    local = local_store(mlflow.get_tracking_uri())
+    if local is not None:
+        path, is_file = local
+        (paths.writable_file if is_file else paths.writable_dir)(path, "MLflow store")
     # MLflow's table of store builders by URI scheme (the one its tracking-store plugins join)
     from mlflow.tracking._tracking_service import utils as store_utils
 
@@ -341,18 +344,11 @@ def _one_line(exc: BaseException, limit: int = 4000) -> str:
 def default_study_storage() -> str:
     """The default Optuna storage: a journal file beside the MLflow store, so a fresh store
     starts fresh studies (``sqlite:///dir/mlflow.db`` and ``file:///dir`` give
-    ``dir/optuna-journal.log``; a tracking server gives ``./optuna-journal.log``), as an
+    ``dir/optuna-journal.log``; a tracking server or ``databricks`` gives
+    ``./optuna-journal.log``), as an
     absolute path."""
-    from urllib.parse import urlparse
-
-    uri = mlflow.get_tracking_uri()
-    parsed = urlparse(uri)
-    if parsed.scheme == "sqlite":
-        folder = Path(uri.removeprefix("sqlite:///")).parent
-    elif parsed.scheme in ("file", ""):
-        folder = Path(parsed.path)
-    else:
-        folder = Path()
+    local = local_store(mlflow.get_tracking_uri())
+    folder = Path() if local is None else local[0].parent if local[1] else local[0]
     return str((folder / STUDY_JOURNAL).absolute())
 
 

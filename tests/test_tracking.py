@@ -181,3 +181,26 @@ def test_signals_wait_for_a_deferred_block_then_raise():
         for signum, handler in saved.items():
             signal.signal(signum, handler)
         track._deferral.update(received=None, pending=None)
+
+
+@pytest.mark.parametrize(("uri", "local"), [
+    ("sqlite:////tmp/s/mlflow.db", ("/tmp/s/mlflow.db", True)),
+    ("file:///tmp/my%20store", ("/tmp/my store", False)),
+    ("/tmp/runs", ("/tmp/runs", False)),
+    ("databricks", None), ("databricks://profile", None), ("http://localhost:5000", None),
+    ("postgresql://user@host/db", None),
+], ids=["sqlite", "file URI, encoded", "plain path", "databricks", "databricks profile", "server",
+        "postgresql"])
+def test_local_store_is_where_mlflow_keeps_a_local_store(uri, local, monkeypatch, tmp_path):
+    """One reading of a tracking URI for the store's checks, export's refusal and the default
+    journal's place: a server (databricks included) has no local store, and its journal is
+    ./optuna-journal.log."""
+    found = track.local_store(uri)
+    assert (None if found is None else (str(found[0]), found[1])) == local
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    try:
+        folder = tmp_path if local is None else os.path.dirname(local[0]) if local[1] else local[0]
+        assert track.default_study_storage() == os.path.join(folder, "optuna-journal.log")
+    finally:
+        mlflow.set_tracking_uri(None)
