@@ -52,6 +52,8 @@ def attach(study: optuna.Study, origin: Origin, setup: bool) -> tuple[str, str]:
     are where its parent is and a new parent would hold only the rest.
     """
     name = origin.spec.experiment
+    if origin.launcher:
+        _check_launcher(origin.launcher)
     if not setup:
         reopened = _reopen(study, name)
         if reopened is not None:
@@ -66,6 +68,17 @@ def attach(study: optuna.Study, origin: Origin, setup: bool) -> tuple[str, str]:
     studies.mark_ready(study, parent)
     _list_on_launcher(origin.launcher, parent)
     return parent, experiment
+
+
+def _check_launcher(launcher: str) -> None:
+    """Raise :class:`UserError` unless the launcher run (``MLFLOW_RUN_ID``, or ``main``'s) is a
+    live run of this store: checked before the parent run is made or reopened, so that a stale
+    id leaves no parent RUNNING."""
+    run = _get_run(launcher)
+    if run is None or run.info.lifecycle_stage == "deleted":
+        state = "not in" if run is None else "deleted from"
+        raise UserError(f"launcher run {launcher} (MLFLOW_RUN_ID): {state} the tracking store "
+                        f"({mlflow.get_tracking_uri()}); unset MLFLOW_RUN_ID to start a sweep of its own")
 
 
 def _list_on_launcher(launcher: str | None, parent: str) -> None:

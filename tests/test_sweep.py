@@ -175,6 +175,15 @@ def test_a_main_that_resumes_a_study_lists_it_before_it_runs(swept):
     assert resolve_run_ids(launcher) == [outcome.parent_run_id]
 
 
+def test_a_stale_launcher_run_is_refused_before_the_parent_run_is_touched(swept):
+    outcome, _, sweep, features_file = swept
+    stale = "f" * 32
+    refused = f"launcher run {stale} \\(MLFLOW_RUN_ID\\): not in the tracking store"
+    with pytest.raises(UserError, match=refused):
+        run_sweep(str(features_file), sweep, progress=False, launcher_run_id=stale)
+    assert mlflow.MlflowClient().get_run(outcome.parent_run_id).info.status == "FINISHED"
+
+
 def test_another_space_or_features_file_runs_a_study_of_its_own(swept, tmp_path):
     """Without --study, the study is named for the sweep, its space and its features: a changed
     sweep file or another features file starts a new study beside the first."""
