@@ -23,7 +23,7 @@ import numpy as np
 
 from pipeline import naming, tracking
 from pipeline.metrics import positive_probability, sigmoid
-from pipeline.quiet import artifacts_progress
+from pipeline.quiet import no_artifacts_progress
 from pipeline.results import hidden_output
 
 HEAD_FILE = "head.npz"
@@ -95,7 +95,7 @@ def _quiet():
     for logger in loggers:
         logger.setLevel(logging.WARNING)
     try:
-        with artifacts_progress(False):
+        with no_artifacts_progress():
             yield
     finally:
         for logger, level in zip(loggers, levels, strict=True):

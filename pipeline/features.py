@@ -227,10 +227,10 @@ def resolve_features(features: str) -> Path:
     if features.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
         import mlflow
 
-        from pipeline.quiet import artifacts_progress
+        from pipeline.quiet import no_artifacts_progress
 
         try:
-            with artifacts_progress(sys.stderr.isatty()):
+            with no_artifacts_progress(not sys.stderr.isatty()):
                 return Path(mlflow.artifacts.download_artifacts(artifact_uri=features))
         except Exception as exc:  # MLflow raises several types for a missing run or artifact
             raise UserError(f"features '{features}': cannot be fetched "

@@ -94,7 +94,6 @@ def run_main(images: str = "builtin:digits", weights: str = "auto",
             print(outcome.line(), file=sys.stderr)
             parents.append(outcome.parent_run_id)
         exported = export(",".join(parents), str(out / "export"), "csv,md,tex,png")
-        tracking.log_batch(main_run, tags={naming.SWEEP_RUNS: ",".join(parents)})
     return MainOutcome(main_run, extract_run, reused, parents[0], exported.files, tuple(parents))
 
 
@@ -128,12 +127,7 @@ def _restore_features(run, path: Path) -> None:
     want = run.data.tags.get(naming.FEATURES_SHA)
     if path.is_file() and sha256_file(path) == want:
         return
-    uri = features_uri(run.info.run_id, run.data.params["output"])
-    try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
-    except Exception as exc:
-        raise UserError(f"extract run {run.info.run_id}: its features artifact cannot be "
-                        f"fetched ({' '.join(str(exc).split())[:200]})") from None
+    local = resolve_features(features_uri(run.info.run_id, run.data.params["output"]))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.copyfile(local, tmp)

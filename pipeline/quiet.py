@@ -114,12 +114,13 @@ class _QuietLoader(importlib.machinery.SourceFileLoader):
 
 
 @contextlib.contextmanager
-def artifacts_progress(enabled: bool):
-    """MLflow's artifact download/upload progress bar on or off for the block (the setting
-    ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR``, restored after it): off in a log, where a
-    redrawn bar is a line of carriage returns."""
+def no_artifacts_progress(off: bool = True):
+    """MLflow's artifact download/upload progress bar off for the block when ``off`` (the
+    setting ``MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR``, restored after it; left as the user set it
+    otherwise): in a log a redrawn bar is a line of carriage returns."""
     saved = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "true" if enabled else "false"
+    if off:
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     try:
         yield
     finally:
