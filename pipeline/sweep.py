@@ -16,6 +16,7 @@ heartbeats, and all record under the study's one parent run, which the last work
 
 from __future__ import annotations
 
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -88,15 +89,21 @@ def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: s
                                        float(data.y.mean()))
     origin = parent.Origin(spec, sweep, str(features_path), features_sha, dataset,
                            storage or tracking.default_study_storage(), launcher_run_id)
-    with tracking.deferred_interrupts():
-        the_study, setup = studies.open_study(spec, origin.storage, study, features_sha, runner.end_lost_run)
-        parent_run, experiment = parent.attach(the_study, origin, setup)
-    job = runner.Job(features, str(features_path), sweep, n_trials, origin.storage, the_study.study_name,
-                     experiment, parent_run, _trial_tags(the_study, origin, data),
-                     mlflow.get_tracking_uri(), max(workers, 1), register_model)
-    worker = runner.Worker(job, the_study, spec, kind_of(spec), engine, Splits(data.x, data.y), dataset)
-    with parent.closing(the_study, parent_run, worker.finishing()) as counts, \
-            started_workers(job, max(workers - 1, 0)):
+    with contextlib.ExitStack() as stack:
+        # An interrupt held while the study and its parent run are set up is raised once the
+        # parent run's closing is entered, which ends the run KILLED.
+        with tracking.deferred_interrupts():
+            the_study, setup = studies.open_study(spec, origin.storage, study, features_sha,
+                                                  runner.end_lost_run)
+            parent_run, experiment = parent.attach(the_study, origin, setup)
+            job = runner.Job(features, str(features_path), sweep, n_trials, origin.storage,
+                             the_study.study_name, experiment, parent_run,
+                             _trial_tags(the_study, origin, data), mlflow.get_tracking_uri(),
+                             max(workers, 1), register_model)
+            worker = runner.Worker(job, the_study, spec, kind_of(spec), engine, Splits(data.x, data.y),
+                                   dataset)
+            counts = stack.enter_context(parent.closing(the_study, parent_run, worker.finishing()))
+        stack.enter_context(started_workers(job, max(workers - 1, 0)))
         if workers:
             runner.work(worker, _progress(the_study, progress))
     return SweepOutcome(parent_run, experiment, the_study.study_name,

@@ -75,6 +75,30 @@ def test_interrupt_fails_the_trial_kills_its_run_and_a_rerun_resumes(tmp_path, s
     assert len(outcomes(records)) == budget and "KILLED" not in set(outcomes(records)["status"])
 
 
+def test_ctrl_c_while_the_sweep_is_set_up_ends_its_parent_run_killed(tmp_path, tracking, monkeypatch):
+    """Ctrl-C that lands while the study and its parent run are set up is held until they are,
+    then ends the parent run KILLED, as one during the trials does: no run is left RUNNING,
+    and the rerun resumes the study."""
+    from pipeline import parent
+    from pipeline.sweep import run_sweep
+
+    attach = parent.attach
+
+    def interrupted_attach(*args, **kwargs):
+        made = attach(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)  # held: the set-up is not cut in half
+        return made
+    monkeypatch.setattr(parent, "attach", interrupted_attach)
+    features, sweep, budget = tiny_study(tmp_path, n_seeds=1, engine="fused")
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(features, sweep, progress=False)
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert [run.info.status for run in runs] == ["KILLED"]  # the parent; no trial had started
+    monkeypatch.setattr(parent, "attach", attach)
+    outcome = run_sweep(features, sweep, progress=False)
+    assert outcome.parent_run_id == runs[0].info.run_id and sum(outcome.counts.values()) == budget
+
+
 @pytest.mark.parametrize("engine", ["keras", "fused"])
 def test_an_interrupt_turned_into_another_error_still_interrupts(tmp_path, tracking, monkeypatch, engine):
     """A SIGTERM whose exception a library turns into another error (TensorFlow's nest.flatten
