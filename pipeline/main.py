@@ -34,14 +34,17 @@ class MainOutcome:
 
 
 def find_extraction(experiment_id: str, params: dict, fingerprint: str):
-    """The newest FINISHED extract run with these params and input fingerprint, or None."""
+    """The newest FINISHED extract run with these params and input fingerprint, or None.
+
+    The store is searched by the fingerprint (hex digits) and the params compared here: a
+    user's value (an images path holding a quote) never becomes part of a filter string."""
     clauses = [f"tags.`{naming.STEP}` = 'extract'", "attributes.status = 'FINISHED'",
                f"tags.`input.fingerprint` = '{fingerprint}'"]
-    clauses += [f"params.`{k}` = '{v}'" for k, v in params.items()]
     runs = mlflow.search_runs(experiment_ids=[experiment_id], filter_string=" and ".join(clauses),
-                              order_by=["attributes.start_time DESC"], max_results=1,
-                              output_format="list")
-    return runs[0] if runs else None
+                              order_by=["attributes.start_time DESC"], output_format="list")
+    wanted = {k: str(v) for k, v in params.items()}
+    return next((run for run in runs
+                 if all(run.data.params.get(k) == v for k, v in wanted.items())), None)
 
 
 def run_main(images: str = "builtin:digits", weights: str = "auto",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 
 import mlflow
 import pandas as pd
@@ -210,3 +211,24 @@ def test_deep_parity_table_reads_optimizers_by_ratio_and_scope():
     text = markdown([Section("parity_deep", frame, "python -m pipeline export --run_id parity_deep")])
     assert "## The parity for heads with a hidden layer" in text and "| sgd | 0.01 | 32 relu |" in text
     assert "ratio 2, all layers" in latex([Section("parity_deep", frame, "cmd")])
+
+
+def test_a_finished_extraction_is_found_whatever_its_params_hold(tracking):
+    """main reuses an extraction by its input's fingerprint and its params; a param holding a
+    quote (an images folder named it's) is compared, never put into a search filter."""
+    from pipeline.main import find_extraction
+
+    client = mlflow.MlflowClient()
+    params = {"images": "/data/it's", "weights": "random"}
+    runs = []
+    for _ in range(2):
+        runs.append(client.create_run("0", tags={naming.STEP: "extract", "input.fingerprint": "ab12"}))
+        time.sleep(0.01)  # start times in milliseconds: the second is the newer
+    older, newer = runs
+    for run in runs:
+        for key, value in params.items():
+            client.log_param(run.info.run_id, key, value)
+        client.set_terminated(run.info.run_id)
+    assert find_extraction("0", params, "ab12").info.run_id == newer.info.run_id
+    assert find_extraction("0", {**params, "weights": "imagenet"}, "ab12") is None
+    assert find_extraction("0", params, "cd34") is None
