@@ -38,6 +38,8 @@ def writable_file(path: str | os.PathLike, what: str) -> Path:
     named = f"{what} {path}"
     if path.is_dir():
         raise UserError(f"{named}: is a folder, not a file")
+    if path.exists() and not path.is_file():
+        raise UserError(f"{named}: not a regular file (a device, a pipe or a socket)")
     _ready_folder(path.parent, named, own=False)
     if path.exists():
         try:
@@ -59,12 +61,15 @@ def database_file(url: str) -> Path | None:
 
 
 def writable_storage(url: str) -> None:
-    """Check the local file an Optuna storage writes: a journal file or a SQLite database. A
-    database server is not checked here."""
+    """Check the local file an Optuna storage writes: a journal file or a SQLite database (not
+    one in memory). A database server is not checked here."""
     if "://" not in url:
         writable_file(url.removeprefix("journal:"), "storage")
     elif (database := database_file(url)) is not None:
         writable_file(database, "storage")
+    elif url.startswith("sqlite:"):
+        raise UserError(f"storage {url}: an in-memory database lasts one process and is not shared "
+                        f"with workers; give a file (sqlite:///study.db) or a journal file")
 
 
 def _ready_folder(folder: Path, named: str, own: bool, make: bool = True) -> None:

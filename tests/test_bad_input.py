@@ -185,6 +185,13 @@ def cases():
                            f"error: study {study!r}: {why}; choose another name", id=f"study {study!r}")
     yield pytest.param(lambda d: None, ["export", "--output", "out"], "error: no MLflow store at ...",
                        id="export: no store here")
+    for storage, why in (("sqlite:///:memory:", "an in-memory database lasts one process and is not "
+                                                 "shared with workers; give a file (sqlite:///study.db) "
+                                                 "or a journal file"),
+                         ("/dev/null", "not a regular file (a device, a pipe or a socket)")):
+        yield pytest.param(lambda d: None, ["sweep", "--features", "good.h5", "--sweep", "ok.yaml",
+                                            "--storage", storage],
+                           f"error: storage {storage}: {why}", id=f"storage {storage}")
     for value in ("0", "-3"):
         yield pytest.param(lambda d: None, ["sweep", "--features", "good.h5", "--sweep", "ok.yaml",
                                             "--n_trials", value],
