@@ -50,10 +50,12 @@ def read_features(path: str | os.PathLike) -> FeatureSet:
     """Read and validate a features file.
 
     Raises :class:`UserError` when the file is missing, not HDF5 or truncated, lacks ``train``
-    or ``label``, the two differ in length, the features are not 2-D or hold NaN/Inf, or the
-    labels are not a mix of 0 and 1.
+    or ``label``, the two differ in length, the features are not 2-D real numbers with rows and
+    columns or hold NaN/Inf, or the labels are not a mix of 0 and 1.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"features file {path}: is a folder, not a file")
     if not path.is_file():
         raise UserError(f"features file not found: {path}")
     try:
@@ -124,8 +126,10 @@ def _mapped(dataset: h5py.Dataset) -> np.ndarray | None:
 def _check_features(path: Path, x: np.ndarray) -> np.ndarray:
     if x.ndim != 2:
         raise UserError(f"{path}: 'train' must be 2-D (N x D), got shape {x.shape}")
-    if not np.issubdtype(x.dtype, np.number):
-        raise UserError(f"{path}: 'train' must be numeric, got dtype {x.dtype}")
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise UserError(f"{path}: 'train' must be real numbers, got dtype {x.dtype}")
+    if 0 in x.shape:
+        raise UserError(f"{path}: 'train' is empty (shape {x.shape}): it needs rows and features")
     x = x.astype(np.float32, copy=False)
     if not (np.isfinite(x.min()) and np.isfinite(x.max())):  # NaN spreads to both, +-Inf to one
         rows = np.unique(np.nonzero(~np.isfinite(x))[0])

@@ -98,7 +98,7 @@ class SweepSpec(BaseModel):
     kind: Kind = "heads"
     report: Report = "summary"
     sampler: Sampler = "grid"
-    sampler_seed: int = 0
+    sampler_seed: int = Field(0, ge=0, le=2**32 - 1)  # numpy's seed range, which samplers use
     n_trials: int | None = Field(None, ge=1)
     seeds: tuple[int, ...] = Field((0,), min_length=1)
     engine: Engine = "fused"
@@ -113,6 +113,13 @@ class SweepSpec(BaseModel):
         if isinstance(seeds, list) and any(isinstance(s, bool) for s in seeds):
             raise ValueError("seeds must be integers, not booleans")
         return seeds
+
+    @field_validator("sampler_seed", "n_trials", mode="before")
+    @classmethod
+    def _not_booleans(cls, value):
+        if isinstance(value, bool):
+            raise ValueError(f"{value!r} is a boolean; give an integer")
+        return value
 
     @field_validator("pruner", mode="before")
     @classmethod
@@ -266,14 +273,20 @@ def load_sweep(path: str | os.PathLike, n_trials: int | None = None) -> SweepSpe
     if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
         raise UserError(f"n_trials {n_trials!r}: must be an integer >= 1")
     path = sweep_path(path)
+    if path.is_dir():
+        raise UserError(f"sweep file {path}: is a folder, not a file")
     if not path.is_file():
         raise UserError(f"sweep file not found: {path}")
     try:
-        raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
     except DuplicateKeyError as exc:
         raise UserError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot be read ({os.strerror(exc.errno) if exc.errno else exc})") from None
     if n_trials is not None:
         raw = {**(raw or {}), "n_trials": n_trials}
     return parse_sweep(raw, source=str(path))

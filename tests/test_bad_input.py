@@ -136,6 +136,13 @@ SWEEP_CASES = [
     ("unknown init", {"space": {"init": ["ones"]}},
      "error: s.yaml: space.init[0]: 'ones' is not allowed (allowed: glorot_uniform, "
      "glorot_centered, zeros, he_normal, transfer)"),
+    ("sampler seed below 0", {"sampler_seed": -5},
+     "error: s.yaml: sampler_seed: -5: input should be greater than or equal to 0"),
+    ("sampler seed past numpy's", {"sampler_seed": 10**23},
+     "error: s.yaml: sampler_seed: 100000000000000000000000: input should be less than or equal to "
+     "4294967295"),
+    ("n_trials a boolean", {"n_trials": True},
+     "error: s.yaml: n_trials: True is a boolean; give an integer"),
 ]
 DUPLICATE_KEY = """\
 name: bad
@@ -183,6 +190,12 @@ def cases():
         yield pytest.param(lambda d: None, ["sweep", "--features", "good.h5", "--sweep", "ok.yaml",
                                             f"--study={study}"],
                            f"error: study {study!r}: {why}; choose another name", id=f"study {study!r}")
+    sweep_s = ["sweep", "--features", "good.h5", "--sweep", "s.yaml"]
+    yield pytest.param(lambda d: (d / "s.yaml").write_bytes("name: caf\xe9\n".encode("latin-1")), sweep_s,
+                       "error: s.yaml: not UTF-8 text (byte 9: invalid continuation byte)",
+                       id="sweep file not UTF-8")
+    yield pytest.param(lambda d: (d / "s.yaml").mkdir(), sweep_s,
+                       "error: sweep file s.yaml: is a folder, not a file", id="sweep file a folder")
     yield pytest.param(lambda d: None, ["export", "--output", "out"], "error: no MLflow store at ...",
                        id="export: no store here")
     for storage, why in (("sqlite:///:memory:", "an in-memory database lasts one process and is not "

@@ -171,7 +171,25 @@ def test_non_finite_features(tmp_path, xy, bad):
 def test_non_numeric_features(tmp_path, xy):
     _, y = xy
     unreadable(write_raw(tmp_path / "f.h5", train=np.full((len(y), 2), b"a"), label=y),
-               "'train' must be numeric")
+               "'train' must be real numbers")
+
+
+def test_complex_features(tmp_path, xy):
+    x, y = xy
+    unreadable(write_raw(tmp_path / "f.h5", train=x.astype(np.complex64), label=y),
+               "'train' must be real numbers", "complex64")
+
+
+@pytest.mark.parametrize("shape", [(0, 6), (40, 0)], ids=["no rows", "no columns"])
+def test_empty_features(tmp_path, xy, shape):
+    _, y = xy
+    unreadable(write_raw(tmp_path / "f.h5", train=np.zeros(shape, np.float32), label=y[:shape[0]]),
+               "'train' is empty", str(shape))
+
+
+def test_a_folder_is_not_a_features_file(tmp_path):
+    with pytest.raises(UserError, match="is a folder, not a file"):
+        read_features(tmp_path)
 
 
 def test_train_is_a_group_not_a_dataset(tmp_path, xy):
