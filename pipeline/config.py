@@ -85,7 +85,7 @@ class TrainingSettings(BaseModel):
     optimizer: Optimizer = Field("sgd", description="the optimizer")
     learning_rate: float = Field(1e-3, gt=0, description="the learning rate")
     epochs: int = Field(5, ge=1, description="training epochs")
-    batch_size: int = Field(128, ge=1, description="examples per batch")
+    batch_size: int = Field(128, ge=1, le=2**31 - 1, description="examples per batch")
     dropout: float = Field(0.5, ge=0, lt=1, description="dropout rate on the features")
     seed: int = Field(0, ge=0, description="seeds the split, the batch order, the initial "
                                            "weights and the dropout masks")

@@ -141,6 +141,9 @@ SWEEP_CASES = [
     ("sampler seed past numpy's", {"sampler_seed": 10**23},
      "error: s.yaml: sampler_seed: 100000000000000000000000: input should be less than or equal to "
      "4294967295"),
+    ("batch size past int32", {"fixed": {"batch_size": 10**20}},
+     "error: s.yaml: fixed.batch_size: 100000000000000000000: input should be less than or equal to "
+     "2147483647"),
     ("n_trials a boolean", {"n_trials": True},
      "error: s.yaml: n_trials: True is a boolean; give an integer"),
 ]
