@@ -42,6 +42,7 @@ Report = Literal["summary", "collapse", "parity", "breakers", "parity_deep", "at
 ObjectiveMetric = Literal[HEAD_METRICS + PARITY_METRICS]
 HeadMetric = Literal[HEAD_METRICS]
 MAXIMIZED = ("val_accuracy", "accuracy")  # every other metric is a loss or a gap
+MAX_GRID = 100_000  # grid points (seeds included) a grid sweep lists, checks and queues
 
 
 class FloatRange(BaseModel):
@@ -315,6 +316,11 @@ def parse_sweep(raw: Any, source: str = "sweep") -> SweepSpec:
     if spec.sampler != "grid" and spec.n_trials is None:
         raise UserError(f"{source}: n_trials: required for sampler '{spec.sampler}'")
     if spec.sampler == "grid":
+        size = len(spec.seeds) * sum(math.prod(len(axis) for axis in sub.values()) for sub in spec.space)
+        if size > MAX_GRID:
+            raise UserError(f"{source}: space: the grid holds {size:,} points with its seeds, more than "
+                            f"{MAX_GRID:,}; search a space this large with sampler tpe or random and "
+                            f"n_trials")
         for point in spec.grid():
             try:
                 spec.trial_config(point)

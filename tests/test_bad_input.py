@@ -144,6 +144,12 @@ SWEEP_CASES = [
     ("batch size past int32", {"fixed": {"batch_size": 10**20}},
      "error: s.yaml: fixed.batch_size: 100000000000000000000: input should be less than or equal to "
      "2147483647"),
+    ("a grid too large to list", {"seeds": list(range(10)),
+                                  "space": {"learning_rate": [i / 100 + 0.001 for i in range(100)],
+                                            "dropout": [i / 100 for i in range(100)],
+                                            "batch_size": list(range(1, 11))}},
+     "error: s.yaml: space: the grid holds 1,000,000 points with its seeds, more than 100,000; search a "
+     "space this large with sampler tpe or random and n_trials"),
     ("n_trials a boolean", {"n_trials": True},
      "error: s.yaml: n_trials: True is a boolean; give an integer"),
 ]
