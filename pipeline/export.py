@@ -123,7 +123,7 @@ def export(run_id: str | None = None, output: str = "exports", formats: str = "c
         raise UserError(f"formats '{formats}': allowed: {', '.join(FORMATS)}")
     run_ids = list(dict.fromkeys(resolve_run_ids(run_id)))  # each sweep once
     sweeps = [(rid, sweep_run(rid)) for rid in run_ids]
-    out = paths.writable_dir(output, "output")
+    out = paths.writable_dir(output, "output", make=False)  # made when the first sweep writes
     per_sweep: dict[str, list[Path]] = {}
     sections: list[findings.Section] = []
     for (rid, parent), folder in zip(sweeps, _folders(out, sweeps), strict=True):

@@ -194,6 +194,16 @@ def test_an_attempt_run_again_is_left_out_of_the_tables_and_counted(tmp_path, ca
         assert "--sweep sweeps/SWEEP.yaml --study collapse-0a1b2c3d --n_trials 4\n" in findings
 
 
+def test_a_sweep_without_trial_runs_is_refused_and_no_output_folder_made(tmp_path):
+    with private_store(tmp_path):
+        experiment = mlflow.MlflowClient().create_experiment("empty-exp")
+        parent = create_run(experiment, "empty-run", tags={
+            naming.STEP: "sweep", naming.SWEEP_NAME: "empty", naming.KIND: "heads"})
+        with pytest.raises(UserError, match=f"run_id {parent}: the sweep has no trial runs"):
+            export(parent, str(tmp_path / "a" / "b" / "c"), "csv")
+    assert not (tmp_path / "a").exists()
+
+
 def test_trial_records_are_one_typed_row_per_trial(sweep):
     trials = trial_records(sweep["parent"])
     assert list(trials["trial"]) == list(range(10))
