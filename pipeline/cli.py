@@ -64,9 +64,17 @@ def parity_config(values: dict[str, str | None]) -> ParityConfig:
     return parse_config(ParityConfig, {k: v for k, v in values.items() if v is not None}, "parity")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, refusing a malformed command line as every bad input is refused: one
+    ``error:`` line naming the problem (and where ``--help`` is), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one subcommand per MLproject entry point."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m pipeline",
         description="Reproduce the 1-unit softmax collapse and the sigmoid/softmax parity on your own "
                     "data: one subcommand per MLproject entry point, flags named as its parameters.")

@@ -87,3 +87,21 @@ def test_version_and_help_read_plainly(tmp_path):
     for name, stage in build_parser()._subparsers._group_actions[0].choices.items():
         bare = [a.dest for a in stage._actions if not a.help or a.help.startswith("(default")]
         assert bare == [], name  # every flag says what it is
+
+
+@pytest.mark.parametrize(("argv", "line"), [
+    (["sweep", "--features", "f.h5", "--n_trials", "abc"],
+     "error: argument --n_trials/--n-trials: expected an integer, got 'abc' (see python -m pipeline "
+     "sweep --help)"),
+    (["swep"], "error: argument command: invalid choice: 'swep' (choose from 'extract', 'sweep', "
+     "'parity', 'export', 'main', 'findings') (see python -m pipeline --help)"),
+    (["sweep"], "error: the following arguments are required: --features (see python -m pipeline "
+     "sweep --help)"),
+], ids=["not an integer", "unknown subcommand", "missing flag"])
+def test_a_malformed_command_line_is_one_line_and_exit_2(argv, line, capsys):
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [line]
