@@ -80,6 +80,18 @@ def study_name_problem(name: str) -> str | None:
     return next((why for bad, why in checks if bad), None)
 
 
+def model_name_problem(name: str) -> str | None:
+    """What keeps ``name`` from naming a registered model, or None: MLflow's Model Registry
+    refuses an empty name and one holding ``/`` or ``:``; a control character (a newline) or
+    spaces at its ends would register a name no one can type back."""
+    checks = [(not name.strip(), "is empty"),
+              (name != name.strip(), "starts or ends with a space"),
+              (any(unicodedata.category(c).startswith("C") for c in name),
+               "holds a control character (a newline, a tab)"),
+              (any(c in name for c in "/:"), "holds / or :, which the Model Registry refuses")]
+    return next((why for bad, why in checks if bad), None)
+
+
 def format_lr(value: float) -> str:
     """``0.001`` -> ``1e-3``, ``0.0025`` -> ``2.5e-3``: short, exact enough to tell runs apart."""
     mantissa, exponent = f"{value:.3e}".split("e")

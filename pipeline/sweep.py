@@ -77,6 +77,8 @@ def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: s
         raise UserError(f"workers {workers}: must be >= 0 (0 sets the study up and runs nothing)")
     if study is not None and (problem := naming.study_name_problem(study)):
         raise UserError(f"study {study!r}: {problem}; choose another name")
+    if register_model is not None and (problem := naming.model_name_problem(register_model)):
+        raise UserError(f"register_model {register_model!r}: {problem}; choose another name")
     sweep = str(sweep_path(sweep))
     spec = load_sweep(sweep, n_trials)
     features_path = resolve_features(features)

@@ -207,6 +207,12 @@ def cases():
                        "error: sweep file s.yaml: is a folder, not a file", id="sweep file a folder")
     yield pytest.param(lambda d: None, ["export", "--output", "out"], "error: no MLflow store at ...",
                        id="export: no store here")
+    for model, why in (("x'y/z%", "holds / or :, which the Model Registry refuses"),
+                        ("two\nlines", "holds a control character (a newline, a tab)")):
+        yield pytest.param(lambda d: None, ["sweep", "--features", "good.h5", "--sweep", "ok.yaml",
+                                            "--register_model", model],
+                           f"error: register_model {model!r}: {why}; choose another name",
+                           id=f"register_model {model!r}")
     for storage, why in (("sqlite:///:memory:", "an in-memory database lasts one process and is not "
                                                  "shared with workers; give a file (sqlite:///study.db) "
                                                  "or a journal file"),
