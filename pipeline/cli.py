@@ -273,8 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     output_before = _file_state(args.output) if args.command == "extract" else None
     try:
         run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except UserError as exc:  # one line, whatever a user's value in it holds
+        print("error: " + str(exc).replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as exc:
         print(interrupt_message(args, str(exc) or "Ctrl-C", output_before), file=sys.stderr)

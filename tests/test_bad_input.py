@@ -207,6 +207,9 @@ def cases():
                        "error: sweep file s.yaml: is a folder, not a file", id="sweep file a folder")
     yield pytest.param(lambda d: None, ["export", "--output", "out"], "error: no MLflow store at ...",
                        id="export: no store here")
+    yield pytest.param(lambda d: new_store(d), ["export", "--run_id", "two\nlines"],
+                       "error: no runs of study or sweep 'two\\nlines' in the tracking store ...",
+                       id="export: a run id holding a newline")
     for model, why in (("x'y/z%", "holds / or :, which the Model Registry refuses"),
                         ("two\nlines", "holds a control character (a newline, a tab)")):
         yield pytest.param(lambda d: None, ["sweep", "--features", "good.h5", "--sweep", "ok.yaml",
