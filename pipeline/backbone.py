@@ -6,6 +6,7 @@ that bad input is refused without the seconds that importing TensorFlow takes.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def load_backbone(weights: str, input_size: int) -> tuple[keras.Model, str]:
         return build_random(), "random"
     if weights in ("imagenet", "auto"):
         try:
-            return build("imagenet"), "imagenet"
+            with contextlib.redirect_stdout(sys.stderr):  # Keras's "Downloading data from ..."
+                return build("imagenet"), "imagenet"
         except Exception as exc:
             reason = " ".join(str(exc).split())[:300]
             if weights == "imagenet":
