@@ -23,6 +23,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from pipeline import paths
 from pipeline.errors import UserError
 from pipeline.labels import invalid_labels
 
@@ -53,11 +54,7 @@ def read_features(path: str | os.PathLike) -> FeatureSet:
     or ``label``, the two differ in length, the features are not 2-D real numbers with rows and
     columns or hold NaN/Inf, or the labels are not a mix of 0 and 1.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"features file {path}: is a folder, not a file")
-    if not path.is_file():
-        raise UserError(f"features file not found: {path}")
+    path = paths.existing_file(path, "features file")
     try:
         with h5py.File(path, "r") as h5:
             for name in (FEATURES_DATASET, LABEL_DATASET):

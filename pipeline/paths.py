@@ -29,6 +29,17 @@ def writable_dir(path: str | os.PathLike, what: str, make: bool = True) -> Path:
     return path
 
 
+def existing_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a file to read, or :class:`UserError`: ``<what> not found: <path>``, or
+    ``<what> <path>: is a folder, not a file``."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path}: is a folder, not a file")
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    return path
+
+
 def writable_file(path: str | os.PathLike, what: str) -> Path:
     """``path`` as a file that can be written (created, replaced or appended to): not a folder,
     writable if it exists, in a folder that takes new files (made if missing, as for

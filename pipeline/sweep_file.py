@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline import paths
 from pipeline.config import (
     CONFIG_MODELS,
     HEAD_METRICS,
@@ -273,11 +274,7 @@ def load_sweep(path: str | os.PathLike, n_trials: int | None = None) -> SweepSpe
     """
     if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
         raise UserError(f"n_trials {n_trials!r}: must be an integer >= 1")
-    path = sweep_path(path)
-    if path.is_dir():
-        raise UserError(f"sweep file {path}: is a folder, not a file")
-    if not path.is_file():
-        raise UserError(f"sweep file not found: {path}")
+    path = paths.existing_file(sweep_path(path), "sweep file")
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
     except DuplicateKeyError as exc:
