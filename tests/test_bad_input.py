@@ -433,9 +433,9 @@ def test_mlflow_run_passes_values_verbatim_and_runs_none_of_them(tmp_path):
     a sweep file path holding every shell construct at once, the issue's ``x;touch ...;#`` as
     the features, a study name with spaces, a storage starting with "-", an empty trial count.
     The step fails on the sweep file (the first thing it reads, before TensorFlow is imported),
-    whose error line shows the path unchanged; ``mlflow run`` exits non-zero; no marker file
-    appears. (That every entry point hands each parameter over as one verbatim argument is
-    checked for each of these values, without MLflow's launcher, by
+    whose error line shows the path unchanged (its newline as ``\\n``); ``mlflow run`` exits
+    non-zero; no marker file appears. (That every entry point hands each parameter over as one
+    verbatim argument is checked for each of these values, without MLflow's launcher, by
     test_mlproject_passes_every_parameter_as_one_verbatim_argument.)"""
     markers = tmp_path / "markers"
     markers.mkdir()
@@ -446,7 +446,8 @@ def test_mlflow_run_passes_values_verbatim_and_runs_none_of_them(tmp_path):
         "storage": "--help", "n_trials": ""})
     log = (tmp_path / "sweep" / "log").read_text()
     assert done.returncode == 1, log  # mlflow run's status for a failed step
-    assert f"\nerror: sweep file not found: {sweep}\n" in log, log
+    shown = sweep.replace("\n", "\\n")  # an error is one line: a newline in it is written \n
+    assert f"\nerror: sweep file not found: {shown}\n" in log, log
     assert list(markers.iterdir()) == []
 
 
