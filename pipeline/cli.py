@@ -17,7 +17,7 @@ from pydantic.fields import FieldInfo
 
 from pipeline import __version__
 from pipeline.config import ParityConfig, parse_config
-from pipeline.errors import UserError, interrupt_status
+from pipeline.errors import UserError, interrupt_status, one_line
 from pipeline.quiet import quiet_tensorflow
 
 # The findings report's studies, run in order on one features file and exported together.
@@ -69,7 +69,7 @@ class _Parser(argparse.ArgumentParser):
     ``error:`` line naming the problem (and where ``--help`` is), exit status 2."""
 
     def error(self, message: str):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,7 +195,7 @@ def run(args: argparse.Namespace) -> None:
     if args.command == "export":
         require_store()
     prepare_store()
-    if args.command in ("sweep", "main"):
+    if args.command in ("sweep", "main", "findings"):
         paths.writable_storage(args.storage or default_study_storage())
     if args.command == "extract":
         from pipeline.extract import features_uri, run_extract
@@ -273,8 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     output_before = _file_state(args.output) if args.command == "extract" else None
     try:
         run(args)
-    except UserError as exc:  # one line, whatever a user's value in it holds
-        print("error: " + str(exc).replace("\r", "\\r").replace("\n", "\\n"), file=sys.stderr)
+    except UserError as exc:
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as exc:
         print(interrupt_message(args, str(exc) or "Ctrl-C", output_before), file=sys.stderr)

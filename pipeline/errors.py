@@ -25,3 +25,9 @@ def interrupt_status(exc: KeyboardInterrupt) -> int:
     """The exit status of a command ended by ``exc``: 128 + the signal's number, as a shell
     reports a process the signal killed (130 for Ctrl-C, 143 for SIGTERM)."""
     return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+
+
+def one_line(message: str) -> str:
+    """``message`` on one line, whatever a user's value in it holds: newlines and carriage
+    returns written as ``\\n`` and ``\\r``."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")

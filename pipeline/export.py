@@ -23,7 +23,7 @@ import pandas as pd
 from pipeline import figures, findings, naming, paths, studies, study_figures, tables, tracking
 from pipeline.errors import UserError
 from pipeline.progress import progress_bar
-from pipeline.runs import outcomes, resolve_run_ids, sweep_run, trial_records
+from pipeline.runs import has_trial_runs, outcomes, resolve_run_ids, sweep_run, trial_records
 
 FORMATS = ("csv", "md", "tex", "png", "pdf", "svg", "html")
 FIGURE_FORMATS = {"png", "pdf", "svg", "md"}  # formats that bring the figures
@@ -123,6 +123,9 @@ def export(run_id: str | None = None, output: str = "exports", formats: str = "c
         raise UserError(f"formats '{formats}': allowed: {', '.join(FORMATS)}")
     run_ids = list(dict.fromkeys(resolve_run_ids(run_id)))  # each sweep once
     sweeps = [(rid, sweep_run(rid)) for rid in run_ids]
+    for rid, parent in sweeps:  # every sweep checked before the first file is written
+        if not has_trial_runs(parent):
+            raise UserError(f"run_id {rid}: the sweep has no trial runs")
     out = paths.writable_dir(output, "output", make=False)  # made when the first sweep writes
     per_sweep: dict[str, list[Path]] = {}
     sections: list[findings.Section] = []
@@ -174,8 +177,6 @@ def _export_sweep(parent, sweep: str, kind: str, out: Path,
     with progress_bar("export", len(_stages(wanted)), "stage") as bar:
         _stage(bar, "reading the runs")
         attempts = trial_records(run_id, parent)
-        if attempts.empty:
-            raise UserError(f"run_id {run_id}: the sweep has no trial runs")
         trials = outcomes(attempts)
         out.mkdir(parents=True, exist_ok=True)
         kind_metrics = tables.SUMMARY_METRICS if kind == "heads" else tables.PARITY_SUMMARY_METRICS

@@ -65,15 +65,22 @@ def is_run_id(text: str) -> bool:
     return re.fullmatch(r"[0-9a-f]{32}", text) is not None
 
 
+def _typeable(name: str) -> list[tuple[bool, str]]:
+    """The checks every name a user gives back must pass: not blank, no spaces at its ends, no
+    control character (a newline)."""
+    return [(not name.strip(), "is empty"),
+            (name != name.strip(), "starts or ends with a space"),
+            (any(unicodedata.category(c).startswith("C") for c in name),
+             "holds a control character (a newline, a tab)")]
+
+
 def study_name_problem(name: str) -> str | None:
     """What keeps ``name`` from naming a study that ``export --run_id``, MLflow's search filters
-    and a regenerate command in a shell can all give back, or None: empty, spaces at its ends,
-    a control character (a newline), one of ``,`` (export's list separator), ``'`` (a filter's
-    quote) or a backtick (Markdown's), a leading ``-`` (a flag), or the look of a run id."""
-    checks = [(not name.strip(), "is empty"),
-              (name != name.strip(), "starts or ends with a space"),
-              (any(unicodedata.category(c).startswith("C") for c in name),
-               "holds a control character (a newline, a tab)"),
+    and a regenerate command in a shell can all give back, or None: blank, spaced or holding a
+    control character (:func:`_typeable`), one of ``,`` (export's list separator), ``'`` (a
+    filter's quote) or a backtick (Markdown's), a leading ``-`` (a flag), or the look of a run
+    id."""
+    checks = [*_typeable(name),
               (any(c in name for c in ",'`"), "holds a comma, a quote (') or a backtick"),
               (name.startswith("-"), "starts with -"),
               (is_run_id(name), "reads as a run id (32 hex digits)")]
@@ -81,14 +88,13 @@ def study_name_problem(name: str) -> str | None:
 
 
 def model_name_problem(name: str) -> str | None:
-    """What keeps ``name`` from naming a registered model, or None: MLflow's Model Registry
-    refuses an empty name and one holding ``/`` or ``:``; a control character (a newline) or
-    spaces at its ends would register a name no one can type back."""
-    checks = [(not name.strip(), "is empty"),
-              (name != name.strip(), "starts or ends with a space"),
-              (any(unicodedata.category(c).startswith("C") for c in name),
-               "holds a control character (a newline, a tab)"),
-              (any(c in name for c in "/:"), "holds / or :, which the Model Registry refuses")]
+    """What keeps ``name`` from naming a registered model, or None: blank, spaced or holding a
+    control character (:func:`_typeable`), or what MLflow's Model Registry refuses: ``/``,
+    ``:`` or ``%`` in it (a file-store registry's folders), ``.`` or a start of ``..``."""
+    checks = [*_typeable(name),
+              (any(c in name for c in "/:%"), "holds /, : or %, which the Model Registry refuses"),
+              (name == "." or name.startswith(".."), "is . or starts with .., which the Model Registry "
+                                                     "refuses")]
     return next((why for bad, why in checks if bad), None)
 
 

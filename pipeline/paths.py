@@ -1,7 +1,8 @@
-"""Places the project writes, checked before anything is written.
+"""Places the project reads and writes, checked before anything is written.
 
-Every output folder, features file, Optuna journal or SQLite file and the MLflow store's own
-file goes through :func:`writable_file` or :func:`writable_dir` first. A missing folder is
+Every file a command reads goes through :func:`existing_file`, and every output folder,
+features file, Optuna journal or SQLite file and the MLflow store's own file through
+:func:`writable_file` or :func:`writable_dir` first. A missing folder is
 made; a file where a folder belongs (or the reverse), a folder that refuses new files (no
 permission, an immutable folder, a read-only filesystem) is a :class:`UserError` that names
 the path and the problem, raised before any run, study or file exists.
@@ -14,6 +15,8 @@ import tempfile
 from pathlib import Path
 
 from pipeline.errors import UserError
+
+NOT_REGULAR = "not a regular file (a device, a pipe or a socket)"
 
 
 def writable_dir(path: str | os.PathLike, what: str, make: bool = True) -> Path:
@@ -35,6 +38,8 @@ def existing_file(path: str | os.PathLike, what: str) -> Path:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{what} {path}: is a folder, not a file")
+    if path.exists() and not path.is_file():
+        raise UserError(f"{what} {path}: {NOT_REGULAR}")
     if not path.is_file():
         raise UserError(f"{what} not found: {path}")
     return path
@@ -50,7 +55,7 @@ def writable_file(path: str | os.PathLike, what: str) -> Path:
     if path.is_dir():
         raise UserError(f"{named}: is a folder, not a file")
     if path.exists() and not path.is_file():
-        raise UserError(f"{named}: not a regular file (a device, a pipe or a socket)")
+        raise UserError(f"{named}: {NOT_REGULAR}")
     _ready_folder(path.parent, named, own=False)
     if path.exists():
         try:

@@ -110,6 +110,13 @@ def trial_records(parent_run_id: str, parent=None) -> pd.DataFrame:
     return frame.sort_values("trial").reset_index(drop=True) if not frame.empty else frame
 
 
+def has_trial_runs(parent) -> bool:
+    """Whether sweep parent run ``parent`` has a trial run under it (one run read)."""
+    return bool(mlflow.search_runs(experiment_ids=[parent.info.experiment_id], output_format="list",
+                                   filter_string=f"tags.`{naming.PARENT}` = '{parent.info.run_id}'",
+                                   max_results=1))
+
+
 def outcomes(records: pd.DataFrame) -> pd.DataFrame:
     """The rows of :func:`trial_records` that are trials' outcomes: all but the attempts that
     were run again. An attempt that an interrupt or a lost worker ends (its run KILLED) is

@@ -29,9 +29,9 @@ def started_workers(job: runner.Job, n: int):
     context = multiprocessing.get_context("spawn")  # no forked TensorFlow or DB connections
     procs = [context.Process(target=_worker_main, args=(job,), name=f"sweep-worker-{i + 1}")
              for i in range(n)]
-    for proc in procs:
-        proc.start()
     try:
+        for proc in procs:
+            proc.start()
         yield
     except BaseException:
         for proc in procs:
@@ -40,6 +40,8 @@ def started_workers(job: runner.Job, n: int):
         raise
     finally:
         for proc in procs:
+            if proc.pid is None:  # never started: an interrupt or error while starting others
+                continue
             proc.join()
             if proc.exitcode not in (0, *INTERRUPT_STATUSES):
                 print(f"warning: worker process {proc.pid} ended with status {proc.exitcode}; "

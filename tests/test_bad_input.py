@@ -210,12 +210,18 @@ def cases():
     yield pytest.param(lambda d: new_store(d), ["export", "--run_id", "two\nlines"],
                        "error: no runs of study or sweep 'two\\nlines' in the tracking store ...",
                        id="export: a run id holding a newline")
-    for model, why in (("x'y/z%", "holds / or :, which the Model Registry refuses"),
+    for model, why in (("x'y/z%", "holds /, : or %, which the Model Registry refuses"),
+                        ("..best", "is . or starts with .., which the Model Registry refuses"),
                         ("two\nlines", "holds a control character (a newline, a tab)")):
         yield pytest.param(lambda d: None, ["sweep", "--features", "good.h5", "--sweep", "ok.yaml",
                                             "--register_model", model],
                            f"error: register_model {model!r}: {why}; choose another name",
                            id=f"register_model {model!r}")
+    yield pytest.param(lambda d: None, ["sweep", "--features", "good.h5", "--sweep", "/dev/null"],
+                       "error: sweep file /dev/null: not a regular file (a device, a pipe or a socket)",
+                       id="sweep file a device")
+    yield pytest.param(lambda d: (d / "optuna-journal.log").mkdir(), ["findings", "--features", "good.h5"],
+                       "error: storage ...", id="findings: its journal's place a folder")
     for storage, why in (("sqlite:///:memory:", "an in-memory database lasts one process and is not "
                                                  "shared with workers; give a file (sqlite:///study.db) "
                                                  "or a journal file"),

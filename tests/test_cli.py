@@ -97,7 +97,9 @@ def test_version_and_help_read_plainly(tmp_path):
      "'parity', 'export', 'main', 'findings') (see python -m pipeline --help)"),
     (["sweep"], "error: the following arguments are required: --features (see python -m pipeline "
      "sweep --help)"),
-], ids=["not an integer", "unknown subcommand", "missing flag"])
+    (["sweep", "--features", "f.h5", "a\nb"],
+     "error: unrecognized arguments: a\\nb (see python -m pipeline --help)"),
+], ids=["not an integer", "unknown subcommand", "missing flag", "a newline in a stray argument"])
 def test_a_malformed_command_line_is_one_line_and_exit_2(argv, line, capsys):
     from pipeline.cli import main
 

@@ -194,13 +194,18 @@ def test_an_attempt_run_again_is_left_out_of_the_tables_and_counted(tmp_path, ca
         assert "--sweep sweeps/SWEEP.yaml --study collapse-0a1b2c3d --n_trials 4\n" in findings
 
 
-def test_a_sweep_without_trial_runs_is_refused_and_no_output_folder_made(tmp_path):
+def test_a_sweep_without_trial_runs_is_refused_before_any_file_is_written(tmp_path):
     with private_store(tmp_path):
         experiment = mlflow.MlflowClient().create_experiment("empty-exp")
         parent = create_run(experiment, "empty-run", tags={
             naming.STEP: "sweep", naming.SWEEP_NAME: "empty", naming.KIND: "heads"})
         with pytest.raises(UserError, match=f"run_id {parent}: the sweep has no trial runs"):
             export(parent, str(tmp_path / "a" / "b" / "c"), "csv")
+        full = create_run(experiment, "full-run", tags={
+            naming.STEP: "sweep", naming.SWEEP_NAME: "full", naming.KIND: "heads"})
+        write_trial(mlflow.MlflowClient(), experiment, full, 0, 0, HEADS[1])
+        with pytest.raises(UserError, match=f"run_id {parent}: the sweep has no trial runs"):
+            export(f"{full},{parent}", str(tmp_path / "a" / "b" / "c"), "csv")  # the full one first
     assert not (tmp_path / "a").exists()
 
 
