@@ -8,6 +8,8 @@ come from the training split only, so validation numbers are honest.
 from __future__ import annotations
 
 import itertools
+import math
+import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -32,19 +34,77 @@ class Split:
 
 
 def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the training and validation rows: shuffled with ``seed``, stratified on ``y``.
-    (scikit-learn is imported here, at the first split: commands that make none, such as
-    ``export``, start without it.)"""
-    from sklearn.model_selection import train_test_split
+    """Indices of the training and validation rows, each sorted: shuffled with ``seed``, stratified
+    on ``y``, a ``fraction`` of the rows (rounded up) in validation.
 
-    idx = np.arange(len(y))
+    It reproduces scikit-learn's ``train_test_split(test_size=fraction, random_state=seed,
+    stratify=y)`` (a ``StratifiedShuffleSplit``) in NumPy alone, so that a sweep starts without
+    importing scikit-learn; ``tests/test_split.py`` holds it to scikit-learn's indices and error
+    messages. ``y`` holds 1-D labels. A ``fraction`` that is no float in (0, 1), a ``seed`` outside
+    [0, 2**32 - 1], a class of a single row or a split too small to hold every class on both sides
+    raises :class:`UserError` with scikit-learn's message.
+    """
     try:
-        train, val = train_test_split(idx, test_size=fraction, shuffle=True,
-                                      random_state=seed, stratify=y)
+        return _stratified_shuffle_split(np.asarray(y), fraction, seed)
     except ValueError as exc:
         raise UserError(f"cannot split {len(y)} rows with validation_fraction {fraction}: "
                         f"{str(exc).splitlines()[0]}") from None
-    return np.sort(train), np.sort(val)
+
+
+def _stratified_shuffle_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn 1.9's ``train_test_split`` with ``stratify``, step by step: its parameter checks,
+    ``_validate_shuffle_split`` and ``StratifiedShuffleSplit._iter_indices``, raising ``ValueError``
+    with their messages. scikit-learn shuffles each side last; sorted, they need no shuffle."""
+    if not (isinstance(fraction, float) and 0 < fraction < 1):  # not NaN, nor an int (a row count)
+        raise ValueError("The 'test_size' parameter of train_test_split must be a float in the range "
+                         f"(0.0, 1.0), an int in the range [1, inf) or None. Got {fraction!r} instead.")
+    if not (isinstance(seed, numbers.Integral) and 0 <= seed <= 2**32 - 1):
+        raise ValueError("The 'random_state' parameter of train_test_split must be an int in the range "
+                         "[0, 4294967295], an instance of 'numpy.random.mtrand.RandomState' or None. "
+                         f"Got {seed!r} instead.")
+    n_samples = len(y)
+    n_test = math.ceil(fraction * n_samples)
+    n_train = n_samples - n_test
+    if n_train == 0:
+        raise ValueError(f"With n_samples={n_samples}, test_size={fraction} and train_size=None, the "
+                         "resulting train set will be empty. Adjust any of the aforementioned parameters.")
+    classes, y_indices, class_counts = np.unique(y, return_inverse=True, return_counts=True)
+    if class_counts.min() < 2:
+        raise ValueError("The least populated classes in y have only 1 member, which is too few. The "
+                         "minimum number of groups for any class cannot be less than 2. Classes with too "
+                         f"few members are: {classes[class_counts < 2].tolist()}")
+    for name, size in (("train_size", n_train), ("test_size", n_test)):
+        if size < len(classes):
+            raise ValueError(f"The {name} = {size} should be greater or equal to the number of "
+                             f"classes = {len(classes)}")
+    class_indices = np.split(np.argsort(y_indices, kind="stable"), np.cumsum(class_counts)[:-1])
+    rng = np.random.RandomState(seed)
+    n_i = _approximate_mode(class_counts, n_train, rng)
+    t_i = _approximate_mode(class_counts - n_i, n_test, rng)
+    train, test = [], []
+    for indices, count, n, t in zip(class_indices, class_counts, n_i, t_i, strict=True):
+        shuffled = indices[rng.permutation(count)]
+        train.append(shuffled[:n])
+        test.append(shuffled[n:n + t])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def _approximate_mode(class_counts: np.ndarray, n_draws: int, rng: np.random.RandomState) -> np.ndarray:
+    """scikit-learn's ``utils.extmath._approximate_mode``: ``n_draws`` shared out in proportion to
+    ``class_counts``, floored, then one more to each of the largest remainders, ties drawn by ``rng``."""
+    continuous = class_counts / class_counts.sum() * n_draws
+    floored = np.floor(continuous)
+    need_to_add = int(n_draws - floored.sum())
+    if need_to_add > 0:
+        remainder = continuous - floored
+        for value in np.sort(np.unique(remainder))[::-1]:
+            (inds,) = np.where(remainder == value)
+            add_now = min(len(inds), need_to_add)
+            floored[rng.choice(inds, size=add_now, replace=False)] += 1
+            need_to_add -= add_now
+            if need_to_add == 0:
+                break
+    return floored.astype(int)
 
 
 def standardization(x_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -114,3 +119,126 @@ def test_make_split_standardized_matches_standardize():
     np.testing.assert_array_equal(std.x_train, expected_train)
     np.testing.assert_array_equal(std.x_val, expected_val)
     np.testing.assert_array_equal(std.y_val, raw.y_val)
+
+
+# --- parity with scikit-learn: stratified_split reproduces train_test_split without importing it ---
+
+ROOT = Path(__file__).resolve().parent.parent
+LABELS = {  # labels of n rows, drawn from rng where random
+    "balanced binary": lambda n, rng: np.arange(n) % 2,
+    "sorted binary": lambda n, rng: (np.arange(n) >= 0.55 * n).astype(np.int64),
+    "unbalanced binary": lambda n, rng: (rng.random(n) < 0.1).astype(np.int64),
+    "three classes": lambda n, rng: rng.integers(0, 3, n),
+    "five uneven classes": lambda n, rng: rng.choice(5, n, p=[0.4, 0.3, 0.15, 0.1, 0.05]),
+    "string classes": lambda n, rng: np.array(["cat", "dog", "eel"])[np.arange(n) % 3],
+}
+FRACTIONS = [0.1, 0.2, 0.25, 0.3, 0.33, 0.5, 0.7]
+SEEDS = [0, 1, 17, 2**32 - 1]
+
+
+def sklearn_split(y: np.ndarray, fraction, seed) -> tuple[np.ndarray, np.ndarray] | str:
+    """The split as scikit-learn's train_test_split makes it (stratified_split's former body): the
+    sorted training and validation indices, or the message of the UserError it became."""
+    from sklearn.model_selection import train_test_split
+
+    try:
+        train, val = train_test_split(np.arange(len(y)), test_size=fraction, shuffle=True,
+                                      random_state=seed, stratify=y)
+    except ValueError as exc:
+        return (f"cannot split {len(y)} rows with validation_fraction {fraction}: "
+                f"{str(exc).splitlines()[0]}")
+    return np.sort(train), np.sort(val)
+
+
+def assert_as_sklearn(y: np.ndarray, fraction, seed) -> tuple[np.ndarray, np.ndarray] | str:
+    """Assert that stratified_split gives scikit-learn's indices (values, order, dtype) or error."""
+    expected = sklearn_split(y, fraction, seed)
+    try:
+        got = stratified_split(y, fraction, seed)
+    except UserError as exc:
+        assert str(exc) == expected, (len(y), fraction, seed)
+        return str(exc)
+    assert not isinstance(expected, str), (len(y), fraction, seed, expected)
+    for side, want in zip(got, expected, strict=True):
+        assert side.dtype == want.dtype, (len(y), fraction, seed)
+        np.testing.assert_array_equal(side, want, err_msg=f"{len(y)} rows, {fraction}, seed {seed}")
+    return got
+
+
+@pytest.mark.parametrize("n", [5, 6, 7, 10, 13, 30, 31, 100, 240, 999, 5000])
+@pytest.mark.parametrize("kind", LABELS)
+def test_same_split_as_sklearn(kind, n):
+    y = LABELS[kind](n, np.random.default_rng(n))
+    results = [assert_as_sklearn(y, fraction, seed) for fraction in FRACTIONS for seed in SEEDS]
+    if n >= 100:  # large enough that every fraction splits
+        assert not any(isinstance(result, str) for result in results)
+
+
+def test_validation_size_rounds_up_as_sklearn():
+    """0.07 * 100 is 7.000000000000001 in floating point: scikit-learn, and so the split, take 8."""
+    _, val = assert_as_sklearn(np.arange(100) % 2, 0.07, 0)
+    assert len(val) == 8
+
+
+@pytest.mark.parametrize(("y", "fraction"), [
+    (np.arange(10) % 2, 0.25),  # 7 training rows from 5 + 5: 3.5 each, which class gets 4 is drawn
+    (np.repeat([0, 1, 2], 10), 0.25),  # 22 training rows from 3 x 10: 7.33 each, one class gets 8
+    (np.repeat([0, 1, 2, 3], [7, 7, 3, 3]), 0.5),  # 3.5, 3.5, 1.5, 1.5: four classes tie for two rows
+])
+def test_ties_broken_as_sklearn(y, fraction):
+    """Where classes tie for the rows left over after flooring, scikit-learn draws which get them
+    from the seeded generator: the split draws the same, so the winners change with the seed."""
+    val_counts = set()
+    for seed in range(20):
+        _, val = assert_as_sklearn(y, fraction, seed)
+        val_counts.add(tuple(np.bincount(y[val], minlength=y.max() + 1)))
+    assert len(val_counts) > 1
+
+
+@pytest.mark.parametrize(("class_counts", "n_draws"), [
+    ([5, 5], 9), ([10, 10, 10], 22), ([7, 7, 3, 3], 10), ([1, 2, 3, 4, 5], 7), ([100, 3], 11), ([4], 3),
+])
+def test_approximate_mode_as_sklearn(class_counts, n_draws):
+    """The same counts, and the same draws taken from the generator (its next number agrees)."""
+    from sklearn.utils.extmath import _approximate_mode as sklearn_approximate_mode
+
+    from pipeline.split import _approximate_mode
+
+    counts = np.array(class_counts)
+    for seed in range(10):
+        ours, theirs = np.random.RandomState(seed), np.random.RandomState(seed)
+        got = _approximate_mode(counts, n_draws, ours)
+        want = sklearn_approximate_mode(counts, n_draws, theirs)
+        np.testing.assert_array_equal(got, want)
+        assert got.dtype == want.dtype and ours.random() == theirs.random()
+
+
+@pytest.mark.parametrize(("y", "fraction", "seed", "message"), [
+    (np.array([0, 0, 0, 1]), 0.5, 0, "Classes with too few members are: [1]"),
+    (np.array([0, 0, 0, 1, 1]), 0.2, 0, "The test_size = 1 should be greater or equal to the number of "
+                                        "classes = 2"),
+    (np.repeat([0, 1, 2], 2), 0.7, 0, "The train_size = 1 should be greater or equal to the number of "
+                                      "classes = 3"),
+    (np.array([0]), 0.5, 0, "the resulting train set will be empty"),
+    (np.array([], dtype=np.int64), 0.2, 0, "With n_samples=0"),
+    (np.arange(10) % 2, 0.0, 0, "Got 0.0 instead"),
+    (np.arange(10) % 2, 1.0, 0, "Got 1.0 instead"),
+    (np.arange(10) % 2, float("nan"), 0, "Got nan instead"),
+    (np.arange(10) % 2, np.float32(0.2), 0, "Got np.float32(0.2) instead"),
+    (np.arange(10) % 2, 0.2, -1, "Got -1 instead"),
+    (np.arange(10) % 2, 0.2, 2**32, "Got 4294967296 instead"),
+])
+def test_errors_as_sklearn(y, fraction, seed, message):
+    with pytest.raises(UserError, match=f"^cannot split {len(y)} rows") as info:
+        stratified_split(y, fraction, seed)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert_as_sklearn(y, fraction, seed)
+
+
+def test_split_imports_no_sklearn(tmp_path):
+    code = ("import sys; from pipeline.split import stratified_split; import numpy as np; "
+            "stratified_split(np.arange(100) % 2, 0.2, 0); print('sklearn' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "False"

@@ -1,9 +1,10 @@
 """Commands that train nothing do not import TensorFlow.
 
 ``--help``, ``export`` and an error on bad input answer without the seconds ``import
-tensorflow`` takes, and without scikit-learn's second unless they need it (a split, Optuna's
-importances). The commands run in a fresh interpreter, as a user runs them, which reports after
-each command which of ``tensorflow``, ``keras`` and ``sklearn`` have been imported so far.
+tensorflow`` takes, and without scikit-learn's second unless they need it (Optuna's
+importances; a split needs none: tests/test_split.py). The commands run in a fresh interpreter,
+as a user runs them, which reports after each command which of ``tensorflow``, ``keras`` and
+``sklearn`` have been imported so far.
 """
 
 from __future__ import annotations
