@@ -24,13 +24,7 @@ from pipeline.engines import Engine
 from pipeline.heads import body_weights, build_head, head_weights, keras
 from pipeline.labels import labels_for
 from pipeline.results import EPOCH_METRICS, EpochCallback, TrialResult
-from pipeline.split import Split, make_split
-
-
-def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """The row indices of each batch of ``epoch``: a permutation seeded by (seed, epoch)."""
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+from pipeline.split import Split, batch_order, make_split
 
 
 def seeded_batches(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, epochs: int):

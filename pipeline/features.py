@@ -29,7 +29,7 @@ from pipeline.labels import invalid_labels
 
 FEATURES_DATASET = "train"
 LABEL_DATASET = "label"
-FEATURES_ALIGNMENT = 64  # bytes: TensorFlow uses an array in place only on this boundary
+FEATURES_ALIGNMENT = 64  # bytes: a cache line, and the boundary TensorFlow needs to use an array in place
 HASH_BLOCK = 16 << 20  # bytes hashed per call (see sha256_file); a multiple of the page size
 
 
@@ -77,9 +77,8 @@ def _read_features_matrix(dataset: h5py.Dataset) -> np.ndarray:
     """A 2-D integer or float dataset as float32 in a buffer starting on a 64-byte boundary:
     mapped from the file when it can be (:func:`_mapped`), read into memory otherwise.
 
-    TensorFlow can use such an array in place (:func:`pipeline.engine_fused.shared_tensor`),
-    so a sweep holds its features once. Anything else is read as it is, for
-    :func:`_check_features` to judge.
+    The fused engine trains on such an array in place, so a sweep holds its features once.
+    Anything else is read as it is, for :func:`_check_features` to judge.
     """
     kind = dataset.dtype.kind
     if dataset.ndim != 2 or kind not in "iuf" or dataset.size == 0:

@@ -1,12 +1,9 @@
 """Keras classifier heads: optional ``Dropout``, then one ``Dense``, as in the seed notebook,
 or with ``hidden_units`` a hidden ``Dense`` layer (the body) before the output one.
 
-Construction is seeded explicitly (kernel, bias and dropout masks each from their own seed
-derived from the head's), so two heads built with the same seed draw the same dropout masks,
-and the 2-unit softmax that :func:`softmax_initial_weights` rebuilds is exactly the one a
-softmax trial starts from. The hidden layer's kernel (glorot uniform) has a seed of its own
-too, independent of the output layer's init, and its bias starts at zeros, so every head of one
-seed, softmax or sigmoid, starts from the same body.
+The reference's models: built with Keras's own seeded initializers, from the seeds of
+:mod:`pipeline.start_weights`, so the start weights it computes without Keras are the ones
+these models hold.
 Import this module only after :func:`pipeline.quiet.quiet_tensorflow`.
 """
 
@@ -16,6 +13,7 @@ import numpy as np
 
 from pipeline.config import TrialConfig
 from pipeline.quiet import quiet_tensorflow
+from pipeline.start_weights import hidden_seed, initial_weights, layer_seeds
 
 quiet_tensorflow()
 import keras  # noqa: E402
@@ -54,18 +52,6 @@ def make_loss(config: TrialConfig) -> keras.losses.Loss:
     """The Keras loss of ``config``: its ``from_logits`` flag, label smoothing only where it is set."""
     smoothing = {"label_smoothing": config.label_smoothing} if config.label_smoothing else {}
     return LOSSES[config.loss](from_logits=config.from_logits, **smoothing)
-
-
-def layer_seeds(seed: int) -> tuple[int, int, int]:
-    """Independent seeds for the kernel, the bias and the dropout masks of head seed ``seed``."""
-    kernel, bias, mask = (int(s) for s in np.random.SeedSequence(seed).generate_state(3) % 2**31)
-    return kernel, bias, mask
-
-
-def hidden_seed(seed: int) -> int:
-    """The seed of the hidden layer's kernel of head seed ``seed``, independent of
-    :func:`layer_seeds` (the next word of the same seed sequence); its bias starts at zeros."""
-    return int(np.random.SeedSequence(seed).generate_state(4)[3] % 2**31)
 
 
 def _initializer(name: str, seed: int):
@@ -107,59 +93,10 @@ def _build(config: TrialConfig, n_features: int, init: str):
     return model, dense
 
 
-def _start_weights(config: TrialConfig, n_features: int, init: str) -> tuple[np.ndarray, np.ndarray]:
-    """The kernel and bias the Dense layer of ``_build(config, n_features, init)`` starts with,
-    drawn by the same seeded initializers without building a model (a Keras model per head
-    cost a fused batch a tenth of a second before its first step)."""
-    kernel_init, bias_init = _initializers(config, init)
-    kernel = kernel_init((config.hidden_units or n_features, config.units), dtype="float32")
-    bias = bias_init((config.units,), dtype="float32")
-    return np.asarray(kernel), np.asarray(bias)
-
-
-def softmax_partner(config: TrialConfig) -> TrialConfig:
-    """The 2-unit glorot softmax whose initial weights a ``transfer`` head of ``config`` starts from."""
-    return config.model_copy(update={"activation": "softmax", "units": 2, "init": "glorot_uniform",
-                                     "loss": "categorical_crossentropy"})
-
-
-def softmax_initial_weights(config: TrialConfig, n_features: int) -> tuple[np.ndarray, np.ndarray]:
-    """Output kernel (D or hidden_units x 2) and bias (2,) that the 2-unit softmax
-    :func:`softmax_partner` starts from (its body starts where every head of the seed does)."""
-    return _start_weights(softmax_partner(config), n_features, "glorot_uniform")
-
-
-def transfer_weights(kernel: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The 1-unit sigmoid equal to a 2-unit softmax: beta = w1 - w0 (D x 1), b = b1 - b0 (1,).
-
-    softmax(z)[1] = 1 / (1 + exp(-(z1 - z0))) = sigmoid((w1 - w0).x + (b1 - b0)).
-    """
-    kernel = np.asarray(kernel)
-    bias = np.asarray(bias)
-    return (kernel[:, 1] - kernel[:, 0]).reshape(-1, 1), np.asarray([bias[1] - bias[0]])
-
-
-def initial_weights(config: TrialConfig, n_features: int) -> tuple[np.ndarray, np.ndarray]:
-    """The output kernel (D x units, or hidden_units x units) and bias (units,) the head of
-    ``config`` starts training from.
-
-    The weights :func:`build_head`'s model holds before its first step, drawn by the same
-    seeded Keras initializers; engines that train heads outside Keras start from these.
-    ``init: glorot_centered`` is glorot with each row's mean over the units taken out (for two
-    units w0 = -w1, the same w1 - w0), the softmax start that keeps an L2 penalty's gradient
-    equal and opposite on w1 and w0. ``init: transfer`` is the transfer of the seed's softmax
-    (:func:`transfer_weights`), with bias 0 when ``transfer_bias`` is off; any head but a
-    1-unit sigmoid raises ``ValueError``, which the sweep records as a FAILED trial.
-    """
-    if config.init == "transfer":
-        if (config.units, config.activation) != (1, "sigmoid"):
-            raise ValueError(f"init=transfer needs a 1-unit sigmoid head, got {config.units} "
-                             f"unit(s) with {config.activation}")
-        beta, b = transfer_weights(*softmax_initial_weights(config, n_features))
-        return beta, (b if config.transfer_bias else np.zeros_like(b))
-    centered = config.init == "glorot_centered"
-    kernel, bias = _start_weights(config, n_features, "glorot_uniform" if centered else config.init)
-    return (kernel - kernel.mean(axis=1, keepdims=True) if centered else kernel), bias
+def keras_draw(name: str, seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    """What Keras's initializer ``name`` with ``seed`` draws for ``shape``: the reference's
+    draw for :func:`pipeline.start_weights.initial_weights`."""
+    return np.asarray(_initializer(name, seed)(shape, dtype="float32"))
 
 
 def build_head(config: TrialConfig, n_features: int) -> keras.Model:
@@ -167,7 +104,7 @@ def build_head(config: TrialConfig, n_features: int) -> keras.Model:
     :func:`initial_weights` (a transfer trial and a softmax trial of one seed are the seed's
     pair)."""
     if config.init in ("transfer", "glorot_centered"):
-        start = initial_weights(config, n_features)
+        start = initial_weights(config, n_features, keras_draw)
         model, dense = _build(config, n_features, "zeros")
         dense.set_weights(list(start))
     else:

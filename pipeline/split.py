@@ -107,6 +107,12 @@ def _approximate_mode(class_counts: np.ndarray, n_draws: int, rng: np.random.Ran
     return floored.astype(int)
 
 
+def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """The row indices of each batch of ``epoch``: a permutation seeded by (seed, epoch)."""
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
 def standardization(x_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The training split's per-feature mean and std (std 0 -> 1), in float64."""
     mean = x_train.mean(axis=0, dtype=np.float64)

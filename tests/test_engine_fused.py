@@ -7,11 +7,6 @@ dropout masks, so the comparison holds with dropout too.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import mlflow
 import numpy as np
 import optuna
@@ -21,12 +16,12 @@ import yaml
 
 from pipeline import naming
 from pipeline.config import ParityConfig, TrialConfig
-from pipeline.engine_fused import FusedEngine, Rows, engine_for, pass_key, shared_tensor
+from pipeline.engine_fused import FusedEngine, Rows, engine_for, pass_key
 from pipeline.engine_keras import EPOCH_METRICS, KerasEngine
 from pipeline.features import read_features, write_features
-from pipeline.heads import initial_weights
 from pipeline.kinds import KINDS
 from pipeline.split import make_split
+from pipeline.start_weights import initial_weights
 from pipeline.sweep import run_sweep
 from pipeline.tracking import default_study_storage
 from tests.helpers import TINY, load_study, make_features
@@ -210,21 +205,11 @@ def test_callbacks_get_each_epochs_metrics(data):
         assert [values[metric] for _, values in calls] == result.history[metric]
 
 
-def test_features_are_shared_with_tensorflow_not_copied(tmp_path, data):
+def test_features_are_trained_on_in_place_not_copied(tmp_path, data):
     x, y = data
     features = read_features(write_features(tmp_path / "f.h5", x, y, {}))
-    tensor = shared_tensor(features.x)
-    features.x[3, 4] = 123.0
-    assert float(tensor[3, 4]) == 123.0  # the same memory
     rows = Rows.of_features(features.x, features.y, TrialConfig())
     assert rows.x is features.x
-    buffer = np.empty(x.nbytes + 68, np.uint8)  # an array 4 bytes off the boundary is copied
-    start = -buffer.ctypes.data % 64 + 4
-    misaligned = buffer[start:start + x.nbytes].view(np.float32).reshape(x.shape)
-    misaligned[:] = x
-    copied = shared_tensor(misaligned)
-    misaligned[0, 0] = -1.0
-    np.testing.assert_array_equal(copied.numpy(), x)
 
 
 # --- the sweep with either engine -----------------------------------------------------------
@@ -300,30 +285,3 @@ def test_an_interrupted_batch_leaves_no_running_run(tmp_path, tracking, monkeypa
     assert optuna.trial.TrialState.RUNNING not in states
 
 
-
-INTERRUPTED_WAIT = """
-import os, signal, threading
-import numpy as np
-from pipeline.config import TrialConfig
-from pipeline.engine_fused import FusedEngine
-threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT)).start()
-x, y = np.ones((40, 4), np.float32), np.arange(40) % 2
-try:
-    FusedEngine().train_many([TrialConfig(optimizer="adagrad", epochs=1)], x, y)
-    print("trained before the signal")
-except KeyboardInterrupt:
-    print("interrupted", [t.name for t in threading.enumerate() if t.name == "fused-graphs"])
-"""
-
-
-@pytest.mark.slow
-def test_ctrl_c_while_graphs_build_exits_cleanly():
-    """Ctrl-C while a pass waits for its graphs (about a second of tracing): the building
-    thread is still known to run and the process exits once it is done. Waiting with
-    ``Thread.join`` instead, Python 3.11 marked the thread stopped and the process aborted in
-    TensorFlow at exit (status 134)."""
-    root = Path(__file__).resolve().parent.parent
-    done = subprocess.run([sys.executable, "-c", INTERRUPTED_WAIT], capture_output=True, text=True,
-                          cwd=root, timeout=120, env={**os.environ, "PYTHONPATH": str(root)})
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "interrupted ['fused-graphs']" in done.stdout

@@ -10,9 +10,9 @@ import tensorflow as tf
 
 from pipeline import metrics
 from pipeline.config import TrialConfig
-from pipeline.engine_keras import KerasEngine, batch_order
+from pipeline.engine_keras import KerasEngine
 from pipeline.heads import build_head, head_weights
-from pipeline.split import make_split
+from pipeline.split import batch_order, make_split
 from tests.helpers import make_features
 
 EPOCHS = 3

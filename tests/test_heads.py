@@ -6,14 +6,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import TrialConfig
-from pipeline.heads import (
-    body_weights,
-    build_head,
-    head_weights,
-    initial_weights,
-    softmax_initial_weights,
-    transfer_weights,
-)
+from pipeline.heads import body_weights, build_head, head_weights, keras_draw
+from pipeline.start_weights import draw, initial_weights, softmax_initial_weights, transfer_weights
 
 D = 16
 
@@ -79,9 +73,27 @@ def test_transfer_head_predicts_what_the_softmax_head_predicts():
 def test_initial_weights_are_the_built_heads_weights(config):
     kernel, bias = head_weights(build_head(config, D))
     expected_kernel, expected_bias = initial_weights(config, D)
-    np.testing.assert_array_equal(kernel, expected_kernel)
-    np.testing.assert_array_equal(bias, expected_bias)
+    assert_same_draw(kernel, expected_kernel, config.init)
+    assert_same_draw(bias, expected_bias, config.bias_init)
     assert expected_bias.any() == (config.bias_init != "zeros")
+
+
+def assert_same_draw(keras_values, values, initializer):
+    """Uniform draws are Keras's bit for bit; normal ones up to the last bits of float32
+    ``log``, ``sin`` and ``cos`` (see pipeline.stateless_random)."""
+    if initializer in ("he_normal", "random_normal"):
+        np.testing.assert_array_max_ulp(keras_values, values, maxulp=8)
+    else:
+        np.testing.assert_array_equal(keras_values, values)
+
+
+@pytest.mark.parametrize("initializer", ["glorot_uniform", "he_normal", "random_normal", "zeros"])
+@pytest.mark.parametrize("seed", [0, 1_234_567, 2**31 - 2, 2**31 - 1])
+def test_draw_without_keras_is_keras_draw(initializer, seed):
+    shape = (2, ) if initializer == "random_normal" else (2048, 2)
+    values = draw(initializer, seed, shape)
+    assert values.dtype == np.float32 and values.shape == shape
+    assert_same_draw(keras_draw(initializer, seed, shape), values, initializer)
 
 
 def test_softmax_initial_weights_are_what_a_softmax_trial_starts_from():
