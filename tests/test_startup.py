@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import make_sweep, new_store
+from pipeline.features import write_features
+from tests.helpers import SEED_GRID, make_features, make_sweep, new_store, write_sweep
 
 pytestmark = pytest.mark.slow  # each test starts a fresh interpreter: 8-12 s apiece
 
@@ -133,3 +134,17 @@ def test_sweep_and_records_modules_import_no_tensorflow(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]"  # TensorFlow comes with an engine, when a sweep trains
+
+
+def test_a_fused_sweep_imports_no_tensorflow(tmp_path):
+    """The fused engine trains without TensorFlow, and the split needs no scikit-learn: a sweep
+    whose heads it trains imports neither, from the command line to the last record."""
+    write_features(tmp_path / "features.h5", *make_features(), {})
+    sweep = write_sweep(tmp_path, {"name": "grid", "experiment": "no-tensorflow", "sampler": "grid",
+                                   "seeds": [0], "engine": "fused", "fixed": {"epochs": 2, "dropout": 0.5},
+                                   "space": SEED_GRID})
+    [(status, imported, stdout, stderr)] = run_commands(
+        [["sweep", "--features", "features.h5", "--sweep", sweep]], tmp_path, new_store(tmp_path))
+    assert status == 0, stderr[-2000:]
+    assert "{'complete': 16, 'fail': 0, 'pruned': 0}" in stdout + stderr
+    assert imported == []
