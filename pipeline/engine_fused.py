@@ -41,11 +41,13 @@ same logits; only its outputs are read otherwise.
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from pipeline import fused_math, metrics, stateless_random
 from pipeline.config import TrialConfig
@@ -194,12 +196,26 @@ class _Layout:
 
 def train_pass(configs: Sequence[TrialConfig], rows: Rows,
                callbacks: Sequence[EpochCallback | None]) -> list[Outcome]:
-    """Train heads that share :func:`pass_key` together on ``rows``; an outcome per config.
+    """Train heads that share :func:`pass_key` together on ``rows``; an outcome per config
+    (:func:`_blas_threads` BLAS threads).
 
     After each epoch every head still training gets its metrics and its callback; a head
     whose callback raises stops there (its outcome is the exception) and the pass goes on
     while any head trains.
     """
+    with threadpool_limits(_blas_threads(), user_api="blas"):
+        return _train_pass(configs, rows, callbacks)
+
+
+def _blas_threads() -> int:
+    """BLAS threads for a pass: one core fewer than the machine has (at least one). The core left
+    is the sweep's MLflow writer thread's, which opens the batch's runs while it trains; BLAS
+    threads that wait between products spin, and would take it."""
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
+def _train_pass(configs: Sequence[TrialConfig], rows: Rows,
+                callbacks: Sequence[EpochCallback | None]) -> list[Outcome]:
     first = configs[0]
     layout = _Layout.of(configs)
     heads = [configs[i] for i in layout.order]

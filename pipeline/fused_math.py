@@ -17,6 +17,7 @@ a 2-unit binary cross-entropy (the mean of two), times 1 / rows.
 from __future__ import annotations
 
 import numpy as np
+import scipy.linalg.cython_blas  # noqa: F401 (the BLAS of np.dot here, loaded before a pass limits its threads)
 from numba import njit
 
 from pipeline.stateless_random import dropped_rows_into
