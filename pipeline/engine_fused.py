@@ -6,7 +6,7 @@ many trials at once, without TensorFlow. Heads of one *pass* (:func:`pass_key`: 
 batch order, dropout masks, epochs and optimizer) read each batch once, through one matrix
 product with all their kernels side by side; each keeps its own learning rate, activation,
 unit count, loss, label smoothing, L2 penalty, weight decay, start weights and optimizer state.
-The arithmetic is compiled (:mod:`pipeline.fused_math`): an epoch runs without the GIL, beside
+The arithmetic is compiled (:mod:`pipeline.kernels`): an epoch runs without the GIL, beside
 the sweep's MLflow writer thread.
 
 It reproduces the reference step for step rather than approximately
@@ -47,12 +47,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import threadpool_info, threadpool_limits
 
-from pipeline import fused_math, metrics, stateless_random
+from pipeline import kernels, metrics, stateless_random
 from pipeline.config import TrialConfig
 from pipeline.engines import Engine
-from pipeline.fused_math import KINDS
+from pipeline.kernels import LOSS_KINDS
 from pipeline.results import EPOCH_METRICS, EpochCallback, TrialResult
 from pipeline.split import Split, batch_order, make_split, standardize, stratified_split
 from pipeline.start_weights import initial_weights, layer_seeds
@@ -83,12 +83,18 @@ def pass_key(config: TrialConfig) -> tuple:
 
 @dataclass
 class Rows:
-    """A split as rows of one matrix: features ``x``, labels ``y``, training and validation rows."""
+    """A split as rows of one matrix: features ``x`` (float32, C order: the kernels' layout; the
+    features as read are already, and are not copied), labels ``y`` (int64), training and
+    validation rows."""
 
     x: np.ndarray
     y: np.ndarray
     train: np.ndarray
     val: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.x = np.ascontiguousarray(self.x, np.float32)
+        self.y = np.asarray(self.y, np.int64)
 
     @classmethod
     def of_features(cls, x: np.ndarray, y: np.ndarray, config: TrialConfig) -> Rows:
@@ -174,24 +180,10 @@ def _guarded(train, config, split, callback) -> Outcome:
 
 # --- one pass --------------------------------------------------------------------------------
 
-@dataclass
-class _Layout:
-    """Where the heads of a pass sit: in kind order (:data:`KINDS`), 1-unit columns first."""
-
-    order: list[int]     # the pass's config indices, in layout order
-    columns: list[slice]  # each head's kernel columns, in layout order
-    counts: list[int]    # heads of each kind
-
-    @classmethod
-    def of(cls, configs: Sequence[TrialConfig]) -> _Layout:
-        kind = {k: i for i, k in enumerate(KINDS)}
-        order = sorted(range(len(configs)), key=lambda i: kind[configs[i].units, configs[i].loss])
-        columns, at = [], 0
-        for i in order:
-            columns.append(slice(at, at + configs[i].units))
-            at += configs[i].units
-        counts = [sum((c.units, c.loss) == k for c in configs) for k in KINDS]
-        return cls(order, columns, counts)
+def _columns(heads: Sequence[TrialConfig]) -> list[slice]:
+    """Each head's kernel columns in a pass: side by side, in order, one per unit."""
+    ends = np.cumsum([head.units for head in heads])
+    return [slice(int(end) - head.units, int(end)) for head, end in zip(heads, ends, strict=True)]
 
 
 def train_pass(configs: Sequence[TrialConfig], rows: Rows,
@@ -208,21 +200,23 @@ def train_pass(configs: Sequence[TrialConfig], rows: Rows,
 
 
 def _blas_threads() -> int:
-    """BLAS threads for a pass: one core fewer than the machine has (at least one). The core left
-    is the sweep's MLflow writer thread's, which opens the batch's runs while it trains; BLAS
-    threads that wait between products spin, and would take it."""
-    return max(1, (os.cpu_count() or 1) - 1)
+    """BLAS threads for a pass: one fewer than the cores this process may run on, at least one,
+    and never more than BLAS already has (``OPENBLAS_NUM_THREADS`` and the like stand). The
+    core left is the sweep's MLflow writer thread's, which opens the batch's runs while it
+    trains; BLAS threads that wait between products spin, and would take it."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    now = min((lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"), default=cores)
+    return max(1, min(cores - 1, now))
 
 
 def _train_pass(configs: Sequence[TrialConfig], rows: Rows,
                 callbacks: Sequence[EpochCallback | None]) -> list[Outcome]:
     first = configs[0]
-    layout = _Layout.of(configs)
-    heads = [configs[i] for i in layout.order]
-    state = _start_state(heads, layout, rows.x.shape[1], first.optimizer)
-    spec = _Spec.of(heads, layout)
+    heads, columns = configs, _columns(configs)
+    state = _start_state(heads, columns, rows.x.shape[1], first.optimizer)
+    spec = _Spec.of(heads, columns)
     mask_seed = layer_seeds(first.dropout_seed)[2]
-    x, y = np.ascontiguousarray(rows.x, np.float32), rows.y.astype(np.int64, copy=False)  # no copy of x
+    x, y = rows.x, rows.y
     y_train, y_val = y[rows.train], y[rows.val]
     n_train = len(rows.train)
     sizes = np.array([len(b) for b in batch_order(n_train, first.batch_size, first.batch_seed, 0)])
@@ -256,9 +250,9 @@ def _train_pass(configs: Sequence[TrialConfig], rows: Rows,
                 for name, value in values.items():
                     history[j][name].append(value)
                 step_loss[j].extend(losses[:, j].tolist())
-                if callbacks[layout.order[j]] is not None:
+                if callbacks[j] is not None:
                     try:
-                        callbacks[layout.order[j]](epoch, values)
+                        callbacks[j](epoch, values)
                     except Exception as exc:
                         ended[j] = exc
             if len(ended) == len(heads):
@@ -267,26 +261,26 @@ def _train_pass(configs: Sequence[TrialConfig], rows: Rows,
         ended.update({j: exc for j in range(len(heads)) if j not in ended})
     kernel, bias = state["kernel"], state["bias"]
     outcomes: list[Outcome | None] = [None] * len(configs)
-    for j, i in enumerate(layout.order):
+    for j in range(len(heads)):
         if j in ended:
-            outcomes[i] = ended[j]
+            outcomes[j] = ended[j]
             continue
-        cols = layout.columns[j]
-        outcomes[i] = TrialResult(history=history[j], step_loss=step_loss[j],
+        cols = columns[j]
+        outcomes[j] = TrialResult(history=history[j], step_loss=step_loss[j],
                                   positive_fraction=float(np.mean(y_val)),
                                   collapsed=metrics.is_collapsed(p_val[:, j]),
                                   kernel=kernel[:, cols].copy(), bias=bias[0, cols].copy(), engine="fused")
     return outcomes
 
 
-def _start_state(heads: Sequence[TrialConfig], layout: _Layout, n_features: int,
+def _start_state(heads: Sequence[TrialConfig], columns: list[slice], n_features: int,
                  optimizer: str) -> dict[str, np.ndarray]:
     """Kernels (D x columns) and biases (1 x columns) side by side, from each head's Keras start
     weights, and the optimizer's slots for both."""
-    kernel = np.zeros((n_features, layout.columns[-1].stop), np.float32)
-    bias = np.zeros((1, layout.columns[-1].stop), np.float32)
+    kernel = np.zeros((n_features, columns[-1].stop), np.float32)
+    bias = np.zeros((1, columns[-1].stop), np.float32)
     cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
-    for head, cols in zip(heads, layout.columns, strict=True):
+    for head, cols in zip(heads, columns, strict=True):
         # the start weights depend on these fields only (the initializers' seeds come from `seed`)
         key = (head.seed, head.init, head.units, head.activation, head.bias_init, head.transfer_bias)
         if key not in cache:
@@ -302,14 +296,14 @@ def _start_state(heads: Sequence[TrialConfig], layout: _Layout, n_features: int,
 @dataclass
 class _Spec:
     """Per-head and per-column settings of a pass, in layout order, as
-    :mod:`pipeline.fused_math` reads them.
+    :mod:`pipeline.kernels` reads them.
 
     Label smoothing is kept as Keras applies it, ``y * keep + add`` with ``keep = 1 - s`` and
     ``add = s / 2`` (binary; categorical: ``s / units``), both rounded to float32 as Keras
     rounds them, so smoothed labels are bit for bit Keras's.
     """
 
-    kind: np.ndarray       # per head: its index in KINDS
+    kind: np.ndarray       # per head: its index in LOSS_KINDS
     first: np.ndarray      # per head: its first column
     keep: np.ndarray       # per head
     add: np.ndarray        # per head
@@ -321,12 +315,12 @@ class _Spec:
     decay: np.ndarray      # per column
 
     @classmethod
-    def of(cls, heads: Sequence[TrialConfig], layout: _Layout) -> _Spec:
-        kinds = {k: i for i, k in enumerate(KINDS)}
-        col_head = np.concatenate([[j] * (c.stop - c.start) for j, c in enumerate(layout.columns)])
+    def of(cls, heads: Sequence[TrialConfig], columns: list[slice]) -> _Spec:
+        kinds = {k: i for i, k in enumerate(LOSS_KINDS)}
+        col_head = np.concatenate([[j] * (c.stop - c.start) for j, c in enumerate(columns)])
         return cls(
             kind=np.array([kinds[h.units, h.loss] for h in heads], np.int64),
-            first=np.array([c.start for c in layout.columns], np.int64),
+            first=np.array([c.start for c in columns], np.int64),
             keep=np.array([np.float32(1.0 - h.label_smoothing) for h in heads], np.float32),
             add=np.array([np.float32(0.5 * h.label_smoothing) if h.loss == "binary_crossentropy"
                           else np.float32(h.label_smoothing) / np.float32(h.units) for h in heads],
@@ -343,11 +337,10 @@ class _Spec:
         """Each head's loss on logits ``z`` (plus its L2 penalty on ``kernel``), its logits'
         gradient into ``dz`` and its right predictions added to ``correct``."""
         loss = np.empty(len(self.kind), np.float32)
-        fused_math.heads_step(z, y, self.kind, self.first, self.keep, self.add, self.softmax,
-                              self.linear, loss, dz, correct)
+        kernels.heads_step(z, y, self.kind, self.first, self.keep, self.add, self.softmax,
+                           self.linear, loss, dz, correct)
         if self.l2.any():
-            per_column = np.square(kernel).sum(axis=0)
-            loss += self.l2 * np.bincount(self.col_head, per_column, len(self.l2)).astype(np.float32)
+            kernels.add_l2_penalty(kernel, self.l2, self.col_head, loss)
         return loss
 
 
@@ -355,7 +348,7 @@ def _train_epoch(x: np.ndarray, y: np.ndarray, order: np.ndarray, batch_size: in
                  mask_seed: int, rate: float, state: dict[str, np.ndarray], spec: _Spec,
                  optimizer: str) -> tuple[np.ndarray, np.ndarray]:
     """One epoch over the rows ``order`` (x's row indices in batch order) from optimizer step
-    ``step0``, updating ``state`` in place (:func:`pipeline.fused_math.train_epoch`). Returns
+    ``step0``, updating ``state`` in place (:func:`pipeline.kernels.train_epoch`). Returns
     each step's loss per head (steps x heads) and each head's count of right Keras predictions
     (training mode, before each update)."""
     steps = -(-len(order) // batch_size)
@@ -364,11 +357,11 @@ def _train_epoch(x: np.ndarray, y: np.ndarray, order: np.ndarray, batch_size: in
     none = np.empty((0, 0), np.float32)  # in place of the slots an optimizer does not have
     slots = tuple(([state[f"{s}/{name}"] for s in SLOTS[optimizer]] + [none, none])[:2]
                   for name in ("kernel", "bias"))
-    fused_math.train_epoch(
-        x, y, order, batch_size, step0, mask_seed, np.uint32(stateless_random.mask_threshold(rate)),
-        np.float32(1 / (1 - rate) if rate > 0 else 0.0), state["kernel"], state["bias"],
+    kernels.train_epoch(
+        x, y, order, batch_size, step0, mask_seed, *stateless_random.dropout_constants(rate),
+        state["kernel"], state["bias"],
         (*slots[0], *slots[1]), spec.lr, spec.decay, spec.l2, spec.col_head,
-        fused_math.OPTIMIZERS.index("adam" if optimizer == "adamw" else optimizer),
+        kernels.OPTIMIZERS.index("adam" if optimizer == "adamw" else optimizer),
         spec.kind, spec.first, spec.keep, spec.add, spec.softmax, spec.linear, losses, correct)
     return losses, correct
 
@@ -380,7 +373,7 @@ def _evaluate(x: np.ndarray, y: np.ndarray, val: np.ndarray, state: dict[str, np
     kernel = state["kernel"]
     z = x @ kernel + state["bias"]
     positive = np.empty((len(z), len(spec.kind)), np.float32)
-    fused_math.positive_probability(z, spec.kind, spec.first, spec.softmax, positive)
+    kernels.positive_probability(z, spec.kind, spec.first, spec.softmax, positive)
     z_val = np.ascontiguousarray(z[val])
     correct = np.zeros(len(spec.kind), np.int64)
     loss = spec.heads_step(z_val, y[val], kernel, np.empty_like(z_val), correct)

@@ -48,9 +48,6 @@ class Engine(ABC):
         config, in order, the config's result or the exception that ended it (one head's
         failure does not stop the others). ``callbacks[i]`` is config i's ``on_epoch``."""
 
-    def prepare(self, config: TrialConfig) -> None:  # noqa: B027 (optional hook)
-        """Start, in the background, whatever ``config``'s training will need (nothing here)."""
-
     def trained_by(self, config: TrialConfig) -> str:
         """The name of the engine that trains ``config`` (the tag ``engine`` of its run)."""
         return self.name

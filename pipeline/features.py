@@ -187,8 +187,8 @@ def sha256_file(path: str | os.PathLike) -> str:
     """The hex sha256 of a file's bytes.
 
     The file is mapped and hashed 16 MiB per call, each call letting other threads
-    run: a sweep hashes while its graphs are traced (pure Python), and each call has to wait
-    for Python's lock again, so few large calls wait less than many small ones. Hashed pieces
+    run: each call has to wait for Python's lock again when another thread holds it, so few
+    large calls wait less than many small ones. Hashed pieces
     are let go of at once, so that the mapping does not add the file's size to the process's
     memory.
     """

@@ -66,9 +66,6 @@ class TrialKind(ABC):
         """The engine that trains ``config`` (the run's tag ``engine``)."""
         return engine.name
 
-    def prepare(self, engine: Engine, config: TrainingSettings) -> None:  # noqa: B027
-        """Let ``engine`` start on what ``config`` will need, in the background (nothing here)."""
-
     @abstractmethod
     def train(self, engine: Engine, configs: Sequence[TrainingSettings], splits: Splits,
               callbacks: Sequence[EpochCallback]) -> list:
@@ -105,9 +102,6 @@ class HeadsKind(TrialKind):
 
     def trained_by(self, engine: Engine, config: TrialConfig) -> str:
         return engine.trained_by(config)
-
-    def prepare(self, engine: Engine, config: TrialConfig) -> None:
-        engine.prepare(config)
 
     def train(self, engine: Engine, configs: Sequence[TrialConfig], splits: Splits,
               callbacks: Sequence[EpochCallback]) -> list:

@@ -6,8 +6,8 @@ reference; 1 for parity trials), so a serial run is a batch of one. In a batch:
 
 1. the trials are claimed from Optuna (:func:`pipeline.studies.claim`), each a
    :class:`~pipeline.trial.TrialLife`;
-2. their runs open on the writer thread while the batch trains here (TensorFlow leaves
-   Python's lock free, so the two overlap);
+2. their runs open on the writer thread while the batch trains here (the engines' arithmetic
+   leaves Python's lock free, so the two overlap);
 3. each trained trial's files are written here, its metrics recorded and its run ended on the
    writer thread, in order, and each is told to Optuna here as soon as it is recorded.
 

@@ -24,7 +24,7 @@ import mlflow
 import optuna
 
 from pipeline import lineage, naming, parent, runner, studies, tracking
-from pipeline.engines import Engine, make_engine
+from pipeline.engines import make_engine
 from pipeline.errors import UserError
 from pipeline.features import FeatureSet, read_features, resolve_features, sha256_file
 from pipeline.kinds import kind_of
@@ -85,7 +85,6 @@ def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: s
     data, features_sha = _read_checked(features_path, spec)
     engine = make_engine(spec.engine)
     runner.freeze_imports()
-    _prepare(engine, spec)
     tracking.install_sigterm_handler()
     dataset = lineage.features_dataset(features, features_sha, data.x.shape, data.class_names,
                                        float(data.y.mean()))
@@ -128,16 +127,6 @@ def check_splits(data: FeatureSet, specs: list[SweepSpec]) -> None:
     splits = Splits(data.x, data.y)
     for spec in specs:
         splits.check(spec.values("validation_fraction"), spec.seeds)
-
-
-def _prepare(engine: Engine, spec: SweepSpec) -> None:
-    """Let the engine start on a grid's configs now (the fused one builds graphs per optimizer
-    and dropout rate), so that this overlaps opening the study and its parent run. The engine
-    (and with it TensorFlow) comes only once the sweep file and the features have passed their
-    checks: bad input is answered without it."""
-    if spec.sampler == "grid":
-        for params in spec.grid()[:spec.budget()]:
-            kind_of(spec).prepare(engine, spec.trial_config(params))
 
 
 def _trial_tags(the_study: optuna.Study, origin: parent.Origin, data: FeatureSet) -> dict:

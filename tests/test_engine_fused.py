@@ -14,9 +14,9 @@ import pytest
 import tensorflow as tf
 import yaml
 
-from pipeline import naming
+from pipeline import kernels, naming
 from pipeline.config import ParityConfig, TrialConfig
-from pipeline.engine_fused import FusedEngine, Rows, engine_for, pass_key
+from pipeline.engine_fused import FusedEngine, engine_for, pass_key
 from pipeline.engine_keras import EPOCH_METRICS, KerasEngine
 from pipeline.features import read_features, write_features
 from pipeline.kinds import KINDS
@@ -49,6 +49,7 @@ SETTINGS = [  # with dropout: the masks must be Keras's too
     {"dropout": 0.5, "activation": "softmax", "units": 1, "validation_fraction": 0.25},  # 60 rows
     {"dropout": 0.5, "standardize": True, "validation_fraction": 0.25, "seed": 2},
     {"dropout": 0.5, "l2": 0.001, "weight_decay": 0.01, "optimizer": "rmsprop", "label_smoothing": 0.1},
+    {"dropout": 0.5, "batch_size": 1000},  # one batch an epoch: the batch is the training rows
 ]
 CONFIGS = list(dict.fromkeys(
     [TrialConfig(**BASE, **head) for head in HEADS]
@@ -57,11 +58,13 @@ CONFIGS = list(dict.fromkeys(
        for head in (HEADS[0], HEADS[8], {"activation": "softmax", "units": 1})]
     + [TrialConfig(**{**BASE, **setting}) for setting in SETTINGS]))
 
-# The fast subset compares three of them: a collapsing 1-unit softmax, a 2-unit softmax under Adam,
-# and a transferred sigmoid with dropout; the rest are marked slow. QUIRKS are the heads
+# The fast subset compares five of them: a collapsing 1-unit softmax, a 2-unit softmax under Adam,
+# a transferred sigmoid with dropout, RMSprop with L2, decay and smoothing, and Adadelta; the rest
+# are marked slow. QUIRKS are the heads
 # test_keras_quirks_are_reproduced_not_fixed and test_train_of_one_head_equals_its_place_in_a_pass read.
 FAST = (TrialConfig(**BASE, **HEADS[5]), TrialConfig(**BASE, **HEADS[8], optimizer="adam"),
-        TrialConfig(**{**BASE, **SETTINGS[1]}))
+        TrialConfig(**{**BASE, **SETTINGS[1]}), TrialConfig(**{**BASE, **SETTINGS[12]}),
+        TrialConfig(**BASE, **HEADS[0], optimizer="adadelta"))
 QUIRKS = (TrialConfig(**BASE, **HEADS[0]), TrialConfig(**BASE, **HEADS[1]), TrialConfig(**BASE, **HEADS[5]))
 
 
@@ -205,11 +208,23 @@ def test_callbacks_get_each_epochs_metrics(data):
         assert [values[metric] for _, values in calls] == result.history[metric]
 
 
-def test_features_are_trained_on_in_place_not_copied(tmp_path, data):
+def test_features_are_trained_on_in_place_not_copied(tmp_path, data, monkeypatch):
     x, y = data
     features = read_features(write_features(tmp_path / "f.h5", x, y, {}))
-    rows = Rows.of_features(features.x, features.y, TrialConfig())
-    assert rows.x is features.x
+    seen = []
+    train_epoch = kernels.train_epoch
+    monkeypatch.setattr(kernels, "train_epoch", lambda x, *args: seen.append(x) or train_epoch(x, *args))
+    FusedEngine().train_many([TrialConfig(**BASE)], features.x, features.y)
+    assert seen and all(np.shares_memory(x, features.x) for x in seen)
+
+
+def test_features_of_a_width_apart_from_4_and_odd_types_match_the_reference():
+    """Dropout masks where Philox's words straddle rows (30 features), features in float64 and
+    labels in int32: the same numbers as the reference."""
+    x, y = make_features(n=200, d=30, seed=3)
+    config = TrialConfig(**{**BASE, "dropout": 0.5, "batch_size": 48})
+    result = FusedEngine().train_many([config], x.astype(np.float64), y.astype(np.int32))[0]
+    assert_same(result, reference(config, (x, y)))
 
 
 # --- the sweep with either engine -----------------------------------------------------------

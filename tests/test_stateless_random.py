@@ -52,3 +52,14 @@ def test_keras_seed_is_the_seed_keras_hands_tensorflow():
     # Keras's _cast_seed: floormod by int32.max - 1, so the two largest seeds wrap
     assert stateless_random.keras_seed(2**31 - 2, 5) == (0, 5)
     assert stateless_random.keras_seed(2**31 - 1, 2**31) == (1, 2)
+
+
+@pytest.mark.parametrize("width", [13, 2048])
+def test_dropout_of_chosen_rows_is_tensorflows_bit_for_bit(width):
+    """The rows a batch takes, in a shuffled order, through the masks of the batch's shape: with
+    a width apart from a multiple of 4, Philox's words straddle rows."""
+    x = np.random.default_rng(1).normal(size=(50, width)).astype(np.float32)
+    rows = np.random.default_rng(2).permutation(50)[:7]
+    seed = (12_345, 67)
+    expected = tf.nn.experimental.stateless_dropout(x[rows], rate=0.5, seed=tf.constant(seed, tf.int32))
+    np.testing.assert_array_equal(stateless_random.dropout_rows(x, rows, 0.5, seed), expected.numpy())
