@@ -9,8 +9,11 @@ from __future__ import annotations
 import atexit
 import contextlib
 import itertools
+import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 import tempfile
 import types
 from pathlib import Path
@@ -24,6 +27,17 @@ import yaml
 from pipeline import naming, records, storages, studies, tracking
 from pipeline.config import TrialConfig
 from pipeline.results import EPOCH_METRICS, TrialResult
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+def fresh_python(code: str, cwd) -> str:
+    """What ``python -c code`` prints in a fresh interpreter (the project importable, run in
+    ``cwd``), after asserting it exits 0: for what a module imports, which one process hides."""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(PROJECT)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip()
 
 
 def load_study(storage: str, name: str | None = None) -> optuna.Study:

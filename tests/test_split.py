@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from pipeline.errors import UserError
 from pipeline.split import make_split, standardize, stratified_split
-from tests.helpers import make_features
+from tests.helpers import fresh_python, make_features
 
 
 @pytest.fixture
@@ -123,7 +118,6 @@ def test_make_split_standardized_matches_standardize():
 
 # --- parity with scikit-learn: stratified_split reproduces train_test_split without importing it ---
 
-ROOT = Path(__file__).resolve().parent.parent
 LABELS = {  # labels of n rows, drawn from rng where random
     "balanced binary": lambda n, rng: np.arange(n) % 2,
     "sorted binary": lambda n, rng: (np.arange(n) >= 0.55 * n).astype(np.int64),
@@ -238,7 +232,4 @@ def test_errors_as_sklearn(y, fraction, seed, message):
 def test_split_imports_no_sklearn(tmp_path):
     code = ("import sys; from pipeline.split import stratified_split; import numpy as np; "
             "stratified_split(np.arange(100) % 2, 0.2, 0); print('sklearn' in sys.modules)")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == "False"
+    assert fresh_python(code, tmp_path) == "False"
