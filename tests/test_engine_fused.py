@@ -251,6 +251,7 @@ def sweep_runs(tmp_path, engine: str) -> dict[str, object]:
 
 @pytest.mark.slow
 def test_a_sweep_records_the_same_runs_with_either_engine(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the experiments' artifacts go beside their stores, not into the repo
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     keras_outcome, keras_runs, keras_study = sweep_runs(tmp_path / "keras", "keras")
     fused_outcome, fused_runs, fused_study = sweep_runs(tmp_path / "fused", "fused")
