@@ -212,41 +212,29 @@ def _blas_threads() -> int:
 def _train_pass(configs: Sequence[TrialConfig], rows: Rows,
                 callbacks: Sequence[EpochCallback | None]) -> list[Outcome]:
     first = configs[0]
-    heads, columns = configs, _columns(configs)
-    state = _start_state(heads, columns, rows.x.shape[1], first.optimizer)
-    spec = _Spec.of(heads, columns)
+    columns = _columns(configs)
+    state = _start_state(configs, columns, rows.x.shape[1], first.optimizer)
+    spec = _Spec.of(configs, columns)
     mask_seed = layer_seeds(first.dropout_seed)[2]
-    x, y = rows.x, rows.y
-    y_train, y_val = y[rows.train], y[rows.val]
-    n_train = len(rows.train)
+    n_train, y_val = len(rows.train), rows.y[rows.val]
     sizes = np.array([len(b) for b in batch_order(n_train, first.batch_size, first.batch_seed, 0)])
-    history = [{name: [] for name in EPOCH_METRICS} for _ in heads]
-    step_loss: list[list[float]] = [[] for _ in heads]
+    history = [{name: [] for name in EPOCH_METRICS} for _ in configs]
+    step_loss: list[list[float]] = [[] for _ in configs]
     ended: dict[int, Exception] = {}
     p_val = None
     try:
         for epoch in range(first.epochs):
             batches = batch_order(n_train, first.batch_size, first.batch_seed, epoch)
             order = rows.train[np.concatenate(batches)]
-            losses, correct = _train_epoch(x, y, order, first.batch_size, epoch * len(sizes), mask_seed,
-                                           float(first.dropout), state, spec, first.optimizer)
-            p, val_loss, val_correct = _evaluate(x, y, rows.val, state, spec)
+            losses, correct = _train_epoch(rows.x, rows.y, order, first.batch_size, epoch * len(sizes),
+                                           mask_seed, float(first.dropout), state, spec, first.optimizer)
+            p, val_loss, val_correct = _evaluate(rows.x, rows.y, rows.val, state, spec)
+            p_val = p[rows.val]
             losses = losses.astype(np.float64)
-            epoch_loss = sizes @ losses / n_train
-            p_train, p_val = p[rows.train], p[rows.val]
-            for j in range(len(heads)):
+            per_head = _epoch_values(rows, sizes, losses, correct, p, val_loss, val_correct)
+            for j, values in enumerate(per_head):
                 if j in ended:
                     continue
-                values = {
-                    "loss": float(np.float32(epoch_loss[j])),
-                    "val_loss": float(val_loss[j]),
-                    "accuracy": metrics.accuracy(p_train[:, j], y_train),
-                    "val_accuracy": metrics.accuracy(p_val[:, j], y_val),
-                    "prob_loss": metrics.prob_loss(p_train[:, j], y_train),
-                    "val_prob_loss": metrics.prob_loss(p_val[:, j], y_val),
-                    "keras_accuracy": float(np.float32(correct[j] / n_train)),
-                    "keras_val_accuracy": float(np.float32(val_correct[j] / len(y_val))),
-                }
                 for name, value in values.items():
                     history[j][name].append(value)
                 step_loss[j].extend(losses[:, j].tolist())
@@ -255,13 +243,13 @@ def _train_pass(configs: Sequence[TrialConfig], rows: Rows,
                         callbacks[j](epoch, values)
                     except Exception as exc:
                         ended[j] = exc
-            if len(ended) == len(heads):
+            if len(ended) == len(configs):
                 break
     except Exception as exc:  # the computation failed: every head still training fails with it
-        ended.update({j: exc for j in range(len(heads)) if j not in ended})
+        ended.update({j: exc for j in range(len(configs)) if j not in ended})
     kernel, bias = state["kernel"], state["bias"]
     outcomes: list[Outcome | None] = [None] * len(configs)
-    for j in range(len(heads)):
+    for j in range(len(configs)):
         if j in ended:
             outcomes[j] = ended[j]
             continue
@@ -271,6 +259,26 @@ def _train_pass(configs: Sequence[TrialConfig], rows: Rows,
                                   collapsed=metrics.is_collapsed(p_val[:, j]),
                                   kernel=kernel[:, cols].copy(), bias=bias[0, cols].copy(), engine="fused")
     return outcomes
+
+
+def _epoch_values(rows: Rows, sizes: np.ndarray, losses: np.ndarray, correct: np.ndarray,
+                  p: np.ndarray, val_loss: np.ndarray, val_correct: np.ndarray) -> list[dict[str, float]]:
+    """Each head's metrics of an epoch (:data:`EPOCH_METRICS`), as KerasEngine records them:
+    Keras's running training loss (each step's ``losses``, weighted by its batch ``sizes``) and
+    counts of right predictions, its validation loss, and ours from the probabilities ``p`` of
+    every row in inference mode."""
+    y_train, y_val = rows.y[rows.train], rows.y[rows.val]
+    p_train, p_val = p[rows.train], p[rows.val]
+    epoch_loss = sizes @ losses / len(rows.train)
+    return [{"loss": float(np.float32(epoch_loss[j])),
+             "val_loss": float(val_loss[j]),
+             "accuracy": metrics.accuracy(p_train[:, j], y_train),
+             "val_accuracy": metrics.accuracy(p_val[:, j], y_val),
+             "prob_loss": metrics.prob_loss(p_train[:, j], y_train),
+             "val_prob_loss": metrics.prob_loss(p_val[:, j], y_val),
+             "keras_accuracy": float(np.float32(correct[j] / len(rows.train))),
+             "keras_val_accuracy": float(np.float32(val_correct[j] / len(y_val)))}
+            for j in range(len(val_loss))]
 
 
 def _start_state(heads: Sequence[TrialConfig], columns: list[slice], n_features: int,

@@ -203,6 +203,46 @@ def add_l2_penalty(kernel, l2, col_head, loss):
         loss[h] += l2[h] * penalty[h]
 
 
+@njit(inline="always")
+def _probability1(z, softmax):
+    """P(label 1) of a 1-unit head: 1 for a softmax (over one unit), else the sigmoid."""
+    return _ONE if softmax else _sigmoid(z)
+
+
+@njit(inline="always")
+def _probabilities2(z0, z1, softmax):
+    """P(label 0) and P(label 1) of a 2-unit head: its softmax, or a sigmoid per unit."""
+    return _softmax2(z0, z1) if softmax else (_sigmoid(z0), _sigmoid(z1))
+
+
+@njit(inline="always")
+def _one_unit_row(k, z, t, per_row, softmax, linear):
+    """A 1-unit head on one row with (smoothed) label ``t``: its loss, its logit's gradient and
+    whether Keras predicts label 1 (output > 0.5; a linear head's output is its logit)."""
+    if k == 0:
+        loss, grad = _sigmoid_xent(t, z), (_sigmoid(z) - t) * per_row
+    else:  # a softmax over one unit is 1: the loss is 0, the gradient 1 - label
+        loss, grad = _ZERO, (_ONE - t) * per_row
+    return loss, grad, (z > _HALF if linear else _probability1(z, softmax) > _HALF)
+
+
+@njit(inline="always")
+def _two_unit_row(k, z0, z1, t0, t1, positive, per_row, softmax):
+    """A 2-unit head on one row with (smoothed) labels ``t0``, ``t1``: its loss, its logits'
+    gradients and whether Keras predicts label 1 (the argmax, ties to label 0)."""
+    if k == 2:  # the mean of two sigmoid cross-entropies
+        loss = (_sigmoid_xent(t0, z0) + _sigmoid_xent(t1, z1)) / _TWO
+        g0, g1 = (_sigmoid(z0) - t0) * _HALF * per_row, (_sigmoid(z1) - t1) * _HALF * per_row
+    else:
+        l0, l1 = _log_softmax2(z0, z1)
+        # sparse: minus the log-probability of the label; categorical: against both labels
+        loss = (-l1 if positive else -l0) if k == 4 else -(t0 * l0 + t1 * l1)
+        s0, s1 = _softmax2(z0, z1)
+        g0, g1 = (s0 - t0) * per_row, (s1 - t1) * per_row
+    p0, p1 = _probabilities2(z0, z1, softmax)
+    return loss, g0, g1, p1 > p0
+
+
 @njit(cache=True, nogil=True)
 def heads_step(z, y, kind, first, keep, add, softmax, linear, loss, dz, correct):
     """Each head's loss on the rows of logits ``z`` (rows x columns) with labels ``y``: into
@@ -210,8 +250,7 @@ def heads_step(z, y, kind, first, keep, add, softmax, linear, loss, dz, correct)
     into ``correct[h]`` (added) its count of right Keras predictions.
 
     Labels are smoothed as Keras smooths them, ``label * keep[h] + add[h]``; a sparse head's
-    are not. Keras's prediction is binary on one unit (output > 0.5; a linear head's output is
-    its logit) and the argmax on two (ties to label 0).
+    are not.
     """
     rows = z.shape[0]
     per_row = _ONE / np.float32(rows) if rows else _ZERO  # no rows: loss 0, as divide_no_nan
@@ -222,41 +261,17 @@ def heads_step(z, y, kind, first, keep, add, softmax, linear, loss, dz, correct)
         for r in range(rows):
             positive = y[r] == 1
             label = _ONE if positive else _ZERO
-            if k <= 1:  # one unit
-                zc = z[r, c]
-                t = label * keep[h] + add[h]
-                p = _ONE if softmax[h] else _sigmoid(zc)
-                if k == 0:
-                    total += _sigmoid_xent(t, zc)
-                    dz[r, c] = (_sigmoid(zc) - t) * per_row
-                else:  # a softmax over one unit is 1: the loss is 0, the gradient 1 - label
-                    dz[r, c] = (_ONE - t) * per_row
-                said = zc > _HALF if linear[h] else p > _HALF
+            if k <= 1:
+                row_loss, dz[r, c], said = _one_unit_row(k, z[r, c], label * keep[h] + add[h], per_row,
+                                                         softmax[h], linear[h])
             else:
-                z0, z1 = z[r, c], z[r, c + 1]
                 if k == 4:
                     t0, t1 = (_ZERO, _ONE) if positive else (_ONE, _ZERO)
                 else:
-                    t0 = (_ONE - label) * keep[h] + add[h]
-                    t1 = label * keep[h] + add[h]
-                if k == 2:
-                    total += (_sigmoid_xent(t0, z0) + _sigmoid_xent(t1, z1)) / _TWO
-                    dz[r, c] = (_sigmoid(z0) - t0) * _HALF * per_row
-                    dz[r, c + 1] = (_sigmoid(z1) - t1) * _HALF * per_row
-                else:
-                    l0, l1 = _log_softmax2(z0, z1)
-                    if k == 4:  # sparse: minus the log-probability of the label
-                        total += -l1 if positive else -l0
-                    else:
-                        total += -(t0 * l0 + t1 * l1)
-                    s0, s1 = _softmax2(z0, z1)
-                    dz[r, c] = (s0 - t0) * per_row
-                    dz[r, c + 1] = (s1 - t1) * per_row
-                if softmax[h]:
-                    p0, p1 = _softmax2(z0, z1)
-                else:
-                    p0, p1 = _sigmoid(z0), _sigmoid(z1)
-                said = p1 > p0
+                    t0, t1 = (_ONE - label) * keep[h] + add[h], label * keep[h] + add[h]
+                row_loss, dz[r, c], dz[r, c + 1], said = _two_unit_row(
+                    k, z[r, c], z[r, c + 1], t0, t1, positive, per_row, softmax[h])
+            total += row_loss
             if said == positive:
                 right += 1
         loss[h] = total / np.float32(rows) if rows else _ZERO
@@ -265,17 +280,14 @@ def heads_step(z, y, kind, first, keep, add, softmax, linear, loss, dz, correct)
 
 @njit(cache=True, nogil=True)
 def positive_probability(z, kind, first, softmax, out):
-    """P(label 1) of each head (``out``: rows x heads) from logits ``z``: the softmax of a
-    softmax head's logits (1 on one unit), the sigmoid of any other's."""
+    """P(label 1) of each head (``out``: rows x heads) from logits ``z``."""
     for r in range(z.shape[0]):
         for h in range(kind.shape[0]):
             c = first[h]
             if kind[h] <= 1:
-                out[r, h] = _ONE if softmax[h] else _sigmoid(z[r, c])
-            elif softmax[h]:
-                out[r, h] = _softmax2(z[r, c], z[r, c + 1])[1]
+                out[r, h] = _probability1(z[r, c], softmax[h])
             else:
-                out[r, h] = _sigmoid(z[r, c + 1])
+                out[r, h] = _probabilities2(z[r, c], z[r, c + 1], softmax[h])[1]
 
 
 @njit(cache=True, nogil=True)
