@@ -32,10 +32,14 @@ PARITY_METRICS = ("max_gap_softmax_transfer", "max_val_gap_softmax_transfer", "m
 DEFAULT_WEIGHT_DECAY = {"adamw": 0.004}  # Keras's own weight_decay when a config leaves it None
 
 
-def _not_a_boolean(value):
-    if isinstance(value, bool):
-        raise ValueError(f"{value!r} is a boolean; give a number")
-    return value
+def not_a_boolean(hint: str):
+    """A pydantic "before" validator that refuses a boolean where ``hint`` (e.g. "a number") is
+    wanted: YAML's ``true`` would otherwise pass as 1."""
+    def check(value):
+        if isinstance(value, bool):
+            raise ValueError(f"{value!r} is a boolean; give {hint}")
+        return value
+    return check
 
 
 def _none_from_text(value):
@@ -106,7 +110,7 @@ class TrainingSettings(BaseModel):
 
     _numbers = field_validator("learning_rate", "seed", "dropout", "epochs", "batch_size",
                                "validation_fraction", "hidden_units", "weight_decay", "l2",
-                               "label_smoothing", mode="before")(_not_a_boolean)
+                               "label_smoothing", mode="before")(not_a_boolean("a number"))
     _optional = field_validator("weight_decay", mode="before")(_none_from_text)
     _finite_numbers = field_validator("*")(_finite)
 
@@ -157,7 +161,7 @@ class TrialConfig(TrainingSettings):
     labels: Labels = "expected"
 
     _head_numbers = field_validator("units", "mask_seed", "order_seed", "body_learning_rate",
-                                    mode="before")(_not_a_boolean)
+                                    mode="before")(not_a_boolean("a number"))
     _head_optional = field_validator("mask_seed", "order_seed", "body_learning_rate",
                                      mode="before")(_none_from_text)
 
@@ -238,7 +242,7 @@ class ParityConfig(TrainingSettings):
                                                     "beta = w1 - w0)")
 
     _parity_numbers = field_validator("ratio", "sigmoid_decay_scale", "sigmoid_l2_scale",
-                                      mode="before")(_not_a_boolean)
+                                      mode="before")(not_a_boolean("a number"))
     _sigmoid_settings = model_validator(mode="after")(_finite_sigmoid_settings)
 
     def heads(self) -> dict[str, TrialConfig]:

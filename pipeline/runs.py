@@ -88,8 +88,7 @@ def trial_records(parent_run_id: str, parent=None) -> pd.DataFrame:
     kind = parent.data.tags.get(naming.KIND, "heads")
     model = CONFIG_MODELS[kind]
     finals = EPOCH_METRICS if kind == "heads" else PARITY_METRICS
-    runs = mlflow.search_runs(experiment_ids=[parent.info.experiment_id], output_format="list",
-                              filter_string=f"tags.`{naming.PARENT}` = '{parent_run_id}'")
+    runs = _trial_runs(parent)
     rows = []
     for run in runs:
         params = {k: v for k, v in run.data.params.items() if k in model.model_fields}
@@ -112,9 +111,14 @@ def trial_records(parent_run_id: str, parent=None) -> pd.DataFrame:
 
 def has_trial_runs(parent) -> bool:
     """Whether sweep parent run ``parent`` has a trial run under it (one run read)."""
-    return bool(mlflow.search_runs(experiment_ids=[parent.info.experiment_id], output_format="list",
-                                   filter_string=f"tags.`{naming.PARENT}` = '{parent.info.run_id}'",
-                                   max_results=1))
+    return bool(_trial_runs(parent, max_results=1))
+
+
+def _trial_runs(parent, max_results: int | None = None) -> list:
+    """The trial runs under sweep parent run ``parent`` (at most ``max_results``)."""
+    more = {} if max_results is None else {"max_results": max_results}
+    return mlflow.search_runs(experiment_ids=[parent.info.experiment_id], output_format="list",
+                              filter_string=f"tags.`{naming.PARENT}` = '{parent.info.run_id}'", **more)
 
 
 def outcomes(records: pd.DataFrame) -> pd.DataFrame:

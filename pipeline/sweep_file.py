@@ -33,6 +33,7 @@ from pipeline.config import (
     TrainingSettings,
     TrialConfig,
     describe_error,
+    not_a_boolean,
 )
 from pipeline.errors import UserError
 
@@ -116,12 +117,7 @@ class SweepSpec(BaseModel):
             raise ValueError("seeds must be integers, not booleans")
         return seeds
 
-    @field_validator("sampler_seed", "n_trials", mode="before")
-    @classmethod
-    def _not_booleans(cls, value):
-        if isinstance(value, bool):
-            raise ValueError(f"{value!r} is a boolean; give an integer")
-        return value
+    _not_booleans = field_validator("sampler_seed", "n_trials", mode="before")(not_a_boolean("an integer"))
 
     @field_validator("pruner", mode="before")
     @classmethod
