@@ -52,45 +52,44 @@ def attach(study: optuna.Study, origin: Origin, setup: bool) -> tuple[str, str]:
     are where its parent is and a new parent would hold only the rest.
     """
     name = origin.spec.experiment
-    if origin.launcher:
-        _check_launcher(origin.launcher)
+    launcher = _checked_launcher(origin.launcher) if origin.launcher else None
     if not setup:
         reopened = _reopen(study, name)
         if reopened is not None:
-            _list_on_launcher(origin.launcher, reopened[0])
+            _list_on_launcher(launcher, reopened[0])
             return reopened
         finished = studies.finished(studies.tally(study))
         if studies.parent_of(study) and finished:
             raise UserError(_moved(study, origin, finished))
     experiment = tracking.experiment_id(name)
     tracking.describe_experiment(experiment, origin.spec.description, naming.views_for(origin.spec.report))
-    parent = _create(study, origin, experiment)
+    parent = _create(study, origin, experiment, launcher)
     studies.mark_ready(study, parent)
-    _list_on_launcher(origin.launcher, parent)
+    _list_on_launcher(launcher, parent)
     return parent, experiment
 
 
-def _check_launcher(launcher: str) -> None:
-    """Raise :class:`UserError` unless the launcher run (``MLFLOW_RUN_ID``, or ``main``'s) is a
-    live run of this store: checked before the parent run is made or reopened, so that a stale
-    id leaves no parent RUNNING."""
+def _checked_launcher(launcher: str):
+    """The launcher run (``MLFLOW_RUN_ID``, or ``main``'s), read once for the sweep's start;
+    :class:`UserError` unless it is a live run of this store: checked before the parent run is
+    made or reopened, so that a stale id leaves no parent RUNNING."""
     run = _get_run(launcher)
     if run is None or run.info.lifecycle_stage == "deleted":
         state = "not in" if run is None else "deleted from"
         raise UserError(f"launcher run {launcher} (MLFLOW_RUN_ID): {state} the tracking store "
                         f"({mlflow.get_tracking_uri()}); unset MLFLOW_RUN_ID to start a sweep of its own")
+    return run
 
 
-def _list_on_launcher(launcher: str | None, parent: str) -> None:
+def _list_on_launcher(launcher, parent: str) -> None:
     """Add ``parent`` to the launcher run's list of sweeps (tag ``pipeline.sweep_run_id``) as
     the sweep starts: a ``main`` interrupted later still names every sweep it ran or resumed,
     including a study an earlier ``main`` made (whose parent run nests under that one)."""
-    if not launcher:
+    if launcher is None:
         return
-    client = tracking.client()
-    listed = [rid for rid in client.get_run(launcher).data.tags.get(naming.SWEEP_RUNS, "").split(",") if rid]
+    listed = [rid for rid in launcher.data.tags.get(naming.SWEEP_RUNS, "").split(",") if rid]
     if parent not in listed:
-        client.set_tag(launcher, naming.SWEEP_RUNS, ",".join([*listed, parent]))
+        tracking.client().set_tag(launcher.info.run_id, naming.SWEEP_RUNS, ",".join([*listed, parent]))
 
 
 def _reopen(study: optuna.Study, experiment_name: str) -> tuple[str, str] | None:
@@ -126,12 +125,13 @@ def _moved(study: optuna.Study, origin: Origin, finished: int) -> str:
             f"use that store, or start afresh (another study name, or delete the study from its storage)")
 
 
-def _create(study: optuna.Study, origin: Origin, experiment: str) -> str:
+def _create(study: optuna.Study, origin: Origin, experiment: str, launcher_run) -> str:
     """A new parent run for the study: tags, params and the sweep file. It nests under the
-    launcher run when both are in one experiment; otherwise the two are linked by tags."""
+    launcher run (None: there is none) when both are in one experiment; otherwise the two are
+    linked by tags."""
     spec, client = origin.spec, tracking.client()
     launcher = origin.launcher
-    nest = launcher if launcher and client.get_run(launcher).info.experiment_id == experiment else None
+    nest = launcher if launcher_run is not None and launcher_run.info.experiment_id == experiment else None
     tags = {naming.STEP: "sweep", naming.SWEEP_NAME: spec.name, naming.STUDY: study.study_name,
             naming.KIND: spec.kind, naming.REPORT: spec.report,
             naming.STORAGE: storages.study_url(origin.storage, study.study_name),
