@@ -20,7 +20,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 
-from pipeline import figures, findings, naming, paths, studies, study_figures, tables, tracking
+from pipeline import findings, naming, paths, studies, study_figures, tables, tracking
 from pipeline.errors import UserError
 from pipeline.progress import progress_bar
 from pipeline.runs import has_trial_runs, outcomes, resolve_run_ids, sweep_run, trial_records
@@ -186,7 +186,7 @@ def _export_sweep(parent, sweep: str, kind: str, out: Path,
         pngs, pages = [], []
         if FIGURE_FORMATS & wanted:
             _stage(bar, "drawing the figures")
-            pngs = _pngs(trials, curves, sweep, out, [f for f in figures.VECTOR_FORMATS if f in wanted])
+            pngs = _pngs(trials, curves, sweep, out, wanted)
         if {"html", "md"} & wanted:
             pages = _optuna_pages(parent, out, lambda name: _stage(bar, f"Optuna: {name}"))
         _stage(bar, "writing the tables")
@@ -245,10 +245,14 @@ def _stage(bar, name: str) -> None:
 
 
 def _pngs(trials: pd.DataFrame, curves: pd.DataFrame, sweep: str, out: Path,
-          vector: list[str]) -> list[Path]:
-    """The PNG figures (and their ``vector`` copies, listed after them): loss curves and gaps
-    when the sweep holds the seed's comparison, accuracy against the positive fraction for
-    sweeps of heads."""
+          wanted: set[str]) -> list[Path]:
+    """The PNG figures (and their copies in the ``wanted`` vector formats, listed after them):
+    loss curves and gaps when the sweep holds the seed's comparison, accuracy against the
+    positive fraction for sweeps of heads. Matplotlib comes with :mod:`pipeline.figures`, here:
+    an export that draws nothing does not import it."""
+    from pipeline import figures
+
+    vector = [f for f in figures.VECTOR_FORMATS if f in wanted]
     pngs = []
     if not curves.empty:
         pngs = [figures.loss_curves(curves, out / "loss_curves.png", f"{sweep}: loss per epoch", vector),

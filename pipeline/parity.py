@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import figures, lineage, naming, records, tracking
+from pipeline import lineage, naming, records, tracking
 from pipeline.config import ParityConfig
 from pipeline.metrics import sigmoid
 from pipeline.results import TrialResult
@@ -131,6 +131,10 @@ def log_parity(run_id: str, experiment: str, result: ParityResult, split: Split,
 
 
 def _log_figures(run_id: str, result: ParityResult) -> None:
+    """Chart the heads' losses and gaps on ``run_id``. Matplotlib is imported here, when a
+    parity result is drawn, not by every sweep that imports this module."""
+    from pipeline import figures
+
     curves = result.curves()
     title = naming.parity_run_name(result.config)
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,9 +2,10 @@
 
 ``--help``, ``export`` and an error on bad input answer without the seconds ``import
 tensorflow`` takes, and without scikit-learn's second unless they need it (Optuna's
-importances; a split needs none: tests/test_split.py). The commands run in a fresh interpreter,
-as a user runs them, which reports after each command which of ``tensorflow``, ``keras`` and
-``sklearn`` have been imported so far.
+importances; a split needs none: tests/test_split.py); a sweep draws nothing, so it imports
+no matplotlib either. The commands run in a fresh interpreter, as a user runs them, which
+reports after each command which of ``tensorflow``, ``keras``, ``sklearn`` and ``matplotlib``
+have been imported so far.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SWEEP = str(ROOT / "sweeps" / "default.yaml")
 REPORT = "after the command:"
 # Runs each command of a JSON list through the CLI's entry point, one after the other, and
-# after each one reports its exit status and which of TensorFlow, Keras and scikit-learn are
-# imported so far
-# (on stdout and stderr alike, so that both can be split by command).
+# after each one reports its exit status and which of TensorFlow, Keras, scikit-learn and
+# matplotlib are imported so far (on stdout and stderr alike, so that both can be split by
+# command).
 PROBE = f"""
 import json, sys
 from pipeline.cli import main
@@ -39,7 +40,7 @@ for args in json.loads(sys.argv[1]):
         status = 0
     except SystemExit as exit:
         status = exit.code or 0
-    heavy = sorted({{"tensorflow", "keras", "sklearn"}} & set(sys.modules))
+    heavy = sorted({{"tensorflow", "keras", "sklearn", "matplotlib"}} & set(sys.modules))
     line = {REPORT!r} + " " + json.dumps([status, heavy])
     print(line, flush=True)
     print(line, file=sys.stderr, flush=True)
@@ -113,7 +114,8 @@ def test_help_and_bad_input_import_no_tensorflow(tmp_path):
 
 
 def test_export_of_a_sweep_imports_no_tensorflow(tmp_path):
-    """Export never imports TensorFlow; scikit-learn comes only with Optuna's pages (``md``)."""
+    """Export never imports TensorFlow; matplotlib comes with the figures (``png``; ``md``
+    brings them too), scikit-learn only with Optuna's pages (``md``)."""
     grid = {"activation": ["sigmoid", "softmax"], "units": [2], "loss": ["categorical_crossentropy"],
             "learning_rate": [0.01, 0.1], "init": ["glorot_uniform"]}
     sweep = make_sweep(tmp_path, grid=grid)
@@ -124,7 +126,7 @@ def test_export_of_a_sweep_imports_no_tensorflow(tmp_path):
     assert tables[0] == pages[0] == 0, (tables[3] + pages[3])[-2000:]
     assert (tmp_path / "tables" / "summary.csv").exists()
     assert (tmp_path / "pages" / "param_importances.html").exists()
-    assert (tables[1], pages[1]) == ([], ["sklearn"])
+    assert (tables[1], pages[1]) == (["matplotlib"], ["matplotlib", "sklearn"])
 
 
 def test_sweep_and_records_modules_import_no_tensorflow(tmp_path):
@@ -134,8 +136,9 @@ def test_sweep_and_records_modules_import_no_tensorflow(tmp_path):
 
 
 def test_a_fused_sweep_imports_no_tensorflow(tmp_path):
-    """The fused engine trains without TensorFlow, and the split needs no scikit-learn: a sweep
-    whose heads it trains imports neither, from the command line to the last record."""
+    """The fused engine trains without TensorFlow, the split needs no scikit-learn and a sweep
+    draws no figure: a sweep whose heads it trains imports none of them, from the command line
+    to the last record."""
     write_features(tmp_path / "features.h5", *make_features(), {})
     sweep = write_sweep(tmp_path, {"name": "grid", "experiment": "no-tensorflow", "sampler": "grid",
                                    "seeds": [0], "engine": "fused", "fixed": {"epochs": 2, "dropout": 0.5},
