@@ -3,6 +3,7 @@
 Usage (from the repository root)::
 
     python benchmarks/sweep_throughput.py [--keras-trials 6] [--peer-trials 6]
+    python benchmarks/sweep_throughput.py --whole [--peer-trials 4] [--repeats 3]
 
 It writes a seed-sized features file (20,000 x 2,048 float32, half of each class; 80/20
 split) to a temporary folder and times, each in a fresh Python process (TensorFlow imported
@@ -25,10 +26,12 @@ before the clock starts; features read, trained, and every record written after)
 ``python -m pipeline sweep`` on ``sweeps/seed_grid64.yaml`` into an MLflow store that already
 exists, and into a new one; the same command with every head's result replayed from a file
 (``replay``: the fused engine's results of these 64 heads, trained beforehand in another
-process, handed back by an engine that trains nothing and imports no TensorFlow: the whole
-command's floor for any engine, the records and everything else unchanged); and the peer's
+process, handed back by an engine that trains nothing and imports no TensorFlow: everything a
+sweep does but training, with nothing for the MLflow writer thread to overlap); and the peer's
 whole process (interpreter, imports, its sampled trials; its 64 trials extrapolated as below,
-its start-up counted once).
+its start-up counted once). Each sweep command runs ``--repeats`` times, the three in turn,
+each run into a store and study of its own (a study already finished in a store would only be
+resumed); the ratios use the medians. The peer runs once.
 
 Sampled runs are extrapolated per trial to 64 (stated in the output). Every run records into
 its own SQLite MLflow store, as ``make run`` does. The fused run also reports its peak RSS
@@ -48,6 +51,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP = ROOT / "sweeps" / "seed_grid64.yaml"
@@ -301,39 +305,48 @@ def timed_command(argv: list[str], env: dict, cwd: Path) -> tuple[float, float, 
         return wall, usage.ru_utime + usage.ru_stime, out.read()
 
 
-def whole_commands(tmp: Path, peer_trials: int) -> None:
-    """The sweep command into an existing and into a new store, and the peer's whole process."""
+def whole_commands(tmp: Path, peer_trials: int, repeats: int) -> None:
+    """The sweep command into an existing and into a new store, the replay, each ``repeats``
+    times in turn (each run into a store of its own: a study already finished there would
+    only be resumed), and the peer's whole process once."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("MLFLOW_RUN_ID", None)
     features = tmp / "features.h5"
     sweep = [sys.executable, "-m", "pipeline", "sweep", "--features", str(features), "--sweep", str(SWEEP)]
-    existing = tmp / "existing"
-    existing.mkdir()
-    timed_command([sys.executable, "-c", "import mlflow, sys; mlflow.MlflowClient(sys.argv[1])"
-                   ".search_experiments()", f"sqlite:///{existing / 'mlflow.db'}"], env, existing)
     timed_command([sys.executable, __file__, "--part", "results", "--folder", str(tmp)], env, tmp)
     replay = [sys.executable, __file__, "--replay", str(tmp / "results.pkl"), *sweep[3:]]
-    rows = {}
-    for name, folder, argv in (("sweep, existing store", existing, sweep),
-                               ("sweep, new store", tmp / "new", sweep),
-                               ("replay (no training), existing store", existing, replay)):
-        folder.mkdir(exist_ok=True)
-        store = {"MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
-        rows[name] = timed_command(argv, {**env, **store}, folder)[:2]
+    commands = {"sweep, existing store": (sweep, True, "sweep-existing"),
+                "sweep, new store": (sweep, False, "sweep-new"),
+                "replay (no training), existing store": (replay, True, "replay-existing")}
+    rows: dict[str, list[tuple[float, float]]] = {name: [] for name in commands}
+    for i in range(repeats):
+        for name, (argv, existing, label) in commands.items():
+            folder = tmp / f"{label}-{i}"
+            folder.mkdir()
+            uri = f"sqlite:///{folder / 'mlflow.db'}"
+            if existing:  # MLflow creates the store's tables before the clock starts
+                timed_command([sys.executable, "-c", "import mlflow, sys; mlflow.MlflowClient(sys.argv[1])"
+                               ".search_experiments()", uri], env, folder)
+            rows[name].append(timed_command(argv, {**env, "MLFLOW_TRACKING_URI": uri}, folder)[:2])
     wall, cpu, out = timed_command([sys.executable, __file__, "--part", "peer", "--folder", str(tmp),
                                     "--peer-trials", str(peer_trials)], env, tmp)
     peer = json.loads(out.strip().splitlines()[-1])
     start_up = wall - peer["seconds"]
     peer_wall = start_up + extrapolate(peer)
     peer_cpu = (cpu - peer["cpu_seconds"]) + peer["cpu_seconds"] * extrapolate(peer) / peer["seconds"]
-    rows[f"peer ({peer_trials} trials timed, 64 extrapolated)"] = (peer_wall, peer_cpu)
     print(f"whole commands, {SWEEP.relative_to(ROOT)} on {ROWS} x {DIM} features; load "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"{'command':<46} {'wall s':>7} {'CPU s':>7}")
-    for name, (w, c) in rows.items():
-        print(f"{name:<46} {w:>7.1f} {c:>7.1f}")
-    for name in ("sweep, existing store", "sweep, new store", "replay (no training), existing store"):
-        print(f"peer / {name}: {peer_wall / rows[name][0]:.1f}x wall, {peer_cpu / rows[name][1]:.1f}x CPU")
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; each sweep command {repeats} times in "
+          f"turn (median, and the runs), the peer once")
+    print(f"{'command':<46} {'wall s':>7} {'CPU s':>7}  runs (wall s)")
+    for name, runs in rows.items():
+        walls = [w for w, _ in runs]
+        print(f"{name:<46} {median(walls):>7.1f} {median([c for _, c in runs]):>7.1f}  "
+              f"{' '.join(f'{w:.1f}' for w in walls)}")
+    print(f"{f'peer ({peer_trials} trials timed, 64 extrapolated)':<46} {peer_wall:>7.1f} {peer_cpu:>7.1f}")
+    for name, runs in rows.items():
+        walls = [w for w, _ in runs]
+        print(f"peer / {name}: {peer_wall / median(walls):.1f}x wall (runs {peer_wall / max(walls):.1f}-"
+              f"{peer_wall / min(walls):.1f}x), {peer_cpu / median([c for _, c in runs]):.1f}x CPU")
 
 
 def main() -> None:
@@ -341,6 +354,8 @@ def main() -> None:
     parser.add_argument("--keras-trials", type=int, default=6, help="trials of the keras engine timed")
     parser.add_argument("--peer-trials", type=int, default=6, help="trials of the peer loop timed")
     parser.add_argument("--whole", action="store_true", help="time whole commands, start to exit")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="with --whole: runs of each sweep command, in turn (default 3)")
     parser.add_argument("--part", help=argparse.SUPPRESS)
     parser.add_argument("--replay", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -371,7 +386,7 @@ def main() -> None:
         make_features(Path(tmp) / "features.h5")
         os.sync()  # the file's pages on disk before any clock starts, not written back during one
         if args.whole:
-            whole_commands(Path(tmp), args.peer_trials)
+            whole_commands(Path(tmp), args.peer_trials, args.repeats)
             return
         size_mb = (Path(tmp) / "features.h5").stat().st_size / 2**20
         load = os.getloadavg()
