@@ -58,6 +58,7 @@ from pipeline.split import Split, batch_order, make_split, standardize, stratifi
 from pipeline.start_weights import initial_weights, layer_seeds
 
 MAX_HEADS = 256  # heads per pass; more are split into several passes
+_METRIC_HEADS = 16  # heads scored together: 2 MiB of float64 a head-block of 16,000 rows
 SLOTS = {"sgd": (), "momentum": ("m",), "nesterov": ("m",), "adam": ("m", "v"), "adamw": ("m", "v"),
          "rmsprop": ("v",), "adagrad": ("acc",), "adadelta": ("g2", "d2")}
 SLOT_START = {"acc": 0.1}  # Adagrad's initial_accumulator_value; every other slot starts at 0
@@ -266,19 +267,31 @@ def _epoch_values(rows: Rows, sizes: np.ndarray, losses: np.ndarray, correct: np
     """Each head's metrics of an epoch (:data:`EPOCH_METRICS`), as KerasEngine records them:
     Keras's running training loss (each step's ``losses``, weighted by its batch ``sizes``) and
     counts of right predictions, its validation loss, and ours from the probabilities ``p`` of
-    every row in inference mode."""
-    y_train, y_val = rows.y[rows.train], rows.y[rows.val]
-    p_train, p_val = p[rows.train], p[rows.val]
+    every row in inference mode (:func:`_scores`)."""
     epoch_loss = sizes @ losses / len(rows.train)
+    scores = _scores(p, rows)
     return [{"loss": float(np.float32(epoch_loss[j])),
              "val_loss": float(val_loss[j]),
-             "accuracy": metrics.accuracy(p_train[:, j], y_train),
-             "val_accuracy": metrics.accuracy(p_val[:, j], y_val),
-             "prob_loss": metrics.prob_loss(p_train[:, j], y_train),
-             "val_prob_loss": metrics.prob_loss(p_val[:, j], y_val),
+             **{name: float(values[j]) for name, values in scores.items()},
              "keras_accuracy": float(np.float32(correct[j] / len(rows.train))),
-             "keras_val_accuracy": float(np.float32(val_correct[j] / len(y_val)))}
+             "keras_val_accuracy": float(np.float32(val_correct[j] / len(rows.val)))}
             for j in range(len(val_loss))]
+
+
+def _scores(p: np.ndarray, rows: Rows) -> dict[str, np.ndarray]:
+    """Each head's accuracy and probability loss on the training and validation rows, from the
+    probabilities ``p`` (rows x heads): :data:`_METRIC_HEADS` heads at a time, a block whose
+    float64 copies stay in cache, each head reduced as it is on its own."""
+    y_train, y_val = rows.y[rows.train], rows.y[rows.val]
+    p_train, p_val = p[rows.train], p[rows.val]
+    names = ("accuracy", "val_accuracy", "prob_loss", "val_prob_loss")
+    scores = {name: np.empty(p.shape[1]) for name in names}
+    for start in range(0, p.shape[1], _METRIC_HEADS):
+        heads = slice(start, start + _METRIC_HEADS)
+        for prefix, probabilities, y in (("", p_train, y_train), ("val_", p_val, y_val)):
+            scores[f"{prefix}accuracy"][heads] = metrics.accuracies(probabilities[:, heads].T, y)
+            scores[f"{prefix}prob_loss"][heads] = metrics.prob_losses(probabilities[:, heads].T, y)
+    return scores
 
 
 def _start_state(heads: Sequence[TrialConfig], columns: list[slice], n_features: int,

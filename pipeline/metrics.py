@@ -35,14 +35,25 @@ def positive_probability(outputs: np.ndarray, activation: str = "sigmoid") -> np
 
 def prob_loss(p_positive: np.ndarray, y: np.ndarray) -> float:
     """Binary cross-entropy of the predicted probabilities, clipped to [1e-7, 1 - 1e-7]."""
-    p = np.clip(np.asarray(p_positive, dtype=np.float64), EPSILON, 1 - EPSILON)
+    return float(prob_losses(np.reshape(p_positive, (1, -1)), y)[0])
+
+
+def prob_losses(p_heads: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """:func:`prob_loss` of each row of ``p_heads`` (heads x examples) on labels ``y``: each row
+    summed as a head's probabilities alone are, so a head scores the same in any company."""
+    p = np.clip(np.ascontiguousarray(p_heads, dtype=np.float64), EPSILON, 1 - EPSILON)
     y = np.asarray(y, dtype=np.float64)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+    return -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p), axis=-1)
 
 
 def accuracy(p_positive: np.ndarray, y: np.ndarray) -> float:
     """Fraction right when the prediction is label 1 iff P(label 1) >= 0.5."""
-    return float(np.mean((np.asarray(p_positive) >= 0.5) == np.asarray(y, dtype=bool)))
+    return float(accuracies(np.reshape(p_positive, (1, -1)), y)[0])
+
+
+def accuracies(p_heads: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """:func:`accuracy` of each row of ``p_heads`` (heads x examples) on labels ``y``."""
+    return np.mean((np.ascontiguousarray(p_heads) >= 0.5) == np.asarray(y, dtype=bool), axis=-1)
 
 
 def is_collapsed(p_positive: np.ndarray) -> bool:

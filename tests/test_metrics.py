@@ -9,11 +9,13 @@ import pytest
 
 from pipeline.metrics import (
     EPSILON,
+    accuracies,
     accuracy,
     collapse_expectation,
     is_collapsed,
     positive_probability,
     prob_loss,
+    prob_losses,
 )
 
 
@@ -47,6 +49,20 @@ def test_collapse_expectation_reproduces_the_seed_number():
     y = np.array([1] * 53 + [0] * 47)
     assert collapse_expectation(y)["prob_loss"] == pytest.approx(0.47 * 16.1181, abs=1e-3)
     assert round(collapse_expectation(y)["prob_loss"], 1) == 7.6
+
+
+@pytest.mark.parametrize("heads, rows", [(1, 7), (3, 1000), (16, 16_001), (5, 4_099)])
+def test_a_head_scores_the_same_alone_and_among_others(heads, rows):
+    """The per-head forms score each row of a block exactly (to the bit) as the head's
+    probabilities alone, passed as the fused engine passes them (float32, a transposed view of
+    rows x heads), for sizes around NumPy's blocks of pairwise summation."""
+    rng = np.random.default_rng(heads * rows)
+    p = rng.random((heads, rows), dtype=np.float32)
+    p[rng.random((heads, rows)) < 0.1] = 1.0
+    y = rng.integers(0, 2, rows)
+    block = np.ascontiguousarray(p.T).T
+    assert prob_losses(block, y).tolist() == [prob_loss(p[j].copy(), y) for j in range(heads)]
+    assert accuracies(block, y).tolist() == [accuracy(p[j].copy(), y) for j in range(heads)]
 
 
 def test_accuracy_threshold_at_one_half():
