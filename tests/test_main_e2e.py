@@ -11,6 +11,7 @@ import mlflow
 import pandas as pd
 import pytest
 import yaml
+from mlflow.utils.file_utils import local_file_uri_to_path
 
 from pipeline import naming
 
@@ -30,6 +31,11 @@ def mlflow_run_twice(tmp_path_factory):
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("MLFLOW_RUN_ID", None)
+    # `mlflow run` runs the entry point in the project's folder, where a new experiment would
+    # keep its artifacts (./mlruns): the sweep's experiment is made here first, beside the store
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp)
+        mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).create_experiment(sweep["experiment"])
     command = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local",
                "-P", f"sweep={tmp / 'tiny.yaml'}", "-P", f"output={tmp / 'out'}",
                "-P", "weights=random"]
@@ -55,8 +61,10 @@ def test_main_leaves_features_runs_and_exports(mlflow_run_twice):
 
 
 def test_runs_nest_under_the_main_run(mlflow_run_twice):
-    _, (first, _) = mlflow_run_twice
+    tmp, (first, _) = mlflow_run_twice
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    artifacts = [Path(local_file_uri_to_path(r.info.artifact_uri)) for r in runs]
+    assert all(path.is_relative_to(tmp) for path in artifacts), artifacts  # none in the repo
     by_step = {}
     for run in runs:
         by_step.setdefault(run.data.tags.get(naming.STEP), []).append(run)
