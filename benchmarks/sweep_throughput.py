@@ -274,6 +274,7 @@ def replay_sweep(results: Path, argv: list[str]) -> None:
 
     sweep.make_engine = lambda name: ReplayEngine()
     cli_main(argv)
+    gc.freeze()  # as `python -m pipeline` does before it exits
     if "tensorflow" in sys.modules:
         sys.exit("replay: TensorFlow was imported")
     sys.exit(0)
@@ -349,12 +350,19 @@ def whole_commands(tmp: Path, peer_trials: int, repeats: int) -> None:
               f"{peer_wall / min(walls):.1f}x), {peer_cpu / median([c for _, c in runs]):.1f}x CPU")
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keras-trials", type=int, default=6, help="trials of the keras engine timed")
     parser.add_argument("--peer-trials", type=int, default=6, help="trials of the peer loop timed")
     parser.add_argument("--whole", action="store_true", help="time whole commands, start to exit")
-    parser.add_argument("--repeats", type=int, default=3,
+    parser.add_argument("--repeats", type=_at_least_one, default=3,
                         help="with --whole: runs of each sweep command, in turn (default 3)")
     parser.add_argument("--part", help=argparse.SUPPRESS)
     parser.add_argument("--replay", help=argparse.SUPPRESS)

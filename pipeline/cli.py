@@ -9,7 +9,6 @@ line ``error: ...`` on stderr and exit status 2; Ctrl-C with status 130, SIGTERM
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import sys
 from typing import Literal, get_args, get_origin
@@ -274,9 +273,6 @@ def main(argv: list[str] | None = None) -> None:
     output_before = _file_state(args.output) if args.command == "extract" else None
     try:
         run(args)
-        # What the command leaves is freed with the process; frozen, it is spared the final
-        # collection Python runs over every tracked object at exit (after a sweep, ~0.3 s).
-        gc.freeze()
     except UserError as exc:
         print(f"error: {one_line(str(exc))}", file=sys.stderr)
         sys.exit(2)

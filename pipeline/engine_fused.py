@@ -58,7 +58,7 @@ from pipeline.split import Split, batch_order, make_split, standardize, stratifi
 from pipeline.start_weights import initial_weights, layer_seeds
 
 MAX_HEADS = 256  # heads per pass; more are split into several passes
-_METRIC_HEADS = 16  # heads scored together: 2 MiB of float64 a head-block of 16,000 rows
+_METRIC_HEADS = 16  # heads whose accuracies and losses are computed together (_scores)
 SLOTS = {"sgd": (), "momentum": ("m",), "nesterov": ("m",), "adam": ("m", "v"), "adamw": ("m", "v"),
          "rmsprop": ("v",), "adagrad": ("acc",), "adadelta": ("g2", "d2")}
 SLOT_START = {"acc": 0.1}  # Adagrad's initial_accumulator_value; every other slot starts at 0
@@ -280,8 +280,9 @@ def _epoch_values(rows: Rows, sizes: np.ndarray, losses: np.ndarray, correct: np
 
 def _scores(p: np.ndarray, rows: Rows) -> dict[str, np.ndarray]:
     """Each head's accuracy and probability loss on the training and validation rows, from the
-    probabilities ``p`` (rows x heads): :data:`_METRIC_HEADS` heads at a time, a block whose
-    float64 copies stay in cache, each head reduced as it is on its own."""
+    probabilities ``p`` (rows x heads), each head reduced as it is on its own. Heads go
+    :data:`_METRIC_HEADS` at a time: the float64 copies of a block are a few MiB, where all 64
+    heads' at once (tens of MiB) take longer than one head at a time."""
     y_train, y_val = rows.y[rows.train], rows.y[rows.val]
     p_train, p_val = p[rows.train], p[rows.val]
     names = ("accuracy", "val_accuracy", "prob_loss", "val_prob_loss")

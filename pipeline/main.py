@@ -60,6 +60,7 @@ def run_main(images: str = "builtin:digits", weights: str = "auto",
     first sweep's experiment; the extract step is nested under it, and so is a sweep's parent
     run when both live in the same experiment (otherwise they are linked by tags).
     """
+    from pipeline.export import export
     from pipeline.sweep import check_splits, run_sweep
 
     sweeps = [part.strip() for part in sweep.split(",") if part.strip()]
@@ -95,8 +96,6 @@ def run_main(images: str = "builtin:digits", weights: str = "auto",
                                 progress=progress)
             print(outcome.line(), file=sys.stderr)
             parents.append(outcome.parent_run_id)
-        from pipeline.export import export  # matplotlib with it: bad input answers without
-
         exported = export(",".join(parents), str(out / "export"), "csv,md,tex,png")
     return MainOutcome(main_run, extract_run, reused, parents[0], exported.files, tuple(parents))
 

@@ -53,7 +53,7 @@ def accuracy(p_positive: np.ndarray, y: np.ndarray) -> float:
 
 def accuracies(p_heads: np.ndarray, y: np.ndarray) -> np.ndarray:
     """:func:`accuracy` of each row of ``p_heads`` (heads x examples) on labels ``y``."""
-    return np.mean((np.ascontiguousarray(p_heads) >= 0.5) == np.asarray(y, dtype=bool), axis=-1)
+    return np.mean((np.asarray(p_heads) >= 0.5) == np.asarray(y, dtype=bool), axis=-1)
 
 
 def is_collapsed(p_positive: np.ndarray) -> bool:

@@ -63,6 +63,12 @@ def test_a_head_scores_the_same_alone_and_among_others(heads, rows):
     block = np.ascontiguousarray(p.T).T
     assert prob_losses(block, y).tolist() == [prob_loss(p[j].copy(), y) for j in range(heads)]
     assert accuracies(block, y).tolist() == [accuracy(p[j].copy(), y) for j in range(heads)]
+    # and each is the head's cross-entropy and accuracy written out for one head, to the bit
+    for j in range(heads):
+        clipped, labels = np.clip(p[j].astype(np.float64), EPSILON, 1 - EPSILON), y.astype(np.float64)
+        one_head = -np.mean(labels * np.log(clipped) + (1 - labels) * np.log(1 - clipped))
+        assert prob_loss(p[j], y) == one_head
+        assert accuracy(p[j], y) == np.mean((p[j] >= 0.5) == y.astype(bool))
 
 
 def test_accuracy_threshold_at_one_half():

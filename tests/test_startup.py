@@ -69,8 +69,8 @@ HELP = [["--help"], ["sweep", "--help"], ["export", "--help"]]
 
 def run_commands(commands: list[list[str]], cwd: Path, store: str) -> list[tuple[int, list, str, str]]:
     """``commands`` through the CLI, one after the other in one fresh interpreter, MLflow pointed
-    at ``store``: for each, its exit status, what of TensorFlow, Keras and scikit-learn was
-    imported by then, and its stdout and stderr."""
+    at ``store``: for each, its exit status, what of TensorFlow, Keras, scikit-learn and
+    matplotlib was imported by then, and its stdout and stderr."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": store}
     env.pop("MLFLOW_RUN_ID", None)
     proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(commands)], cwd=cwd, env=env,
@@ -131,8 +131,9 @@ def test_export_of_a_sweep_imports_no_tensorflow(tmp_path):
 
 def test_sweep_and_records_modules_import_no_tensorflow(tmp_path):
     code = ("import sys; import pipeline.sweep, pipeline.records, pipeline.parity, pipeline.export, "
-            "pipeline.results; print(sorted({'tensorflow', 'keras'} & set(sys.modules)))")
-    assert fresh_python(code, tmp_path) == "[]"  # TensorFlow comes with the Keras engine only
+            "pipeline.results; print(sorted({'tensorflow', 'keras', 'matplotlib'} & set(sys.modules)))")
+    # TensorFlow comes with the Keras engine only, matplotlib with a figure drawn
+    assert fresh_python(code, tmp_path) == "[]"
 
 
 def test_a_fused_sweep_imports_no_tensorflow(tmp_path):
