@@ -222,7 +222,7 @@ def _train_pass(configs: Sequence[TrialConfig], rows: Rows,
     history = [{name: [] for name in EPOCH_METRICS} for _ in configs]
     step_loss: list[list[float]] = [[] for _ in configs]
     ended: dict[int, Exception] = {}
-    p_val = None
+    p = None  # the last epoch's P(label 1) of every row and head
     try:
         for epoch in range(first.epochs):
             batches = batch_order(n_train, first.batch_size, first.batch_seed, epoch)
@@ -230,7 +230,6 @@ def _train_pass(configs: Sequence[TrialConfig], rows: Rows,
             losses, correct = _train_epoch(rows.x, rows.y, order, first.batch_size, epoch * len(sizes),
                                            mask_seed, float(first.dropout), state, spec, first.optimizer)
             p, val_loss, val_correct = _evaluate(rows.x, rows.y, rows.val, state, spec)
-            p_val = p[rows.val]
             losses = losses.astype(np.float64)
             per_head = _epoch_values(rows, sizes, losses, correct, p, val_loss, val_correct)
             for j, values in enumerate(per_head):
@@ -249,6 +248,7 @@ def _train_pass(configs: Sequence[TrialConfig], rows: Rows,
     except Exception as exc:  # the computation failed: every head still training fails with it
         ended.update({j: exc for j in range(len(configs)) if j not in ended})
     kernel, bias = state["kernel"], state["bias"]
+    p_val = p[rows.val] if len(ended) < len(configs) else None
     outcomes: list[Outcome | None] = [None] * len(configs)
     for j in range(len(configs)):
         if j in ended:
