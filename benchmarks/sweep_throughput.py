@@ -335,6 +335,14 @@ def whole_commands(tmp: Path, peer_trials: int, repeats: int) -> None:
     start_up = wall - peer["seconds"]
     peer_wall = start_up + extrapolate(peer)
     peer_cpu = (cpu - peer["cpu_seconds"]) + peer["cpu_seconds"] * extrapolate(peer) / peer["seconds"]
+    report_whole(rows, f"peer ({peer_trials} trials timed, 64 extrapolated)", peer_wall, peer_cpu)
+
+
+def report_whole(rows: dict[str, list[tuple[float, float]]], peer_name: str, peer_wall: float,
+                 peer_cpu: float) -> None:
+    """Print each sweep command's median wall and CPU seconds and its runs, the peer's, and the
+    ratios of the peer to each median (and to the fastest and slowest run)."""
+    repeats = len(next(iter(rows.values())))
     print(f"whole commands, {SWEEP.relative_to(ROOT)} on {ROWS} x {DIM} features; load "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; each sweep command {repeats} times in "
           f"turn (median, and the runs), the peer once")
@@ -343,7 +351,7 @@ def whole_commands(tmp: Path, peer_trials: int, repeats: int) -> None:
         walls = [w for w, _ in runs]
         print(f"{name:<46} {median(walls):>7.1f} {median([c for _, c in runs]):>7.1f}  "
               f"{' '.join(f'{w:.1f}' for w in walls)}")
-    print(f"{f'peer ({peer_trials} trials timed, 64 extrapolated)':<46} {peer_wall:>7.1f} {peer_cpu:>7.1f}")
+    print(f"{peer_name:<46} {peer_wall:>7.1f} {peer_cpu:>7.1f}")
     for name, runs in rows.items():
         walls = [w for w, _ in runs]
         print(f"peer / {name}: {peer_wall / median(walls):.1f}x wall (runs {peer_wall / max(walls):.1f}-"
