@@ -26,6 +26,7 @@ from mlflow.utils.time import get_current_time_millis
 
 from pipeline import lineage, naming, paths
 from pipeline.errors import Terminated, UserError
+from pipeline.sqlite_wal import use_wal
 
 STUDY_JOURNAL = "optuna-journal.log"  # the default Optuna storage's file, beside the store
 MAX_METRICS_PER_BATCH = 1000
@@ -147,8 +148,9 @@ def prepare_store() -> None:
     :class:`UserError`). MLflow creates a fresh SQLite store's tables in the first process that
     opens it, and processes doing that at the same moment break each other's migrations; so
     from here on, opening a SQLite store holds an exclusive lock on its folder (``flock`` on
-    the folder itself: no lock file) until MLflow has created or checked the tables. The store
-    itself is not opened here, so a command that stops on bad input still leaves none.
+    the folder itself: no lock file) until MLflow has created or checked the tables; its
+    connections then write ahead when it is on a local disk (:mod:`pipeline.sqlite_wal`). The
+    store itself is not opened here, so a command that stops on bad input still leaves none.
     """
 
     local = local_store(mlflow.get_tracking_uri())
@@ -165,7 +167,8 @@ def prepare_store() -> None:
 
 def _folder_locked(builder):
     """``builder`` (MLflow's SQLite store constructor) run under an exclusive lock on the
-    database's folder, so that one process at a time creates or checks the tables."""
+    database's folder, so that one process at a time creates or checks the tables (and
+    switches the journal: :func:`pipeline.sqlite_wal.use_wal`)."""
     @functools.wraps(builder)
     def build(store_uri, artifact_uri=None):
         database = paths.database_file(store_uri)
@@ -177,7 +180,9 @@ def _folder_locked(builder):
             return builder(store_uri=store_uri, artifact_uri=artifact_uri)
         try:
             fcntl.flock(folder, fcntl.LOCK_EX)
-            return builder(store_uri=store_uri, artifact_uri=artifact_uri)
+            store = builder(store_uri=store_uri, artifact_uri=artifact_uri)
+            use_wal(store.engine, database)
+            return store
         finally:
             os.close(folder)  # releases the lock
 

@@ -67,6 +67,7 @@ def _worker_main(job: runner.Job) -> None:
 
     quiet_tensorflow()
     mlflow.set_tracking_uri(job.tracking_uri)
+    tracking.prepare_store()
     tracking.install_sigterm_handler()
     try:
         worker = load_worker(job)

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
 
 import mlflow
 import pytest
 
 import pipeline.tracking as track
-from pipeline import naming
+from pipeline import naming, sqlite_wal
 from pipeline.errors import UserError
+from pipeline.features import write_features
+from tests.helpers import SMALL_STUDY, make_features, write_sweep
 
 
 def client() -> mlflow.MlflowClient:
@@ -204,3 +210,63 @@ def test_local_store_is_where_mlflow_keeps_a_local_store(uri, local, monkeypatch
         assert track.default_study_storage() == os.path.join(folder, "optuna-journal.log")
     finally:
         mlflow.set_tracking_uri(None)
+
+
+MOUNTS = r"""27 1 254:0 / / rw,relatime - ext4 /dev/vda rw
+40 27 0:51 / /mnt/lab\040share rw,relatime - nfs4 server:/lab rw,vers=4.2
+41 40 0:52 / /mnt/lab\040share/scratch rw,relatime - tmpfs tmpfs rw
+42 27 0:53 / /mnt/lab rw,relatime - xfs /dev/vdb rw
+43 27 0:54 / /mnt/lab rw,relatime - cifs //nas/lab rw"""
+
+
+@pytest.mark.parametrize(("path", "filesystem"), [
+    ("/home/me/mlflow.db", "ext4"), ("/mnt/lab share/runs", "nfs4"), ("/mnt/lab share", "nfs4"),
+    ("/mnt/lab share/scratch/x", "tmpfs"), ("/mnt/lab/x", "cifs"), ("/mnt/labx", "ext4"),
+], ids=["root", "network", "mount point", "local inside network", "mounted over", "name prefix"])
+def test_filesystem_of_reads_the_closest_mount_in_linuxs_table(path, filesystem):
+    """The mount point closest to the path holds it (a mount point's escaped space decoded);
+    of two mounts on one point the later one; a name that only starts like a mount point
+    is not under it."""
+    assert sqlite_wal.filesystem_of(Path(path), MOUNTS) == filesystem
+    assert sqlite_wal.filesystem_of(Path("/x"), "40 27 0:51 / /mnt rw - nfs4 s:/ rw") is None
+
+
+@pytest.mark.parametrize("local", [True, False], ids=["local disk", "network file system"])
+def test_a_sqlite_store_writes_ahead_only_on_a_local_disk(tmp_path, monkeypatch, local):
+    """A SQLite store opened after ``prepare_store`` runs in write-ahead mode with
+    ``synchronous=NORMAL`` on a local disk, and keeps SQLite's rollback journal elsewhere."""
+    monkeypatch.setattr(sqlite_wal, "on_local_disk", lambda folder: local)
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    try:
+        track.prepare_store()
+        store = mlflow.MlflowClient(uri)
+        store.create_experiment("wal")
+        engine = store._tracking_client.store.engine
+        with engine.connect() as connection:
+            synchronous = connection.exec_driver_sql("PRAGMA synchronous").scalar()
+        engine.dispose()
+    finally:
+        mlflow.set_tracking_uri(None)
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == ("wal" if local else "delete")
+    assert synchronous == (1 if local else 2)  # NORMAL, else SQLite's default FULL
+
+
+@pytest.mark.slow
+def test_a_sweep_leaves_its_write_ahead_store_whole_at_exit(tmp_path):
+    """``python -m pipeline sweep`` into a store on a local disk folds the log into the
+    database as it exits: beside the journal and the artifacts only ``mlflow.db`` is left, in
+    write-ahead mode, holding every run."""
+    features = write_features(tmp_path / "features.h5", *make_features(), {})
+    sweep = write_sweep(tmp_path, {**SMALL_STUDY, "seeds": [0], "engine": "fused"})
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop("MLFLOW_RUN_ID", None)
+    subprocess.run([sys.executable, "-m", "pipeline", "sweep", "--features", str(features), "--sweep",
+                    sweep], cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+    left = {p.name for p in tmp_path.iterdir()} - {"mlruns", "features.h5", "sweep.yaml"}
+    assert left == {"mlflow.db", "optuna-journal.log"}
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 1 + 4  # parent, 4 trials
