@@ -186,17 +186,25 @@ def _whole_job_flags(p: argparse.ArgumentParser, output: str) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Dispatch parsed arguments to the stage functions."""
-    launcher = os.environ.get("MLFLOW_RUN_ID") or None
-    from pipeline import paths
+    """Check the store and dispatch parsed arguments to the stage functions; the store's
+    connections are closed when the stage ends, however it ends (:func:`pipeline.sqlite_wal.close`)."""
+    from pipeline import paths, sqlite_wal
     from pipeline.tracking import check_reachable, default_study_storage, prepare_store, require_store
 
     check_reachable()
     if args.command == "export":
         require_store()
-    prepare_store()
-    if args.command in ("sweep", "main", "findings"):
-        paths.writable_storage(args.storage or default_study_storage())
+    prepare_store(write_ahead=args.command != "export")
+    try:
+        if args.command in ("sweep", "main", "findings"):
+            paths.writable_storage(args.storage or default_study_storage())
+        _stage(args, os.environ.get("MLFLOW_RUN_ID") or None)
+    finally:
+        sqlite_wal.close()
+
+
+def _stage(args: argparse.Namespace, launcher: str | None) -> None:
+    """Run the stage of ``args.command``, under run ``launcher`` if given."""
     if args.command == "extract":
         from pipeline.extract import features_uri, run_extract
 

@@ -8,14 +8,16 @@ into the database (a checkpoint). SQLite's documentation states what that costs:
 stays consistent through a crash or a power loss, and a power loss can undo the commits made
 since the last checkpoint. A process killed outright loses nothing.
 
-The mode needs memory shared by every process that opens the database, which a network file
-system does not give (SQLite's documentation: WAL "does not work over a network
-filesystem"). So the store is switched only when Linux's mount table says its folder is on a
-local file system (:data:`LOCAL_FILESYSTEMS`); anywhere else, or where the table cannot be
-read, the journal stays as it is. The mode is a property of the database file: it stays
-after the command, and any SQLite, MLflow's UI included, opens the file as it is. Each process
-closes its store's connections at exit, and the last one to close folds the log into the
-database and removes ``-wal`` and ``-shm``.
+Commands that record runs open the store so (:func:`pipeline.tracking.prepare_store`);
+``export``, which only reads them, leaves the file as it finds it. The mode needs memory
+shared by every process that opens the database, which a network file system does not give
+(SQLite's documentation: WAL "does not work over a network filesystem"). So the store is
+switched only when Linux's mount table says its folder is on a local file system
+(:data:`LOCAL_FILESYSTEMS`); anywhere else, or where the table cannot be read, the journal
+stays as it is. The mode is a property of the database file: it stays after the command, and
+any SQLite, MLflow's UI included, opens the file as it is. A command closes its store's
+connections when its stage ends (:func:`close`; any process at exit), and the last
+connection to close folds the log into the database and removes ``-wal`` and ``-shm``.
 """
 
 from __future__ import annotations
@@ -32,15 +34,28 @@ LOCAL_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f
                                "bcachefs", "nilfs2", "tmpfs", "ramfs", "overlay"})
 
 
+_ENGINES: list[Engine] = []  # the engines switched here, for close()
+
+
 def use_wal(engine: Engine, database: Path) -> None:
     """Open the connections of ``engine`` (MLflow's, to the SQLite file ``database``) in
     write-ahead mode with ``synchronous=NORMAL`` when the file's folder is on a local file
-    system, and close them when the process exits; once per engine."""
-    if event.contains(engine, "connect", _write_ahead) or not on_local_disk(database.parent):
+    system; their pool is closed by :func:`close`, at the latest when the process exits."""
+    if engine in _ENGINES or not on_local_disk(database.parent):
         return
     event.listen(engine, "connect", _write_ahead)
     engine.dispose()  # the connections MLflow opened to check the tables reopen in the mode
-    atexit.register(engine.dispose)
+    if not _ENGINES:
+        atexit.register(close)
+    _ENGINES.append(engine)
+
+
+def close() -> None:
+    """Close the pooled connections of the engines switched to write-ahead mode, so that the
+    last connection to each database folds its log in and removes ``-wal`` and ``-shm`` (a
+    command calls it when its stage ends; an engine used again opens new connections)."""
+    for engine in _ENGINES:
+        engine.dispose()
 
 
 def _write_ahead(connection: sqlite3.Connection, _record) -> None:

@@ -139,7 +139,7 @@ def require_store() -> None:
                         f"MLFLOW_TRACKING_URI to it")
 
 
-def prepare_store() -> None:
+def prepare_store(write_ahead: bool = True) -> None:
     """Check the place of a local MLflow store and make its creation safe to race; call once per
     process, before the store is first used.
 
@@ -148,7 +148,8 @@ def prepare_store() -> None:
     :class:`UserError`). MLflow creates a fresh SQLite store's tables in the first process that
     opens it, and processes doing that at the same moment break each other's migrations; so
     from here on, opening a SQLite store holds an exclusive lock on its folder (``flock`` on
-    the folder itself: no lock file) until MLflow has created or checked the tables; its
+    the folder itself: no lock file) until MLflow has created or checked the tables. With
+    ``write_ahead`` (a command that records runs; not one that only reads them) its
     connections then write ahead when it is on a local disk (:mod:`pipeline.sqlite_wal`). The
     store itself is not opened here, so a command that stops on bad input still leaves none.
     """
@@ -161,14 +162,14 @@ def prepare_store() -> None:
     from mlflow.tracking._tracking_service import utils as store_utils
 
     builder = store_utils._tracking_store_registry.get_store_builder("sqlite://")
-    if not getattr(builder, "locks_folder", False):
-        store_utils._register("sqlite", _folder_locked(builder))
+    mlflows = getattr(builder, "__wrapped__", builder)  # MLflow's own, under an earlier call's
+    store_utils._register("sqlite", _folder_locked(mlflows, write_ahead))
 
 
-def _folder_locked(builder):
+def _folder_locked(builder, write_ahead: bool):
     """``builder`` (MLflow's SQLite store constructor) run under an exclusive lock on the
-    database's folder, so that one process at a time creates or checks the tables (and
-    switches the journal: :func:`pipeline.sqlite_wal.use_wal`)."""
+    database's folder, so that one process at a time creates or checks the tables (and, with
+    ``write_ahead``, switches the journal: :func:`pipeline.sqlite_wal.use_wal`)."""
     @functools.wraps(builder)
     def build(store_uri, artifact_uri=None):
         database = paths.database_file(store_uri)
@@ -181,12 +182,12 @@ def _folder_locked(builder):
         try:
             fcntl.flock(folder, fcntl.LOCK_EX)
             store = builder(store_uri=store_uri, artifact_uri=artifact_uri)
-            use_wal(store.engine, database)
+            if write_ahead:
+                use_wal(store.engine, database)
             return store
         finally:
             os.close(folder)  # releases the lock
 
-    build.locks_folder = True
     return build
 
 

@@ -231,16 +231,18 @@ def test_filesystem_of_reads_the_closest_mount_in_linuxs_table(path, filesystem)
     assert sqlite_wal.filesystem_of(Path("/x"), "40 27 0:51 / /mnt rw - nfs4 s:/ rw") is None
 
 
-@pytest.mark.parametrize("local", [True, False], ids=["local disk", "network file system"])
-def test_a_sqlite_store_writes_ahead_only_on_a_local_disk(tmp_path, monkeypatch, local):
+@pytest.mark.parametrize(("local", "write_ahead"), [(True, True), (False, True), (True, False)],
+                         ids=["local disk", "network file system", "a command that only reads"])
+def test_a_sqlite_store_writes_ahead_only_on_a_local_disk(tmp_path, monkeypatch, local, write_ahead):
     """A SQLite store opened after ``prepare_store`` runs in write-ahead mode with
-    ``synchronous=NORMAL`` on a local disk, and keeps SQLite's rollback journal elsewhere."""
+    ``synchronous=NORMAL`` on a local disk, and keeps SQLite's rollback journal elsewhere and
+    for a command that only reads runs."""
     monkeypatch.setattr(sqlite_wal, "on_local_disk", lambda folder: local)
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     try:
-        track.prepare_store()
+        track.prepare_store(write_ahead)
         store = mlflow.MlflowClient(uri)
         store.create_experiment("wal")
         engine = store._tracking_client.store.engine
@@ -250,8 +252,9 @@ def test_a_sqlite_store_writes_ahead_only_on_a_local_disk(tmp_path, monkeypatch,
     finally:
         mlflow.set_tracking_uri(None)
     with sqlite3.connect(tmp_path / "mlflow.db") as db:
-        assert db.execute("PRAGMA journal_mode").fetchone()[0] == ("wal" if local else "delete")
-    assert synchronous == (1 if local else 2)  # NORMAL, else SQLite's default FULL
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == ("wal" if local and write_ahead
+                                                                   else "delete")
+    assert synchronous == (1 if local and write_ahead else 2)  # NORMAL, else SQLite's default FULL
 
 
 @pytest.mark.slow
