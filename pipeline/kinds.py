@@ -84,6 +84,10 @@ class TrialKind(ABC):
         """Log what the finished sweep's best trial ``best`` trained, as a model of the parent
         run ``parent`` (and register it as ``register_as``); nothing here."""
 
+    def prepare_best(self) -> None:  # noqa: B027
+        """Do ahead, on the sweep's writer thread while a batch trains, what :meth:`log_best`
+        would spend time on once the study is finished; nothing here."""
+
 
 class HeadsKind(TrialKind):
     name = TrialConfig.KIND
@@ -121,6 +125,9 @@ class HeadsKind(TrialKind):
     def log_best(self, parent: str, best: FrozenTrial, splits: Splits, register_as: str | None) -> None:
         run = tracking.client().get_run(best.user_attrs[studies.RUN_ATTR])
         best_head.log_best_head(parent, run, best.number, splits.x[:2], register_as)
+
+    def prepare_best(self) -> None:
+        best_head.prepare()
 
 
 class ParityKind(TrialKind):

@@ -7,7 +7,8 @@ reference; 1 for parity trials), so a serial run is a batch of one. In a batch:
 1. the trials are claimed from Optuna (:func:`pipeline.studies.claim`), each a
    :class:`~pipeline.trial.TrialLife`;
 2. their runs open on the writer thread while the batch trains here (the engines' arithmetic
-   leaves Python's lock free, so the two overlap);
+   leaves Python's lock free, so the two overlap), and then the writer does ahead what logging
+   the best trial will need (:meth:`~pipeline.kinds.TrialKind.prepare_best`);
 3. each trained trial's files are written here, its metrics recorded and its run ended on the
    writer thread, in order, and each is told to Optuna here as soon as it is recorded.
 
@@ -138,6 +139,7 @@ def _run_batch(worker: Worker, batch: list[TrialLife], writer: ThreadPoolExecuto
     job, told = worker.job, 0
     opened = [writer.submit(life.open, job.experiment, job.parent, job.tags, worker.engine, worker.dataset)
               for life in batch]
+    writer.submit(worker.kind.prepare_best)  # its failure leaves the work to log_best: not waited on
     written: list[Future] = []
     try:
         trainable = [life for life in batch if life.config is not None]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import mlflow
 import numpy as np
 import yaml
@@ -61,3 +63,30 @@ def test_a_head_with_a_hidden_layer_predicts_through_it():
         head = {k: arrays[k] for k in arrays.files}
     x = np.random.default_rng(0).normal(size=(20, 12)).astype(np.float32)
     np.testing.assert_allclose(predict(head, x), np.asarray(model(x, training=False))[:, 1], atol=1e-6)
+
+
+def test_the_writer_thread_reads_the_installed_distributions_while_the_batch_trains(
+        tmp_path, tracking, monkeypatch):
+    """What logging the best head reads from the environment (MLflow's map of the installed
+    distributions' modules) is built once, on the sweep's writer thread, not after the study
+    has finished."""
+    from mlflow.utils import requirements_utils
+
+    monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)
+    monkeypatch.setattr(requirements_utils, "_PACKAGES_TO_MODULES", None)
+    readers = []
+    read = requirements_utils.importlib_metadata.packages_distributions
+
+    def reading():
+        readers.append(threading.current_thread().name)
+        return read()
+    monkeypatch.setattr(requirements_utils.importlib_metadata, "packages_distributions", reading)
+    x, y = make_features(n=160, d=8)
+    features = write_features(tmp_path / "f.h5", x, y, {})
+    sweep = tmp_path / "best.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "name": "warm", "experiment": "warm-exp", "sampler": "grid", "seeds": [0], "engine": "fused",
+        "fixed": {"epochs": 2, "batch_size": 32}, "space": {"activation": ["sigmoid", "softmax"]}}))
+    outcome = run_sweep(str(features), str(sweep), progress=False)
+    assert "best.model_uri" in mlflow.get_run(outcome.parent_run_id).data.tags
+    assert len(readers) == 1 and readers[0].startswith("mlflow-writer"), readers
