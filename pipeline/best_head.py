@@ -13,6 +13,7 @@ trial computed it in inference mode (dropout off).
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import tempfile
@@ -78,6 +79,7 @@ def _load_pyfunc(data_path: str) -> HeadModel:
         return HeadModel({k: arrays[k] for k in arrays.files})
 
 
+@functools.cache
 def prepare() -> None:
     """Build, once per process, MLflow's map of the installed distributions' modules, which
     logging a model reads (to warn when the model's requirements do not match the

@@ -139,7 +139,7 @@ def _run_batch(worker: Worker, batch: list[TrialLife], writer: ThreadPoolExecuto
     job, told = worker.job, 0
     opened = [writer.submit(life.open, job.experiment, job.parent, job.tags, worker.engine, worker.dataset)
               for life in batch]
-    writer.submit(worker.kind.prepare_best)  # its failure leaves the work to log_best: not waited on
+    prepared = writer.submit(worker.kind.prepare_best)  # not waited on: a failure leaves it to log_best
     written: list[Future] = []
     try:
         trainable = [life for life in batch if life.config is not None]
@@ -159,6 +159,7 @@ def _run_batch(worker: Worker, batch: list[TrialLife], writer: ThreadPoolExecuto
                 told += 1
                 beats.discard(life.trial)
     except BaseException as error:  # an interrupt, or an error of the sweep's own: no trial stays RUNNING
+        prepared.cancel()  # the trials' ends come first
         with tracking.deferred_interrupts():
             _abandon(writer, batch[told:], opened[told:], written[told:], error)
         raise

@@ -1,4 +1,4 @@
-"""The MLflow SQLite store's journal: write-ahead (WAL) when the store is on a local disk.
+"""The MLflow SQLite store's journal: write-ahead (WAL) while a command records runs on a local disk.
 
 In SQLite's default rollback journal every commit syncs the journal, the database and, when
 it makes the journal anew, the folder: a few milliseconds of waiting each, and a trial's run
@@ -9,53 +9,79 @@ stays consistent through a crash or a power loss, and a power loss can undo the 
 since the last checkpoint. A process killed outright loses nothing.
 
 Commands that record runs open the store so (:func:`pipeline.tracking.prepare_store`);
-``export``, which only reads them, leaves the file as it finds it. The mode needs memory
-shared by every process that opens the database, which a network file system does not give
+``export``, which writes no rows, leaves the file as it finds it. The mode needs memory shared
+by every process that opens the database, which a network file system does not give
 (SQLite's documentation: WAL "does not work over a network filesystem"). So the store is
-switched only when Linux's mount table says its folder is on a local file system
-(:data:`LOCAL_FILESYSTEMS`); anywhere else, or where the table cannot be read, the journal
-stays as it is. The mode is a property of the database file: it stays after the command, and
-any SQLite, MLflow's UI included, opens the file as it is. A command closes its store's
-connections when its stage ends (:func:`close`; any process at exit), and the last
-connection to close folds the log into the database and removes ``-wal`` and ``-shm``.
+switched only when Linux's mount table says the folder of its file (a link followed, as SQLite
+follows it) is on a local file system (:data:`LOCAL_FILESYSTEMS`); anywhere else, or where the
+table cannot be read, the journal stays as it is. Every engine that reaches a switched
+database in this process, MLflow's model registry's too, is closed by :func:`close` when a
+command's stage ends (and at exit), which folds the log into the database and, when no other
+process has it open, switches the file back to the rollback journal: between commands
+``mlflow.db`` is a plain SQLite file, with no ``-wal`` or ``-shm`` beside it, that any SQLite
+reads, on any file system and in a read-only folder.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import re
 import sqlite3
 from pathlib import Path, PurePosixPath
 
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 MOUNT_TABLE = Path("/proc/self/mountinfo")
 LOCAL_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "jfs", "reiserfs",
                                "bcachefs", "nilfs2", "tmpfs", "ramfs", "overlay"})
 
-
-_ENGINES: list[Engine] = []  # the engines switched here, for close()
+_DATABASES: set[Path] = set()  # the files switched here (links followed), for close()
+_ENGINES: list[Engine] = []  # every engine of this process with connections to them
 
 
 def use_wal(engine: Engine, database: Path) -> None:
-    """Open the connections of ``engine`` (MLflow's, to the SQLite file ``database``) in
-    write-ahead mode with ``synchronous=NORMAL`` when the file's folder is on a local file
-    system; their pool is closed by :func:`close`, at the latest when the process exits."""
-    if engine in _ENGINES or not on_local_disk(database.parent):
+    """Open the connections of ``engine`` (MLflow's, to the SQLite file ``database``), and of
+    any other engine that reaches the file later, in write-ahead mode with
+    ``synchronous=NORMAL`` when the file is on a local file system; :func:`close` closes them."""
+    database = database.resolve()
+    if database in _DATABASES or not on_local_disk(database.parent):
         return
-    event.listen(engine, "connect", _write_ahead)
-    engine.dispose()  # the connections MLflow opened to check the tables reopen in the mode
-    if not _ENGINES:
+    if not _DATABASES:
+        event.listen(Engine, "engine_connect", _adopt_if_switched)
         atexit.register(close)
+    _DATABASES.add(database)
+    _adopt(engine)
+    engine.dispose()  # the connections MLflow opened to check the tables reopen in the mode
+
+
+def _adopt_if_switched(connection: Connection) -> None:
+    """Adopt an engine that reaches a switched database (MLflow's model registry keeps an
+    engine of its own) as it first hands out a connection."""
+    engine = connection.engine
+    if engine not in _ENGINES and engine.dialect.name == "sqlite" and engine.url.database and \
+            Path(engine.url.database).resolve() in _DATABASES:
+        _adopt(engine)
+
+
+def _adopt(engine: Engine) -> None:
+    event.listen(engine, "connect", _write_ahead)
     _ENGINES.append(engine)
 
 
 def close() -> None:
-    """Close the pooled connections of the engines switched to write-ahead mode, so that the
-    last connection to each database folds its log in and removes ``-wal`` and ``-shm`` (a
-    command calls it when its stage ends; an engine used again opens new connections)."""
+    """Close every connection of this process to the switched databases, fold each one's log
+    into it and, where no other process has it open, switch it back to the rollback journal
+    (which removes ``-wal`` and ``-shm``). A command calls it when its stage ends; an engine
+    used again opens new connections in write-ahead mode."""
     for engine in _ENGINES:
         engine.dispose()
+    for database in _DATABASES:  # gone, or open elsewhere (which folds it when it closes): left
+        with contextlib.suppress(sqlite3.Error), contextlib.closing(
+                sqlite3.connect(f"{database.as_uri()}?mode=rw", uri=True, timeout=0)) as connection:
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            connection.execute("PRAGMA journal_mode=DELETE")
 
 
 def _write_ahead(connection: sqlite3.Connection, _record) -> None:
@@ -76,7 +102,7 @@ def on_local_disk(folder: Path) -> bool:
     """Whether ``folder`` is on a file system of :data:`LOCAL_FILESYSTEMS` (False when the mount
     table cannot be read: not Linux)."""
     try:
-        table = MOUNT_TABLE.read_text()
+        table = MOUNT_TABLE.read_bytes().decode("utf-8", "surrogateescape")
     except OSError:
         return False
     return filesystem_of(folder.resolve(), table) in LOCAL_FILESYSTEMS
@@ -102,4 +128,4 @@ def filesystem_of(path: Path, mount_table: str) -> str | None:
 
 def _unescape(field: str) -> str:
     """A mountinfo field with its octal escapes (``\\040`` for a space) decoded."""
-    return field.encode().decode("unicode_escape") if "\\" in field else field
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)

@@ -149,7 +149,7 @@ def prepare_store(write_ahead: bool = True) -> None:
     opens it, and processes doing that at the same moment break each other's migrations; so
     from here on, opening a SQLite store holds an exclusive lock on its folder (``flock`` on
     the folder itself: no lock file) until MLflow has created or checked the tables. With
-    ``write_ahead`` (a command that records runs; not one that only reads them) its
+    ``write_ahead`` (a command that records runs; not ``export``, which writes no rows) its
     connections then write ahead when it is on a local disk (:mod:`pipeline.sqlite_wal`). The
     store itself is not opened here, so a command that stops on bad input still leaves none.
     """
@@ -162,7 +162,7 @@ def prepare_store(write_ahead: bool = True) -> None:
     from mlflow.tracking._tracking_service import utils as store_utils
 
     builder = store_utils._tracking_store_registry.get_store_builder("sqlite://")
-    mlflows = getattr(builder, "__wrapped__", builder)  # MLflow's own, under an earlier call's
+    mlflows = getattr(builder, "mlflows", builder)  # MLflow's own, under an earlier call's wrapper
     store_utils._register("sqlite", _folder_locked(mlflows, write_ahead))
 
 
@@ -188,6 +188,7 @@ def _folder_locked(builder, write_ahead: bool):
         finally:
             os.close(folder)  # releases the lock
 
+    build.mlflows = builder
     return build
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -216,60 +217,79 @@ MOUNTS = r"""27 1 254:0 / / rw,relatime - ext4 /dev/vda rw
 40 27 0:51 / /mnt/lab\040share rw,relatime - nfs4 server:/lab rw,vers=4.2
 41 40 0:52 / /mnt/lab\040share/scratch rw,relatime - tmpfs tmpfs rw
 42 27 0:53 / /mnt/lab rw,relatime - xfs /dev/vdb rw
-43 27 0:54 / /mnt/lab rw,relatime - cifs //nas/lab rw"""
+43 27 0:54 / /mnt/lab rw,relatime - cifs //nas/lab rw
+44 27 0:55 / /mnt/données\040x rw,relatime - nfs4 server:/d rw"""
 
 
 @pytest.mark.parametrize(("path", "filesystem"), [
     ("/home/me/mlflow.db", "ext4"), ("/mnt/lab share/runs", "nfs4"), ("/mnt/lab share", "nfs4"),
     ("/mnt/lab share/scratch/x", "tmpfs"), ("/mnt/lab/x", "cifs"), ("/mnt/labx", "ext4"),
-], ids=["root", "network", "mount point", "local inside network", "mounted over", "name prefix"])
+    ("/mnt/données x/runs", "nfs4"),
+], ids=["root", "network", "mount point", "local inside network", "mounted over", "name prefix",
+        "non-ASCII"])
 def test_filesystem_of_reads_the_closest_mount_in_linuxs_table(path, filesystem):
-    """The mount point closest to the path holds it (a mount point's escaped space decoded);
-    of two mounts on one point the later one; a name that only starts like a mount point
-    is not under it."""
+    """The mount point closest to the path holds it (a mount point's escapes decoded, its
+    other characters kept); of two mounts on one point the later one; a name that only starts
+    like a mount point is not under it."""
     assert sqlite_wal.filesystem_of(Path(path), MOUNTS) == filesystem
+
+
+def test_filesystem_of_a_path_no_mount_holds_is_none():
     assert sqlite_wal.filesystem_of(Path("/x"), "40 27 0:51 / /mnt rw - nfs4 s:/ rw") is None
 
 
+def journal_mode(database: Path) -> str:
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        return db.execute("PRAGMA journal_mode").fetchone()[0]
+
+
 @pytest.mark.parametrize(("local", "write_ahead"), [(True, True), (False, True), (True, False)],
-                         ids=["local disk", "network file system", "a command that only reads"])
+                         ids=["local disk", "network file system", "a command that writes no rows"])
 def test_a_sqlite_store_writes_ahead_only_on_a_local_disk(tmp_path, monkeypatch, local, write_ahead):
     """A SQLite store opened after ``prepare_store`` runs in write-ahead mode with
     ``synchronous=NORMAL`` on a local disk, and keeps SQLite's rollback journal elsewhere and
-    for a command that only reads runs."""
+    for a command that writes no rows; closed, it is a rollback-journal file on its own."""
     monkeypatch.setattr(sqlite_wal, "on_local_disk", lambda folder: local)
     monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
+    database = tmp_path / "mlflow.db"
+    mlflow.set_tracking_uri(f"sqlite:///{database}")
     try:
         track.prepare_store(write_ahead)
-        store = mlflow.MlflowClient(uri)
+        store = mlflow.MlflowClient()
         store.create_experiment("wal")
         engine = store._tracking_client.store.engine
         with engine.connect() as connection:
-            synchronous = connection.exec_driver_sql("PRAGMA synchronous").scalar()
-        engine.dispose()
+            modes = [connection.exec_driver_sql(f"PRAGMA {name}").scalar()
+                     for name in ("journal_mode", "synchronous")]
+        sqlite_wal.close()
+        store.create_experiment("after")  # a store used again reopens in its mode
+        sqlite_wal.close()
     finally:
         mlflow.set_tracking_uri(None)
-    with sqlite3.connect(tmp_path / "mlflow.db") as db:
-        assert db.execute("PRAGMA journal_mode").fetchone()[0] == ("wal" if local and write_ahead
-                                                                   else "delete")
-    assert synchronous == (1 if local and write_ahead else 2)  # NORMAL, else SQLite's default FULL
+    switched = local and write_ahead
+    assert modes == (["wal", 1] if switched else ["delete", 2])  # NORMAL, else SQLite's FULL
+    assert journal_mode(database) == "delete"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "mlruns") == ["mlflow.db"]
 
 
 @pytest.mark.slow
-def test_a_sweep_leaves_its_write_ahead_store_whole_at_exit(tmp_path):
-    """``python -m pipeline sweep`` into a store on a local disk folds the log into the
-    database as it exits: beside the journal and the artifacts only ``mlflow.db`` is left, in
-    write-ahead mode, holding every run."""
+def test_a_sweep_leaves_its_store_whole_and_plain_at_exit(tmp_path):
+    """``python -m pipeline sweep`` into a store on a local disk, registering its best head
+    (MLflow's model registry opens the file with an engine of its own), folds the log into
+    the database and switches it back to the rollback journal as it exits: beside the
+    journal and the artifacts only ``mlflow.db`` is left, holding every run."""
+    if not sqlite_wal.on_local_disk(tmp_path):
+        pytest.skip("the test folder is not on a local file system: the store is not switched")
     features = write_features(tmp_path / "features.h5", *make_features(), {})
     sweep = write_sweep(tmp_path, {**SMALL_STUDY, "seeds": [0], "engine": "fused"})
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     env.pop("MLFLOW_RUN_ID", None)
     subprocess.run([sys.executable, "-m", "pipeline", "sweep", "--features", str(features), "--sweep",
-                    sweep], cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+                    sweep, "--register_model", "wal-best"], cwd=tmp_path, env=env, check=True,
+                   capture_output=True, timeout=300)
     left = {p.name for p in tmp_path.iterdir()} - {"mlruns", "features.h5", "sweep.yaml"}
     assert left == {"mlflow.db", "optuna-journal.log"}
-    with sqlite3.connect(tmp_path / "mlflow.db") as db:
-        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert journal_mode(tmp_path / "mlflow.db") == "delete"
+    with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as db:
         assert db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 1 + 4  # parent, 4 trials
+        assert db.execute("SELECT name FROM registered_models").fetchall() == [("wal-best",)]
