@@ -13,7 +13,6 @@ trial computed it in inference mode (dropout off).
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import logging
 import tempfile
@@ -79,13 +78,13 @@ def _load_pyfunc(data_path: str) -> HeadModel:
         return HeadModel({k: arrays[k] for k in arrays.files})
 
 
-@functools.cache
 def prepare() -> None:
     """Build, once per process, MLflow's map of the installed distributions' modules, which
     logging a model reads (to warn when the model's requirements do not match the
     environment) and builds on first use by reading every distribution's file list: ~0.4 s.
-    A sweep builds it on its writer thread while a batch trains, when that thread has opened
-    the batch's runs and waits for the records."""
+    MLflow keeps it, so later calls take microseconds. A sweep builds it on its writer thread
+    while a batch trains, when that thread has opened the batch's runs and waits for the
+    records."""
     from mlflow.utils.requirements_utils import _init_packages_to_modules_map
 
     _init_packages_to_modules_map()
