@@ -81,7 +81,8 @@ def _load_pyfunc(data_path: str) -> HeadModel:
 def prepare() -> None:
     """Build, once per process, MLflow's map of the installed distributions' modules, which
     logging a model reads (to warn when the model's requirements do not match the
-    environment) and builds on first use by reading every distribution's file list: ~0.4 s.
+    environment) and builds on first use by reading every distribution's file list
+    (its cost: docs/benchmarks.md, section 5).
     MLflow keeps it, so later calls take microseconds. A sweep builds it on its writer thread
     while a batch trains, when that thread has opened the batch's runs and waits for the
     records."""
