@@ -119,12 +119,13 @@ def _log_best_head(parent: str, best: mlflow.entities.Run, trial_number: int, ex
                    register_as: str | None) -> str:
     from mlflow.models import infer_signature
 
-    local = mlflow.artifacts.download_artifacts(run_id=best.info.run_id, artifact_path=HEAD_FILE)
-    with np.load(local) as arrays:
-        output = predict({k: arrays[k] for k in arrays.files}, example)
     tags = {naming.TRIAL_NUMBER: trial_number, "best.run_id": best.info.run_id,
             "best.run_name": best.info.run_name}
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=parent):
+        local = mlflow.artifacts.download_artifacts(run_id=best.info.run_id, artifact_path=HEAD_FILE,
+                                                    dst_path=tmp)
+        with np.load(local) as arrays:
+            output = predict({k: arrays[k] for k in arrays.files}, example)
         code = Path(tmp, "pipeline")
         _copy_package(code)
         info = mlflow.pyfunc.log_model(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import threading
 
 import mlflow
@@ -16,7 +17,7 @@ from pipeline.tracking import default_study_storage
 from tests.helpers import load_study, make_features
 
 
-def test_the_best_head_loads_and_predicts_as_its_trial_did(tmp_path, tracking):
+def test_the_best_head_loads_and_predicts_as_its_trial_did(tmp_path, tracking, monkeypatch):
     x, y = make_features(n=160, d=8)
     features = write_features(tmp_path / "f.h5", x, y, {})
     sweep = tmp_path / "best.yaml"
@@ -24,7 +25,11 @@ def test_the_best_head_loads_and_predicts_as_its_trial_did(tmp_path, tracking):
         "name": "best", "experiment": "best-exp", "sampler": "grid", "seeds": [0],
         "fixed": {"epochs": 3, "batch_size": 32, "standardize": True},
         "space": {"activation": ["sigmoid", "softmax"], "units": [2], "loss": ["categorical_crossentropy"]}}))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     outcome = run_sweep(str(features), str(sweep), progress=False, register_model="best-head")
+    assert not list(scratch.iterdir())  # the sweep's temporary files go with it
     study = load_study(default_study_storage(), outcome.study_name)
     best_run = mlflow.get_run(study.best_trial.user_attrs[studies.RUN_ATTR])
     parent = mlflow.get_run(outcome.parent_run_id)
