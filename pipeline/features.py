@@ -221,18 +221,34 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+ARTIFACT_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
+_FETCHED: dict[str, Path] = {}  # artifact URI -> its copy in this process's folder
+
+
 def resolve_features(features: str) -> Path:
-    """A local path for ``features``: the path itself, or a ``runs:/`` artifact downloaded (with
-    MLflow's progress bar on a terminal only)."""
-    if features.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
-        import mlflow
+    """A local path for ``features``: the path itself, or an MLflow artifact (``runs:/`` and the
+    like) fetched once per process (with MLflow's progress bar on a terminal only) into a
+    folder of the process's own, which is removed when the process exits."""
+    if not features.startswith(ARTIFACT_SCHEMES):
+        return Path(features)
+    if features not in _FETCHED:
+        _FETCHED[features] = _fetch(features)
+    return _FETCHED[features]
 
-        from pipeline.quiet import no_artifacts_progress
 
-        try:
-            with no_artifacts_progress(not sys.stderr.isatty()):
-                return Path(mlflow.artifacts.download_artifacts(artifact_uri=features))
-        except Exception as exc:  # MLflow raises several types for a missing run or artifact
-            raise UserError(f"features '{features}': cannot be fetched "
-                            f"({' '.join(str(exc).split())[:200]})") from None
-    return Path(features)
+def _fetch(uri: str) -> Path:
+    import atexit
+    import shutil
+
+    import mlflow
+
+    from pipeline.quiet import no_artifacts_progress
+
+    folder = tempfile.mkdtemp(prefix="pipeline-features-")
+    atexit.register(shutil.rmtree, folder, True)
+    try:
+        with no_artifacts_progress(not sys.stderr.isatty()):
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=folder))
+    except Exception as exc:  # MLflow raises several types for a missing run or artifact
+        raise UserError(f"features '{uri}': cannot be fetched "
+                        f"({' '.join(str(exc).split())[:200]})") from None

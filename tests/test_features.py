@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.errors import UserError
 from pipeline.features import read_features, write_features
-from tests.helpers import make_features
+from tests.helpers import fresh_python, make_features
 
 
 def write_raw(path: Path, **datasets) -> Path:
@@ -316,3 +316,23 @@ def test_a_runs_uri_is_downloaded_without_a_progress_bar_in_a_log(tracking, tmp_
     local = resolve_features(f"runs:/{run}/features/f.h5")
     np.testing.assert_array_equal(read_features(local).x, x)
     assert "Downloading artifacts" not in capsys.readouterr().err
+
+
+def test_a_runs_uri_is_fetched_once_per_process_and_its_copy_goes_with_it(tracking, tmp_path):
+    """``main`` resolves its features twice (checked, then used); the second call is the first
+    one's file, and the fetched copy does not outlive the command (a tracking server's features
+    file is hundreds of MB)."""
+    import mlflow
+
+    x, y = make_features(n=60, d=4)
+    path = write_features(tmp_path / "f.h5", x, y, {})
+    client = mlflow.MlflowClient()
+    run = client.create_run("0").info.run_id
+    client.log_artifact(run, str(path), "features")
+    out = fresh_python(
+        "from pipeline.features import resolve_features\n"
+        f"first, again = (resolve_features('runs:/{run}/features/f.h5') for _ in range(2))\n"
+        "print(first, first is again, first.is_file(), sep='\\n')", tmp_path)
+    fetched, same, existed = out.splitlines()[-3:]
+    assert (same, existed) == ("True", "True")
+    assert not Path(fetched).parent.exists()
