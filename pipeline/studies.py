@@ -94,15 +94,12 @@ def open_study(spec: SweepSpec, storage: str, name: str | None, features_sha: st
     ``n_trials`` may grow a study: the missing trials are queued.
     """
     the_storage = _storage(storage, on_lost)
-    name = name or _default_name(the_storage, spec, features_sha)
-    try:
-        study = patiently(optuna.create_study, study_name=name, storage=the_storage,
-                          sampler=make_sampler(spec), pruner=make_pruner(spec),
-                          direction=spec.objective.direction)
-        created = True
-    except DuplicatedStudyError:
-        study = _load(spec, the_storage, name)
-        created = False
+    names = patiently(optuna.get_all_study_names, the_storage)
+    name = name or _default_name(the_storage, spec, features_sha, names)
+    if name in names:
+        study, created = _load(spec, the_storage, name), False
+    else:
+        study, created = _create(spec, the_storage, name)
     ready = created or _wait_ready(study)
     _check_or_record_space(study, spec, features_sha)
     patiently(_fill_queue, study, spec)
@@ -119,12 +116,22 @@ def default_study_name(spec: SweepSpec, features_sha: str) -> str:
     return f"{spec.name}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
-def _default_name(storage: optuna.storages.BaseStorage, spec: SweepSpec, features_sha: str) -> str:
-    """:func:`default_study_name`, unless only a study under the sweep's plain name exists, with
-    this search space and features file: studies were named so before version 0.2, and that
-    one resumes."""
+def _create(spec: SweepSpec, storage: optuna.storages.BaseStorage, name: str) -> tuple[optuna.Study, bool]:
+    """The new study ``name`` and True; the study and False if another process made it first.
+    (Resuming loads a study without trying this: a journal storage records every attempt.)"""
+    try:
+        return patiently(optuna.create_study, study_name=name, storage=storage, sampler=make_sampler(spec),
+                         pruner=make_pruner(spec), direction=spec.objective.direction), True
+    except DuplicatedStudyError:
+        return _load(spec, storage, name), False
+
+
+def _default_name(storage: optuna.storages.BaseStorage, spec: SweepSpec, features_sha: str,
+                  names: list[str]) -> str:
+    """:func:`default_study_name`, unless only a study under the sweep's plain name exists (of
+    the storage's ``names``), with this search space and features file: studies were named so
+    before version 0.2, and that one resumes."""
     name = default_study_name(spec, features_sha)
-    names = patiently(optuna.get_all_study_names, storage)
     if name in names or spec.name not in names:
         return name
     attrs = _load(spec, storage, spec.name).user_attrs

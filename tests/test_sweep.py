@@ -203,6 +203,8 @@ def test_another_space_or_features_file_runs_a_study_of_its_own(swept, tmp_path)
 
 def test_a_named_study_refuses_another_space_or_features_file(swept, tmp_path):
     outcome, _, sweep, features_file = swept
+    journal = Path(default_study_storage())
+    before = journal.read_bytes()
     changed = write_sweep(tmp_path, {**TINY, "seeds": [0, 1, 2]}, "changed.yaml")
     with pytest.raises(UserError, match="different search space"):
         run_sweep(str(features_file), changed, study=outcome.study_name, progress=False)
@@ -210,6 +212,7 @@ def test_a_named_study_refuses_another_space_or_features_file(swept, tmp_path):
     other_features = str(write_features(tmp_path / "other.h5", x, y, {}))
     with pytest.raises(UserError, match="was run on another features file"):
         run_sweep(other_features, sweep, study=outcome.study_name, progress=False)
+    assert journal.read_bytes() == before  # a refusal writes nothing to the study's journal
 
 
 def test_a_finished_study_whose_runs_are_elsewhere_is_refused(swept, tmp_path, tracking):
