@@ -476,7 +476,8 @@ def test_every_file_of_a_class_folder_is_decoded_or_listed_as_skipped(tmp_path, 
     skipped = ["img/cats/.DS_Store", "img/cats/empty.jpg", "img/dogs/notes.txt", "img/dogs/scan.tiff"]
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert run.data.metrics["n_images"] == 6 and run.data.metrics["n_skipped"] == 4
-    listed = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="skipped_images.txt")
+    listed = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="skipped_images.txt",
+                                                 dst_path=str(tmp_path / "fetched"))
     assert Path(listed).read_text().splitlines() == skipped
     uri = f"runs:/{run.info.run_id}/features/f.h5"
     assert f"extract: run {run.info.run_id}; a sweep reads its features as {uri}" in (

@@ -110,7 +110,7 @@ def test_parity_entry_point_through_mlflow_run(mlflow_run_twice):
     assert parent.data.params["optimizer"] == "momentum"
 
 
-def test_the_features_file_is_a_dataset_from_extraction_to_every_trial(mlflow_run_twice):
+def test_the_features_file_is_a_dataset_from_extraction_to_every_trial(mlflow_run_twice, tmp_path):
     """Lineage: the extract run's output dataset is every sweep run's input, found by digest;
     every run the project creates carries MLflow's source context tags."""
     import hashlib
@@ -127,7 +127,7 @@ def test_the_features_file_is_a_dataset_from_extraction_to_every_trial(mlflow_ru
     assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "output"
     source = yaml.safe_load(dataset_input.dataset.source)["uri"]
     assert source.startswith(f"runs:/{extract.info.run_id}/")
-    fetched = Path(mlflow.artifacts.download_artifacts(source))
+    fetched = Path(mlflow.artifacts.download_artifacts(source, dst_path=str(tmp_path)))
     assert hashlib.sha256(fetched.read_bytes()).hexdigest()[:36] == digest
     assert "system/cpu_utilization_percentage" in extract.data.metrics
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
