@@ -248,8 +248,10 @@ def _fetch(uri: str) -> Path:
     try:
         with no_artifacts_progress(not sys.stderr.isatty()):
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=folder))
-    except Exception as exc:  # MLflow raises several types for a missing run or artifact
+    except BaseException as exc:  # an interrupt, or one of MLflow's several errors for a missing artifact
         shutil.rmtree(folder, ignore_errors=True)
+        if not isinstance(exc, Exception):
+            raise
         raise UserError(f"features '{uri}': cannot be fetched "
                         f"({' '.join(str(exc).split())[:200]})") from None
     atexit.register(shutil.rmtree, folder, True)

@@ -90,10 +90,10 @@ def run_main(images: str = "builtin:digits", weights: str = "auto",
         if extract_run:
             client.set_tag(main_run, naming.EXTRACT_RUN, extract_run)
             check_splits(read_features(features_path), specs)  # every sweep's, before the first runs
+        given = features if features is not None else str(features_path)  # a runs:/ URI stays one
         parents = []
         for path in sweeps:
-            outcome = run_sweep(str(features_path), path, storage=storage, launcher_run_id=main_run,
-                                progress=progress)
+            outcome = run_sweep(given, path, storage=storage, launcher_run_id=main_run, progress=progress)
             print(outcome.line(), file=sys.stderr)
             parents.append(outcome.parent_run_id)
         exported = export(",".join(parents), str(out / "export"), "csv,md,tex,png")

@@ -35,7 +35,7 @@ class Origin:
 
     spec: SweepSpec
     sweep_file: str
-    features_path: str
+    features: str  # as the user named them: a path, or a runs:/ URI (not its local copy)
     features_sha: str
     dataset: Dataset  # the features file as an MLflow dataset: every run's input
     storage: str
@@ -144,7 +144,7 @@ def _create(study: optuna.Study, origin: Origin, experiment: str, launcher_run) 
               "sampler": spec.sampler, "sampler_seed": spec.sampler_seed, "n_trials": spec.budget(),
               "seeds": list(spec.seeds), "engine": spec.engine,
               "objective": f"{spec.objective.direction} {spec.objective_metric}",
-              "features": origin.features_path, "study": study.study_name,
+              "features": origin.features, "study": study.study_name,
               **{f"fixed.{k}": v for k, v in spec.fixed.items()}}
     tracking.log_batch(parent, params=params)
     tracking.log_features(parent, origin.dataset)

@@ -167,12 +167,12 @@ def run_parity(features: str, config: ParityConfig, experiment: str = EXPERIMENT
         run_id = launcher_run_id
         experiment = tracking.client().get_run(run_id).info.experiment_id
         tracking.log_batch(run_id, tags=tags)
-        tracking.log_new_params(run_id, config.params() | {"features": str(path)})
+        tracking.log_new_params(run_id, config.params() | {"features": features})
     else:
         experiment = tracking.experiment_id(experiment)
         tracking.describe_experiment(experiment, PARITY_QUESTION)
         run_id = tracking.create_run(experiment, naming.parity_run_name(config), None, tags)
-        tracking.log_batch(run_id, params=config.params() | {"features": str(path)})
+        tracking.log_batch(run_id, params=config.params() | {"features": features})
     tracking.log_features(run_id, lineage.features_dataset(features, sha, data.x.shape, data.class_names,
                                                            float(data.y.mean())))
     with tracking.terminal_run(run_id):

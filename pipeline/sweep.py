@@ -88,7 +88,7 @@ def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: s
     tracking.install_sigterm_handler()
     dataset = lineage.features_dataset(features, features_sha, data.x.shape, data.class_names,
                                        float(data.y.mean()))
-    origin = parent.Origin(spec, sweep, str(features_path), features_sha, dataset,
+    origin = parent.Origin(spec, sweep, features, features_sha, dataset,
                            storage or tracking.default_study_storage(), launcher_run_id)
     with contextlib.ExitStack() as stack:
         # An interrupt held while the study and its parent run are set up is raised once the

@@ -336,3 +336,16 @@ def test_a_runs_uri_is_fetched_once_per_process_and_its_copy_goes_with_it(tracki
     fetched, same, existed = out.splitlines()[-3:]
     assert (same, existed) == ("True", "True")
     assert not Path(fetched).parent.exists()
+
+
+def test_a_runs_uri_that_cannot_be_fetched_leaves_no_folder(tracking, tmp_path, monkeypatch):
+    import tempfile
+
+    from pipeline.features import resolve_features
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    with pytest.raises(UserError, match="cannot be fetched"):
+        resolve_features("runs:/0123456789abcdef0123456789abcdef/features/f.h5")
+    assert not list(scratch.iterdir())

@@ -288,3 +288,18 @@ def test_export_writes_typed_tables_and_figures(swept, tmp_path):
     assert (tmp_path / "out" / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(outcome.parent_run_id, "export")}
     assert "export/trials.csv" in artifacts and "export/loss_gaps.png" in artifacts
+
+
+def test_a_sweep_on_a_runs_uri_records_the_uri_not_its_local_copy(tmp_path, tracking):
+    """The parent run's ``features`` param (the rerun command of an export) and the runs'
+    dataset source name the artifact, not the copy fetched for this command."""
+    x, y = make_features()
+    client = mlflow.MlflowClient()
+    run = client.create_run("0").info.run_id
+    client.log_artifact(run, str(write_features(tmp_path / "f.h5", x, y, {})), "features")
+    uri = f"runs:/{run}/features/f.h5"
+    sweep = write_sweep(tmp_path, {**TINY, "seeds": [0], "space": TINY["space"][:1]}, "one.yaml")
+    parent = mlflow.get_run(run_sweep(uri, sweep, progress=False).parent_run_id)
+    assert parent.data.params["features"] == uri
+    (dataset_input,) = parent.inputs.dataset_inputs
+    assert yaml.safe_load(dataset_input.dataset.source)["uri"] == uri
