@@ -8,8 +8,9 @@ into the database (a checkpoint). SQLite's documentation states what that costs:
 stays consistent through a crash or a power loss, and a power loss can undo the commits made
 since the last checkpoint. A process killed outright loses nothing.
 
-Commands that record runs open the store so (:func:`pipeline.tracking.prepare_store`);
-``export``, which writes no rows, leaves the file as it finds it. The mode needs memory shared
+Commands that record runs open the store so: :func:`begin` (from
+:func:`pipeline.tracking.prepare_store`) starts the write-ahead period and :func:`close` ends
+it; ``export``, which writes no rows, leaves the file as it finds it. The mode needs memory shared
 by every process that opens the database, which a network file system does not give
 (SQLite's documentation: WAL "does not work over a network filesystem"). So the store is
 switched only when Linux's mount table says the folder of its file (a link followed, as SQLite
@@ -19,7 +20,8 @@ database in this process, MLflow's model registry's too, is closed by :func:`clo
 command's stage ends (and at exit), which folds the log into the database and, when no other
 process has it open, switches the file back to the rollback journal: between commands
 ``mlflow.db`` is a plain SQLite file, with no ``-wal`` or ``-shm`` beside it, that any SQLite
-reads, on any file system and in a read-only folder.
+reads, on any file system and in a read-only folder. What the process does with MLflow after
+that (a notebook, a test) finds plain SQLite stores, until a command begins again.
 """
 
 from __future__ import annotations
@@ -37,20 +39,29 @@ MOUNT_TABLE = Path("/proc/self/mountinfo")
 LOCAL_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "jfs", "reiserfs",
                                "bcachefs", "nilfs2", "tmpfs", "ramfs", "overlay"})
 
-_DATABASES: set[Path] = set()  # the files switched here (links followed), for close()
+_DATABASES: set[Path] = set()  # the files switched in this period (links followed), for close()
 _ENGINES: list[Engine] = []  # every engine of this process with connections to them
+_in_period = False  # from begin() to close()
+
+
+def begin() -> None:
+    """Start a write-ahead period: SQLite stores that :func:`use_wal` is given from now until
+    :func:`close` write ahead."""
+    if not event.contains(Engine, "engine_connect", _adopt_if_switched):
+        event.listen(Engine, "engine_connect", _adopt_if_switched)
+        atexit.register(close)
+    global _in_period
+    _in_period = True
 
 
 def use_wal(engine: Engine, database: Path) -> None:
-    """Open the connections of ``engine`` (MLflow's, to the SQLite file ``database``), and of
-    any other engine that reaches the file later, in write-ahead mode with
-    ``synchronous=NORMAL`` when the file is on a local file system; :func:`close` closes them."""
+    """In a write-ahead period, open the connections of ``engine`` (MLflow's, to the SQLite file
+    ``database``), and of any other engine that reaches the file later, in write-ahead mode
+    with ``synchronous=NORMAL`` when the file is on a local file system; :func:`close` closes
+    them. Outside one, nothing."""
     database = database.resolve()
-    if database in _DATABASES or not on_local_disk(database.parent):
+    if not _in_period or database in _DATABASES or not on_local_disk(database.parent):
         return
-    if not _DATABASES:
-        event.listen(Engine, "engine_connect", _adopt_if_switched)
-        atexit.register(close)
     _DATABASES.add(database)
     _adopt(engine)
     engine.dispose()  # the connections MLflow opened to check the tables reopen in the mode
@@ -71,17 +82,22 @@ def _adopt(engine: Engine) -> None:
 
 
 def close() -> None:
-    """Close every connection of this process to the switched databases, fold each one's log
-    into it and, where no other process has it open, switch it back to the rollback journal
-    (which removes ``-wal`` and ``-shm``). A command calls it when its stage ends; an engine
-    used again opens new connections in write-ahead mode."""
+    """End the write-ahead period: close every connection of this process to the switched
+    databases, fold each one's log into it and, where no other process has it open, switch it
+    back to the rollback journal (which removes ``-wal`` and ``-shm``). A command calls it when
+    its stage ends; an engine used again opens plain connections."""
     for engine in _ENGINES:
+        event.remove(engine, "connect", _write_ahead)
         engine.dispose()
     for database in _DATABASES:  # gone, or open elsewhere (which folds it when it closes): left
         with contextlib.suppress(sqlite3.Error), contextlib.closing(
                 sqlite3.connect(f"{database.as_uri()}?mode=rw", uri=True, timeout=0)) as connection:
             connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             connection.execute("PRAGMA journal_mode=DELETE")
+    _ENGINES.clear()
+    _DATABASES.clear()
+    global _in_period
+    _in_period = False
 
 
 def _write_ahead(connection: sqlite3.Connection, _record) -> None:

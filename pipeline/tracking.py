@@ -24,9 +24,8 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.utils.time import get_current_time_millis
 
-from pipeline import lineage, naming, paths
+from pipeline import lineage, naming, paths, sqlite_wal
 from pipeline.errors import Terminated, UserError
-from pipeline.sqlite_wal import use_wal
 
 STUDY_JOURNAL = "optuna-journal.log"  # the default Optuna storage's file, beside the store
 MAX_METRICS_PER_BATCH = 1000
@@ -163,13 +162,15 @@ def prepare_store(write_ahead: bool = True) -> None:
 
     builder = store_utils._tracking_store_registry.get_store_builder("sqlite://")
     mlflows = getattr(builder, "mlflows", builder)  # MLflow's own, under an earlier call's wrapper
-    store_utils._register("sqlite", _folder_locked(mlflows, write_ahead))
+    store_utils._register("sqlite", _folder_locked(mlflows))
+    if write_ahead:
+        sqlite_wal.begin()
 
 
-def _folder_locked(builder, write_ahead: bool):
+def _folder_locked(builder):
     """``builder`` (MLflow's SQLite store constructor) run under an exclusive lock on the
-    database's folder, so that one process at a time creates or checks the tables (and, with
-    ``write_ahead``, switches the journal: :func:`pipeline.sqlite_wal.use_wal`)."""
+    database's folder, so that one process at a time creates or checks the tables (and, in a
+    command's write-ahead period, switches the journal: :func:`pipeline.sqlite_wal.use_wal`)."""
     @functools.wraps(builder)
     def build(store_uri, artifact_uri=None):
         database = paths.database_file(store_uri)
@@ -182,8 +183,7 @@ def _folder_locked(builder, write_ahead: bool):
         try:
             fcntl.flock(folder, fcntl.LOCK_EX)
             store = builder(store_uri=store_uri, artifact_uri=artifact_uri)
-            if write_ahead:
-                use_wal(store.engine, database)
+            sqlite_wal.use_wal(store.engine, database)
             return store
         finally:
             os.close(folder)  # releases the lock

@@ -248,7 +248,8 @@ def journal_mode(database: Path) -> str:
 def test_a_sqlite_store_writes_ahead_only_on_a_local_disk(tmp_path, monkeypatch, local, write_ahead):
     """A SQLite store opened after ``prepare_store`` runs in write-ahead mode with
     ``synchronous=NORMAL`` on a local disk, and keeps SQLite's rollback journal elsewhere and
-    for a command that writes no rows; closed, it is a rollback-journal file on its own."""
+    for a command that writes no rows; closed, it is a rollback-journal file on its own, and
+    stays one when the process uses it again."""
     monkeypatch.setattr(sqlite_wal, "on_local_disk", lambda folder: local)
     monkeypatch.chdir(tmp_path)
     database = tmp_path / "mlflow.db"
@@ -262,14 +263,15 @@ def test_a_sqlite_store_writes_ahead_only_on_a_local_disk(tmp_path, monkeypatch,
             modes = [connection.exec_driver_sql(f"PRAGMA {name}").scalar()
                      for name in ("journal_mode", "synchronous")]
         sqlite_wal.close()
-        store.create_experiment("after")  # a store used again reopens in its mode
+        store.create_experiment("after")  # used after the command, a store is a plain one
+        after = sorted(p.name for p in tmp_path.iterdir() if p.name != "mlruns")
         sqlite_wal.close()
     finally:
         mlflow.set_tracking_uri(None)
     switched = local and write_ahead
     assert modes == (["wal", 1] if switched else ["delete", 2])  # NORMAL, else SQLite's FULL
     assert journal_mode(database) == "delete"
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "mlruns") == ["mlflow.db"]
+    assert after == ["mlflow.db"]
 
 
 @pytest.mark.slow
