@@ -245,14 +245,11 @@ def _fetch(uri: str) -> Path:
     from pipeline.quiet import no_artifacts_progress
 
     folder = tempfile.mkdtemp(prefix="pipeline-features-")
+    atexit.register(shutil.rmtree, folder, True)  # what an interrupted download left, too
     try:
         with no_artifacts_progress(not sys.stderr.isatty()):
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=folder))
-    except BaseException as exc:  # an interrupt, or one of MLflow's several errors for a missing artifact
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=folder))
+    except Exception as exc:  # MLflow raises several types for a missing run or artifact
         shutil.rmtree(folder, ignore_errors=True)
-        if not isinstance(exc, Exception):
-            raise
         raise UserError(f"features '{uri}': cannot be fetched "
                         f"({' '.join(str(exc).split())[:200]})") from None
-    atexit.register(shutil.rmtree, folder, True)
-    return local
