@@ -18,7 +18,7 @@ from pipeline import naming, paths, tracking
 from pipeline.errors import UserError
 from pipeline.features import read_features, resolve_features, sha256_file
 from pipeline.sources import open_source
-from pipeline.sweep_file import load_sweep
+from pipeline.sweep_file import SweepSpec, load_sweep
 
 
 @dataclass(frozen=True)
@@ -74,12 +74,7 @@ def run_main(images: str = "builtin:digits", weights: str = "auto",
     out = paths.writable_dir(output, "output", make=False)  # made when a file is written there
     paths.writable_dir(out / "export", "output", make=False)
     client = tracking.client()
-    if launcher_run_id:
-        main_run = launcher_run_id
-    else:
-        experiment = tracking.experiment_id(spec.experiment)
-        main_run = tracking.create_run(experiment, f"main-{naming.parent_run_name(spec.name)}")
-    experiment = client.get_run(main_run).info.experiment_id
+    main_run, experiment = _main_run(launcher_run_id, spec)
     tracking.install_sigterm_handler()
     with tracking.terminal_run(main_run):
         client.set_tag(main_run, naming.STEP, "main")
@@ -98,6 +93,17 @@ def run_main(images: str = "builtin:digits", weights: str = "auto",
             parents.append(outcome.parent_run_id)
         exported = export(",".join(parents), str(out / "export"), "csv,md,tex,png")
     return MainOutcome(main_run, extract_run, reused, parents[0], exported.files, tuple(parents))
+
+
+def _main_run(launcher_run_id: str | None, spec: SweepSpec) -> tuple[str, str]:
+    """The main run (the launcher's, or a new one in the first sweep's experiment) and its
+    experiment's id."""
+    if launcher_run_id:
+        main_run = launcher_run_id
+    else:
+        main_run = tracking.create_run(tracking.experiment_id(spec.experiment),
+                                       f"main-{naming.parent_run_name(spec.name)}")
+    return main_run, tracking.client().get_run(main_run).info.experiment_id
 
 
 def _features_step(images: str, weights: str, source, features: str | None, features_path: Path,

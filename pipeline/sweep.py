@@ -73,12 +73,7 @@ def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: s
     ``best_head`` (:mod:`pipeline.best_head`), registered as ``register_model`` if given.
     Returns the parent run and the trial counts.
     """
-    if workers < 0:
-        raise UserError(f"workers {workers}: must be >= 0 (0 sets the study up and runs nothing)")
-    if study is not None and (problem := naming.study_name_problem(study)):
-        raise UserError(f"study {study!r}: {problem}; choose another name")
-    if register_model is not None and (problem := naming.model_name_problem(register_model)):
-        raise UserError(f"register_model {register_model!r}: {problem}; choose another name")
+    _check_arguments(workers, study, register_model)
     sweep = str(sweep_path(sweep))
     spec = load_sweep(sweep, n_trials)
     features_path = resolve_features(features)
@@ -109,6 +104,16 @@ def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: s
             runner.work(worker, _progress(the_study, progress))
     return SweepOutcome(parent_run, experiment, the_study.study_name,
                         {k: counts[k] for k in ("complete", "fail", "pruned")}, counts["retried"])
+
+
+def _check_arguments(workers: int, study: str | None, register_model: str | None) -> None:
+    """Raise :class:`UserError` for a worker count, study name or model name that cannot be."""
+    if workers < 0:
+        raise UserError(f"workers {workers}: must be >= 0 (0 sets the study up and runs nothing)")
+    if study is not None and (problem := naming.study_name_problem(study)):
+        raise UserError(f"study {study!r}: {problem}; choose another name")
+    if register_model is not None and (problem := naming.model_name_problem(register_model)):
+        raise UserError(f"register_model {register_model!r}: {problem}; choose another name")
 
 
 def _read_checked(path, spec: SweepSpec) -> tuple[FeatureSet, str]:
