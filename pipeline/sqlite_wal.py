@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import os
 import re
 import sqlite3
 from pathlib import Path, PurePosixPath
@@ -119,16 +120,21 @@ def on_local_disk(folder: Path) -> bool:
     table cannot be read: not Linux)."""
     try:
         table = MOUNT_TABLE.read_bytes().decode("utf-8", "surrogateescape")
+        folder = folder.resolve()
+        device = folder.stat().st_dev
     except OSError:
         return False
-    return filesystem_of(folder.resolve(), table) in LOCAL_FILESYSTEMS
+    return filesystem_of(folder, table, (os.major(device), os.minor(device))) in LOCAL_FILESYSTEMS
 
 
-def filesystem_of(path: Path, mount_table: str) -> str | None:
+def filesystem_of(path: Path, mount_table: str, device: tuple[int, int] | None = None) -> str | None:
     """The type of the file system that holds absolute ``path``, from the text of a Linux
-    ``mountinfo`` table (the mount point closest to ``path``; the last mount of a point wins,
-    as it hides the ones before); None if no mount holds it."""
-    best, found = -1, None
+    ``mountinfo`` table: the mount point closest to ``path`` (the last mount of a point wins, as
+    it hides the ones before) among the mounts of ``device`` (``path``'s ``st_dev`` as major and
+    minor), which tells a mount hidden under a later mount of its parent from the one that
+    holds the path; among all mounts when none of ``device`` is on the way (btrfs subvolumes
+    report other numbers than their mount). None if no mount holds it."""
+    best, found = (False, -1), None
     target = PurePosixPath(path)
     for line in mount_table.splitlines():
         fields, _, after = line.partition(" - ")
@@ -136,9 +142,9 @@ def filesystem_of(path: Path, mount_table: str) -> str | None:
         if len(parts) < 5 or not after:
             continue
         point = PurePosixPath(_unescape(parts[4]))
-        depth = len(point.parts)
-        if depth >= best and (target == point or point in target.parents):
-            best, found = depth, after.split()[0]
+        rank = (device is not None and parts[2] == f"{device[0]}:{device[1]}", len(point.parts))
+        if rank >= best and (target == point or point in target.parents):
+            best, found = rank, after.split()[0]
     return found
 
 

@@ -234,6 +234,19 @@ def test_filesystem_of_reads_the_closest_mount_in_linuxs_table(path, filesystem)
     assert sqlite_wal.filesystem_of(Path(path), MOUNTS) == filesystem
 
 
+def test_filesystem_of_a_path_under_a_hidden_mount_is_its_devices():
+    """A mount hidden under a later mount of its parent does not hold the path: the path's
+    device tells which mount does; a device no mount on the way shows (a btrfs subvolume)
+    leaves the closest mount."""
+    table = ("27 1 254:0 / / rw - ext4 /dev/vda rw\n40 27 0:51 / /srv/data/x rw - nfs4 s:/ rw\n"
+             "41 27 0:52 / /srv/data rw - tmpfs tmpfs rw")
+    path = Path("/srv/data/x/mlflow.db")
+    assert sqlite_wal.filesystem_of(path, table, (0, 52)) == "tmpfs"
+    assert sqlite_wal.filesystem_of(path, table, (0, 51)) == "nfs4"
+    assert sqlite_wal.filesystem_of(path, table, (0, 99)) == "nfs4"
+    assert sqlite_wal.filesystem_of(path, table) == "nfs4"
+
+
 def test_filesystem_of_a_path_no_mount_holds_is_none():
     assert sqlite_wal.filesystem_of(Path("/x"), "40 27 0:51 / /mnt rw - nfs4 s:/ rw") is None
 
