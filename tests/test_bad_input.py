@@ -424,7 +424,7 @@ def mlflow_run(folder: Path, entry: str, params: dict[str, str]) -> subprocess.C
         mp.chdir(folder)  # the new store's Default experiment keeps its artifacts in folder/mlruns
         store = new_store(folder)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env |= {"MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(ROOT),
+    env |= {"MLFLOW_TRACKING_URI": store, "PYTHONPATH": str(ROOT), "TMPDIR": str(folder),
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
     argv = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local", "-e", entry]
     for name, value in params.items():

@@ -28,8 +28,10 @@ def mlflow_run_twice(tmp_path_factory):
     sweep["seeds"] = [0]
     sweep["fixed"]["epochs"] = 2
     (tmp / "tiny.yaml").write_text(yaml.safe_dump(sweep))
+    (tmp / "tmp").mkdir()  # the runs' temporary folder, looked at after them
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "TMPDIR": str(tmp / "tmp")}
     env.pop("MLFLOW_RUN_ID", None)
     # `mlflow run` runs the entry point in the project's folder, where a new experiment would
     # keep its artifacts (./mlruns): the sweep's experiment is made here first, beside the store
@@ -58,6 +60,19 @@ def test_main_leaves_features_runs_and_exports(mlflow_run_twice):
     collapsed = trials[trials["collapsed"]]
     assert list(collapsed["run_name"]) == ["softmax-1u-bce-lr1e-3-glorot-s0"]
     assert (collapsed["final_val_accuracy"] == collapsed["positive_fraction"]).all()
+
+
+def test_main_leaves_no_temporary_file(mlflow_run_twice):
+    """What the two runs leave in their temporary folder is MLflow's and TensorFlow's own: an
+    empty folder per `mlflow run` (its projects' storage), MLflow's store-creation lock and
+    TensorFlow's autograph sources. No copy of the features, no head, no export."""
+    tmp, results = mlflow_run_twice
+    assert all(result.returncode == 0 for result in results)
+    left = list((tmp / "tmp").iterdir())
+    theirs = [p for p in left if (p.is_dir() and not any(p.iterdir()))
+              or p.name.startswith(("db_init_lock-", "__autograph_generated_file"))]
+    assert sorted(p.name for p in set(left) - set(theirs)) == []
+    assert sum(p.is_dir() for p in theirs) == 2  # the check sees the runs' folder
 
 
 def test_runs_nest_under_the_main_run(mlflow_run_twice):

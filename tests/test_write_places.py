@@ -372,7 +372,7 @@ def test_mlflow_run_fails_fast_with_mlflow_http_settings(tmp_path, server):
     with unreachable_server(server) as uri:
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
                "PYTHONPATH": str(ROOT), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-               "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "TMPDIR": str(tmp_path)}
         env.pop("MLFLOW_RUN_ID", None)
         started = time.monotonic()
         result = subprocess.run(
