@@ -117,10 +117,13 @@ def to_markdown(summary: pd.DataFrame, metrics=SUMMARY_METRICS, digits: int = 4)
 
 
 def latex_escape(text: str) -> str:
-    """``text`` with LaTeX's special characters escaped."""
+    """``text`` with LaTeX's special characters escaped, and the ASCII characters that its
+    default (OT1) font encoding typesets as other glyphs (``|`` as an em dash, ``<`` and ``>``
+    as inverted marks) written as text commands."""
     special = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
                "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
-               "^": r"\textasciicircum{}"}
+               "^": r"\textasciicircum{}", "|": r"\textbar{}", "<": r"\textless{}",
+               ">": r"\textgreater{}"}
     return "".join(special.get(ch, ch) for ch in text)
 
 

@@ -248,6 +248,12 @@ def test_markdown_and_latex_tables_of_the_summary(sweep):
     assert r"binary\_crossentropy" in latex and r"0.5050 $\pm$ 0.0071" in latex
 
 
+def test_latex_escape_writes_every_special_character_as_text():
+    assert tables.latex_escape(r"a_b & 5% $x #1 {y} ~z ^w \v |d| <l> -> é") == (
+        r"a\_b \& 5\% \$x \#1 \{y\} \textasciitilde{}z \textasciicircum{}w \textbackslash{}v "
+        r"\textbar{}d\textbar{} \textless{}l\textgreater{} -\textgreater{} é")
+
+
 @pytest.mark.parametrize(("mean", "std", "tex", "text"), [
     (0.80091, 0.00803, False, "0.8009 ± 0.0080"),
     (4e-8, 1e-8, False, "4.0e-08 ± 1.0e-08"),

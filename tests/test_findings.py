@@ -84,6 +84,8 @@ def test_findings_report_from_the_three_studies(studies, tmp_path):
     assert "| optimizer | softmax lr | ratio 1 | ratio 2 | seeds |" in md
     assert "| dropout masks not shared | sgd | share the masks |" in md
     assert tex.count(r"\begin{tabular}") == 3 and r"\times10^{" in tex
+    typeset = [line for line in tex.splitlines() if not line.startswith("%")]
+    assert not [line for line in typeset if "|" in line]  # OT1 sets a bare | as an em dash
     before_tables = [line for line in tex.split(r"\begin{table}")[0].splitlines() if line]
     assert len(before_tables) == 3 and all(line.startswith("% ") for line in before_tables)
     for name in studies:  # each study keeps its own tables in a folder named for it
