@@ -27,6 +27,7 @@ from pipeline.runs import has_trial_runs, outcomes, resolve_run_ids, sweep_run, 
 
 FORMATS = ("csv", "md", "tex", "png", "pdf", "svg", "html")
 FIGURE_FORMATS = {"png", "pdf", "svg", "md"}  # formats that bring the figures
+FIGURE_KINDS = {"heads"}  # the kinds of sweep with figures: a parity trial has none of their metrics
 CURVE_METRICS = ("loss", "val_loss", "accuracy", "val_accuracy", "prob_loss", "val_prob_loss")
 
 
@@ -126,6 +127,10 @@ def export(run_id: str | None = None, output: str = "exports", formats: str = "c
     for rid, parent in sweeps:  # every sweep checked before the first file is written
         if not has_trial_runs(parent):
             raise UserError(f"run_id {rid}: the sweep has no trial runs")
+    kinds = {parent.data.tags.get(naming.KIND, "heads") for _, parent in sweeps}
+    if wanted <= FIGURE_FORMATS - {"md"} and not kinds & FIGURE_KINDS:
+        raise UserError(f"formats '{formats}': a parity study has no figures; ask for csv, md, tex "
+                        "or html")
     out = paths.writable_dir(output, "output", make=False)  # made when the first sweep writes
     per_sweep: dict[str, list[Path]] = {}
     sections: list[findings.Section] = []
@@ -195,8 +200,9 @@ def _export_sweep(parent, sweep: str, kind: str, out: Path,
         written = _tables(trials, summary, curves, kind_metrics, wanted, sweep, run_id, out, pngs,
                           pages, context)
         bar.update(bar.total - bar.n)  # stages skipped (a figure Optuna cannot draw) count as done
+    files = ", ".join(p.name for p in written) or "no files: no figure applies to its trials"
     print(f"export: study '{parent.data.tags.get(naming.STUDY)}' (run {run_id}): {how_far} -> {out} "
-          f"({', '.join(p.name for p in written)})", file=sys.stderr)
+          f"({files})", file=sys.stderr)
     return written, trials, context
 
 

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from pipeline import naming
+from pipeline.errors import UserError
 from pipeline.export import export
 from pipeline.features import write_features
 from pipeline.findings import Section, latex, markdown, parity_deep_rows, parity_rows, sci
@@ -112,6 +113,18 @@ def test_parity_table_reads_optimizers_by_ratios(studies):
                                   filter_string=f"tags.`{naming.PARENT}` = '{trial['run_id']}'")
     assert sorted(run.data.tags[naming.ROLE] for run in children) == [
         "sigmoid_random", "sigmoid_transfer", "softmax"]
+
+
+@pytest.mark.slow
+def test_figures_alone_of_parity_studies_are_refused_before_anything_is_written(studies, tmp_path):
+    """A parity trial has no figure's metrics: asking its studies for figures alone is an error
+    with no folder made; with a sweep of heads beside them, the heads' figures are written."""
+    parity = f"{studies['parity-t']},{studies['breakers-t']}"
+    with pytest.raises(UserError, match="a parity study has no figures"):
+        export(parity, str(tmp_path / "out"), "png,pdf")
+    assert not (tmp_path / "out").exists()
+    result = export(f"{parity},{studies['collapse-t']}", str(tmp_path / "out"), "png", log_to_run=False)
+    assert {p.relative_to(tmp_path / "out").as_posix() for p in result.files} == {"collapse-t/accuracy.png"}
 
 
 def test_sci_formats_gaps_for_text_and_latex():
