@@ -3,6 +3,7 @@
 # Each installs into .venv first (once, and again when pyproject.toml changes).
 PYTHON ?= python3
 VENV ?= .venv
+PORT ?= 5000
 BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 
@@ -36,4 +37,4 @@ test-fast: lint
 	$(PYTEST) -m "not slow"
 
 ui: install
-	mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db
+	mlflow ui --host 127.0.0.1 --port $(PORT) --backend-store-uri sqlite:///mlflow.db
