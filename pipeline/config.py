@@ -306,6 +306,8 @@ def describe_error(exc: Exception, model: type[BaseModel] = TrialConfig, name: s
         msg = f"{err['input']!r} is not allowed (allowed: {', '.join(map(str, choices))})"
     elif err["type"] == "extra_forbidden":
         msg = "unknown key"
+    elif err["type"] == "string_too_long":  # the text itself could fill a screen
+        msg = f"{len(err['input']):,} characters, more than {err['ctx']['max_length']:,}"
     elif "greater_than" in err["type"] or "less_than" in err["type"]:
         msg = f"{err['input']!r}: {msg[0].lower()}{msg[1:]}"
     return f"{loc}: {msg}" if loc else msg

@@ -44,7 +44,9 @@ Report = Literal["summary", "collapse", "parity", "breakers", "parity_deep", "at
 ObjectiveMetric = Literal[HEAD_METRICS + PARITY_METRICS]
 HeadMetric = Literal[HEAD_METRICS]
 MAXIMIZED = ("val_accuracy", "accuracy")  # every other metric is a loss or a gap
-MAX_GRID = 100_000  # grid points (seeds included) a grid sweep lists, checks and queues
+MAX_TRIALS = 100_000  # trials a study queues: a grid's points (seeds included), or n_trials
+MAX_EXPERIMENT_NAME = 500  # MLflow's limits (mlflow.utils.validation), checked before any write
+MAX_DESCRIPTION = 20_000  # the description is the experiment's note, an experiment tag
 
 
 class FloatRange(BaseModel):
@@ -96,13 +98,13 @@ class SweepSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    experiment: str = Field(min_length=1)
-    description: str = ""
+    experiment: str = Field(min_length=1, max_length=MAX_EXPERIMENT_NAME)
+    description: str = Field("", max_length=MAX_DESCRIPTION)
     kind: Kind = "heads"
     report: Report = "summary"
     sampler: Sampler = "grid"
     sampler_seed: int = Field(0, ge=0, le=2**32 - 1)  # numpy's seed range, which samplers use
-    n_trials: int | None = Field(None, ge=1)
+    n_trials: int | None = Field(None, ge=1, le=MAX_TRIALS)
     seeds: tuple[int, ...] = Field((0,), min_length=1)
     engine: Engine = "fused"
     objective: Objective = Objective()
@@ -310,9 +312,9 @@ def parse_sweep(raw: Any, source: str = "sweep") -> SweepSpec:
         raise UserError(f"{source}: n_trials: required for sampler '{spec.sampler}'")
     if spec.sampler == "grid":
         size = len(spec.seeds) * sum(math.prod(len(axis) for axis in sub.values()) for sub in spec.space)
-        if size > MAX_GRID:
+        if size > MAX_TRIALS:
             raise UserError(f"{source}: space: the grid holds {size:,} points with its seeds, more than "
-                            f"{MAX_GRID:,}; search a space this large with sampler tpe or random and "
+                            f"{MAX_TRIALS:,}; search a space this large with sampler tpe or random and "
                             f"n_trials")
         for point in spec.grid():
             try:

@@ -152,6 +152,13 @@ SWEEP_CASES = [
      "space this large with sampler tpe or random and n_trials"),
     ("n_trials a boolean", {"n_trials": True},
      "error: s.yaml: n_trials: True is a boolean; give an integer"),
+    ("more trials than a study queues", {"sampler": "random", "n_trials": 10**9,
+                                         "space": {"learning_rate": {"low": 1e-3, "high": 0.1}}},
+     "error: s.yaml: n_trials: 1000000000: input should be less than or equal to 100000"),
+    ("an experiment name past MLflow's 500 characters", {"experiment": "e" * 501},
+     "error: s.yaml: experiment: 501 characters, more than 500"),
+    ("a description past MLflow's 20,000 characters", {"description": "d" * 20_001},
+     "error: s.yaml: description: 20,001 characters, more than 20,000"),
 ]
 DUPLICATE_KEY = """\
 name: bad

@@ -376,3 +376,13 @@ def test_optional_settings_read_back_from_mlflow_strings():
     assert config.weight_decay is None and config.mask_seed is None
     assert config.batch_seed == 3 and config.dropout_seed == config.seed
     assert config.transfer_bias is False
+
+
+def test_sweep_files_hold_mlflows_limits():
+    """The limits checked before any write are MLflow's own."""
+    from mlflow.utils import validation
+
+    from pipeline import sweep_file
+
+    assert sweep_file.MAX_EXPERIMENT_NAME == validation.MAX_EXPERIMENT_NAME_LENGTH
+    assert sweep_file.MAX_DESCRIPTION == validation.MAX_EXPERIMENT_TAG_VAL_LENGTH
