@@ -28,6 +28,11 @@ from pipeline.runs import has_trial_runs, outcomes, resolve_run_ids, sweep_run, 
 FORMATS = ("csv", "md", "tex", "png", "pdf", "svg", "html")
 FIGURE_FORMATS = {"png", "pdf", "svg", "md"}  # formats that bring the figures
 FIGURE_KINDS = {"heads"}  # the kinds of sweep with figures: a parity trial has none of their metrics
+FILES = ("trials.csv", "summary.csv", "epochs.csv", "summary.md", "summary.tex", "findings.md",
+         "findings.tex",
+         *(f"{figure}.{suffix}" for figure in ("loss_curves", "loss_gaps", "accuracy")
+           for suffix in ("png", "pdf", "svg")),
+         *(f"{page}.html" for page in study_figures.OPTUNA_FIGURES))  # every name export writes
 CURVE_METRICS = ("loss", "val_loss", "accuracy", "val_accuracy", "prob_loss", "val_prob_loss")
 
 
@@ -132,9 +137,11 @@ def export(run_id: str | None = None, output: str = "exports", formats: str = "c
         raise UserError(f"formats '{formats}': a parity study has no figures; ask for csv, md, tex "
                         "or html")
     out = paths.writable_dir(output, "output", make=False)  # made when the first sweep writes
+    folders = _folders(out, sweeps)
+    _check_places([out, *folders])
     per_sweep: dict[str, list[Path]] = {}
     sections: list[findings.Section] = []
-    for (rid, parent), folder in zip(sweeps, _folders(out, sweeps), strict=True):
+    for (rid, parent), folder in zip(sweeps, folders, strict=True):
         name = parent.data.tags.get(naming.SWEEP_NAME, "sweep")
         kind = parent.data.tags.get(naming.KIND, "heads")
         per_sweep[rid], trials, context = _export_sweep(parent, name, kind, folder, wanted)
@@ -156,6 +163,15 @@ def export(run_id: str | None = None, output: str = "exports", formats: str = "c
                 client.log_artifact(rid, str(path), "export")
     written = [p for files in per_sweep.values() for p in files] + report
     return ExportResult(run_id=run_ids[0], run_ids=tuple(run_ids), files=tuple(written))
+
+
+def _check_places(folders: list[Path]) -> None:
+    """Raise :class:`UserError` if a folder an export writes into is not one, or something other
+    than a file sits where it writes a file: checked before the first file is written."""
+    for folder in folders:
+        paths.writable_dir(folder, "output", make=False)
+        for name in FILES:
+            paths.refuse_other_than_file(folder / name, f"output {folder / name}")
 
 
 def _folders(out: Path, sweeps: list) -> list[Path]:

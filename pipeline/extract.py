@@ -120,6 +120,8 @@ def run_extract(images: str, weights: str = "auto", input_size: str | int = "aut
     """
     check_inputs(images, weights, input_size, batch_size)  # bad input: no run, no file
     paths.writable_file(output, "output")
+    if run_id is not None:
+        tracking.launcher_run(run_id)
     # TensorFlow is imported before the run opens: the run times the extraction, not the
     # import, and Ctrl-C during the import leaves no run behind.
     from pipeline import backbone  # noqa: F401

@@ -73,6 +73,8 @@ def run_main(images: str = "builtin:digits", weights: str = "auto",
     source = open_source(images) if features is None else None
     out = paths.writable_dir(output, "output", make=False)  # made when a file is written there
     paths.writable_dir(out / "export", "output", make=False)
+    if features is None:
+        paths.refuse_other_than_file(out / "features.h5", f"output {out / 'features.h5'}")
     client = tracking.client()
     main_run, experiment = _main_run(launcher_run_id, spec)
     tracking.install_sigterm_handler()
@@ -99,11 +101,9 @@ def _main_run(launcher_run_id: str | None, spec: SweepSpec) -> tuple[str, str]:
     """The main run (the launcher's, or a new one in the first sweep's experiment) and its
     experiment's id."""
     if launcher_run_id:
-        main_run = launcher_run_id
-    else:
-        main_run = tracking.create_run(tracking.experiment_id(spec.experiment),
-                                       f"main-{naming.parent_run_name(spec.name)}")
-    return main_run, tracking.client().get_run(main_run).info.experiment_id
+        return launcher_run_id, tracking.launcher_run(launcher_run_id).info.experiment_id
+    experiment = tracking.experiment_id(spec.experiment)
+    return tracking.create_run(experiment, f"main-{naming.parent_run_name(spec.name)}"), experiment
 
 
 def _features_step(images: str, weights: str, source, features: str | None, features_path: Path,

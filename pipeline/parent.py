@@ -19,7 +19,7 @@ from pathlib import Path
 
 import mlflow
 import optuna
-from mlflow.entities import Dataset
+from mlflow.entities import Dataset, Run
 from optuna.trial import FrozenTrial
 
 from pipeline import naming, storages, studies, tracking
@@ -39,7 +39,7 @@ class Origin:
     features_sha: str
     dataset: Dataset  # the features file as an MLflow dataset: every run's input
     storage: str
-    launcher: str | None  # the run of ``main`` or of ``mlflow run``, if any
+    launcher: Run | None  # the run of ``main`` or of ``mlflow run``, if any (tracking.launcher_run)
 
 
 def attach(study: optuna.Study, origin: Origin, setup: bool) -> tuple[str, str]:
@@ -52,7 +52,7 @@ def attach(study: optuna.Study, origin: Origin, setup: bool) -> tuple[str, str]:
     are where its parent is and a new parent would hold only the rest.
     """
     name = origin.spec.experiment
-    launcher = _checked_launcher(origin.launcher) if origin.launcher else None
+    launcher = origin.launcher
     if not setup:
         reopened = _reopen(study, name)
         if reopened is not None:
@@ -63,25 +63,13 @@ def attach(study: optuna.Study, origin: Origin, setup: bool) -> tuple[str, str]:
             raise UserError(_moved(study, origin, finished))
     experiment = tracking.experiment_id(name)
     tracking.describe_experiment(experiment, origin.spec.description, naming.views_for(origin.spec.report))
-    parent = _create(study, origin, experiment, launcher)
+    parent = _create(study, origin, experiment)
     studies.mark_ready(study, parent)
     _list_on_launcher(launcher, parent)
     return parent, experiment
 
 
-def _checked_launcher(launcher: str):
-    """The launcher run (``MLFLOW_RUN_ID``, or ``main``'s), read once for the sweep's start;
-    :class:`UserError` unless it is a live run of this store: checked before the parent run is
-    made or reopened, so that a stale id leaves no parent RUNNING."""
-    run = _get_run(launcher)
-    if run is None or run.info.lifecycle_stage == "deleted":
-        state = "not in" if run is None else "deleted from"
-        raise UserError(f"launcher run {launcher} (MLFLOW_RUN_ID): {state} the tracking store "
-                        f"({mlflow.get_tracking_uri()}); unset MLFLOW_RUN_ID to start a sweep of its own")
-    return run
-
-
-def _list_on_launcher(launcher, parent: str) -> None:
+def _list_on_launcher(launcher: Run | None, parent: str) -> None:
     """Add ``parent`` to the launcher run's list of sweeps (tag ``pipeline.sweep_run_id``) as
     the sweep starts: a ``main`` interrupted later still names every sweep it ran or resumed,
     including a study an earlier ``main`` made (whose parent run nests under that one)."""
@@ -97,27 +85,23 @@ def _reopen(study: optuna.Study, experiment_name: str) -> tuple[str, str] | None
     not in experiment ``experiment_name`` of this store. The experiment is looked up now, after
     the study was opened: another command may have just made both."""
     parent = studies.parent_of(study)
-    run = _get_run(parent)
+    run = tracking.find_run(parent)
     experiment = tracking.experiment_id(experiment_name, create=False)
     if run is None or run.info.experiment_id != experiment:
         return None
-    if run.info.lifecycle_stage == "deleted":  # as deleting its experiment leaves it
-        tracking.experiment_id(experiment_name)  # restores the experiment and its runs
+    if run.info.lifecycle_stage == "deleted":  # the run was deleted, or its experiment
+        tracking.experiment_id(experiment_name)  # restores a deleted experiment and its runs
+        if tracking.find_run(parent).info.lifecycle_stage == "deleted":
+            tracking.client().restore_run(parent)
+        print(f"sweep: parent run {parent} was deleted; restored to resume its study", file=sys.stderr)
     if run.info.status != "RUNNING":
         tracking.client().update_run(parent, status="RUNNING")
     return parent, experiment
 
 
-def _get_run(run_id: str | None):
-    try:
-        return tracking.client().get_run(run_id) if run_id else None
-    except mlflow.exceptions.MlflowException:
-        return None
-
-
 def _moved(study: optuna.Study, origin: Origin, finished: int) -> str:
     parent = studies.parent_of(study)
-    run = _get_run(parent)
+    run = tracking.find_run(parent)
     where = ("is not in this tracking store" if run is None
              else f"is in experiment {run.info.experiment_id}, not in '{origin.spec.experiment}'")
     return (f"study {storages.study_url(origin.storage, study.study_name)} has {finished} finished "
@@ -125,13 +109,13 @@ def _moved(study: optuna.Study, origin: Origin, finished: int) -> str:
             f"use that store, or start afresh (another study name, or delete the study from its storage)")
 
 
-def _create(study: optuna.Study, origin: Origin, experiment: str, launcher_run) -> str:
+def _create(study: optuna.Study, origin: Origin, experiment: str) -> str:
     """A new parent run for the study: tags, params and the sweep file. It nests under the
     launcher run (None: there is none) when both are in one experiment; otherwise the two are
     linked by tags."""
     spec, client = origin.spec, tracking.client()
-    launcher = origin.launcher
-    nest = launcher if launcher_run is not None and launcher_run.info.experiment_id == experiment else None
+    launcher = origin.launcher.info.run_id if origin.launcher else None
+    nest = launcher if origin.launcher and origin.launcher.info.experiment_id == experiment else None
     tags = {naming.STEP: "sweep", naming.SWEEP_NAME: spec.name, naming.STUDY: study.study_name,
             naming.KIND: spec.kind, naming.REPORT: spec.report,
             naming.STORAGE: storages.study_url(origin.storage, study.study_name),

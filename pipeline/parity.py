@@ -165,7 +165,7 @@ def run_parity(features: str, config: ParityConfig, experiment: str = EXPERIMENT
             naming.NOTE: _description(config), **tracking.versions()}
     if launcher_run_id:
         run_id = launcher_run_id
-        experiment = tracking.client().get_run(run_id).info.experiment_id
+        experiment = tracking.launcher_run(run_id).info.experiment_id
         tracking.log_batch(run_id, tags=tags)
         tracking.log_new_params(run_id, config.params() | {"features": features})
     else:

@@ -36,13 +36,13 @@ def existing_file(path: str | os.PathLike, what: str) -> Path:
     """``path`` as a file to read, or :class:`UserError`: ``<what> not found: <path>``, or
     ``<what> <path>: is a folder, not a file``."""
     path = Path(path)
-    _refuse_other_than_file(path, f"{what} {path}")
+    refuse_other_than_file(path, f"{what} {path}")
     if not path.exists():
         raise UserError(f"{what} not found: {path}")
     return path
 
 
-def _refuse_other_than_file(path: Path, named: str) -> None:
+def refuse_other_than_file(path: Path, named: str) -> None:
     """Raise :class:`UserError` starting with ``named`` when something other than a regular file
     is at ``path``: a folder, a device, a pipe or a socket."""
     if path.is_dir():
@@ -58,7 +58,7 @@ def writable_file(path: str | os.PathLike, what: str) -> Path:
     files beside it."""
     path = Path(path)
     named = f"{what} {path}"
-    _refuse_other_than_file(path, named)
+    refuse_other_than_file(path, named)
     _ready_folder(path.parent, named, own=False)
     if path.exists():
         try:

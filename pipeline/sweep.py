@@ -78,13 +78,14 @@ def run_sweep(features: str, sweep: str, n_trials: int | None = None, storage: s
     spec = load_sweep(sweep, n_trials)
     features_path = resolve_features(features)
     data, features_sha = _read_checked(features_path, spec)
+    launcher = tracking.launcher_run(launcher_run_id) if launcher_run_id else None
     engine = make_engine(spec.engine)
     runner.freeze_imports()
     tracking.install_sigterm_handler()
     dataset = lineage.features_dataset(features, features_sha, data.x.shape, data.class_names,
                                        float(data.y.mean()))
     origin = parent.Origin(spec, sweep, features, features_sha, dataset,
-                           storage or tracking.default_study_storage(), launcher_run_id)
+                           storage or tracking.default_study_storage(), launcher)
     with contextlib.ExitStack() as stack:
         # An interrupt held while the study and its parent run are set up is raised once the
         # parent run's closing is entered, which ends the run KILLED.

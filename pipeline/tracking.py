@@ -255,6 +255,26 @@ def _client(tracking_uri: str) -> mlflow.MlflowClient:
     return mlflow.MlflowClient(tracking_uri)
 
 
+def find_run(run_id: str | None) -> mlflow.entities.Run | None:
+    """Run ``run_id`` of the tracking store, deleted ones included; None if it has none."""
+    try:
+        return client().get_run(run_id) if run_id else None
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def launcher_run(run_id: str) -> mlflow.entities.Run:
+    """The run a command records into (``MLFLOW_RUN_ID``: the run ``mlflow run`` opened, or
+    ``main``'s), or :class:`UserError` unless it is a live run of this store: checked before
+    anything is recorded, so that a stale id leaves no run RUNNING."""
+    run = find_run(run_id)
+    if run is None or run.info.lifecycle_stage == "deleted":
+        state = "not in" if run is None else "deleted from"
+        raise UserError(f"launcher run {run_id} (MLFLOW_RUN_ID): {state} the tracking store "
+                        f"({mlflow.get_tracking_uri()}); unset MLFLOW_RUN_ID to start a run of its own")
+    return run
+
+
 def create_run(experiment: str, name: str, parent_run_id: str | None = None,
                tags: Mapping[str, str] | None = None) -> str:
     """Create a RUNNING run (nested under ``parent_run_id`` if given) and return its id; it

@@ -252,6 +252,15 @@ def cases():
         lambda d: new_store(d),  # an existing, empty store
         ["sweep", "--features", MISSING_RUN, "--sweep", "ok.yaml"],
         f"error: features '{MISSING_RUN}': cannot be fetched (", id="runs:/ URI that does not exist")
+    stale = "f" * 32
+    for argv in (["sweep", "--features", "good.h5", "--sweep", "ok.yaml"],
+                 ["parity", "--features", "good.h5"],
+                 ["main", "--features", "good.h5", "--sweep", "ok.yaml", "--output", "out"],
+                 ["extract", "--images", "builtin:digits", "--weights", "random", "--output", "f.h5"]):
+        yield pytest.param(
+            lambda d: (new_store(d), {"MLFLOW_RUN_ID": stale})[1], argv,
+            f"error: launcher run {stale} (MLFLOW_RUN_ID): not in the tracking store (...",
+            id=f"{argv[0]}: stale MLFLOW_RUN_ID")
 
 
 @pytest.mark.parametrize(("make", "argv", "line"), list(cases()))
@@ -264,7 +273,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(make, argv, line, tmp_p
     mlflow.set_tracking_uri(uri)
     write_features(tmp_path / "good.h5", X, Y, {})
     (tmp_path / "ok.yaml").write_text(yaml.safe_dump(SWEEP))
-    make(tmp_path)
+    made = make(tmp_path)
+    for name, value in made.items() if isinstance(made, dict) else ():  # the case's environment
+        monkeypatch.setenv(name, value)
     capsys.readouterr()
     before = set(tmp_path.rglob("*"))
     with pytest.raises(SystemExit) as exit_info:

@@ -159,6 +159,17 @@ def test_rerun_resumes_instead_of_restarting(swept):
     assert len(after) == len(runs)
 
 
+def test_a_sweep_whose_parent_run_was_deleted_restores_it_and_resumes(swept, capsys):
+    outcome, runs, sweep, features_file = swept
+    client = mlflow.MlflowClient()
+    client.delete_run(outcome.parent_run_id)
+    again = run_sweep(str(features_file), sweep, progress=False)
+    assert again.parent_run_id == outcome.parent_run_id and again.counts == outcome.counts
+    parent = client.get_run(outcome.parent_run_id).info
+    assert (parent.lifecycle_stage, parent.status) == ("active", "FINISHED")
+    assert f"parent run {outcome.parent_run_id} was deleted; restored" in capsys.readouterr().err
+
+
 def test_a_main_that_resumes_a_study_lists_it_before_it_runs(swept):
     """A main (launcher) run lists each sweep as the sweep starts, a resumed one too (its parent
     run nests under the main that made it): export by the main run's id finds it even if that

@@ -165,6 +165,13 @@ def in_the_way_cases():
     yield pytest.param(lambda d: a_file(d / "f"), [*EXTRACT_ARGS, "--output", "f/x.h5"],
                        "error: output f/x.h5: f is a file, not a folder",
                        id="extract output: under a file")
+    yield pytest.param(lambda d: (d / "o" / "summary.md").mkdir(parents=True), ["export", "--output", "o"],
+                       "error: output o/summary.md: is a folder, not a file",
+                       id="export output: a folder where a table goes")
+    yield pytest.param(lambda d: (d / "o" / "features.h5").mkdir(parents=True),
+                       ["main", "--sweep", "ok.yaml", "--weights", "random", "--output", "o"],
+                       "error: output o/features.h5: is a folder, not a file",
+                       id="main output: a folder where the features go")
     yield pytest.param(lambda d: a_file(d / "f"), [*MAIN_ARGS, "--output", "f"],
                        "error: output f: is a file, not a folder", id="main output: a file")
     yield pytest.param(lambda d: ((d / "o").mkdir(), a_file(d / "o" / "export")),
