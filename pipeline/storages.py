@@ -49,7 +49,11 @@ def make_storage(url: str, on_stale: OnStale | None = None) -> optuna.storages.B
     path = writable_file(url.removeprefix("journal:"), "storage")
     backend = optuna.storages.journal.JournalFileBackend(
         str(path), lock_obj=optuna.storages.journal.JournalFileOpenLock(str(path)))
-    return optuna.storages.JournalStorage(backend)
+    try:
+        return optuna.storages.JournalStorage(backend)  # replays the file's operations
+    except (ValueError, KeyError, TypeError) as exc:  # not JSON, not UTF-8, not Optuna's operations
+        raise UserError(f"storage {path}: not an Optuna journal file ({_short(exc)}); give a new "
+                        f"file or a study's journal") from None
 
 
 def read_storage(url: str) -> optuna.storages.BaseStorage:

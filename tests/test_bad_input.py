@@ -236,6 +236,13 @@ def cases():
         yield pytest.param(lambda d: None, ["sweep", "--features", "good.h5", "--sweep", "ok.yaml",
                                             "--storage", storage],
                            f"error: storage {storage}: {why}", id=f"storage {storage}")
+    for name, content, why in (("notes.txt", b"a note\nand another\n", "JSONDecodeError: Expecting value"),
+                               ("utf16.txt", b"\xff\xfe\x00a\nb\n", "UnicodeDecodeError: 'utf-16-le'"),
+                               ("other.json", b'{"a": 1}\n', "KeyError: 'op_code'")):
+        yield pytest.param(lambda d, name=name, content=content: (d / name).write_bytes(content),
+                           ["sweep", "--features", "good.h5", "--sweep", "ok.yaml", "--storage", name],
+                           f"error: storage {name}: not an Optuna journal file ({why}...",
+                           id=f"storage: not a journal ({name})")
     for value in ("0", "-3"):
         yield pytest.param(lambda d: None, ["sweep", "--features", "good.h5", "--sweep", "ok.yaml",
                                             "--n_trials", value],
