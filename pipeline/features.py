@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import mmap
 import os
 import sys
@@ -63,11 +64,16 @@ def read_features(path: str | os.PathLike) -> FeatureSet:
                         f"{path}: no dataset '{name}' (expected 'train' N x D features and "
                         f"'label' N labels, as in gap_Xception.h5)"
                     )
-            x = _read_features_matrix(h5[FEATURES_DATASET])
-            y_raw = np.asarray(h5[LABEL_DATASET][()])
+            train, labels = h5[FEATURES_DATASET], h5[LABEL_DATASET]
+            if train.ndim == 2:  # a label per row, known from the shapes before either is read
+                _check_label_shape(path, labels.shape, train.shape[0])
+            x = _read_features_matrix(train)
+            y_raw = np.asarray(labels[()])
             attrs = {key: _decode_attr(value) for key, value in h5.attrs.items()}
     except UserError:
         raise
+    except MemoryError as exc:  # a dataset whose declared shape outgrows this machine
+        raise UserError(f"{path}: too large to read into memory ({_first_line(exc)})") from None
     except (OSError, KeyError, ValueError) as exc:
         raise UserError(f"{path}: not a readable HDF5 file ({_first_line(exc)})") from None
     return FeatureSet(x=_check_features(path, x), y=_check_labels(path, y_raw, len(x)), attrs=attrs)
@@ -133,12 +139,19 @@ def _check_features(path: Path, x: np.ndarray) -> np.ndarray:
     return x
 
 
+def _check_label_shape(path: Path, shape: tuple[int, ...], n: int) -> None:
+    """:class:`UserError` unless labels of ``shape`` (N, or N x 1 / 1 x N) give one per row of ``n``."""
+    if len(shape) == 2 and 1 in shape:
+        shape = (math.prod(shape),)
+    if len(shape) != 1:
+        raise UserError(f"{path}: 'label' must be 1-D, got shape {shape}")
+    if shape[0] != n:
+        raise UserError(f"{path}: 'train' has {n} rows but 'label' has {shape[0]}")
+
+
 def _check_labels(path: Path, y: np.ndarray, n: int) -> np.ndarray:
-    y = y.reshape(-1) if y.ndim == 2 and 1 in y.shape else y
-    if y.ndim != 1:
-        raise UserError(f"{path}: 'label' must be 1-D, got shape {y.shape}")
-    if len(y) != n:
-        raise UserError(f"{path}: 'train' has {n} rows but 'label' has {len(y)}")
+    _check_label_shape(path, y.shape, n)
+    y = y.reshape(-1)
     found = invalid_labels(y)
     if found:
         kind = "" if y.dtype.kind in "iuf" else f" (dtype {y.dtype})"

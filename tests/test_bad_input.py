@@ -57,6 +57,16 @@ def truncated(path):
     path.write_bytes(data[: len(data) // 2])
 
 
+def declared(path, train_shape, label_shape):
+    """Features whose datasets declare these shapes and hold nothing (chunked: a few KB)."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f.create_dataset("train", shape=train_shape, dtype="float32",
+                         chunks=(min(1000, train_shape[0]), train_shape[1]))
+        f.create_dataset("label", shape=label_shape, dtype="int64", chunks=(min(1000, label_shape[0]),))
+
+
 def not_hdf5(path):
     path.write_text("train,label\n0.1,0\n")
 
@@ -89,6 +99,10 @@ FEATURES_CASES = [
      "as in gap_Xception.h5)"),
     ("lengths differ", lambda p: h5(p, train=X, label=Y[:30]),
      "error: f.h5: 'train' has 40 rows but 'label' has 30"),
+    ("labels declared past the features' rows", lambda p: declared(p, (40, 8), (10**11,)),
+     "error: f.h5: 'train' has 40 rows but 'label' has 100000000000"),
+    ("features declared past any memory", lambda p: declared(p, (10**10, 32), (10**10,)),
+     "error: f.h5: too large to read into memory (Unable to allocate 1.16 TiB..."),
     ("features not 2-D", lambda p: h5(p, train=X.reshape(40, 2, 4), label=Y),
      "error: f.h5: 'train' must be 2-D (N x D), got shape (40, 2, 4)"),
     ("labels outside {0, 1}", lambda p: h5(p, train=X, label=np.array([0, 1, 2, 1] * 10)),
