@@ -94,8 +94,8 @@ class TrainingSettings(BaseModel):
     seed: int = Field(0, ge=0, description="seeds the split, the batch order, the initial "
                                            "weights and the dropout masks")
     validation_fraction: float = Field(0.2, gt=0, lt=1, description="the stratified validation split")
-    hidden_units: int = Field(0, ge=0, description="units of a hidden layer before the output "
-                                                   "layer; 0: none")
+    hidden_units: int = Field(0, ge=0, le=16_384, description="units of a hidden layer before the "
+                                                              "output layer; 0: none")
     hidden_activation: HiddenActivation = Field("relu", description="the hidden layer's activation")
     standardize: bool = Field(False, description="standardize the features (the training "
                                                  "split's statistics)")
@@ -309,5 +309,6 @@ def describe_error(exc: Exception, model: type[BaseModel] = TrialConfig, name: s
     elif err["type"] == "string_too_long":  # the text itself could fill a screen
         msg = f"{len(err['input']):,} characters, more than {err['ctx']['max_length']:,}"
     elif "greater_than" in err["type"] or "less_than" in err["type"]:
-        msg = f"{err['input']!r}: {msg[0].lower()}{msg[1:]}"
+        given = err["input"] if isinstance(err["input"], str) else repr(err["input"])  # a flag's text
+        msg = f"{given}: {msg[0].lower()}{msg[1:]}"
     return f"{loc}: {msg}" if loc else msg

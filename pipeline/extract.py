@@ -19,7 +19,7 @@ import numpy as np
 from pipeline import lineage, naming, paths, tracking
 from pipeline.errors import UserError
 from pipeline.features import read_features, sha256_file, write_features
-from pipeline.sources import MIN_INPUT_SIZE, ImageSource, open_source
+from pipeline.sources import MAX_INPUT_SIZE, MIN_INPUT_SIZE, ImageSource, open_source
 
 WEIGHT_CHOICES = ("imagenet", "random", "auto")
 
@@ -39,15 +39,19 @@ class Extraction:
 
 def checked_input_size(value: str | int) -> int | None:
     """``None`` for ``auto`` (the source's natural size: 299 for folders, 71 for digits); else
-    the integer, which must be >= 71."""
+    the integer, from 71 to 1,024."""
     if str(value) == "auto":
         return None
     try:
         size = int(value)
     except ValueError:
-        raise UserError(f"input_size '{value}': must be 'auto' or an integer >= 71") from None
+        raise UserError(f"input_size '{value}': must be 'auto' or an integer from {MIN_INPUT_SIZE} to "
+                        f"{MAX_INPUT_SIZE}") from None
     if size < MIN_INPUT_SIZE:
         raise UserError(f"input_size {size}: Xception needs at least {MIN_INPUT_SIZE}")
+    if size > MAX_INPUT_SIZE:
+        raise UserError(f"input_size {size}: at most {MAX_INPUT_SIZE} (Xception's activations of a batch "
+                        f"grow with its square)")
     return size
 
 

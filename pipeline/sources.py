@@ -21,6 +21,7 @@ DIGITS_CLASSES = (3, 8)
 # The formats TensorFlow's decode_image reads, told by their first bytes as it tells them.
 IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WebP")
 MIN_INPUT_SIZE = 71  # Xception's smallest input
+MAX_INPUT_SIZE = 1024  # past this, a batch of Xception's activations outgrows most machines' memory
 FOLDER_INPUT_SIZE = 299  # Xception's ImageNet input
 
 

@@ -188,6 +188,8 @@ PARITY_CASES = [
      "error: parity: learning_rate: inf: must be finite"),
     ("parity: sigmoid learning rate not finite", ["--learning_rate", "10", "--ratio", "1e308"],
      "error: parity: ratio x learning_rate: 1e+308 x 10.0 is not finite (the sigmoids train with it)"),
+    ("parity: a hidden layer past any memory", ["--hidden_units", "1000000000"],
+     "error: parity: hidden_units: 1000000000: input should be less than or equal to 16384"),
 ]
 MISSING_RUN = "runs:/0123456789abcdef0123456789abcdef/features/f.h5"
 STUDY_CASES = [  # names export --run_id, MLflow's filters or a shell could not give back

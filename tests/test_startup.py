@@ -60,6 +60,8 @@ BAD_INPUT = [
      "weights 'imagenet.h5': not imagenet, random, auto or an existing file"),
     (["extract", "--images", "builtin:digits", "--input_size", "70", "--output", "out.h5"],
      "input_size 70: Xception needs at least 71"),
+    (["extract", "--images", "builtin:digits", "--input_size", "1000000", "--output", "out.h5"],
+     "input_size 1000000: at most 1024 (Xception's activations of a batch grow with its square)"),
     (["main", "--images", "nowhere", "--sweep", DEFAULT_SWEEP, "--output", "out"],
      "images folder not found: nowhere"),
     (["export", "--output", "out"], "no sweep runs"),
