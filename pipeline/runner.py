@@ -168,11 +168,15 @@ def _run_batch(worker: Worker, batch: list[TrialLife], writer: ThreadPoolExecuto
 def _abandon(writer: ThreadPoolExecutor, batch: list[TrialLife], opened: list[Future],
              written: list[Future], error: BaseException) -> None:
     """End the trials of a batch that ``error`` cut short: a record already being written is
-    finished and told; the others end as :meth:`TrialLife.abandon` ends them."""
+    finished and told; the others end as :meth:`TrialLife.abandon` ends them. Every waiting
+    record is cancelled first, so that the writer thread starts none of them while the one
+    under way finishes. The runs' opens, queued before the records, stay queued: the writer
+    reaches them while the first trials are ended, and an attempt with a run ends it KILLED."""
+    not_written = [write.cancel() for write in written]
     for i, life in enumerate(batch):
         if not opened[i].cancel():
             opened[i].result()
-        if i < len(written) and not written[i].cancel():
+        if i < len(written) and not not_written[i]:
             life.tell(written[i].result())
             continue
         writer.submit(life.abandon, error).result()

@@ -99,6 +99,37 @@ def test_ctrl_c_while_the_sweep_is_set_up_ends_its_parent_run_killed(tmp_path, t
     assert outcome.parent_run_id == runs[0].info.run_id and sum(outcome.counts.values()) == budget
 
 
+def test_ctrl_c_while_a_batch_is_recorded_records_no_further_trial(tmp_path, tracking, monkeypatch):
+    """Ctrl-C while the writer thread records a batch's first trial: that record is finished
+    and told, and no other trial of the batch is recorded: each is queued again, its run
+    KILLED, as soon as the record under way ends."""
+    from pipeline.sweep import run_sweep
+    from pipeline.tracking import default_study_storage
+    from pipeline.trial import TrialLife
+
+    record, recorded = TrialLife.record, []
+
+    def interrupted_record(self, *args, **kwargs):
+        if not recorded:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)  # the main thread takes the interrupt while this record is under way
+        recorded.append(self.trial.number)
+        return record(self, *args, **kwargs)
+    monkeypatch.setattr(TrialLife, "record", interrupted_record)
+    features, sweep, budget = tiny_study(tmp_path, n_seeds=1, engine="fused")
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(features, sweep, progress=False)
+    study = load_study(default_study_storage())
+    assert len(recorded) == 1 and budget > 2
+    complete = [t.number for t in study.trials if t.state == TrialState.COMPLETE]
+    assert complete == recorded
+    assert not [t for t in study.trials if t.state == TrialState.RUNNING]
+    for t in study.trials:
+        if t.state == TrialState.FAIL:
+            assert t.user_attrs[studies.REASON_ATTR] == "interrupted"
+            assert mlflow.MlflowClient().get_run(t.user_attrs[studies.RUN_ATTR]).info.status == "KILLED"
+
+
 @pytest.mark.parametrize("engine", ["keras", "fused"])
 def test_an_interrupt_turned_into_another_error_still_interrupts(tmp_path, tracking, monkeypatch, engine):
     """A SIGTERM whose exception a library turns into another error (TensorFlow's nest.flatten
