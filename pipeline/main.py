@@ -69,8 +69,10 @@ def run_main(images: str = "builtin:digits", weights: str = "auto",
         raise UserError("sweep: give at least one sweep file")
     spec = specs[0]
     if features is not None:  # ... and on bad features, or ones a sweep cannot split
-        check_splits(read_features(resolve_features(features)), specs)
+        check_splits(read_features(resolve_features(features)).y, specs)
     source = open_source(images) if features is None else None
+    if source is not None:  # ... or images too few to split, before they are extracted
+        check_splits(source.labels, specs)
     out = paths.writable_dir(output, "output", make=False)  # made when a file is written there
     paths.writable_dir(out / "export", "output", make=False)
     if features is None:
@@ -86,7 +88,7 @@ def run_main(images: str = "builtin:digits", weights: str = "auto",
             images, weights, source, features, out / "features.h5", experiment, main_run, progress)
         if extract_run:
             client.set_tag(main_run, naming.EXTRACT_RUN, extract_run)
-            check_splits(read_features(features_path), specs)  # every sweep's, before the first runs
+            check_splits(read_features(features_path).y, specs)  # images may have been skipped
         given = features if features is not None else str(features_path)  # a runs:/ URI stays one
         parents = []
         for path in sweeps:

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import mlflow
+import numpy as np
 import optuna
 
 from pipeline import lineage, naming, parent, runner, studies, tracking
@@ -123,14 +124,15 @@ def _read_checked(path, spec: SweepSpec) -> tuple[FeatureSet, str]:
     with ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:
         sha = hasher.submit(sha256_file, path)
         data = read_features(path)
-        check_splits(data, [spec])
+        check_splits(data.y, [spec])
         return data, sha.result()
 
 
-def check_splits(data: FeatureSet, specs: list[SweepSpec]) -> None:
+def check_splits(labels: np.ndarray, specs: list[SweepSpec]) -> None:
     """Raise :class:`UserError` unless every split the trials of ``specs`` ask for (each
-    validation fraction and seed) can be made of ``data``."""
-    splits = Splits(data.x, data.y)
+    validation fraction and seed) can be made of examples of ``labels``: a split is made of
+    the labels alone."""
+    splits = Splits(np.empty((len(labels), 0), np.float32), labels)
     for spec in specs:
         splits.check(spec.values("validation_fraction"), spec.seeds)
 

@@ -210,6 +210,11 @@ def cases():
         yield pytest.param(
             lambda d, classes=classes, others=others: image_folder(d / "img", classes, others),
             ["extract", "--images", "img", "--output", "out.h5"], line, id=name)
+    yield pytest.param(
+        lambda d: image_folder(d / "img", {"cats": 1, "dogs": 1}),
+        ["main", "--images", "img", "--weights", "random", "--sweep", "ok.yaml", "--output", "out"],
+        "error: cannot split 2 rows with validation_fraction 0.2: ...",
+        id="main: images too few to split, refused before extraction")
     for name, change, line in SWEEP_CASES:
         yield pytest.param(
             lambda d, change=change: (d / "s.yaml").write_text(yaml.safe_dump({**SWEEP, **change})),
