@@ -188,6 +188,8 @@ def _whole_job_flags(p: argparse.ArgumentParser, output: str) -> None:
 def run(args: argparse.Namespace) -> None:
     """Check the store and dispatch parsed arguments to the stage functions; the store's
     connections are closed when the stage ends, however it ends (:func:`pipeline.sqlite_wal.close`)."""
+    import mlflow
+
     from pipeline import paths, sqlite_wal
     from pipeline.tracking import check_reachable, default_study_storage, prepare_store, require_store
 
@@ -197,7 +199,7 @@ def run(args: argparse.Namespace) -> None:
     prepare_store(write_ahead=args.command != "export")
     try:
         if args.command in ("sweep", "main", "findings"):
-            paths.writable_storage(args.storage or default_study_storage())
+            paths.writable_storage(args.storage or default_study_storage(), mlflow.get_tracking_uri())
         _stage(args, os.environ.get("MLFLOW_RUN_ID") or None)
     finally:
         sqlite_wal.close()

@@ -79,12 +79,17 @@ def database_file(url: str) -> Path | None:
     return Path(database) if database and database != ":memory:" else None
 
 
-def writable_storage(url: str) -> None:
+def writable_storage(url: str, tracking_uri: str) -> None:
     """Check the local file an Optuna storage writes: a journal file or a SQLite database (not
-    one in memory). A database server is not checked here."""
+    one in memory, not the MLflow store ``tracking_uri``'s own). A database server is not
+    checked here."""
     if "://" not in url:
         writable_file(url.removeprefix("journal:"), "storage")
     elif (database := database_file(url)) is not None:
+        store = database_file(tracking_uri)
+        if store is not None and database.resolve() == store.resolve():
+            raise UserError(f"storage {url}: is the MLflow store's own database; give the study a "
+                            f"file of its own (sqlite:///optuna.db, or a journal file)")
         writable_file(database, "storage")
     elif url.startswith("sqlite:"):
         raise UserError(f"storage {url}: an in-memory database lasts one process and is not shared "

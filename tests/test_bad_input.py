@@ -257,6 +257,11 @@ def cases():
         yield pytest.param(lambda d: None, ["sweep", "--features", "good.h5", "--sweep", "ok.yaml",
                                             "--storage", storage],
                            f"error: storage {storage}: {why}", id=f"storage {storage}")
+    yield pytest.param(lambda d: None, ["sweep", "--features", "good.h5", "--sweep", "ok.yaml",
+                                        "--storage", "sqlite:///mlflow.db"],
+                       "error: storage sqlite:///mlflow.db: is the MLflow store's own database; give the "
+                       "study a file of its own (sqlite:///optuna.db, or a journal file)",
+                       id="storage: the MLflow store's database")
     for name, content, why in (("notes.txt", b"a note\nand another\n", "JSONDecodeError: Expecting value"),
                                ("utf16.txt", b"\xff\xfe\x00a\nb\n", "UnicodeDecodeError: 'utf-16-le'"),
                                ("other.json", b'{"a": 1}\n', "KeyError: 'op_code'")):
