@@ -298,7 +298,8 @@ def parse_sweep(raw: Any, source: str = "sweep") -> SweepSpec:
     if kind not in CONFIG_MODELS:
         raise UserError(f"{source}: kind: {kind!r} is not allowed (allowed: {', '.join(CONFIG_MODELS)})")
     model = CONFIG_MODELS[kind]
-    raw["fixed"] = _check_fixed(source, model, raw.get("fixed") or {})
+    fixed = raw.get("fixed")
+    raw["fixed"] = _check_fixed(source, model, {} if fixed is None else fixed)  # `fixed:` alone: none
     raw["space"] = _check_space(source, model, raw.get("space"), raw.get("sampler", "grid"), raw["fixed"])
     try:
         spec = SweepSpec(**raw)

@@ -164,6 +164,8 @@ SWEEP_CASES = [
                                             "batch_size": list(range(1, 11))}},
      "error: s.yaml: space: the grid holds 1,000,000 points with its seeds, more than 100,000; search a "
      "space this large with sampler tpe or random and n_trials"),
+    ("fixed not a mapping", {"fixed": False},
+     "error: s.yaml: fixed: must be a mapping of trial settings"),
     ("n_trials a boolean", {"n_trials": True},
      "error: s.yaml: n_trials: True is a boolean; give an integer"),
     ("more trials than a study queues", {"sampler": "random", "n_trials": 10**9,
