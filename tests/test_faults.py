@@ -35,20 +35,20 @@ FAST_HEARTBEAT = {storages.HEARTBEAT_ENV: "1", storages.GRACE_ENV: "3"}
 
 def test_sigkill_of_a_worker_mid_trial_is_failed_by_heartbeat_and_retried(
         tmp_path, postgres, mlflow_server, launch):
-    # 40 epochs a trial (about 4 s on a quiet machine, longer under load) keep both processes
+    # 60 epochs a trial (about 6 s on a quiet machine, longer under load) keep both processes
     # at work (a 1-epoch queue can be done by the first before the second has imported
-    # TensorFlow). The victim is killed in a trial it began 0.5-2.5 s before, so that the trial
+    # TensorFlow). The victim is killed in a trial it began 0.5-4 s before, so that the trial
     # is still training at the kill: a trial that is about to end, or one that fails at once by
     # design, would leave nothing lost and nothing retried. The window counts from the claim,
     # and on a loaded machine the trial's run id (created through the tracking server) can
-    # reach the study more than a second after it.
-    features, sweep, budget = tiny_study(tmp_path, n_seeds=2, epochs=40)
+    # reach the study seconds after it.
+    features, sweep, budget = tiny_study(tmp_path, n_seeds=2, epochs=60)
     storage = postgres.create_database("optuna_kill")
     args = ("--features", features, "--sweep", sweep, "--storage", storage, "--study", "kill")
     victim = launch(mlflow_server.uri, *args, env=FAST_HEARTBEAT, log="victim")
     survivor = launch(mlflow_server.uri, *args, env=FAST_HEARTBEAT, log="survivor")
     wait_for(finished_trial_of(storage, "kill", survivor.pid))  # both are at work
-    lost = wait_for(running_trial_of(storage, "kill", victim.pid, started_before=0.5, started_within=2.5))
+    lost = wait_for(running_trial_of(storage, "kill", victim.pid, started_before=0.5, started_within=4.0))
     assert victim.poll() is None
     victim.kill()
     killed_at = datetime.now()
