@@ -42,12 +42,14 @@ def test_sigkill_of_a_worker_mid_trial_is_failed_by_heartbeat_and_retried(
     # design, would leave nothing lost and nothing retried. The window counts from the claim,
     # and on a loaded machine the trial's run id (created through the tracking server) can
     # reach the study seconds after it.
-    features, sweep, budget = tiny_study(tmp_path, n_seeds=2, epochs=60)
+    # The victim starts once the survivor has finished a trial, so that the queue still holds
+    # trials for it to claim whatever the survivor's start-up took.
+    features, sweep, budget = tiny_study(tmp_path, n_seeds=3, epochs=60)
     storage = postgres.create_database("optuna_kill")
     args = ("--features", features, "--sweep", sweep, "--storage", storage, "--study", "kill")
-    victim = launch(mlflow_server.uri, *args, env=FAST_HEARTBEAT, log="victim")
     survivor = launch(mlflow_server.uri, *args, env=FAST_HEARTBEAT, log="survivor")
-    wait_for(finished_trial_of(storage, "kill", survivor.pid))  # both are at work
+    wait_for(finished_trial_of(storage, "kill", survivor.pid))
+    victim = launch(mlflow_server.uri, *args, env=FAST_HEARTBEAT, log="victim")
     lost = wait_for(running_trial_of(storage, "kill", victim.pid, started_before=0.5, started_within=4.0))
     assert victim.poll() is None
     victim.kill()
