@@ -129,13 +129,7 @@ def export(run_id: str | None = None, output: str = "exports", formats: str = "c
         raise UserError(f"formats '{formats}': allowed: {', '.join(FORMATS)}")
     run_ids = list(dict.fromkeys(resolve_run_ids(run_id)))  # each sweep once
     sweeps = [(rid, sweep_run(rid)) for rid in run_ids]
-    for rid, parent in sweeps:  # every sweep checked before the first file is written
-        if not has_trial_runs(parent):
-            raise UserError(f"run_id {rid}: the sweep has no trial runs")
-    kinds = {parent.data.tags.get(naming.KIND, "heads") for _, parent in sweeps}
-    if wanted <= FIGURE_FORMATS - {"md"} and not kinds & FIGURE_KINDS:
-        raise UserError(f"formats '{formats}': a parity study has no figures; ask for csv, md, tex "
-                        "or html")
+    _check_sweeps(sweeps, wanted, formats)
     out = paths.writable_dir(output, "output", make=False)  # made when the first sweep writes
     folders = _folders(out, sweeps)
     _check_places([out, *folders])
@@ -143,8 +137,7 @@ def export(run_id: str | None = None, output: str = "exports", formats: str = "c
     sections: list[findings.Section] = []
     for (rid, parent), folder in zip(sweeps, folders, strict=True):
         name = parent.data.tags.get(naming.SWEEP_NAME, "sweep")
-        kind = parent.data.tags.get(naming.KIND, "heads")
-        per_sweep[rid], trials, context = _export_sweep(parent, name, kind, folder, wanted)
+        per_sweep[rid], trials, context = _export_sweep(parent, name, _kind(parent), folder, wanted)
         report = parent.data.tags.get(naming.REPORT, "summary")
         if report in findings.TITLES:
             sections.append(findings.Section(report, trials, _regenerate(parent, output), context))
@@ -163,6 +156,22 @@ def export(run_id: str | None = None, output: str = "exports", formats: str = "c
                 client.log_artifact(rid, str(path), "export")
     written = [p for files in per_sweep.values() for p in files] + report
     return ExportResult(run_id=run_ids[0], run_ids=tuple(run_ids), files=tuple(written))
+
+
+def _kind(parent) -> str:
+    """A sweep's kind of trial, from its parent run (tag ``pipeline.kind``; heads without it)."""
+    return parent.data.tags.get(naming.KIND, "heads")
+
+
+def _check_sweeps(sweeps: list, wanted: set[str], formats: str) -> None:
+    """Raise :class:`UserError`, before the first file is written, if a sweep has no trial runs
+    or the formats ``wanted`` are figures alone and no sweep has figures."""
+    for rid, parent in sweeps:
+        if not has_trial_runs(parent):
+            raise UserError(f"run_id {rid}: the sweep has no trial runs")
+    if wanted <= FIGURE_FORMATS - {"md"} and not {_kind(parent) for _, parent in sweeps} & FIGURE_KINDS:
+        raise UserError(f"formats '{formats}': a parity study has no figures; ask for csv, md, tex "
+                        "or html")
 
 
 def _check_places(folders: list[Path]) -> None:

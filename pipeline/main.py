@@ -17,7 +17,7 @@ import mlflow
 from pipeline import naming, paths, tracking
 from pipeline.errors import UserError
 from pipeline.features import read_features, resolve_features, sha256_file
-from pipeline.sources import open_source
+from pipeline.sources import ImageSource, open_source
 from pipeline.sweep_file import SweepSpec, load_sweep
 
 
@@ -64,21 +64,9 @@ def run_main(images: str = "builtin:digits", weights: str = "auto",
     from pipeline.sweep import check_splits, run_sweep
 
     sweeps = [part.strip() for part in sweep.split(",") if part.strip()]
-    specs = [load_sweep(path) for path in sweeps]  # fail on a bad sweep file before any run exists
-    if not specs:
-        raise UserError("sweep: give at least one sweep file")
-    spec = specs[0]
-    if features is not None:  # ... and on bad features, or ones a sweep cannot split
-        check_splits(read_features(resolve_features(features)).y, specs)
-    source = open_source(images) if features is None else None
-    if source is not None:  # ... or images too few to split, before they are extracted
-        check_splits(source.labels, specs)
-    out = paths.writable_dir(output, "output", make=False)  # made when a file is written there
-    paths.writable_dir(out / "export", "output", make=False)
-    if features is None:
-        paths.refuse_other_than_file(out / "features.h5", f"output {out / 'features.h5'}")
+    specs, source, out = _checked_inputs(sweeps, images, features, output)
     client = tracking.client()
-    main_run, experiment = _main_run(launcher_run_id, spec)
+    main_run, experiment = _main_run(launcher_run_id, specs[0])
     tracking.install_sigterm_handler()
     with tracking.terminal_run(main_run):
         client.set_tag(main_run, naming.STEP, "main")
@@ -97,6 +85,27 @@ def run_main(images: str = "builtin:digits", weights: str = "auto",
             parents.append(outcome.parent_run_id)
         exported = export(",".join(parents), str(out / "export"), "csv,md,tex,png")
     return MainOutcome(main_run, extract_run, reused, parents[0], exported.files, tuple(parents))
+
+
+def _checked_inputs(sweeps: list[str], images: str, features: str | None,
+                    output: str) -> tuple[list[SweepSpec], ImageSource | None, Path]:
+    """The sweeps' specs, the image source (None when ``features`` is given) and the output
+    folder, or :class:`UserError` for any input that cannot be: checked before a run exists."""
+    from pipeline.sweep import check_splits
+
+    specs = [load_sweep(path) for path in sweeps]
+    if not specs:
+        raise UserError("sweep: give at least one sweep file")
+    if features is not None:  # bad features, or ones a sweep cannot split
+        check_splits(read_features(resolve_features(features)).y, specs)
+    source = open_source(images) if features is None else None
+    if source is not None:  # images too few to split, before they are extracted
+        check_splits(source.labels, specs)
+    out = paths.writable_dir(output, "output", make=False)  # made when a file is written there
+    paths.writable_dir(out / "export", "output", make=False)
+    if features is None:
+        paths.refuse_other_than_file(out / "features.h5", f"output {out / 'features.h5'}")
+    return specs, source, out
 
 
 def _main_run(launcher_run_id: str | None, spec: SweepSpec) -> tuple[str, str]:
