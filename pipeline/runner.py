@@ -10,7 +10,9 @@ reference; 1 for parity trials), so a serial run is a batch of one. In a batch:
    leaves Python's lock free, so the two overlap), and then the writer does ahead what logging
    the best trial will need (:meth:`~pipeline.kinds.TrialKind.prepare_best`);
 3. each trained trial's files are written here, its metrics recorded and its run ended on the
-   writer thread, in order, and each is told to Optuna here as soon as it is recorded.
+   writer thread, in order, and each is told to Optuna here as soon as it is recorded; with a
+   pruner, a batch of several trials is judged here first, trial by trial, each once the
+   trials before it are told (:class:`~pipeline.trial.Reporter`).
 
 Ctrl-C or SIGTERM ends every trial of the batch not yet told: a record already being written
 is finished and told; the others' runs end KILLED and their trials FAIL and are queued again.
@@ -106,8 +108,9 @@ def work(worker: Worker, bar=None) -> None:
         while True:
             tracking.raise_swallowed_interrupt()
             with tracking.deferred_interrupts():
-                batch = [TrialLife(worker.study, trial, worker.spec, worker.kind)
-                         for trial in studies.claim(worker.study, _batch_size(worker), end_lost_run)]
+                trials = studies.claim(worker.study, _batch_size(worker), end_lost_run)
+                batch = [TrialLife(worker.study, trial, worker.spec, worker.kind, len(trials) == 1)
+                         for trial in trials]
                 for life in batch:
                     beats.add(life.trial)
             if not batch:
@@ -120,23 +123,18 @@ def work(worker: Worker, bar=None) -> None:
 
 def _batch_size(worker: Worker) -> int:
     """Trials to claim next: as many as the engine (or the kind) trains at once, at most
-    1/``workers`` of the waiting ones (the command's other workers get their share); with a
-    pruner, the first batch is its ``n_startup_trials`` alone, so that later trials have
-    completed ones to be compared with."""
+    1/``workers`` of the waiting ones (the command's other workers get their share)."""
     size = worker.kind.batch_trials or worker.engine.batch_trials
     if worker.job.workers > 1:
         waiting = patiently(worker.study.get_trials, deepcopy=False, states=(TrialState.WAITING,))
         size = min(size, max(1, -(-len(waiting) // worker.job.workers)))
-    if worker.spec.pruner.type != "none":
-        completed = patiently(worker.study.get_trials, deepcopy=False, states=(TrialState.COMPLETE,))
-        size = min(max(worker.spec.pruner.n_startup_trials - len(completed), 0) or size, size)
     return size
 
 
 def _run_batch(worker: Worker, batch: list[TrialLife], writer: ThreadPoolExecutor,
                beats: Heartbeats) -> None:
     """Train, record and tell one claimed batch (see the module docstring)."""
-    job, told = worker.job, 0
+    job = worker.job
     opened = [writer.submit(life.open, job.experiment, job.parent, job.tags, worker.engine, worker.dataset)
               for life in batch]
     prepared = writer.submit(worker.kind.prepare_best)  # not waited on: a failure leaves it to log_best
@@ -148,21 +146,31 @@ def _run_batch(worker: Worker, batch: list[TrialLife], writer: ThreadPoolExecuto
             [life.reporter for life in trainable]), strict=True))
         tracking.raise_swallowed_interrupt()  # a head's error may be an interrupt in disguise
         for life, run in zip(batch, opened, strict=True):
+            if life.reporter.judges_after:
+                _tell(batch, written, beats)  # the pruner meets every trial before it
             with tracking.deferred_interrupts():  # between trials, not in a GC callback
                 run.result()
-                outcome = life.write_files(outcomes.get(id(life), life.error))
+                outcome = life.reporter.judged(outcomes.get(id(life), life.error))
+                outcome = life.write_files(outcome)
                 written.append(writer.submit(life.record, outcome, worker.recording(life)))
-        for life, write in zip(batch, written, strict=True):
-            recorded = write.result()
-            with tracking.deferred_interrupts():
-                life.tell(recorded)
-                told += 1
-                beats.discard(life.trial)
+        _tell(batch, written, beats)
     except BaseException as error:  # an interrupt, or an error of the sweep's own: no trial stays RUNNING
         prepared.cancel()  # the trials' ends come first
+        told = sum(life.told for life in batch)  # a prefix: trials are told in order
         with tracking.deferred_interrupts():
             _abandon(writer, batch[told:], opened[told:], written[told:], error)
         raise
+
+
+def _tell(batch: list[TrialLife], written: list[Future], beats: Heartbeats) -> None:
+    """Tell Optuna, in order, how each trial of ``batch`` whose record was submitted
+    (``written``) and that is not told yet ended, once its record is written."""
+    for life, write in zip(batch[:len(written)], written, strict=True):
+        if not life.told:
+            recorded = write.result()
+            with tracking.deferred_interrupts():
+                life.tell(recorded)
+                beats.discard(life.trial)
 
 
 def _abandon(writer: ThreadPoolExecutor, batch: list[TrialLife], opened: list[Future],

@@ -77,8 +77,9 @@ class Pruner(BaseModel):
 
     After each epoch a trial reports ``metric``; once ``n_startup_trials`` trials have
     completed, a trial past ``n_warmup_steps`` epochs whose value is worse than the median of
-    the completed trials' at the same epoch stops there (PRUNED in Optuna; its MLflow run
-    FINISHED with the tag ``pruned``).
+    the trials completed before it at the same epoch stops there (PRUNED in Optuna; its MLflow
+    run FINISHED with the tag ``pruned``), whichever engine trains it
+    (:class:`pipeline.trial.Reporter`).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -26,31 +26,66 @@ from pipeline.sweep_file import Pruner, SweepSpec
 
 
 class Reporter:
-    """A head's ``on_epoch`` callback: keeps the epochs' metrics; with a pruner, reports its
-    metric to Optuna and raises ``optuna.TrialPruned`` when the pruner says stop."""
+    """A head's ``on_epoch`` callback: keeps the epochs' metrics and, with a pruner, judges them.
 
-    def __init__(self, trial: optuna.Trial, pruner: Pruner):
-        self.trial, self.pruner = trial, pruner
+    A trial is judged as Optuna judges trials run one after another: at each epoch its metric
+    is reported and the pruner compares it with the trials completed before it; when the
+    pruner says stop, ``optuna.TrialPruned`` ends it there. A head trained alone is judged as
+    each epoch ends (``alone``), so a pruned head stops training. Heads trained side by side
+    train to the end and are judged afterwards, in trial order, each once the trials before it
+    are told (:meth:`judged`): judged during training they would meet none of their batch, and
+    the engine and batch size would decide which trials are pruned.
+    """
+
+    def __init__(self, trial: optuna.Trial, pruner: Pruner, alone: bool = True):
+        self.trial, self.pruner, self.alone = trial, pruner, alone
         self.history: dict[str, list[float]] = {}
 
     def __call__(self, epoch: int, values: dict[str, float]) -> None:
         for name, value in values.items():
             self.history.setdefault(name, []).append(value)
-        if self.pruner.type != "none":
-            value = values[self.pruner.metric]
-            self.trial.report(value, epoch)
-            if self.trial.should_prune():
-                self.trial.set_user_attr("pruned", f"after epoch {epoch}: {self.pruner.metric} {value:.6g}")
-                raise optuna.TrialPruned(f"pruned after epoch {epoch}")
+        if self.alone:
+            self._judge(epoch, values)
+
+    @property
+    def judges_after(self) -> bool:
+        """Whether the head is judged after training (:meth:`judged`), not as it trains."""
+        return not self.alone and self.pruner.type != "none"
+
+    def judged(self, outcome):
+        """``outcome`` of a head trained side by side, judged epoch by epoch now: unchanged, or
+        ``optuna.TrialPruned`` with :attr:`history` cut after the epoch the pruner stopped it at."""
+        if not self.judges_after or isinstance(outcome, BaseException):
+            return outcome
+        epochs = len(next(iter(self.history.values())))
+        for epoch in range(epochs):
+            try:
+                self._judge(epoch, {name: values[epoch] for name, values in self.history.items()})
+            except optuna.TrialPruned as pruned:
+                self.history = {name: values[:epoch + 1] for name, values in self.history.items()}
+                return pruned
+        return outcome
+
+    def _judge(self, epoch: int, values: dict[str, float]) -> None:
+        if self.pruner.type == "none":
+            return
+        value = values[self.pruner.metric]
+        self.trial.report(value, epoch)
+        if self.trial.should_prune():
+            self.trial.set_user_attr("pruned", f"after epoch {epoch}: {self.pruner.metric} {value:.6g}")
+            raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
 
 class TrialLife:
-    """One claimed trial: its config (None when its params make no config), run and record."""
+    """One claimed trial: its config (None when its params make no config), run and record;
+    ``alone`` when its batch is this trial alone (see :class:`Reporter`)."""
 
-    def __init__(self, study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, kind: TrialKind):
+    def __init__(self, study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, kind: TrialKind,
+                 alone: bool = True):
         self.study, self.trial, self.spec, self.kind = study, trial, spec, kind
-        self.reporter = Reporter(trial, spec.pruner)
+        self.reporter = Reporter(trial, spec.pruner, alone)
         self.run_id: str | None = None
+        self.told = False  # Optuna knows how the trial ended (:meth:`tell`)
         self.error: Exception | None = None  # what ended the trial before training
         try:
             self.config: TrainingSettings | None = spec.trial_config(studies.suggest(trial, spec))
@@ -116,10 +151,11 @@ class TrialLife:
         keeps its FAIL, and its run ends KILLED: its retry carries the result."""
         if isinstance(recorded, Exception):
             studies.finish(self.study, self.trial, TrialState.FAIL, reason=_reason(recorded))
-            return
-        state = TrialState.PRUNED if recorded is None else TrialState.COMPLETE
-        if not studies.finish(self.study, self.trial, state, recorded):
-            tracking.end_lost_run(self.run_id, "its worker was taken for lost before it reported")
+        else:
+            state = TrialState.PRUNED if recorded is None else TrialState.COMPLETE
+            if not studies.finish(self.study, self.trial, state, recorded):
+                tracking.end_lost_run(self.run_id, "its worker was taken for lost before it reported")
+        self.told = True
 
     def abandon(self, error: BaseException) -> None:
         """End a trial cut short by ``error`` outside it: an interrupt ends its run KILLED and

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mlflow
+import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState
@@ -94,3 +95,63 @@ def test_without_a_pruner_nothing_is_reported(tmp_path, tracking, features_file)
     assert outcome.counts == {"complete": 3, "fail": 0, "pruned": 0}
     study = load_study(default_study_storage(), outcome.study_name)
     assert all(not t.intermediate_values for t in study.trials)
+
+
+# Learning rates spread so that whether a trial is pruned depends on which trials it meets:
+# the slow first trial alone would let most of the others through.
+ORDERED_SWEEP = {**PRUNED_SWEEP, "name": "ordered",
+                 "space": {"learning_rate": [1e-3, 0.3, 0.01, 0.03, 3e-3, 0.1, 1e-4, 0.05]}}
+
+
+def _fates(study: optuna.Study) -> list[tuple[TrialState, int]]:
+    """Each trial's state and last reported epoch, in trial order."""
+    return [(t.state, max(t.intermediate_values)) for t in sorted(study.trials, key=lambda t: t.number)]
+
+
+def _fates_run_in_order(study: optuna.Study) -> list[tuple[TrialState, int]]:
+    """The fates Optuna's median pruner gives the same reported values when the trials run one
+    after another: a fresh study is told each trial before the next reports."""
+    pruner = PRUNED_SWEEP["pruner"]
+    oracle = optuna.create_study(pruner=optuna.pruners.MedianPruner(
+        n_startup_trials=pruner["n_startup_trials"], n_warmup_steps=pruner["n_warmup_steps"]))
+    fates = []
+    for trial in sorted(study.trials, key=lambda t: t.number):
+        asked = oracle.ask()
+        for epoch, value in sorted(trial.intermediate_values.items()):
+            asked.report(value, epoch)
+            if asked.should_prune():
+                oracle.tell(asked, state=TrialState.PRUNED)
+                fates.append((TrialState.PRUNED, epoch))
+                break
+        else:
+            oracle.tell(asked, trial.value)
+            fates.append((TrialState.COMPLETE, epoch))
+    return fates
+
+
+def test_a_batch_trained_side_by_side_is_judged_trial_by_trial(tmp_path, tracking, features_file):
+    sweep = tmp_path / "ordered.yaml"
+    sweep.write_text(yaml.safe_dump({**ORDERED_SWEEP, "engine": "fused"}))
+    outcome = run_sweep(str(features_file), str(sweep), progress=False)
+    study = load_study(default_study_storage(), outcome.study_name)
+    fates = _fates(study)
+    assert fates == _fates_run_in_order(study)
+    assert {state for state, _ in fates} == {TrialState.COMPLETE, TrialState.PRUNED}
+    client = mlflow.MlflowClient()
+    for trial, (_, last) in zip(sorted(study.trials, key=lambda t: t.number), fates, strict=True):
+        history = client.get_metric_history(trial.user_attrs["mlflow_run_id"], "val_loss")
+        assert [p.step for p in history] == list(range(last + 1))  # a pruned run ends where it was judged
+
+
+@pytest.mark.slow
+def test_the_engines_prune_the_same_trials(tmp_path, tracking, features_file):
+    studies = {}
+    for engine in ("keras", "fused"):
+        sweep = tmp_path / f"{engine}.yaml"
+        sweep.write_text(yaml.safe_dump({**ORDERED_SWEEP, "name": engine, "engine": engine}))
+        studies[engine] = load_study(default_study_storage(),
+                                     run_sweep(str(features_file), str(sweep), progress=False).study_name)
+    assert _fates(studies["keras"]) == _fates(studies["fused"])
+    for keras, fused in zip(studies["keras"].trials, studies["fused"].trials, strict=True):
+        assert list(fused.intermediate_values.values()) == pytest.approx(
+            list(keras.intermediate_values.values()), abs=1e-4)
