@@ -131,6 +131,12 @@ def trial_run_name(config: TrialConfig) -> str:
     return "-".join(parts)
 
 
+def parity_head_run_name(role: str, config: TrialConfig) -> str:
+    """A parity head's run name: its role (:func:`role_of`) in place of the activation the role
+    names, then the rest of :func:`trial_run_name` (``sigmoid_random-1u-bce-lr2e-2-glorot-s0``)."""
+    return f"{role}-{trial_run_name(config).removeprefix(f'{config.activation}-')}"
+
+
 def parity_run_name(config: ParityConfig) -> str:
     """A parity experiment's run name: optimizer, softmax lr, ratio, what deviates, seed.
 

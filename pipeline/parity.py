@@ -118,7 +118,7 @@ def log_parity(run_id: str, experiment: str, result: ParityResult, split: Split,
     for role in ROLES:
         head_tags = {**(tags or {}), **records.head_tags(heads[role]), naming.ROLE: role,
                      naming.STEP: "parity-head", naming.ENGINE: result.results[role].engine}
-        child = tracking.create_run(experiment, f"{role}-{naming.trial_run_name(heads[role])}",
+        child = tracking.create_run(experiment, naming.parity_head_run_name(role, heads[role]),
                                     run_id, head_tags)
         with tracking.terminal_run(child):
             tracking.log_batch(child, params=heads[role].params())

@@ -48,6 +48,14 @@ def test_parity_runs_name_only_the_settings_off_their_defaults():
             == "parity-adamw-lr1e-3-x4-wd0.01-decay0.5-own-masks-no-bias-transfer-s3")
 
 
+def test_parity_heads_are_named_for_their_role_once():
+    heads = ParityConfig().heads()
+    names = {role: naming.parity_head_run_name(role, head) for role, head in heads.items()}
+    assert names == {"softmax": "softmax-2u-cce-lr1e-2-glorot-s0",
+                     "sigmoid_transfer": "sigmoid_transfer-1u-bce-lr2e-2-transfer-s0",
+                     "sigmoid_random": "sigmoid_random-1u-bce-lr2e-2-glorot-s0"}
+
+
 def test_parent_runs_are_named_for_the_sweep_and_its_start():
     when = datetime(2026, 3, 4, 5, 6, tzinfo=UTC)
     assert naming.parent_run_name("default", when) == "default-20260304-0506"
