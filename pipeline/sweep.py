@@ -6,8 +6,9 @@ that cannot be made is bad input too), opens (or resumes) the study and its pare
 (:mod:`pipeline.runner`), in this process and in ``workers - 1`` more (:mod:`pipeline.workers`).
 Each trial is a run nested under the sweep's parent run, with its config as params, per-epoch
 metrics (step = epoch) and tags for the useful filters; the Optuna trial carries the run's id.
-With a ``pruner``, every head reports a metric per epoch and stops when the pruner says so:
-PRUNED in Optuna, its run FINISHED with the tag ``pruned`` and the epochs it trained.
+With a ``pruner``, every head reports a metric per epoch and the pruner may stop it there
+(:class:`pipeline.trial.Reporter`): PRUNED in Optuna, its run FINISHED with the tag ``pruned``
+and the epochs up to that one.
 
 Several workers may share a study (``workers`` processes here, and any number of commands on
 other machines): they take queued trials only (:mod:`pipeline.studies`), keep their trials'

@@ -53,17 +53,20 @@ class Reporter:
         return not self.alone and self.pruner.type != "none"
 
     def judged(self, outcome):
-        """``outcome`` of a head trained side by side, judged epoch by epoch now: unchanged, or
-        ``optuna.TrialPruned`` with :attr:`history` cut after the epoch the pruner stopped it at."""
-        if not self.judges_after or isinstance(outcome, BaseException):
+        """``outcome`` of a head trained side by side, judged epoch by epoch now: unchanged;
+        ``optuna.TrialPruned`` with :attr:`history` cut after the epoch the pruner stopped it at
+        (a head that failed later is pruned too, as it would have stopped before failing); or
+        the storage's error, which fails this trial alone, as it would in a callback."""
+        if not self.judges_after or isinstance(outcome, optuna.TrialPruned):
             return outcome
-        epochs = len(next(iter(self.history.values())))
-        for epoch in range(epochs):
+        for epoch in range(len(self.history.get(self.pruner.metric, ()))):
             try:
                 self._judge(epoch, {name: values[epoch] for name, values in self.history.items()})
             except optuna.TrialPruned as pruned:
                 self.history = {name: values[:epoch + 1] for name, values in self.history.items()}
                 return pruned
+            except Exception as exc:
+                return exc
         return outcome
 
     def _judge(self, epoch: int, values: dict[str, float]) -> None:

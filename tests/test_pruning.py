@@ -15,6 +15,7 @@ from pipeline.sweep import run_sweep
 from pipeline.sweep_file import parse_sweep
 from pipeline.tables import summarize
 from pipeline.tracking import default_study_storage
+from pipeline.trial import Reporter
 from tests.helpers import load_study
 
 EPOCHS = 4
@@ -155,3 +156,34 @@ def test_the_engines_prune_the_same_trials(tmp_path, tracking, features_file):
     for keras, fused in zip(studies["keras"].trials, studies["fused"].trials, strict=True):
         assert list(fused.intermediate_values.values()) == pytest.approx(
             list(keras.intermediate_values.values()), abs=1e-4)
+
+
+def _judging(study: optuna.Study) -> Reporter:
+    """A reporter of a new trial of ``study``, in a batch trained side by side, that has kept
+    three epochs of ``val_loss``: 0.9, 0.8, 0.7."""
+    reporter = Reporter(study.ask(), parse_sweep({**PRUNED_SWEEP, "name": "j", "experiment": "j"}).pruner,
+                        alone=False)
+    for epoch, value in enumerate((0.9, 0.8, 0.7)):
+        reporter(epoch, {"val_loss": value, "loss": value})
+    return reporter
+
+
+def test_a_head_that_failed_after_the_epoch_it_is_pruned_at_is_pruned():
+    study = optuna.create_study(pruner=optuna.pruners.MedianPruner(n_startup_trials=1))
+    better = study.ask()
+    for epoch in range(3):
+        better.report(0.1, epoch)
+    study.tell(better, 0.1)
+    reporter = _judging(study)
+    outcome = reporter.judged(FloatingPointError("diverged at epoch 2"))
+    assert isinstance(outcome, optuna.TrialPruned)
+    assert reporter.history == {"val_loss": [0.9], "loss": [0.9]}  # the run records epoch 0 alone
+    assert reporter.trial.user_attrs["pruned"] == "after epoch 0: val_loss 0.9"
+
+
+def test_a_judgement_the_storage_refuses_fails_that_trial_alone():
+    study = optuna.create_study(pruner=optuna.pruners.MedianPruner(n_startup_trials=0))
+    reporter = _judging(study)
+    study.tell(reporter.trial, state=TrialState.FAIL)  # taken for lost by another worker meanwhile
+    outcome = reporter.judged("its result")
+    assert isinstance(outcome, optuna.exceptions.UpdateFinishedTrialError)
