@@ -123,7 +123,10 @@ def work(worker: Worker, bar=None) -> None:
 
 def _batch_size(worker: Worker) -> int:
     """Trials to claim next: as many as the engine (or the kind) trains at once, at most
-    1/``workers`` of the waiting ones (the command's other workers get their share)."""
+    1/``workers`` of the waiting ones (the command's other workers get their share); one when
+    the sampler draws from the trials told before (:func:`pipeline.studies.draws_from_results`)."""
+    if studies.draws_from_results(worker.spec):
+        return 1
     size = worker.kind.batch_trials or worker.engine.batch_trials
     if worker.job.workers > 1:
         waiting = patiently(worker.study.get_trials, deepcopy=False, states=(TrialState.WAITING,))

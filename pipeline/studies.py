@@ -51,6 +51,13 @@ POLL = 1.0                       # seconds between looks at trials other workers
 OnLost = Callable[[FrozenTrial, str], None]
 
 
+def draws_from_results(spec: SweepSpec) -> bool:
+    """Whether the sweep's sampler draws each trial from the trials told before it (TPE; a
+    grid's points and random draws do not depend on them): such a trial is claimed, and so
+    drawn, only once the trials before it are told, whichever engine trains it."""
+    return spec.sampler == "tpe"
+
+
 def make_sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
     """The seeded sampler of a sweep. A grid's points are all enqueued, so it samples nothing."""
     if spec.sampler == "tpe":

@@ -13,12 +13,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline import naming
+from pipeline import naming, studies
 from pipeline.errors import UserError
 from pipeline.export import export
 from pipeline.features import write_features
 from pipeline.runs import resolve_run_ids, trial_records
 from pipeline.sweep import run_sweep
+from pipeline.sweep_file import parse_sweep
 from pipeline.tracking import default_study_storage
 from tests.helpers import TINY, load_study, make_features, private_store
 
@@ -314,3 +315,21 @@ def test_a_sweep_on_a_runs_uri_records_the_uri_not_its_local_copy(tmp_path, trac
     assert parent.data.params["features"] == uri
     (dataset_input,) = parent.inputs.dataset_inputs
     assert yaml.safe_load(dataset_input.dataset.source)["uri"] == uri
+
+
+def test_tpe_draws_each_trial_from_every_trial_told_before_it(tmp_path, tracking, features_file):
+    """TPE learns from the trials told so far, so the fused engine trains its trials one by one:
+    drawn from a batch before any was told, TPE's trials past its random start-up would be
+    random draws. An oracle study with the same sampler, told each trial before the next is
+    drawn, draws the same params."""
+    spec = {"name": "tpe-order", "experiment": "tpe-exp", "sampler": "tpe", "n_trials": 14,
+            "seeds": [0], "engine": "fused",
+            "fixed": {"epochs": 2, "units": 1, "loss": "binary_crossentropy"},
+            "space": {"activation": ["sigmoid"], "learning_rate": {"low": 1e-4, "high": 1.0}}}
+    outcome = run_sweep(str(features_file), write_sweep(tmp_path, spec, "tpe.yaml"), progress=False)
+    study = load_study(default_study_storage(), outcome.study_name)
+    oracle = optuna.create_study(sampler=studies.make_sampler(parse_sweep(spec)))
+    for trial in sorted(study.trials, key=lambda t: t.number):
+        asked = oracle.ask()
+        assert studies.suggest(asked, parse_sweep(spec)) == trial.params, trial.number
+        oracle.tell(asked, trial.value)
