@@ -20,7 +20,6 @@ is finished and told; the others' runs end KILLED and their trials FAIL and are 
 
 from __future__ import annotations
 
-import contextlib
 import gc
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -183,18 +182,15 @@ def _abandon(writer: ThreadPoolExecutor, batch: list[TrialLife], opened: list[Fu
     finished and told; the others end as :meth:`TrialLife.abandon` ends them. Every waiting
     record is cancelled first, so that the writer thread starts none of them while the one
     under way finishes. The runs' opens, queued before the records, stay queued: the writer
-    reaches them while the first trials are ended, and an attempt with a run ends it KILLED.
-    A trial the storages refuse to end is left to the heartbeats (taken for lost, then queued
-    again) and the others are still ended: ``error`` is what the sweep raises."""
+    reaches them while the first trials are ended, and an attempt with a run ends it KILLED."""
     not_written = [write.cancel() for write in written]
     for i, life in enumerate(batch):
-        with contextlib.suppress(Exception):
-            if not opened[i].cancel():
-                opened[i].result()
-            if i < len(written) and not not_written[i]:
-                life.tell(written[i].result())
-            else:
-                writer.submit(life.abandon, error).result()
+        if not opened[i].cancel():
+            opened[i].result()
+        if i < len(written) and not not_written[i]:
+            life.tell(written[i].result())
+            continue
+        writer.submit(life.abandon, error).result()
 
 
 def _advance(bar, study: optuna.Study) -> None:

@@ -112,33 +112,3 @@ def test_an_error_of_the_sweep_itself_leaves_nothing_running(tmp_path, tracking,
     assert study.trials[0].user_attrs[studies.REASON_ATTR] == "RuntimeError: the engine broke"
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
     assert {r.info.status for r in runs} == {"FAILED"} and len(runs) == 2  # the parent and the trial
-
-
-def test_a_trial_the_storage_cannot_end_does_not_keep_the_rest_of_its_batch_running(
-        tmp_path, tracking, monkeypatch):
-    """Optuna's storage refuses to be told trial 0's end, then again when the batch is ended:
-    the sweep stops with that error, and the batch's other trials still end (told as recorded,
-    or FAIL with their runs FAILED when their records were not written yet), so that only the
-    refused trial stays RUNNING, for the heartbeats to take for lost."""
-    from pipeline.trial import TrialLife
-
-    tell = TrialLife.tell
-
-    def refused(life, recorded):
-        if life.trial.number == 0:
-            raise OSError("the storage is read-only now")
-        tell(life, recorded)
-
-    monkeypatch.setattr(TrialLife, "tell", refused)
-    x, y = make_features(n=120, d=8)
-    features = write_features(tmp_path / "f.h5", x, y, {})
-    sweep = sweep_file(tmp_path, "fused", space={"activation": ["sigmoid"], "learning_rate": [0.1, 0.2, 0.3]})
-    with pytest.raises(OSError, match="read-only"):
-        run_sweep(str(features), sweep, progress=False)
-    study = load_study(default_study_storage())
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                              filter_string=f"tags.`{naming.STEP}` = 'trial'")
-    statuses = {int(r.data.tags[naming.TRIAL_NUMBER]): r.info.status for r in runs}
-    ends = {t.number: (t.state.name, statuses[t.number]) for t in study.trials}
-    assert ends[0] == ("RUNNING", "FINISHED")  # recorded; its end is what the storage refused
-    assert {ends[1], ends[2]} <= {("COMPLETE", "FINISHED"), ("FAIL", "FAILED")}
