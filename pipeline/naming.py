@@ -132,8 +132,9 @@ def trial_run_name(config: TrialConfig) -> str:
 
 
 def parity_head_run_name(role: str, config: TrialConfig) -> str:
-    """A parity head's run name: its role (:func:`role_of`) in place of the activation the role
-    names, then the rest of :func:`trial_run_name` (``sigmoid_random-1u-bce-lr2e-2-glorot-s0``)."""
+    """A parity head's run name: its ``role`` in the parity experiment (``softmax``,
+    ``sigmoid_transfer``, ``sigmoid_random``) in place of the activation the role begins with,
+    then the rest of :func:`trial_run_name` (``sigmoid_random-1u-bce-lr2e-2-glorot-s0``)."""
     return f"{role}-{trial_run_name(config).removeprefix(f'{config.activation}-')}"
 
 

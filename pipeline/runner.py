@@ -2,7 +2,8 @@
 
 Every worker of every sweep runs :func:`work`, whatever the engine or the kind of trial: a
 batch is as many trials as the engine takes at once (256 for the fused engine, 1 for the Keras
-reference; 1 for parity trials), so a serial run is a batch of one. In a batch:
+reference; 1 for parity trials, and for a TPE study, whose sampler draws each trial from those
+before it), so a serial run is a batch of one. In a batch:
 
 1. the trials are claimed from Optuna (:func:`pipeline.studies.claim`), each a
    :class:`~pipeline.trial.TrialLife`;

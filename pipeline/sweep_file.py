@@ -76,10 +76,10 @@ class Pruner(BaseModel):
     """Optuna's median pruner on a per-epoch metric, or none: ``pruner: {type: median}``.
 
     After each epoch a trial reports ``metric``; once ``n_startup_trials`` trials have
-    completed, a trial past ``n_warmup_steps`` epochs whose value is worse than the median of
-    the trials completed before it at the same epoch stops there (PRUNED in Optuna; its MLflow
-    run FINISHED with the tag ``pruned``), whichever engine trains it
-    (:class:`pipeline.trial.Reporter`).
+    completed, a trial past ``n_warmup_steps`` epochs whose best value so far is worse than the
+    median of the trials completed before it at the same epoch is pruned at that epoch
+    (PRUNED in Optuna; its MLflow run FINISHED with the tag ``pruned``), whichever engine
+    trains it (:class:`pipeline.trial.Reporter`).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -37,7 +37,7 @@ class Reporter:
     the engine and batch size would decide which trials are pruned.
     """
 
-    def __init__(self, trial: optuna.Trial, pruner: Pruner, alone: bool = True):
+    def __init__(self, trial: optuna.Trial, pruner: Pruner, alone: bool):
         self.trial, self.pruner, self.alone = trial, pruner, alone
         self.history: dict[str, list[float]] = {}
 
@@ -57,7 +57,7 @@ class Reporter:
         ``optuna.TrialPruned`` with :attr:`history` cut after the epoch the pruner stopped it at
         (a head that failed later is pruned too, as it would have stopped before failing); or
         the storage's error, which fails this trial alone, as it would in a callback."""
-        if not self.judges_after or isinstance(outcome, optuna.TrialPruned):
+        if not self.judges_after:
             return outcome
         for epoch in range(len(self.history.get(self.pruner.metric, ()))):
             try:
@@ -84,7 +84,7 @@ class TrialLife:
     ``alone`` when its batch is this trial alone (see :class:`Reporter`)."""
 
     def __init__(self, study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, kind: TrialKind,
-                 alone: bool = True):
+                 alone: bool):
         self.study, self.trial, self.spec, self.kind = study, trial, spec, kind
         self.reporter = Reporter(trial, spec.pruner, alone)
         self.run_id: str | None = None
