@@ -8,7 +8,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from pipeline import naming
+from pipeline import naming, studies
 from pipeline.errors import UserError
 from pipeline.runs import trial_records
 from pipeline.sweep import run_sweep
@@ -187,3 +187,25 @@ def test_a_judgement_the_storage_refuses_fails_that_trial_alone():
     study.tell(reporter.trial, state=TrialState.FAIL)  # taken for lost by another worker meanwhile
     outcome = reporter.judged("its result")
     assert isinstance(outcome, optuna.exceptions.UpdateFinishedTrialError)
+
+
+def test_in_a_sweep_a_refused_judgement_fails_its_trial_and_the_batch_goes_on(
+        tmp_path, tracking, features_file, monkeypatch):
+    judge = Reporter._judge
+
+    def refused(reporter, epoch, values):
+        if reporter.trial.number == 1:
+            raise RuntimeError("the storage refused the report")
+        judge(reporter, epoch, values)
+
+    monkeypatch.setattr(Reporter, "_judge", refused)
+    sweep = tmp_path / "refused.yaml"
+    sweep.write_text(yaml.safe_dump({**PRUNED_SWEEP, "engine": "fused"}))
+    outcome = run_sweep(str(features_file), str(sweep), progress=False)
+    study = load_study(default_study_storage(), outcome.study_name)
+    states = [t.state for t in sorted(study.trials, key=lambda t: t.number)]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED]
+    assert study.trials[1].user_attrs[studies.REASON_ATTR] == "RuntimeError: the storage refused the report"
+    run = mlflow.get_run(study.trials[1].user_attrs["mlflow_run_id"])
+    assert (run.info.status, run.data.tags[naming.ERROR]) == (
+        "FAILED", "RuntimeError: the storage refused the report")
