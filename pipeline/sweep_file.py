@@ -75,7 +75,8 @@ class Objective(BaseModel):
 class Pruner(BaseModel):
     """Optuna's median pruner on a per-epoch metric, or none: ``pruner: {type: median}``.
 
-    After each epoch a trial reports ``metric``; once ``n_startup_trials`` trials have
+    After each epoch a trial reports ``metric`` (by default the objective's:
+    :attr:`SweepSpec.pruner_metric`); once ``n_startup_trials`` trials have
     completed, a trial past ``n_warmup_steps`` epochs whose best value so far is worse than the
     median of the trials completed before it at the same epoch is pruned at that epoch
     (PRUNED in Optuna; its MLflow run FINISHED with the tag ``pruned``), whichever engine
@@ -85,7 +86,7 @@ class Pruner(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     type: Literal["none", "median"] = "none"
-    metric: HeadMetric = "val_loss"
+    metric: HeadMetric | None = None
     n_startup_trials: int = Field(5, ge=0)
     n_warmup_steps: int = Field(0, ge=0)
 
@@ -133,9 +134,9 @@ class SweepSpec(BaseModel):
             if not self.config_model.PRUNABLE:
                 raise ValueError(f"pruner: only a heads sweep can be pruned (its trials train one head "
                                  f"epoch by epoch); this one is kind {self.kind}")
-            maximized = self.pruner.metric in MAXIMIZED
+            maximized = self.pruner_metric in MAXIMIZED
             if maximized != (self.objective.direction == "maximize"):
-                raise ValueError(f"pruner.metric: {self.pruner.metric} is "
+                raise ValueError(f"pruner.metric: {self.pruner_metric} is "
                                  f"{'maximized' if maximized else 'minimized'} but the objective is to "
                                  f"{self.objective.direction}; prune on a metric that goes the same way")
         return self
@@ -176,6 +177,14 @@ class SweepSpec(BaseModel):
     def objective_metric(self) -> str:
         """The metric Optuna optimises (the kind's default unless the file names one)."""
         return self.objective.metric or self.config_model.DEFAULT_METRIC
+
+    @property
+    def pruner_metric(self) -> str | None:
+        """The per-epoch metric the pruner judges: ``pruner.metric``, else the objective's (so
+        that a head is pruned on what the study optimises); None without a pruner."""
+        if self.pruner.type == "none":
+            return None
+        return self.pruner.metric or self.objective_metric
 
     @property
     def config_model(self) -> type[TrainingSettings]:

@@ -22,7 +22,7 @@ from pipeline import naming, optuna_internals, studies, tracking
 from pipeline.config import TrainingSettings
 from pipeline.kinds import Recording, TrialKind
 from pipeline.storages import patiently
-from pipeline.sweep_file import Pruner, SweepSpec
+from pipeline.sweep_file import SweepSpec
 
 
 class Reporter:
@@ -37,8 +37,8 @@ class Reporter:
     the engine and batch size would decide which trials are pruned.
     """
 
-    def __init__(self, trial: optuna.Trial, pruner: Pruner, alone: bool):
-        self.trial, self.pruner, self.alone = trial, pruner, alone
+    def __init__(self, trial: optuna.Trial, metric: str | None, alone: bool):
+        self.trial, self.metric, self.alone = trial, metric, alone  # metric: the pruner's, if any
         self.history: dict[str, list[float]] = {}
 
     def __call__(self, epoch: int, values: dict[str, float]) -> None:
@@ -50,7 +50,7 @@ class Reporter:
     @property
     def judges_after(self) -> bool:
         """Whether the head is judged after training (:meth:`judged`), not as it trains."""
-        return not self.alone and self.pruner.type != "none"
+        return not self.alone and self.metric is not None
 
     def judged(self, outcome):
         """``outcome`` of a head trained side by side, judged epoch by epoch now: unchanged;
@@ -59,7 +59,7 @@ class Reporter:
         the storage's error, which fails this trial alone, as it would in a callback."""
         if not self.judges_after:
             return outcome
-        for epoch in range(len(self.history.get(self.pruner.metric, ()))):
+        for epoch in range(len(self.history.get(self.metric, ()))):
             try:
                 self._judge(epoch, {name: values[epoch] for name, values in self.history.items()})
             except optuna.TrialPruned as pruned:
@@ -70,12 +70,12 @@ class Reporter:
         return outcome
 
     def _judge(self, epoch: int, values: dict[str, float]) -> None:
-        if self.pruner.type == "none":
+        if self.metric is None:
             return
-        value = values[self.pruner.metric]
+        value = values[self.metric]
         self.trial.report(value, epoch)
         if self.trial.should_prune():
-            self.trial.set_user_attr("pruned", f"after epoch {epoch}: {self.pruner.metric} {value:.6g}")
+            self.trial.set_user_attr("pruned", f"after epoch {epoch}: {self.metric} {value:.6g}")
             raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
 
@@ -86,7 +86,7 @@ class TrialLife:
     def __init__(self, study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, kind: TrialKind,
                  alone: bool):
         self.study, self.trial, self.spec, self.kind = study, trial, spec, kind
-        self.reporter = Reporter(trial, spec.pruner, alone)
+        self.reporter = Reporter(trial, spec.pruner_metric, alone)
         self.run_id: str | None = None
         self.told = False  # Optuna knows how the trial ended (:meth:`tell`)
         self.error: Exception | None = None  # what ended the trial before training

@@ -47,6 +47,12 @@ def test_pruner_section_is_validated():
         parse_sweep({**base, "pruner": {"type": "median", "metric": "val_accuracy"}})
     maximize = {**base, "objective": {"metric": "val_accuracy", "direction": "maximize"}}
     assert parse_sweep({**maximize, "pruner": {"type": "median", "metric": "val_accuracy"}})
+    # without a metric of its own the pruner judges the objective's, the kind's default included
+    assert parse_sweep(base).pruner_metric is None
+    assert parse_sweep({**base, "pruner": "median"}).pruner_metric == "val_prob_loss"
+    assert parse_sweep({**maximize, "pruner": "median"}).pruner_metric == "val_accuracy"
+    own = parse_sweep({**maximize, "pruner": {"type": "median", "metric": "accuracy"}})
+    assert own.pruner_metric == "accuracy"
     parity = {**base, "kind": "parity", "space": {"ratio": [2.0]}}
     assert parse_sweep(parity).pruner.type == "none"
     with pytest.raises(UserError, match="only a heads sweep can be pruned"):
@@ -161,8 +167,7 @@ def test_the_engines_prune_the_same_trials(tmp_path, tracking, features_file):
 def _judging(study: optuna.Study) -> Reporter:
     """A reporter of a new trial of ``study``, in a batch trained side by side, that has kept
     three epochs of ``val_loss``: 0.9, 0.8, 0.7."""
-    reporter = Reporter(study.ask(), parse_sweep({**PRUNED_SWEEP, "name": "j", "experiment": "j"}).pruner,
-                        alone=False)
+    reporter = Reporter(study.ask(), "val_loss", alone=False)
     for epoch, value in enumerate((0.9, 0.8, 0.7)):
         reporter(epoch, {"val_loss": value, "loss": value})
     return reporter
@@ -209,3 +214,21 @@ def test_in_a_sweep_a_refused_judgement_fails_its_trial_and_the_batch_goes_on(
     run = mlflow.get_run(study.trials[1].user_attrs["mlflow_run_id"])
     assert (run.info.status, run.data.tags[naming.ERROR]) == (
         "FAILED", "RuntimeError: the storage refused the report")
+
+
+def test_by_default_a_collapsed_head_is_pruned_on_the_objective(tmp_path, tracking, features_file):
+    """The 1-unit softmax trains as a sigmoid under Keras's ``val_loss`` (the cached logits),
+    so only the probabilities' loss, the heads' default objective, shows its collapse: a pruner
+    without a metric of its own judges that and stops the collapsed head after its first epoch."""
+    sweep = tmp_path / "collapse.yaml"
+    sweep.write_text(yaml.safe_dump({
+        "name": "collapse", "experiment": "collapse-exp", "sampler": "grid", "seeds": [0],
+        "fixed": {"epochs": EPOCHS, "batch_size": 32, "dropout": 0.0, "units": 1,
+                  "loss": "binary_crossentropy", "learning_rate": 0.1},
+        "space": {"activation": ["sigmoid", "softmax"]},
+        "pruner": {"type": "median", "n_startup_trials": 1}}))
+    outcome = run_sweep(str(features_file), str(sweep), progress=False)
+    study = load_study(default_study_storage(), outcome.study_name)
+    sigmoid, softmax = sorted(study.trials, key=lambda t: t.number)
+    assert (sigmoid.state, softmax.state) == (TrialState.COMPLETE, TrialState.PRUNED)
+    assert softmax.user_attrs["pruned"].startswith("after epoch 0: val_prob_loss")
