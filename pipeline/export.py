@@ -26,6 +26,7 @@ from pipeline.progress import progress_bar
 from pipeline.runs import has_trial_runs, outcomes, resolve_run_ids, sweep_run, trial_records
 
 FORMATS = ("csv", "md", "tex", "png", "pdf", "svg", "html")
+DEFAULT_FORMATS = "csv,md,tex"
 FIGURE_FORMATS = {"png", "pdf", "svg", "md"}  # formats that bring the figures
 FIGURE_KINDS = {"heads"}  # the kinds of sweep with figures: a parity trial has none of their metrics
 FILES = ("trials.csv", "summary.csv", "epochs.csv", "summary.md", "summary.tex", "findings.md",
@@ -108,7 +109,7 @@ def comparison_trials(trials: pd.DataFrame, ratio: float = 2.0) -> pd.DataFrame:
     return done.iloc[0:0]
 
 
-def export(run_id: str | None = None, output: str = "exports", formats: str = "csv,md,tex",
+def export(run_id: str | None = None, output: str = "exports", formats: str = DEFAULT_FORMATS,
            log_to_run: bool = True) -> ExportResult:
     """Write sweeps' tables and figures into ``output`` and log them on their parent runs.
 
@@ -308,6 +309,8 @@ def _tables(trials: pd.DataFrame, summary: pd.DataFrame, curves: pd.DataFrame, k
             written.append(_write(out / "epochs.csv", curves.to_csv(index=False)))
     written += pngs + pages
     command = f"python -m pipeline export --run_id {run_id} --output {shlex.quote(str(out))}"
+    asked = ",".join(f for f in FORMATS if f in wanted)
+    command += f" --formats {asked}" if asked != DEFAULT_FORMATS else ""
     if "md" in wanted:
         images = "".join(f"\n![{p.stem}]({p.name})\n" for p in pngs if p.suffix == ".png")
         links = "".join(f"- [{p.stem.replace('_', ' ')}]({p.name}) (Optuna, interactive)\n" for p in pages)

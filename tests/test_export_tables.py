@@ -115,7 +115,8 @@ def test_a_study_name_finds_its_sweep_and_an_unfinished_sweep_says_so(tmp_path, 
         client.set_terminated(parents["tables-3f9a02c1"], "FINISHED")  # resumed, and ended again
         assert resolve_run_ids("tables") == resolve_run_ids("") == [parents["tables-3f9a02c1"]]
         # two studies of one sweep file exported together keep a folder each; a sweep named
-        # twice is exported once; the regenerate command is quoted for a shell
+        # twice is exported once; the regenerate command is quoted for a shell and asks for the
+        # formats asked for here
         both = tmp_path / "o u;t's"
         export("tables-3f9a02c1, inttest ,inttest", str(both), "md")
         killed = f"tables-{parents['inttest'][:8]}"
@@ -124,7 +125,7 @@ def test_a_study_name_finds_its_sweep_and_an_unfinished_sweep_says_so(tmp_path, 
             text = (both / folder / "summary.md").read_text()
             assert f"(study `{study}`, parent run `{parents[study]}`)" in text
             command = text.split("```\n")[1].splitlines()[0]
-            assert shlex.split(command)[-2:] == ["--output", str(both / folder)]
+            assert shlex.split(command)[-4:] == ["--output", str(both / folder), "--formats", "md"]
 
 
 def test_a_main_runs_id_stands_for_its_sweeps_even_when_it_was_interrupted(tmp_path, capsys):
@@ -285,11 +286,16 @@ def test_export_writes_the_tables_and_logs_them(sweep):
     trials = pd.read_csv(out / "trials.csv")
     assert len(trials) == 10 and "final_val_accuracy" in trials
     assert (out / "summary.tex").read_text().startswith(
-        f"% Regenerate with: python -m pipeline export --run_id {sweep['parent']} --output {out}\n"
+        f"% Regenerate with: python -m pipeline export --run_id {sweep['parent']} --output {out} "
+        f"--formats csv,tex\n"
         f"% Sweep `tables` (study `tables-0a1b2c3d`, parent run `{sweep['parent']}`): 8 of 12 "
         f"trials complete (1 pruned, left out of the tables; 1 failed); features sha256 `{'ab' * 6}`.\n")
     logged = {a.path for a in mlflow.MlflowClient().list_artifacts(sweep["parent"], "export")}
     assert logged == {f"export/{p.name}" for p in result.files}
+    default = out / "default"
+    export(sweep["parent"], str(default))  # the default formats need no flag to come again
+    assert (default / "summary.tex").read_text().startswith(
+        f"% Regenerate with: python -m pipeline export --run_id {sweep['parent']} --output {default}\n")
 
 
 def test_sweeps_are_found_by_name_and_other_runs_refused(sweep):
