@@ -44,8 +44,8 @@ class Reporter:
     def __call__(self, epoch: int, values: dict[str, float]) -> None:
         for name, value in values.items():
             self.history.setdefault(name, []).append(value)
-        if self.alone:
-            self._judge(epoch, values)
+        if self.alone and self.metric is not None:
+            self._judge(epoch, values[self.metric])
 
     @property
     def judges_after(self) -> bool:
@@ -59,9 +59,9 @@ class Reporter:
         the storage's error, which fails this trial alone, as it would in a callback."""
         if not self.judges_after:
             return outcome
-        for epoch in range(len(self.history.get(self.metric, ()))):
+        for epoch, value in enumerate(self.history.get(self.metric, ())):
             try:
-                self._judge(epoch, {name: values[epoch] for name, values in self.history.items()})
+                self._judge(epoch, value)
             except optuna.TrialPruned as pruned:
                 self.history = {name: values[:epoch + 1] for name, values in self.history.items()}
                 return pruned
@@ -69,10 +69,8 @@ class Reporter:
                 return exc
         return outcome
 
-    def _judge(self, epoch: int, values: dict[str, float]) -> None:
-        if self.metric is None:
-            return
-        value = values[self.metric]
+    def _judge(self, epoch: int, value: float) -> None:
+        """Report the pruner's metric ``value`` at ``epoch``; ``optuna.TrialPruned`` if it says stop."""
         self.trial.report(value, epoch)
         if self.trial.should_prune():
             self.trial.set_user_attr("pruned", f"after epoch {epoch}: {self.metric} {value:.6g}")

@@ -198,10 +198,10 @@ def test_in_a_sweep_a_refused_judgement_fails_its_trial_and_the_batch_goes_on(
         tmp_path, tracking, features_file, monkeypatch):
     judge = Reporter._judge
 
-    def refused(reporter, epoch, values):
+    def refused(reporter, epoch, value):
         if reporter.trial.number == 1:
             raise RuntimeError("the storage refused the report")
-        judge(reporter, epoch, values)
+        judge(reporter, epoch, value)
 
     monkeypatch.setattr(Reporter, "_judge", refused)
     sweep = tmp_path / "refused.yaml"
